@@ -1,0 +1,46 @@
+//! Map names (the pin file names under the pin directory) and capacities.
+//!
+//! Each constant's doc says: key -> value, who writes, who reads.
+
+/// `VipKey -> VipInfo`. Written by havipd, read by both programs to recognise a VIP.
+pub const VIPS: &str = "HAVIP_VIPS";
+pub const VIPS_MAX: u32 = 4096;
+
+/// `RemapKey{vip_id, proto, designated port} -> PortValue{instance port}`.
+/// Written by havipd, read by the XDP ingress program.
+pub const REMAP_IN: &str = "HAVIP_REMAP_IN";
+/// `RemapKey{vip_id, proto, instance port} -> PortValue{designated port}`.
+/// Written by havipd together with `REMAP_IN`, read by the TC egress program.
+pub const REMAP_OUT: &str = "HAVIP_REMAP_OUT";
+pub const REMAPS_MAX: u32 = 16384;
+
+/// `u32 word index -> u64 bitmap` over ports: "is this port mapped at all", the small
+/// pre-check of the virtual-endpoint design, so unmapped ports skip the remap hash lookup.
+/// Words `[0, PORT_WORDS)` cover ingress designated ports, `[PORT_WORDS, 2*PORT_WORDS)`
+/// egress instance ports. Written by havipd, read by both programs.
+pub const PORT_BITMAP: &str = "HAVIP_PORT_BITMAP";
+pub const PORT_WORDS: u32 = 65536 / 64;
+pub const PORT_BITMAP_LEN: u32 = 2 * PORT_WORDS;
+
+/// `u32 ifindex -> NicInfo{mac, name}`. Written by havipd, read by the CLI (names) and by
+/// the programs (the NIC's own MAC, for answering on the wire).
+pub const NICS: &str = "HAVIP_NICS";
+pub const NICS_MAX: u32 = 64;
+
+/// Per-CPU `vip_id -> VipCounters`. Written by both programs, read by the CLI; havipd zeroes
+/// a slot when it frees the id so a later VIP starts from zero.
+pub const VIP_STATS: &str = "HAVIP_VIP_STATS";
+
+/// Per-CPU `Direction * Outcome::COUNT + Outcome -> u64` packets: what happened to every
+/// packet the programs saw, VIP or not. Written by both programs, read by the CLI.
+pub const OUTCOMES: &str = "HAVIP_OUTCOMES";
+pub const OUTCOMES_LEN: u32 = 2 * crate::types::Outcome::COUNT;
+
+/// Every map, for pin handling and teardown.
+pub const ALL: [&str; 7] = [VIPS, REMAP_IN, REMAP_OUT, PORT_BITMAP, NICS, VIP_STATS, OUTCOMES];
+
+/// Program names as compiled into the object.
+pub const PROG_INGRESS: &str = "havip_ingress";
+pub const PROG_EGRESS: &str = "havip_egress";
+/// Parse-and-pass XDP program: the baseline `cargo xtask bench` compares against.
+pub const PROG_BASELINE: &str = "havip_baseline";

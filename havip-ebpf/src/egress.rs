@@ -1,0 +1,61 @@
+//! TC egress: count VIP-sourced packets and remap instance ports back to designated ports.
+
+use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
+use havip_common::{Direction, Outcome};
+
+use crate::{maps::VIPS, parse, parse::Packet, remap, stats};
+
+/// An skb; direct access covers only its linear part, lengths are checked against skb->len.
+pub struct SkbPacket<'a>(pub &'a TcContext);
+
+impl Packet for SkbPacket<'_> {
+    #[inline(always)]
+    fn start(&self) -> usize {
+        self.0.data()
+    }
+    #[inline(always)]
+    fn end(&self) -> usize {
+        self.0.data_end()
+    }
+    #[inline(always)]
+    fn covers(&self, off: usize, len: usize) -> bool {
+        off + len <= self.0.len() as usize
+    }
+}
+
+/// Headers we may need in the linear area: Ethernet + VLAN + IPv4 with options + TCP.
+const MAX_HEADERS: u32 = 14 + 4 + 60 + 60;
+
+#[inline(always)]
+pub fn try_egress(ctx: &TcContext) -> Result<(i32, Outcome), Outcome> {
+    let meta = match parse::parse(&SkbPacket(ctx)) {
+        Ok(meta) => meta,
+        // Headers may sit partly outside the linear area: pull them in and try once more.
+        Err(Outcome::Malformed) => {
+            let want = core::cmp::min(ctx.len(), MAX_HEADERS);
+            ctx.pull_data(want).map_err(|_| Outcome::Malformed)?;
+            parse::parse(&SkbPacket(ctx))?
+        }
+        Err(other) => return Err(other),
+    };
+    let vip = unsafe { VIPS.get(&meta.src) }.ok_or(Outcome::NotVip)?;
+    let vip_id = vip.id;
+
+    // A GSO packet leaves as several segments, each with its own headers.
+    let segs = unsafe { (*ctx.skb.skb).gso_segs } as u64;
+    let segs = if segs == 0 { 1 } else { segs };
+    let bytes = ctx.len() as u64 + (segs - 1) * meta.hdr_len as u64;
+
+    let outcome = match remap::lookup_egress(&meta, vip_id) {
+        Some(designated_be) if remap::rewrite_sport_tc(ctx, &meta, designated_be) => Outcome::VipRemapped,
+        _ => Outcome::VipPassed,
+    };
+    if let Some(c) = stats::vip_dir(vip_id, Direction::Egress) {
+        stats::count_traffic(c, meta.proto, segs, bytes);
+        match outcome {
+            Outcome::VipRemapped => c.remapped += segs,
+            _ => c.passed += segs,
+        }
+    }
+    Ok((TC_ACT_OK, outcome))
+}

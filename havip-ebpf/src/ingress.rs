@@ -1,0 +1,63 @@
+//! XDP ingress: recognise VIP packets, count them, remap designated ports to instance ports.
+
+use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
+use havip_common::{Direction, Outcome};
+
+use crate::{maps::VIPS, parse, parse::Packet, remap, stats};
+
+/// An XDP frame seen through the one bounds check.
+pub struct XdpPacket<'a>(pub &'a XdpContext);
+
+/// No XDP frame without multi-buffer support is larger than a page; bounding length
+/// fields below this keeps packet-pointer offsets inside what the verifier accepts.
+const XDP_MAX_FRAME: usize = 16 * 1024;
+
+impl Packet for XdpPacket<'_> {
+    #[inline(always)]
+    fn start(&self) -> usize {
+        self.0.data()
+    }
+    #[inline(always)]
+    fn end(&self) -> usize {
+        self.0.data_end()
+    }
+    #[inline(always)]
+    fn covers(&self, off: usize, len: usize) -> bool {
+        let need = off + len;
+        need <= XDP_MAX_FRAME && self.start() + need <= self.end()
+    }
+}
+
+/// Returns the XDP action and the outcome to count.
+#[inline(always)]
+pub fn try_ingress(ctx: &XdpContext) -> Result<(u32, Outcome), Outcome> {
+    let pkt = XdpPacket(ctx);
+    let meta = parse::parse(&pkt)?;
+    let vip = unsafe { VIPS.get(&meta.dst) }.ok_or(Outcome::NotVip)?;
+    let vip_id = vip.id;
+    let counters = stats::vip_dir(vip_id, Direction::Ingress);
+    let bytes = (pkt.end() - pkt.start()) as u64;
+
+    let outcome = match remap::lookup_ingress(&meta, vip_id) {
+        Some(instance_be) if remap::rewrite_dport_xdp(&pkt, &meta, instance_be) => Outcome::VipRemapped,
+        _ => Outcome::VipPassed,
+    };
+    if let Some(c) = counters {
+        stats::count_traffic(c, meta.proto, 1, bytes);
+        match outcome {
+            Outcome::VipRemapped => c.remapped += 1,
+            _ => c.passed += 1,
+        }
+    }
+    Ok((xdp_action::XDP_PASS, outcome))
+}
+
+/// The bench baseline: the same parse, then pass. What havip adds is measured against it.
+#[inline(always)]
+pub fn try_baseline(ctx: &XdpContext) -> Result<(u32, Outcome), Outcome> {
+    let pkt = XdpPacket(ctx);
+    let meta = parse::parse(&pkt)?;
+    // Keep the parse from being optimised away.
+    let outcome = if meta.dport_be == 0 { Outcome::NotVip } else { Outcome::VipPassed };
+    Ok((xdp_action::XDP_PASS, outcome))
+}

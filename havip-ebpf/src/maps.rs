@@ -1,0 +1,37 @@
+//! Every map of the dataplane. Names, sizes and value types come from `havip_common`; see
+//! `havip_common::maps` for who writes and who reads each one. All are pinned by name so a
+//! restarted controller adopts them and traffic never stops.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, PerCpuArray},
+};
+use havip_common::{maps as m, NicInfo, PortValue, RemapKey, VipCounters, VipInfo, VipKey};
+
+/// VIP address -> VIP id and settings.
+#[map(name = "HAVIP_VIPS")]
+pub static VIPS: HashMap<VipKey, VipInfo> = HashMap::pinned(m::VIPS_MAX, 0);
+
+/// (VIP id, protocol, designated port) -> instance port. Ingress.
+#[map(name = "HAVIP_REMAP_IN")]
+pub static REMAP_IN: HashMap<RemapKey, PortValue> = HashMap::pinned(m::REMAPS_MAX, 0);
+
+/// (VIP id, protocol, instance port) -> designated port. Egress.
+#[map(name = "HAVIP_REMAP_OUT")]
+pub static REMAP_OUT: HashMap<RemapKey, PortValue> = HashMap::pinned(m::REMAPS_MAX, 0);
+
+/// Port -> "mapped at all" bit, ingress words then egress words.
+#[map(name = "HAVIP_PORT_BITMAP")]
+pub static PORT_BITMAP: Array<u64> = Array::pinned(m::PORT_BITMAP_LEN, 0);
+
+/// ifindex -> the NIC's MAC and name.
+#[map(name = "HAVIP_NICS")]
+pub static NICS: HashMap<u32, NicInfo> = HashMap::pinned(m::NICS_MAX, 0);
+
+/// VIP id -> per-CPU counters.
+#[map(name = "HAVIP_VIP_STATS")]
+pub static VIP_STATS: PerCpuArray<VipCounters> = PerCpuArray::pinned(m::VIPS_MAX, 0);
+
+/// (direction, outcome) -> per-CPU packet count.
+#[map(name = "HAVIP_OUTCOMES")]
+pub static OUTCOMES: PerCpuArray<u64> = PerCpuArray::pinned(m::OUTCOMES_LEN, 0);

@@ -1,0 +1,235 @@
+//! Packet parsing: Ethernet with at most one VLAN tag, IPv4 (with options), IPv6 without
+//! extension headers, and the TCP/UDP ports. Parsing happens once per packet and fills a
+//! [`PacketMeta`]; later stages read offsets from it and never walk headers again.
+//!
+//! Every header access goes through [`Packet::header`], the one bounds check.
+
+use core::mem::size_of;
+
+use havip_common::{Outcome, VipKey, IPPROTO_TCP, IPPROTO_UDP};
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+
+/// A packet buffer: XDP frame or skb linear data.
+pub trait Packet {
+    fn start(&self) -> usize;
+    fn end(&self) -> usize;
+    /// True if the whole packet (not only the directly readable part) holds at least
+    /// `off + len` bytes. Used to check length fields against reality.
+    fn covers(&self, off: usize, len: usize) -> bool;
+
+    /// The one bounds check: a pointer to a `T` at `off`, or `None` if it would run past
+    /// the end of the readable data.
+    #[inline(always)]
+    fn header<T>(&self, off: usize) -> Option<*mut T> {
+        let start = self.start();
+        if start + off + size_of::<T>() > self.end() {
+            return None;
+        }
+        Some((start + off) as *mut T)
+    }
+}
+
+#[repr(C)]
+pub struct EthHdr {
+    pub dst: [u8; 6],
+    pub src: [u8; 6],
+    pub ethertype: [u8; 2],
+}
+
+#[repr(C)]
+pub struct VlanHdr {
+    pub tci: [u8; 2],
+    pub ethertype: [u8; 2],
+}
+
+#[repr(C)]
+pub struct Ipv4Hdr {
+    pub ver_ihl: u8,
+    pub tos: u8,
+    pub tot_len: [u8; 2],
+    pub id: [u8; 2],
+    pub frag_off: [u8; 2],
+    pub ttl: u8,
+    pub proto: u8,
+    pub check: [u8; 2],
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+}
+
+#[repr(C)]
+pub struct Ipv6Hdr {
+    pub ver_tc_flow: [u8; 4],
+    pub payload_len: [u8; 2],
+    pub next_hdr: u8,
+    pub hop_limit: u8,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+}
+
+/// The part of TCP and UDP headers that holds the ports.
+#[repr(C)]
+pub struct PortsHdr {
+    pub src: u16,
+    pub dst: u16,
+}
+
+#[repr(C)]
+pub struct TcpHdr {
+    pub ports: PortsHdr,
+    pub seq: [u8; 4],
+    pub ack: [u8; 4],
+    pub doff_flags: [u8; 2],
+    pub window: [u8; 2],
+    pub check: u16,
+    pub urg: [u8; 2],
+}
+
+#[repr(C)]
+pub struct UdpHdr {
+    pub ports: PortsHdr,
+    pub len: [u8; 2],
+    pub check: u16,
+}
+
+/// Offset of the checksum within the TCP and UDP headers.
+pub const TCP_CSUM_OFF: usize = 16;
+pub const UDP_CSUM_OFF: usize = 6;
+
+/// What later stages need to know about a packet.
+pub struct PacketMeta {
+    pub src: VipKey,
+    pub dst: VipKey,
+    pub is_v6: bool,
+    pub proto: u8,
+    /// Offset of the L4 header from the start of the packet.
+    pub l4_off: usize,
+    /// Ports in network byte order (zero unless TCP/UDP).
+    pub sport_be: u16,
+    pub dport_be: u16,
+    /// Bytes of headers up to the end of the L4 header (for GSO byte accounting).
+    pub hdr_len: usize,
+}
+
+#[inline(always)]
+fn be16(b: [u8; 2]) -> u16 {
+    u16::from_be_bytes(b)
+}
+
+/// Parses a packet; `Err` carries the outcome for packets havip does not touch.
+#[inline(always)]
+pub fn parse<P: Packet>(pkt: &P) -> Result<PacketMeta, Outcome> {
+    let eth: *const EthHdr = pkt.header(0).ok_or(Outcome::NotIp)?;
+    let mut ethertype = be16(unsafe { (*eth).ethertype });
+    let mut l3_off = size_of::<EthHdr>();
+    if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+        let vlan: *const VlanHdr = pkt.header(l3_off).ok_or(Outcome::Malformed)?;
+        ethertype = be16(unsafe { (*vlan).ethertype });
+        l3_off += size_of::<VlanHdr>();
+        if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+            return Err(Outcome::UnsupportedL2);
+        }
+    }
+    match ethertype {
+        ETH_P_IP => parse_ipv4(pkt, l3_off),
+        ETH_P_IPV6 => parse_ipv6(pkt, l3_off),
+        _ => Err(Outcome::NotIp),
+    }
+}
+
+#[inline(always)]
+fn parse_ipv4<P: Packet>(pkt: &P, l3_off: usize) -> Result<PacketMeta, Outcome> {
+    let ip: *const Ipv4Hdr = pkt.header(l3_off).ok_or(Outcome::Malformed)?;
+    let ip = unsafe { &*ip };
+    let ihl = (ip.ver_ihl & 0x0f) as usize * 4;
+    if ip.ver_ihl >> 4 != 4 || ihl < size_of::<Ipv4Hdr>() {
+        return Err(Outcome::Malformed);
+    }
+    let tot_len = be16(ip.tot_len) as usize;
+    if tot_len < ihl || !pkt.covers(l3_off, tot_len) {
+        return Err(Outcome::Malformed);
+    }
+    // MF set or a non-zero offset: a fragment. Only the first has ports, and rewriting it
+    // alone is not worth the risk: fragments pass untouched.
+    if be16(ip.frag_off) & 0x3fff != 0 {
+        return Err(Outcome::Fragment);
+    }
+    let meta = PacketMeta {
+        src: VipKey::from_v4_octets(ip.src),
+        dst: VipKey::from_v4_octets(ip.dst),
+        is_v6: false,
+        proto: ip.proto,
+        l4_off: l3_off + ihl,
+        sport_be: 0,
+        dport_be: 0,
+        hdr_len: l3_off + ihl,
+    };
+    parse_l4(pkt, meta, tot_len - ihl)
+}
+
+#[inline(always)]
+fn is_ipv6_ext_header(next: u8) -> bool {
+    matches!(next, 0 | 43 | 44 | 51 | 60 | 135 | 139 | 140 | 253 | 254)
+}
+
+#[inline(always)]
+fn parse_ipv6<P: Packet>(pkt: &P, l3_off: usize) -> Result<PacketMeta, Outcome> {
+    let ip: *const Ipv6Hdr = pkt.header(l3_off).ok_or(Outcome::Malformed)?;
+    let ip = unsafe { &*ip };
+    if ip.ver_tc_flow[0] >> 4 != 6 {
+        return Err(Outcome::Malformed);
+    }
+    let payload_len = be16(ip.payload_len) as usize;
+    if !pkt.covers(l3_off + size_of::<Ipv6Hdr>(), payload_len) {
+        return Err(Outcome::Malformed);
+    }
+    if is_ipv6_ext_header(ip.next_hdr) {
+        return Err(Outcome::Ipv6ExtHeader);
+    }
+    let l4_off = l3_off + size_of::<Ipv6Hdr>();
+    let meta = PacketMeta {
+        src: VipKey { addr: ip.src },
+        dst: VipKey { addr: ip.dst },
+        is_v6: true,
+        proto: ip.next_hdr,
+        l4_off,
+        sport_be: 0,
+        dport_be: 0,
+        hdr_len: l4_off,
+    };
+    parse_l4(pkt, meta, payload_len)
+}
+
+/// Reads the ports of TCP and UDP; `l4_len` is the L4 length the IP header claims.
+#[inline(always)]
+fn parse_l4<P: Packet>(pkt: &P, mut meta: PacketMeta, l4_len: usize) -> Result<PacketMeta, Outcome> {
+    match meta.proto {
+        IPPROTO_TCP => {
+            let tcp: *const TcpHdr = pkt.header(meta.l4_off).ok_or(Outcome::Malformed)?;
+            let tcp = unsafe { &*tcp };
+            let doff = (tcp.doff_flags[0] >> 4) as usize * 4;
+            if doff < size_of::<TcpHdr>() || doff > l4_len {
+                return Err(Outcome::Malformed);
+            }
+            meta.sport_be = tcp.ports.src;
+            meta.dport_be = tcp.ports.dst;
+            meta.hdr_len = meta.l4_off + doff;
+        }
+        IPPROTO_UDP => {
+            let udp: *const UdpHdr = pkt.header(meta.l4_off).ok_or(Outcome::Malformed)?;
+            let udp = unsafe { &*udp };
+            let len = be16(udp.len) as usize;
+            if len < size_of::<UdpHdr>() || len > l4_len {
+                return Err(Outcome::Malformed);
+            }
+            meta.sport_be = udp.ports.src;
+            meta.dport_be = udp.ports.dst;
+            meta.hdr_len = meta.l4_off + size_of::<UdpHdr>();
+        }
+        _ => {}
+    }
+    Ok(meta)
+}

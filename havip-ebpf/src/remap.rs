@@ -1,0 +1,97 @@
+//! Endpoint remapping (the virtual endpoint IDs of the seed design): on ingress
+//! (VIP, proto, designated port) -> instance port, on egress (VIP, proto, instance port) ->
+//! designated port. IP addresses are never changed, so only the L4 checksum moves.
+
+use aya_ebpf::{bindings::BPF_F_MARK_MANGLED_0, programs::TcContext};
+use havip_common::{csum, maps::PORT_WORDS, RemapKey, IPPROTO_TCP, IPPROTO_UDP};
+
+use crate::{
+    maps::{PORT_BITMAP, REMAP_IN, REMAP_OUT},
+    parse::{Packet, PacketMeta, PortsHdr, TCP_CSUM_OFF, UDP_CSUM_OFF},
+};
+
+/// Cheap pre-check: is `port_be` mapped for any VIP in this direction?
+#[inline(always)]
+fn port_maybe_mapped(word_base: u32, port_be: u16) -> bool {
+    let port = u16::from_be(port_be) as u32;
+    match PORT_BITMAP.get(word_base + (port >> 6)) {
+        Some(word) => word & (1u64 << (port & 63)) != 0,
+        None => false,
+    }
+}
+
+/// The instance port for a packet arriving at a VIP, if its destination port is mapped.
+#[inline(always)]
+pub fn lookup_ingress(meta: &PacketMeta, vip_id: u32) -> Option<u16> {
+    if !(meta.proto == IPPROTO_TCP || meta.proto == IPPROTO_UDP) || !port_maybe_mapped(0, meta.dport_be) {
+        return None;
+    }
+    let key = RemapKey::new(vip_id, meta.proto, meta.dport_be);
+    unsafe { REMAP_IN.get(&key) }.map(|v| v.port_be)
+}
+
+/// The designated port for a reply leaving a VIP from an instance port, if mapped.
+#[inline(always)]
+pub fn lookup_egress(meta: &PacketMeta, vip_id: u32) -> Option<u16> {
+    if !(meta.proto == IPPROTO_TCP || meta.proto == IPPROTO_UDP) || !port_maybe_mapped(PORT_WORDS, meta.sport_be) {
+        return None;
+    }
+    let key = RemapKey::new(vip_id, meta.proto, meta.sport_be);
+    unsafe { REMAP_OUT.get(&key) }.map(|v| v.port_be)
+}
+
+/// XDP: rewrites the destination port in place and updates the checksum incrementally
+/// (RFC 1624). The frame carries a complete checksum here; an IPv4 UDP zero stays zero.
+/// Returns false (nothing written) if the headers are not readable or an IPv6 UDP packet
+/// carries the invalid zero checksum, which the stack will drop anyway.
+#[inline(always)]
+pub fn rewrite_dport_xdp<P: Packet>(pkt: &P, meta: &PacketMeta, new_be: u16) -> bool {
+    let ports: *mut PortsHdr = match pkt.header(meta.l4_off) {
+        Some(p) => p,
+        None => return false,
+    };
+    let old_be = meta.dport_be;
+    if meta.proto == IPPROTO_TCP {
+        let check: *mut u16 = match pkt.header(meta.l4_off + TCP_CSUM_OFF) {
+            Some(p) => p,
+            None => return false,
+        };
+        unsafe {
+            *check = csum::replace16(*check, old_be, new_be);
+            (*ports).dst = new_be;
+        }
+    } else {
+        let check: *mut u16 = match pkt.header(meta.l4_off + UDP_CSUM_OFF) {
+            Some(p) => p,
+            None => return false,
+        };
+        unsafe {
+            if meta.is_v6 && *check == 0 {
+                return false;
+            }
+            *check = csum::replace16_udp(*check, old_be, new_be);
+            (*ports).dst = new_be;
+        }
+    }
+    true
+}
+
+/// TC: rewrites the source port through the skb helpers, which handle every checksum
+/// state the stack can hand us: complete checksums are updated, partial ones (left to
+/// offload, which also covers the port) are left alone, and a UDP zero stays zero.
+#[inline(always)]
+pub fn rewrite_sport_tc(ctx: &TcContext, meta: &PacketMeta, new_be: u16) -> bool {
+    let (csum_off, flags) = if meta.proto == IPPROTO_TCP {
+        (meta.l4_off + TCP_CSUM_OFF, 0)
+    } else {
+        (meta.l4_off + UDP_CSUM_OFF, BPF_F_MARK_MANGLED_0 as u64)
+    };
+    let size = core::mem::size_of::<u16>() as u64;
+    if ctx
+        .l4_csum_replace(csum_off, meta.sport_be as u64, new_be as u64, flags | size)
+        .is_err()
+    {
+        return false;
+    }
+    ctx.store(meta.l4_off, &new_be, 0).is_ok()
+}

@@ -1,0 +1,517 @@
+//! The node configuration: a TOML file, parsed strictly and validated as a whole into typed
+//! values before anything is applied. Every error names the field (as a path such as
+//! `service[0].instance[1].port`) and the reason.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::IpAddr,
+    path::Path,
+};
+
+use havip_common::maps::{NICS_MAX, REMAPS_MAX, VIPS_MAX};
+use serde::{Deserialize, Serialize};
+
+/// The file as written. Unknown fields are errors: a typo must not silently do nothing.
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    #[serde(default)]
+    pub node: NodeSection,
+    #[serde(default)]
+    pub nic: Vec<NicSection>,
+    #[serde(default)]
+    pub vip: Vec<VipSection>,
+    #[serde(default)]
+    pub service: Vec<ServiceSection>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSection {
+    /// The interface that holds the VIPs as local addresses. It never goes down while the
+    /// host is up (the VIPA idea), so applications bound to a VIP survive NIC changes.
+    #[serde(default = "default_vip_interface")]
+    pub vip_interface: String,
+    /// How the XDP program attaches: `auto` (native, generic with a warning where the
+    /// driver cannot), `native` (fail if the driver cannot) or `generic`.
+    #[serde(default)]
+    pub xdp_mode: XdpModeSetting,
+}
+
+impl Default for NodeSection {
+    fn default() -> Self {
+        Self { vip_interface: default_vip_interface(), xdp_mode: XdpModeSetting::default() }
+    }
+}
+
+fn default_vip_interface() -> String {
+    "lo".into()
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpModeSetting {
+    #[default]
+    Auto,
+    Native,
+    Generic,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NicSection {
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct VipSection {
+    pub address: IpAddr,
+    /// Candidate NICs in order of preference; all NICs when absent.
+    pub nics: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSection {
+    pub name: String,
+    /// The designated port clients address.
+    pub port: u16,
+    #[serde(default = "default_protocols")]
+    pub protocols: Vec<Protocol>,
+    #[serde(default)]
+    pub instance: Vec<InstanceSection>,
+}
+
+fn default_protocols() -> Vec<Protocol> {
+    vec![Protocol::Tcp]
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceSection {
+    /// The VIP this instance is reached at.
+    pub vip: IpAddr,
+    /// The port the instance really listens on.
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => havip_common::IPPROTO_TCP,
+            Protocol::Udp => havip_common::IPPROTO_UDP,
+        }
+    }
+    pub fn from_number(n: u8) -> Option<Self> {
+        match n {
+            havip_common::IPPROTO_TCP => Some(Protocol::Tcp),
+            havip_common::IPPROTO_UDP => Some(Protocol::Udp),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
+/// A validated configuration: everything in it can be applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub vip_interface: String,
+    pub xdp_mode: XdpModeSetting,
+    /// NIC names, in file order.
+    pub nics: Vec<String>,
+    pub vips: Vec<Vip>,
+    pub remaps: Vec<Remap>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Vip {
+    pub address: IpAddr,
+    /// Candidate NICs in order of preference (never empty).
+    pub nics: Vec<String>,
+}
+
+/// One (VIP, protocol, designated port) -> instance port mapping.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Remap {
+    pub vip: IpAddr,
+    pub protocol: Protocol,
+    pub designated_port: u16,
+    pub instance_port: u16,
+    pub service: String,
+}
+
+/// One problem, at one field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub field: String,
+    pub reason: String,
+}
+
+/// Why a configuration was rejected: every problem found, each at its field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    pub source_name: String,
+    pub errors: Vec<FieldError>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid configuration {} ({} problem{}); nothing was applied:", self.source_name,
+            self.errors.len(), if self.errors.len() == 1 { "" } else { "s" })?;
+        for e in &self.errors {
+            write!(f, "\n  - field `{}`: {}", e.field, e.reason)?;
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            source_name: name.clone(),
+            errors: vec![FieldError { field: "(file)".into(), reason: format!("cannot read it: {e}") }],
+        })?;
+        Self::parse(&text, &name)
+    }
+
+    /// Parses and validates TOML text; `source_name` only labels errors.
+    pub fn parse(text: &str, source_name: &str) -> Result<Config, ConfigError> {
+        let file = parse_file(text).map_err(|e| ConfigError { source_name: source_name.into(), errors: vec![e] })?;
+        validate(&file).map_err(|errors| ConfigError { source_name: source_name.into(), errors })
+    }
+}
+
+fn parse_file(text: &str) -> Result<ConfigFile, FieldError> {
+    let de = toml::Deserializer::new(text);
+    serde_path_to_error::deserialize::<_, ConfigFile>(de).map_err(|e| {
+        let field = match e.path().to_string() {
+            p if p == "." || p.is_empty() => "(top level)".to_string(),
+            p => p,
+        };
+        // toml's message carries the line and column; keep it, minus the quoted source.
+        let inner = e.into_inner();
+        let mut reason = inner.message().trim().to_string();
+        if let Some(span) = inner.span() {
+            let line = text[..span.start].matches('\n').count() + 1;
+            reason = format!("{reason} (line {line})");
+        }
+        FieldError { field, reason }
+    })
+}
+
+/// Linux interface names: 1..=15 bytes, no '/', ':' or whitespace, not "." or "..".
+fn check_ifname(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("is empty; give an interface name such as eth0".into());
+    }
+    if name.len() > 15 {
+        return Err(format!("`{name}` is longer than 15 bytes, the Linux limit for interface names"));
+    }
+    if name == "." || name == ".." || name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace()) {
+        return Err(format!("`{name}` is not a valid interface name"));
+    }
+    Ok(())
+}
+
+fn check_vip_address(ip: &IpAddr) -> Result<(), String> {
+    let bad = match ip {
+        IpAddr::V4(v4) => {
+            if v4.is_unspecified() { Some("the unspecified address") }
+            else if v4.is_loopback() { Some("a loopback address") }
+            else if v4.is_multicast() { Some("a multicast address") }
+            else if v4.is_broadcast() { Some("the broadcast address") }
+            else { None }
+        }
+        IpAddr::V6(v6) => {
+            if v6.is_unspecified() { Some("the unspecified address") }
+            else if v6.is_loopback() { Some("the loopback address") }
+            else if v6.is_multicast() { Some("a multicast address") }
+            else if v6.is_unicast_link_local() { Some("link-local (scoped to one link, it cannot move between NICs)") }
+            else if v6.to_ipv4_mapped().is_some() { Some("an IPv4-mapped address; write the IPv4 address instead") }
+            else { None }
+        }
+    };
+    match bad {
+        Some(what) => Err(format!("{ip} is {what}; a VIP must be a unicast address")),
+        None => Ok(()),
+    }
+}
+
+/// Checks everything that can be checked without the system. Returns all problems.
+pub fn validate(file: &ConfigFile) -> Result<Config, Vec<FieldError>> {
+    let mut errs = Vec::new();
+    let mut err = |field: String, reason: String| errs.push(FieldError { field, reason });
+
+    if let Err(r) = check_ifname(&file.node.vip_interface) {
+        err("node.vip_interface".into(), r);
+    }
+
+    // NICs
+    if file.nic.is_empty() {
+        err("nic".into(), "no NIC configured; add at least one [[nic]] with a name".into());
+    }
+    if file.nic.len() > NICS_MAX as usize {
+        err("nic".into(), format!("{} NICs configured, at most {NICS_MAX} are supported", file.nic.len()));
+    }
+    let mut nic_names = BTreeSet::new();
+    for (i, nic) in file.nic.iter().enumerate() {
+        if let Err(r) = check_ifname(&nic.name) {
+            err(format!("nic[{i}].name"), r);
+        } else if !nic_names.insert(nic.name.as_str()) {
+            err(format!("nic[{i}].name"), format!("NIC `{}` is listed twice", nic.name));
+        } else if nic.name == file.node.vip_interface {
+            err(format!("nic[{i}].name"), format!("`{}` is also node.vip_interface; VIPs live there, traffic uses the NICs", nic.name));
+        }
+    }
+
+    // VIPs
+    if file.vip.len() > VIPS_MAX as usize {
+        err("vip".into(), format!("{} VIPs configured, at most {VIPS_MAX} are supported", file.vip.len()));
+    }
+    let mut vip_set = BTreeSet::new();
+    let mut vips = Vec::new();
+    for (i, vip) in file.vip.iter().enumerate() {
+        if let Err(r) = check_vip_address(&vip.address) {
+            err(format!("vip[{i}].address"), r);
+        } else if !vip_set.insert(vip.address) {
+            err(format!("vip[{i}].address"), format!("VIP {} is listed twice", vip.address));
+        }
+        let nics = match &vip.nics {
+            None => file.nic.iter().map(|n| n.name.clone()).collect(),
+            Some(list) => {
+                if list.is_empty() {
+                    err(format!("vip[{i}].nics"), "is empty; list at least one NIC, or leave it out to use all NICs".into());
+                }
+                let mut seen = BTreeSet::new();
+                for (j, n) in list.iter().enumerate() {
+                    if !nic_names.contains(n.as_str()) {
+                        err(format!("vip[{i}].nics[{j}]"), format!("NIC `{n}` is not configured in any [[nic]]"));
+                    } else if !seen.insert(n) {
+                        err(format!("vip[{i}].nics[{j}]"), format!("NIC `{n}` is listed twice"));
+                    }
+                }
+                list.clone()
+            }
+        };
+        vips.push(Vip { address: vip.address, nics });
+    }
+
+    // Services and their instances -> remaps
+    let mut service_names = BTreeSet::new();
+    // (vip, proto, designated) and (vip, proto, instance) must each be unique, and the two
+    // port sets of one (vip, proto) must not overlap, so both directions are functions.
+    let mut designated: BTreeMap<(IpAddr, Protocol, u16), String> = BTreeMap::new();
+    let mut instance_ports: BTreeMap<(IpAddr, Protocol, u16), String> = BTreeMap::new();
+    let mut remaps = Vec::new();
+    for (i, svc) in file.service.iter().enumerate() {
+        let at = |f: &str| format!("service[{i}].{f}");
+        if svc.name.trim().is_empty() {
+            err(at("name"), "is empty; name the service (it labels stats and errors)".into());
+        } else if !service_names.insert(svc.name.as_str()) {
+            err(at("name"), format!("service `{}` is defined twice", svc.name));
+        }
+        if svc.port == 0 {
+            err(at("port"), "0 is not a port; give the designated port clients connect to (1-65535)".into());
+        }
+        if svc.protocols.is_empty() {
+            err(at("protocols"), "is empty; use [\"tcp\"], [\"udp\"] or both".into());
+        }
+        let protos: BTreeSet<Protocol> = svc.protocols.iter().copied().collect();
+        if protos.len() != svc.protocols.len() {
+            err(at("protocols"), "lists a protocol twice".into());
+        }
+        if svc.instance.is_empty() {
+            err(at("instance"), "no instance; add at least one [[service.instance]] with a vip and a port".into());
+        }
+        for (j, inst) in svc.instance.iter().enumerate() {
+            let at = |f: &str| format!("service[{i}].instance[{j}].{f}");
+            if !vip_set.contains(&inst.vip) {
+                err(at("vip"), format!("{} is not a configured VIP; add it as a [[vip]] first", inst.vip));
+                continue;
+            }
+            if inst.port == 0 {
+                err(at("port"), "0 is not a port; give the port this instance listens on".into());
+                continue;
+            }
+            if inst.port == svc.port {
+                err(at("port"), format!("equals the service's designated port {}; an instance needs its own port", svc.port));
+                continue;
+            }
+            if svc.port == 0 {
+                continue;
+            }
+            for &proto in &protos {
+                let label = format!("service `{}`", svc.name);
+                if let Some(other) = designated.insert((inst.vip, proto, svc.port), label.clone()) {
+                    err(at("vip"), format!("{}:{} ({proto}) is already the designated endpoint of {other}", inst.vip, svc.port));
+                }
+                if let Some(other) = instance_ports.insert((inst.vip, proto, inst.port), label.clone()) {
+                    err(at("port"), format!("{}:{} ({proto}) is already an instance port of {other}", inst.vip, inst.port));
+                }
+                remaps.push(Remap {
+                    vip: inst.vip,
+                    protocol: proto,
+                    designated_port: svc.port,
+                    instance_port: inst.port,
+                    service: svc.name.clone(),
+                });
+            }
+        }
+    }
+    for ((vip, proto, port), owner) in &instance_ports {
+        if let Some(other) = designated.get(&(*vip, *proto, *port)) {
+            err("service".into(), format!(
+                "{vip}:{port} ({proto}) is both an instance port of {owner} and the designated port of {other}; the mapping would be ambiguous"));
+        }
+    }
+    if remaps.len() > REMAPS_MAX as usize {
+        err("service".into(), format!("{} mappings configured, at most {REMAPS_MAX} are supported", remaps.len()));
+    }
+
+    if !errs.is_empty() {
+        return Err(errs);
+    }
+    remaps.sort();
+    Ok(Config {
+        vip_interface: file.node.vip_interface.clone(),
+        xdp_mode: file.node.xdp_mode,
+        nics: file.nic.iter().map(|n| n.name.clone()).collect(),
+        vips,
+        remaps,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[node]
+vip_interface = "lo"
+
+[[nic]]
+name = "eth0"
+[[nic]]
+name = "eth1"
+
+[[vip]]
+address = "198.18.0.10"
+[[vip]]
+address = "2001:db8::10"
+nics = ["eth1"]
+
+[[service]]
+name = "web"
+port = 80
+protocols = ["tcp", "udp"]
+[[service.instance]]
+vip = "198.18.0.10"
+port = 8081
+[[service.instance]]
+vip = "2001:db8::10"
+port = 8082
+"#;
+
+    #[test]
+    fn parses_a_good_file() {
+        let c = Config::parse(GOOD, "good").unwrap();
+        assert_eq!(c.nics, ["eth0", "eth1"]);
+        assert_eq!(c.vips[0].nics, ["eth0", "eth1"]);
+        assert_eq!(c.vips[1].nics, ["eth1"]);
+        assert_eq!(c.remaps.len(), 4);
+        assert!(c.remaps.iter().any(|r| r.vip.to_string() == "198.18.0.10"
+            && r.protocol == Protocol::Udp && r.designated_port == 80 && r.instance_port == 8081));
+    }
+
+    /// The table of invalid configurations: (what is wrong, replacement, field named).
+    #[test]
+    fn invalid_configurations_are_rejected_with_the_field() {
+        let cases: &[(&str, &str, &str, &str)] = &[
+            ("unknown top-level key", "[node]", "[node]\ncolour = \"red\"", "node"),
+            ("typo in an instance field", "port = 8081", "prot = 8081", "service[0].instance[0]"),
+            ("bad address", "address = \"198.18.0.10\"", "address = \"198.18.0.300\"", "vip[0].address"),
+            ("multicast VIP", "address = \"198.18.0.10\"", "address = \"224.0.0.1\"", "vip[0].address"),
+            ("port out of range", "port = 8081", "port = 70000", "service[0].instance[0].port"),
+            ("port zero", "port = 80\n", "port = 0\n", "service[0].port"),
+            ("unknown protocol", "[\"tcp\", \"udp\"]", "[\"sctp\"]", "service[0].protocols"),
+            ("instance on unknown VIP", "vip = \"2001:db8::10\"", "vip = \"2001:db8::99\"", "service[0].instance[1].vip"),
+            ("VIP on unconfigured NIC", "nics = [\"eth1\"]", "nics = [\"eth9\"]", "vip[1].nics[0]"),
+            ("empty NIC list", "nics = [\"eth1\"]", "nics = []", "vip[1].nics"),
+            ("duplicate NIC", "name = \"eth1\"", "name = \"eth0\"", "nic[1].name"),
+            ("interface name too long", "name = \"eth1\"", "name = \"averyveryverylongname\"", "nic[1].name"),
+            ("instance port equals designated", "port = 8082", "port = 80", "service[0].instance[1].port"),
+            ("xdp mode", "vip_interface = \"lo\"", "xdp_mode = \"fast\"", "node.xdp_mode"),
+            ("vip listed twice", "address = \"2001:db8::10\"", "address = \"198.18.0.10\"", "vip[1].address"),
+            ("wrong type", "port = 80\n", "port = \"eighty\"\n", "service[0].port"),
+        ];
+        for (what, from, to, field) in cases {
+            assert!(GOOD.contains(from), "{what}: fixture does not contain {from:?}");
+            let text = GOOD.replacen(from, to, 1);
+            let err = Config::parse(&text, "case").expect_err(what);
+            assert!(err.errors.iter().any(|e| e.field.starts_with(field)),
+                "{what}: expected an error at {field}, got {err}");
+            assert!(err.to_string().contains(field), "{what}: message does not name {field}: {err}");
+        }
+    }
+
+    #[test]
+    fn conflicting_mappings_are_rejected() {
+        let text = format!("{GOOD}
+[[service]]
+name = \"web2\"
+port = 80
+[[service.instance]]
+vip = \"198.18.0.10\"
+port = 9000
+");
+        let err = Config::parse(&text, "dup").unwrap_err();
+        assert!(err.to_string().contains("already the designated endpoint of service `web`"), "{err}");
+
+        let text = format!("{GOOD}
+[[service]]
+name = \"ssh\"
+port = 8081
+[[service.instance]]
+vip = \"198.18.0.10\"
+port = 2222
+");
+        let err = Config::parse(&text, "overlap").unwrap_err();
+        assert!(err.to_string().contains("ambiguous"), "{err}");
+    }
+
+    #[test]
+    fn reports_every_problem_at_once() {
+        let text = GOOD.replacen("port = 8081", "port = 0", 1).replacen("address = \"198.18.0.10\"", "address = \"0.0.0.0\"", 1);
+        let err = Config::parse(&text, "many").unwrap_err();
+        assert!(err.errors.len() >= 2, "{err}");
+    }
+
+    #[test]
+    fn the_example_configs_are_valid() {
+        for entry in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../configs")).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+            }
+        }
+    }
+}

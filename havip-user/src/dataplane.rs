@@ -1,0 +1,355 @@
+//! The one handle on havip's kernel side: loads the programs against the pinned maps
+//! (creating them on first start), attaches them to NICs or adopts the links a previous
+//! controller left pinned, and reads and writes the maps.
+
+use std::{collections::BTreeMap, io, path::Path};
+
+use anyhow::{bail, Context};
+use aya::{
+    maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues},
+    programs::{
+        links::{FdLink, LinkError, PinnedLink},
+        tc::SchedClassifierLink,
+        xdp::XdpLink,
+        SchedClassifier, TcAttachType, Xdp, XdpMode,
+    },
+    sys::SyscallError,
+    util::nr_cpus,
+    Ebpf, EbpfLoader,
+};
+use havip_common::{maps as m, NicInfo, PortValue, RemapKey, VipCounters, VipInfo, VipKey};
+use tracing::{info, warn};
+
+use crate::{
+    config::XdpModeSetting,
+    pins::{ensure_bpffs, Hook, PinLayout},
+    plan::{Actual, Changes},
+};
+
+/// The compiled eBPF object, embedded at build time (see build.rs).
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/havip.bpf.o"));
+
+pub fn ebpf_object() -> anyhow::Result<&'static [u8]> {
+    if EBPF_OBJECT.is_empty() {
+        bail!("this build has no eBPF object embedded; build with `cargo xtask build` (it compiles havip-ebpf first)");
+    }
+    Ok(EBPF_OBJECT)
+}
+
+/// Typed handles on the pinned maps. Usable without any program loaded, so the CLI reads
+/// live stats while havipd is stopped.
+pub struct Maps {
+    pub vips: HashMap<MapData, VipKey, VipInfo>,
+    pub remap_in: HashMap<MapData, RemapKey, PortValue>,
+    pub remap_out: HashMap<MapData, RemapKey, PortValue>,
+    pub port_bitmap: Array<MapData, u64>,
+    pub nics: HashMap<MapData, u32, NicInfo>,
+    pub vip_stats: PerCpuArray<MapData, VipCounters>,
+    pub outcomes: PerCpuArray<MapData, u64>,
+}
+
+fn open_pinned(pins: &PinLayout, name: &str) -> anyhow::Result<Map> {
+    let path = pins.map(name);
+    let data = MapData::from_pin(&path).with_context(|| {
+        format!("cannot open pinned map {}: is havip installed here (havipd started once)?", path.display())
+    })?;
+    Ok(Map::from_map_data(data)?)
+}
+
+impl Maps {
+    pub fn open(pins: &PinLayout) -> anyhow::Result<Self> {
+        Ok(Self {
+            vips: open_pinned(pins, m::VIPS)?.try_into()?,
+            remap_in: open_pinned(pins, m::REMAP_IN)?.try_into()?,
+            remap_out: open_pinned(pins, m::REMAP_OUT)?.try_into()?,
+            port_bitmap: open_pinned(pins, m::PORT_BITMAP)?.try_into()?,
+            nics: open_pinned(pins, m::NICS)?.try_into()?,
+            vip_stats: open_pinned(pins, m::VIP_STATS)?.try_into()?,
+            outcomes: open_pinned(pins, m::OUTCOMES)?.try_into()?,
+        })
+    }
+
+    /// Everything `plan` needs to know about the maps.
+    pub fn read_actual(&self) -> anyhow::Result<Actual> {
+        let vips = self.vips.iter().collect::<Result<BTreeMap<_, _>, _>>()?;
+        let remap_in = self.remap_in.iter().collect::<Result<BTreeMap<_, _>, _>>()?;
+        let remap_out = self.remap_out.iter().collect::<Result<BTreeMap<_, _>, _>>()?;
+        let port_bitmap = self.port_bitmap.iter().collect::<Result<Vec<_>, _>>()?;
+        Ok(Actual { vips, remap_in, remap_out, port_bitmap })
+    }
+
+    /// Writes `ch` in the order that keeps every packet consistent (see [`Changes`]).
+    pub fn apply(&mut self, ch: &Changes) -> anyhow::Result<()> {
+        for &id in &ch.zero_new_stats {
+            self.zero_stats(id)?;
+        }
+        for &(i, w) in &ch.bitmap_grow {
+            self.port_bitmap.set(i, w, 0)?;
+        }
+        for (k, v) in &ch.remap_in_upserts {
+            self.remap_in.insert(k, v, 0)?;
+        }
+        for (k, v) in &ch.remap_out_upserts {
+            self.remap_out.insert(k, v, 0)?;
+        }
+        for (k, v) in &ch.vip_upserts {
+            self.vips.insert(k, v, 0)?;
+        }
+        for k in &ch.vip_deletes {
+            self.vips.remove(k)?;
+        }
+        for k in &ch.remap_in_deletes {
+            self.remap_in.remove(k)?;
+        }
+        for k in &ch.remap_out_deletes {
+            self.remap_out.remove(k)?;
+        }
+        for &(i, w) in &ch.bitmap_shrink {
+            self.port_bitmap.set(i, w, 0)?;
+        }
+        for &id in &ch.zero_freed_stats {
+            self.zero_stats(id)?;
+        }
+        Ok(())
+    }
+
+    fn zero_stats(&mut self, id: u32) -> anyhow::Result<()> {
+        let n = nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
+        let zeros = PerCpuValues::try_from(vec![VipCounters::default(); n])?;
+        self.vip_stats.set(id, zeros, 0)?;
+        Ok(())
+    }
+
+    /// A VIP's counters summed over CPUs.
+    pub fn vip_counters(&self, id: u32) -> anyhow::Result<VipCounters> {
+        let mut total = VipCounters::default();
+        for c in self.vip_stats.get(&id, 0)?.iter() {
+            total.rx.add(&c.rx);
+            total.tx.add(&c.tx);
+        }
+        Ok(total)
+    }
+
+    /// The VIP's counters per CPU (for showing where packets were processed).
+    pub fn vip_counters_per_cpu(&self, id: u32) -> anyhow::Result<Vec<VipCounters>> {
+        Ok(self.vip_stats.get(&id, 0)?.iter().copied().collect())
+    }
+
+    /// Outcome counters summed over CPUs, indexed like `OUTCOMES`.
+    pub fn outcome_totals(&self) -> anyhow::Result<Vec<u64>> {
+        let mut out = Vec::with_capacity(m::OUTCOMES_LEN as usize);
+        for i in 0..m::OUTCOMES_LEN {
+            out.push(self.outcomes.get(&i, 0)?.iter().sum());
+        }
+        Ok(out)
+    }
+
+    pub fn nic_names(&self) -> BTreeMap<u32, String> {
+        self.nics
+            .iter()
+            .flatten()
+            .map(|(ifindex, info)| {
+                let end = info.name.iter().position(|&b| b == 0).unwrap_or(info.name.len());
+                (ifindex, String::from_utf8_lossy(&info.name[..end]).into_owned())
+            })
+            .collect()
+    }
+}
+
+/// How a NIC ended up attached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttachReport {
+    pub nic: String,
+    /// True if links pinned by an earlier controller were kept (and given the new programs).
+    pub adopted: bool,
+    pub xdp_mode: &'static str,
+}
+
+/// Programs loaded in this process plus the pinned maps.
+pub struct Dataplane {
+    pub pins: PinLayout,
+    ebpf: Ebpf,
+    pub maps: Maps,
+}
+
+fn is_not_found(e: &LinkError) -> bool {
+    matches!(e, LinkError::SyscallError(SyscallError { io_error, .. }) if io_error.kind() == io::ErrorKind::NotFound)
+}
+
+impl Dataplane {
+    /// Loads the programs; maps already pinned under `pin_root` are reused, missing ones are
+    /// created and pinned. Nothing is attached yet.
+    pub fn open(pin_root: &Path) -> anyhow::Result<Self> {
+        ensure_bpffs(pin_root)?;
+        let pins = PinLayout::new(pin_root);
+        for dir in [pins.maps_dir(), pins.progs_dir(), pins.links_dir()] {
+            std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pins.maps_dir())
+            .load(ebpf_object()?)
+            .context("loading the eBPF object (maps) failed")?;
+        for name in [m::PROG_INGRESS, m::PROG_BASELINE] {
+            let prog: &mut Xdp = ebpf.program_mut(name).context("program missing from object")?.try_into()?;
+            prog.load().with_context(|| format!("the kernel refused program {name}"))?;
+        }
+        let tc: &mut SchedClassifier = ebpf.program_mut(m::PROG_EGRESS).context("program missing")?.try_into()?;
+        tc.load().with_context(|| format!("the kernel refused program {}", m::PROG_EGRESS))?;
+        let maps = Maps::open(&pins)?;
+        Ok(Self { pins, ebpf, maps })
+    }
+
+    /// Pins the loaded programs (replacing pins of an earlier version).
+    pub fn pin_programs(&mut self) -> anyhow::Result<()> {
+        for name in [m::PROG_INGRESS, m::PROG_EGRESS] {
+            let path = self.pins.prog(name);
+            let _ = std::fs::remove_file(&path);
+            let prog = self.ebpf.program_mut(name).context("program missing")?;
+            prog.pin(&path).with_context(|| format!("pinning {}", path.display()))?;
+        }
+        Ok(())
+    }
+
+    pub fn xdp(&mut self, name: &str) -> anyhow::Result<&mut Xdp> {
+        Ok(self.ebpf.program_mut(name).context("program missing")?.try_into()?)
+    }
+
+    pub fn tc(&mut self) -> anyhow::Result<&mut SchedClassifier> {
+        Ok(self.ebpf.program_mut(m::PROG_EGRESS).context("program missing")?.try_into()?)
+    }
+
+    /// Attaches ingress and egress programs to `nic`. Where links are already pinned for it,
+    /// they are kept and atomically switched to this process's programs: traffic is never
+    /// without a program.
+    pub fn attach(&mut self, nic: &str, mode: XdpModeSetting) -> anyhow::Result<AttachReport> {
+        let (xdp_adopted, xdp_mode) = self.attach_xdp(nic, mode)?;
+        let tc_adopted = self.attach_tc(nic)?;
+        Ok(AttachReport { nic: nic.to_string(), adopted: xdp_adopted && tc_adopted, xdp_mode })
+    }
+
+    fn attach_xdp(&mut self, nic: &str, mode: XdpModeSetting) -> anyhow::Result<(bool, &'static str)> {
+        let path = self.pins.link(nic, Hook::Xdp);
+        std::fs::create_dir_all(self.pins.nic_dir(nic))?;
+        let prog = self.xdp(m::PROG_INGRESS)?;
+        match PinnedLink::from_pin(&path) {
+            Ok(pinned) => {
+                let link = XdpLink::try_from(FdLink::from(pinned))?;
+                match prog.attach_to_link(link) {
+                    Ok(id) => {
+                        // The pin still holds the link; our copy of the fd can go.
+                        let _ = prog.take_link(id)?;
+                        return Ok((true, "adopted"));
+                    }
+                    Err(e) => {
+                        warn!(nic, error = %e, "pinned XDP link is stale (NIC gone or replaced); attaching anew");
+                        let _ = std::fs::remove_file(&path);
+                    }
+                }
+            }
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => return Err(e).with_context(|| format!("reading pinned link {}", path.display())),
+        }
+        let busy_hint = |e: &aya::programs::ProgramError| {
+            format!("attaching XDP to {nic} failed: {e}. If another XDP program is attached there, remove it first (ip link set dev {nic} xdp off)")
+        };
+        let (id, used) = match mode {
+            XdpModeSetting::Native => (prog.attach(nic, XdpMode::Driver).map_err(|e| anyhow::anyhow!(busy_hint(&e)))?, "native"),
+            XdpModeSetting::Generic => (prog.attach(nic, XdpMode::Skb).map_err(|e| anyhow::anyhow!(busy_hint(&e)))?, "generic"),
+            XdpModeSetting::Auto => match prog.attach(nic, XdpMode::Driver) {
+                Ok(id) => (id, "native"),
+                Err(e) => {
+                    warn!(nic, error = %e, "native XDP not available on this NIC; falling back to generic (slower) XDP");
+                    (prog.attach(nic, XdpMode::Skb).map_err(|e| anyhow::anyhow!(busy_hint(&e)))?, "generic")
+                }
+            },
+        };
+        let link: FdLink = prog.take_link(id)?.try_into().context("XDP attached without a bpf_link (kernel < 5.9?)")?;
+        link.pin(&path).with_context(|| format!("pinning {}", path.display()))?;
+        Ok((false, used))
+    }
+
+    fn attach_tc(&mut self, nic: &str) -> anyhow::Result<bool> {
+        let path = self.pins.link(nic, Hook::TcEgress);
+        let prog = self.tc()?;
+        match PinnedLink::from_pin(&path) {
+            Ok(pinned) => {
+                let link = SchedClassifierLink::try_from(FdLink::from(pinned))?;
+                match prog.attach_to_link(link) {
+                    Ok(id) => {
+                        let _ = prog.take_link(id)?;
+                        return Ok(true);
+                    }
+                    Err(e) => {
+                        warn!(nic, error = %e, "pinned TC link is stale; attaching anew");
+                        let _ = std::fs::remove_file(&path);
+                    }
+                }
+            }
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => return Err(e).with_context(|| format!("reading pinned link {}", path.display())),
+        }
+        let id = prog
+            .attach(nic, TcAttachType::Egress)
+            .with_context(|| format!("attaching the TC egress program to {nic} failed"))?;
+        let link: FdLink = prog.take_link(id)?.try_into().context("TC attached without a bpf_link (kernel < 6.6?)")?;
+        link.pin(&path).with_context(|| format!("pinning {}", path.display()))?;
+        Ok(false)
+    }
+
+    /// Records a NIC's identity for the CLI and the programs.
+    pub fn set_nic(&mut self, ifindex: u32, name: &str, mac: [u8; 6]) -> anyhow::Result<()> {
+        let mut info = NicInfo { mac, ..Default::default() };
+        let n = name.len().min(15);
+        info.name[..n].copy_from_slice(&name.as_bytes()[..n]);
+        self.maps.nics.insert(ifindex, info, 0)?;
+        Ok(())
+    }
+
+    pub fn remove_nic(&mut self, ifindex: u32) -> anyhow::Result<()> {
+        match self.maps.nics.remove(&ifindex) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// Detaches havip from `nic` by dropping its pinned links.
+pub fn detach(pins: &PinLayout, nic: &str) -> anyhow::Result<()> {
+    for hook in [Hook::Xdp, Hook::TcEgress] {
+        let path = pins.link(nic, hook);
+        match PinnedLink::from_pin(&path) {
+            Ok(link) => {
+                // Unpinning drops the last reference once our fd closes: the link detaches.
+                drop(link.unpin().with_context(|| format!("unpinning {}", path.display()))?);
+                info!(nic, hook = hook.suffix(), "detached");
+            }
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => {
+                warn!(nic, error = %e, "pinned link unreadable; removing the pin");
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(pins.nic_dir(nic));
+    Ok(())
+}
+
+/// Removes everything under the pin root: links (detaching the programs), programs, maps.
+pub fn remove_all_pins(pins: &PinLayout) -> anyhow::Result<()> {
+    for nic in pins.pinned_nics() {
+        detach(pins, &nic)?;
+    }
+    for dir in [pins.links_dir(), pins.progs_dir(), pins.maps_dir()] {
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for e in entries.flatten() {
+                std::fs::remove_file(e.path()).with_context(|| format!("removing {}", e.path().display()))?;
+            }
+        }
+        let _ = std::fs::remove_dir(&dir);
+    }
+    match std::fs::remove_dir(&pins.root) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("removing {}", pins.root.display())),
+    }
+}

@@ -1,0 +1,264 @@
+//! What to write to the maps: the difference between the state a configuration asks for and
+//! the state the (pinned) maps hold. Pure functions, so reload, restart adoption and their
+//! edge cases are tested without a kernel.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use havip_common::{maps::PORT_WORDS, PortValue, RemapKey, VipInfo, VipKey};
+
+use crate::config::Config;
+
+/// The dataplane state a configuration asks for. NIC names are resolved to ifindexes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Desired {
+    /// VIP -> ifindex of the NIC that serves it.
+    pub vips: BTreeMap<VipKey, u32>,
+    /// (VIP, protocol, designated port) -> instance port, ports in host order.
+    pub remaps: BTreeMap<(VipKey, u8, u16), u16>,
+}
+
+impl Desired {
+    /// `ifindex` resolves a NIC name (validated before: every name resolves).
+    pub fn from_config(cfg: &Config, ifindex: impl Fn(&str) -> u32) -> Self {
+        let vips = cfg.vips.iter().map(|v| (VipKey::from(v.address), ifindex(&v.nics[0]))).collect();
+        let remaps = cfg
+            .remaps
+            .iter()
+            .map(|r| ((VipKey::from(r.vip), r.protocol.number(), r.designated_port), r.instance_port))
+            .collect();
+        Self { vips, remaps }
+    }
+}
+
+/// What the maps hold now.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Actual {
+    pub vips: BTreeMap<VipKey, VipInfo>,
+    pub remap_in: BTreeMap<RemapKey, PortValue>,
+    pub remap_out: BTreeMap<RemapKey, PortValue>,
+    /// All `PORT_BITMAP_LEN` words.
+    pub port_bitmap: Vec<u64>,
+}
+
+/// Map writes, in the order they must be applied so that no packet ever sees a VIP
+/// without its mappings or a mapping pointing nowhere.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// Counter slots of newly assigned VIP ids, zeroed before the VIP appears.
+    pub zero_new_stats: Vec<u32>,
+    /// Bitmap words set to the union of old and new bits, before mappings appear.
+    pub bitmap_grow: Vec<(u32, u64)>,
+    pub remap_in_upserts: Vec<(RemapKey, PortValue)>,
+    pub remap_out_upserts: Vec<(RemapKey, PortValue)>,
+    pub vip_upserts: Vec<(VipKey, VipInfo)>,
+    pub vip_deletes: Vec<VipKey>,
+    pub remap_in_deletes: Vec<RemapKey>,
+    pub remap_out_deletes: Vec<RemapKey>,
+    /// Bitmap words set to exactly the new bits, after stale mappings are gone.
+    pub bitmap_shrink: Vec<(u32, u64)>,
+    /// Counter slots of freed VIP ids, zeroed last.
+    pub zero_freed_stats: Vec<u32>,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        *self == Changes::default()
+    }
+
+    /// A one-line summary for logs and the reload status.
+    pub fn summary(&self) -> String {
+        format!(
+            "{} VIP(s) added or changed, {} removed; {} mapping(s) added or changed, {} removed",
+            self.vip_upserts.len(),
+            self.vip_deletes.len(),
+            self.remap_in_upserts.len(),
+            self.remap_in_deletes.len()
+        )
+    }
+}
+
+fn set_bit(words: &mut [u64], base: u32, port: u16) {
+    let i = (base + (port as u32 >> 6)) as usize;
+    words[i] |= 1u64 << (port & 63);
+}
+
+/// Computes the writes that turn `actual` into `desired`. VIPs keep their ids (and so their
+/// counters) across reloads and restarts; new VIPs take the lowest id no VIP holds now.
+pub fn plan(desired: &Desired, actual: &Actual) -> Changes {
+    let mut ch = Changes::default();
+
+    // Ids: keep existing ones; allocate new ones outside every id in use now, so a removed
+    // VIP's id (whose mappings are deleted later in this round) is not reused yet.
+    let used: BTreeSet<u32> = actual.vips.values().map(|v| v.id).collect();
+    let mut free_ids = (0u32..).filter(|id| !used.contains(id));
+    let mut ids: BTreeMap<VipKey, u32> = BTreeMap::new();
+    for (key, &ifindex) in &desired.vips {
+        let info = match actual.vips.get(key) {
+            Some(old) => VipInfo { nic_ifindex: ifindex, ..*old },
+            None => {
+                let id = free_ids.next().expect("ids are u32, VIP count is bounded");
+                ch.zero_new_stats.push(id);
+                VipInfo { id, nic_ifindex: ifindex, flags: 0, _pad: 0 }
+            }
+        };
+        ids.insert(*key, info.id);
+        if actual.vips.get(key) != Some(&info) {
+            ch.vip_upserts.push((*key, info));
+        }
+    }
+    for (key, old) in &actual.vips {
+        if !desired.vips.contains_key(key) {
+            ch.vip_deletes.push(*key);
+            ch.zero_freed_stats.push(old.id);
+        }
+    }
+
+    // Mappings in both directions, and the bitmap they imply.
+    let mut want_in = BTreeMap::new();
+    let mut want_out = BTreeMap::new();
+    let mut bitmap = vec![0u64; actual.port_bitmap.len().max(2 * PORT_WORDS as usize)];
+    for (&(vip, proto, designated), &instance) in &desired.remaps {
+        let Some(&id) = ids.get(&vip) else { continue };
+        want_in.insert(RemapKey::new(id, proto, designated.to_be()), PortValue { port_be: instance.to_be(), _pad: 0 });
+        want_out.insert(RemapKey::new(id, proto, instance.to_be()), PortValue { port_be: designated.to_be(), _pad: 0 });
+        set_bit(&mut bitmap, 0, designated);
+        set_bit(&mut bitmap, PORT_WORDS, instance);
+    }
+    let diff = |want: &BTreeMap<RemapKey, PortValue>, have: &BTreeMap<RemapKey, PortValue>| {
+        let upserts: Vec<_> = want.iter().filter(|(k, v)| have.get(k) != Some(v)).map(|(k, v)| (*k, *v)).collect();
+        let deletes: Vec<_> = have.keys().filter(|k| !want.contains_key(k)).copied().collect();
+        (upserts, deletes)
+    };
+    (ch.remap_in_upserts, ch.remap_in_deletes) = diff(&want_in, &actual.remap_in);
+    (ch.remap_out_upserts, ch.remap_out_deletes) = diff(&want_out, &actual.remap_out);
+
+    for (i, &new) in bitmap.iter().enumerate() {
+        let old = actual.port_bitmap.get(i).copied().unwrap_or(0);
+        if old | new != old {
+            ch.bitmap_grow.push((i as u32, old | new));
+        }
+        if old | new != new {
+            ch.bitmap_shrink.push((i as u32, new));
+        }
+    }
+    ch
+}
+
+/// Applies `changes` to `actual` as the kernel maps would end up: lets tests check that
+/// planning again after applying yields nothing.
+pub fn apply_to(actual: &mut Actual, ch: &Changes) {
+    let words = actual.port_bitmap.len().max(2 * PORT_WORDS as usize);
+    actual.port_bitmap.resize(words, 0);
+    for &(i, w) in ch.bitmap_grow.iter().chain(&ch.bitmap_shrink) {
+        actual.port_bitmap[i as usize] = w;
+    }
+    for (k, v) in &ch.remap_in_upserts {
+        actual.remap_in.insert(*k, *v);
+    }
+    for (k, v) in &ch.remap_out_upserts {
+        actual.remap_out.insert(*k, *v);
+    }
+    for (k, v) in &ch.vip_upserts {
+        actual.vips.insert(*k, *v);
+    }
+    for k in &ch.vip_deletes {
+        actual.vips.remove(k);
+    }
+    for k in &ch.remap_in_deletes {
+        actual.remap_in.remove(k);
+    }
+    for k in &ch.remap_out_deletes {
+        actual.remap_out.remove(k);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+
+    use super::*;
+
+    fn key(s: &str) -> VipKey {
+        VipKey::from(s.parse::<IpAddr>().unwrap())
+    }
+
+    fn desired(vips: &[&str], remaps: &[(&str, u16, u16)]) -> Desired {
+        Desired {
+            vips: vips.iter().map(|v| (key(v), 7)).collect(),
+            remaps: remaps.iter().map(|&(v, d, i)| ((key(v), 6, d), i)).collect(),
+        }
+    }
+
+    fn converge(d: &Desired, actual: &mut Actual) -> Changes {
+        let ch = plan(d, actual);
+        apply_to(actual, &ch);
+        assert!(plan(d, actual).is_empty(), "second plan is not empty: {:?}", plan(d, actual));
+        ch
+    }
+
+    #[test]
+    fn from_empty_installs_everything_then_nothing_more() {
+        let mut a = Actual::default();
+        let d = desired(&["198.18.0.1", "2001:db8::1"], &[("198.18.0.1", 80, 8081), ("2001:db8::1", 80, 8082)]);
+        let ch = converge(&d, &mut a);
+        assert_eq!(ch.vip_upserts.len(), 2);
+        assert_eq!(ch.remap_in_upserts.len(), 2);
+        assert_eq!(ch.remap_out_upserts.len(), 2);
+        assert_eq!(ch.zero_new_stats, vec![0, 1]);
+        // Port 80 in the ingress words, 8081 and 8082 in the egress words.
+        assert_eq!(a.port_bitmap[(80 >> 6) as usize], 1 << (80 & 63));
+        let w = (PORT_WORDS + (8081 >> 6)) as usize;
+        assert_eq!(a.port_bitmap[w], (1 << (8081 & 63)) | (1 << (8082 & 63)));
+    }
+
+    #[test]
+    fn reload_changes_only_the_difference_and_keeps_ids() {
+        let mut a = Actual::default();
+        converge(&desired(&["198.18.0.1", "198.18.0.2"], &[("198.18.0.1", 80, 8081), ("198.18.0.2", 80, 8082)]), &mut a);
+        let id2 = a.vips[&key("198.18.0.2")].id;
+        let ch = converge(&desired(&["198.18.0.2", "198.18.0.3"], &[("198.18.0.2", 80, 8083)]), &mut a);
+        assert_eq!(ch.vip_deletes, vec![key("198.18.0.1")]);
+        assert_eq!(ch.vip_upserts.len(), 1, "only the new VIP is written: {ch:?}");
+        assert_eq!(a.vips[&key("198.18.0.2")].id, id2, "a kept VIP keeps its id");
+        // The freed id 0 is not reused in the same round.
+        assert_eq!(a.vips[&key("198.18.0.3")].id, 2);
+        assert_eq!(ch.zero_freed_stats, vec![0]);
+        assert_eq!(ch.remap_in_upserts.len(), 1);
+        assert_eq!(ch.remap_in_deletes.len(), 1);
+        assert_eq!(ch.remap_out_deletes.len(), 2, "8081 and 8082 reverse entries go");
+        // Bits of 8081 and 8082 are gone, 8083 is set.
+        let w = (PORT_WORDS + (8081 >> 6)) as usize;
+        assert_eq!(a.port_bitmap[w], 1 << (8083 & 63));
+    }
+
+    #[test]
+    fn empty_config_removes_everything() {
+        let mut a = Actual::default();
+        converge(&desired(&["198.18.0.1"], &[("198.18.0.1", 80, 8081)]), &mut a);
+        converge(&Desired::default(), &mut a);
+        assert!(a.vips.is_empty() && a.remap_in.is_empty() && a.remap_out.is_empty());
+        assert!(a.port_bitmap.iter().all(|&w| w == 0));
+    }
+
+    #[test]
+    fn bitmap_grows_before_and_shrinks_after() {
+        let mut a = Actual::default();
+        converge(&desired(&["198.18.0.1"], &[("198.18.0.1", 80, 8081)]), &mut a);
+        let ch = plan(&desired(&["198.18.0.1"], &[("198.18.0.1", 81, 8081)]), &a);
+        // Word of ports 64..127 holds 80 now and 81 after: grow to both, shrink to 81.
+        assert_eq!(ch.bitmap_grow, vec![(1, (1 << 16) | (1 << 17))]);
+        assert_eq!(ch.bitmap_shrink, vec![(1, 1 << 17)]);
+    }
+
+    #[test]
+    fn nic_change_updates_the_vip_in_place() {
+        let mut a = Actual::default();
+        converge(&desired(&["198.18.0.1"], &[]), &mut a);
+        let mut d = desired(&["198.18.0.1"], &[]);
+        d.vips.insert(key("198.18.0.1"), 9);
+        let ch = converge(&d, &mut a);
+        assert_eq!(ch.vip_upserts.len(), 1);
+        assert_eq!(a.vips[&key("198.18.0.1")].nic_ifindex, 9);
+        assert!(ch.zero_new_stats.is_empty());
+    }
+}

@@ -1,0 +1,150 @@
+//! Live statistics read straight from the pinned maps: works whether havipd runs or not.
+
+use std::{collections::BTreeMap, net::IpAddr, time::Instant};
+
+use havip_common::{Direction, DirCounters, Outcome, VipCounters};
+use serde::Serialize;
+
+use crate::{config::Protocol, dataplane::Maps, pins::PinLayout};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct VipStats {
+    pub vip: IpAddr,
+    pub id: u32,
+    /// The NIC serving the VIP (name when known, else `if<index>`).
+    pub nic: String,
+    /// (protocol, designated port, instance port)
+    pub mappings: Vec<MappingRow>,
+    pub rx: DirCounters,
+    pub tx: DirCounters,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct MappingRow {
+    pub protocol: String,
+    pub designated_port: u16,
+    pub instance_port: u16,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Snapshot {
+    pub vips: Vec<VipStats>,
+    /// Packets by outcome, per direction: what the programs did with everything they saw.
+    pub outcomes: BTreeMap<String, BTreeMap<String, u64>>,
+    #[serde(skip)]
+    pub taken: Option<Instant>,
+}
+
+impl Snapshot {
+    pub fn read(pins: &PinLayout) -> anyhow::Result<Self> {
+        let maps = Maps::open(pins)?;
+        let nic_names = maps.nic_names();
+        let actual = maps.read_actual()?;
+        let mut mappings: BTreeMap<u32, Vec<MappingRow>> = BTreeMap::new();
+        for (k, v) in &actual.remap_in {
+            mappings.entry(k.vip_id).or_default().push(MappingRow {
+                protocol: Protocol::from_number(k.proto).map(|p| p.to_string()).unwrap_or_else(|| k.proto.to_string()),
+                designated_port: u16::from_be(k.port_be),
+                instance_port: u16::from_be(v.port_be),
+            });
+        }
+        let mut vips = Vec::new();
+        for (key, info) in &actual.vips {
+            let VipCounters { rx, tx } = maps.vip_counters(info.id)?;
+            let nic = nic_names.get(&info.nic_ifindex).cloned().unwrap_or_else(|| match info.nic_ifindex {
+                0 => "-".into(),
+                i => format!("if{i}"),
+            });
+            let mut m = mappings.remove(&info.id).unwrap_or_default();
+            m.sort();
+            vips.push(VipStats { vip: key.to_ip(), id: info.id, nic, mappings: m, rx, tx });
+        }
+        vips.sort_by_key(|v| (v.vip.is_ipv6(), v.vip));
+        let totals = maps.outcome_totals()?;
+        let mut outcomes = BTreeMap::new();
+        for (dir, name) in [(Direction::Ingress, "ingress"), (Direction::Egress, "egress")] {
+            let per: BTreeMap<String, u64> =
+                Outcome::ALL.iter().map(|o| (o.name().to_string(), totals[o.index(dir) as usize])).collect();
+            outcomes.insert(name.to_string(), per);
+        }
+        Ok(Self { vips, outcomes, taken: Some(Instant::now()) })
+    }
+
+    pub fn vip(&self, ip: IpAddr) -> Option<&VipStats> {
+        self.vips.iter().find(|v| v.vip == ip)
+    }
+}
+
+/// Human-readable counts: 1234567 -> "1.2M".
+pub fn human(n: u64) -> String {
+    match n {
+        0..=9_999 => n.to_string(),
+        10_000..=9_999_999 => format!("{:.1}k", n as f64 / 1e3),
+        10_000_000..=9_999_999_999 => format!("{:.1}M", n as f64 / 1e6),
+        _ => format!("{:.1}G", n as f64 / 1e9),
+    }
+}
+
+fn human_bytes(n: u64) -> String {
+    match n {
+        0..=9_999 => format!("{n}B"),
+        10_000..=9_999_999 => format!("{:.1}kB", n as f64 / 1e3),
+        10_000_000..=9_999_999_999 => format!("{:.1}MB", n as f64 / 1e6),
+        _ => format!("{:.1}GB", n as f64 / 1e9),
+    }
+}
+
+/// The per-VIP table (fits 80 columns). With `prev`, packet columns show rates.
+pub fn render_table(now: &Snapshot, prev: Option<&Snapshot>) -> String {
+    let mut out = String::new();
+    let rates = prev.and_then(|p| Some((p, now.taken?.duration_since(p.taken?).as_secs_f64())));
+    let header = if rates.is_some() {
+        format!("{:<22} {:<8} {:>9} {:>8} {:>9} {:>8} {:>7} {:>5}\n", "VIP", "NIC", "IN pkt/s", "IN B/s", "OUT pkt/s", "OUT B/s", "REMAP", "DROP")
+    } else {
+        format!("{:<22} {:<8} {:>9} {:>8} {:>9} {:>8} {:>7} {:>5}\n", "VIP", "NIC", "IN PKTS", "IN BYTES", "OUT PKTS", "OUT BYTES", "REMAP", "DROP")
+    };
+    out.push_str(&header);
+    for v in &now.vips {
+        let (inp, inb, outp, outb) = match rates {
+            Some((p, secs)) if secs > 0.0 => {
+                let old = p.vip(v.vip);
+                let d = |f: fn(&VipStats) -> u64| {
+                    let before = old.map(f).unwrap_or(0);
+                    (f(v).saturating_sub(before) as f64 / secs) as u64
+                };
+                (human(d(|s| s.rx.packets)), human_bytes(d(|s| s.rx.bytes)), human(d(|s| s.tx.packets)), human_bytes(d(|s| s.tx.bytes)))
+            }
+            _ => (human(v.rx.packets), human_bytes(v.rx.bytes), human(v.tx.packets), human_bytes(v.tx.bytes)),
+        };
+        out.push_str(&format!(
+            "{:<22} {:<8} {:>9} {:>8} {:>9} {:>8} {:>7} {:>5}\n",
+            v.vip.to_string(),
+            v.nic,
+            inp,
+            inb,
+            outp,
+            outb,
+            human(v.rx.remapped + v.tx.remapped),
+            human(v.rx.dropped + v.tx.dropped)
+        ));
+        for m in &v.mappings {
+            out.push_str(&format!("  {} :{} -> :{}\n", m.protocol, m.designated_port, m.instance_port));
+        }
+    }
+    if now.vips.is_empty() {
+        out.push_str("(no VIPs configured)\n");
+    }
+    let interesting: Vec<String> = now
+        .outcomes
+        .iter()
+        .flat_map(|(dir, per)| {
+            per.iter()
+                .filter(|(name, &n)| n > 0 && !matches!(name.as_str(), "vip_passed" | "vip_remapped"))
+                .map(move |(name, n)| format!("{dir} {name}={}", human(*n)))
+        })
+        .collect();
+    if !interesting.is_empty() {
+        out.push_str(&format!("other packets: {}\n", interesting.join(", ")));
+    }
+    out
+}
