@@ -1,1 +1,31 @@
+//! Test harness shared by havip's kernel tests and benchmarks: packet builders, a fixture
+//! that loads the programs for BPF_PROG_RUN, and network-namespace topologies with a real
+//! havipd, all cleaned up on drop (also when a test panics).
 
+pub mod fixture;
+pub mod packets;
+pub mod topology;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// Tests load eBPF and create namespaces: they need root, and say so instead of skipping.
+pub fn require_root() {
+    assert_eq!(unsafe { libc::geteuid() }, 0, "havip's kernel tests need root (CAP_BPF, CAP_NET_ADMIN); run `cargo xtask test` as root");
+}
+
+/// A short name unique to this process and call, for namespaces and pin directories.
+pub fn unique(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!("{prefix}{}x{}", std::process::id() % 100_000, N.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Where the havipd and havip binaries are (set by `cargo xtask test`).
+pub fn bin(name: &str) -> PathBuf {
+    let dir = std::env::var_os("HAVIP_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug"));
+    let path = dir.join(name);
+    assert!(path.exists(), "{} not found: run the tests with `cargo xtask test` (it builds the binaries)", path.display());
+    path
+}

@@ -1,0 +1,269 @@
+//! BPF_PROG_RUN fixtures: each packet goes through the real programs in the kernel; the
+//! tests check the action, every output byte and the counters. Checksums of rewritten
+//! packets are verified by etherparse, independently of havip's own checksum code.
+
+use std::net::IpAddr;
+
+use havip_common::{Direction, Outcome};
+use havip_tests::{
+    fixture::{Fixture, TC_ACT_OK, XDP_PASS},
+    packets::{arp_request, build, fix_ipv4_header_checksum, icmp_echo, inspect, l3_offset, L4},
+};
+
+const CONFIG: &str = r#"
+[[nic]]
+name = "eth0"
+[[vip]]
+address = "198.18.100.1"
+[[vip]]
+address = "2001:db8:100::1"
+[[service]]
+name = "web"
+port = 80
+protocols = ["tcp", "udp"]
+[[service.instance]]
+vip = "198.18.100.1"
+port = 8081
+[[service.instance]]
+vip = "2001:db8:100::1"
+port = 8081
+"#;
+
+const CLIENT4: &str = "198.18.2.2";
+const CLIENT6: &str = "2001:db8:2::2";
+const VIP4: &str = "198.18.100.1";
+const VIP6: &str = "2001:db8:100::1";
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+/// Every (family, protocol, vlan) combination of a client packet to VIP:80.
+fn cases() -> Vec<(&'static str, L4, Option<u16>)> {
+    let mut v = Vec::new();
+    for fam in ["v4", "v6"] {
+        for l4 in [L4::Tcp, L4::Udp] {
+            for vlan in [None, Some(100)] {
+                v.push((fam, l4, vlan));
+            }
+        }
+    }
+    v
+}
+
+fn addrs(fam: &str) -> (IpAddr, IpAddr) {
+    if fam == "v4" { (ip(CLIENT4), ip(VIP4)) } else { (ip(CLIENT6), ip(VIP6)) }
+}
+
+/// Bytes that differ between two equal-length frames.
+fn diff(a: &[u8], b: &[u8]) -> Vec<usize> {
+    assert_eq!(a.len(), b.len());
+    (0..a.len()).filter(|&i| a[i] != b[i]).collect()
+}
+
+#[test]
+fn ingress_rewrites_a_mapped_port_and_the_checksum_verifies() {
+    let mut fx = Fixture::new(CONFIG);
+    for (fam, l4, vlan) in cases() {
+        let (client, vip) = addrs(fam);
+        let input = build(l4, client, 40000, vip, 80, vlan, b"hello havip");
+        assert!(inspect(&input).checksum_ok);
+        let before = fx.vip(&vip.to_string());
+        let r = fx.ingress(&input);
+        let what = format!("{fam} {l4:?} vlan={vlan:?}");
+        assert_eq!(r.action, XDP_PASS, "{what}");
+        let view = inspect(&r.out);
+        assert_eq!((view.sport, view.dport), (40000, 8081), "{what}: destination port rewritten");
+        assert!(view.checksum_ok, "{what}: checksum does not verify after the rewrite");
+        // Only the port and checksum bytes changed; addresses never change.
+        let l4_off = l3_offset(vlan.is_some()) + if fam == "v4" { 20 } else { 40 };
+        let csum_off = l4_off + if l4 == L4::Tcp { 16 } else { 6 };
+        let changed = diff(&input, &r.out);
+        assert!(changed.iter().all(|&i| i == l4_off + 2 || i == l4_off + 3 || i == csum_off || i == csum_off + 1),
+            "{what}: unexpected bytes changed: {changed:?}");
+        let after = fx.vip(&vip.to_string());
+        assert_eq!(after.rx.packets - before.rx.packets, 1, "{what}");
+        assert_eq!(after.rx.remapped - before.rx.remapped, 1, "{what}");
+        assert_eq!(after.rx.bytes - before.rx.bytes, input.len() as u64, "{what}");
+        let (tcp, udp) = (after.rx.tcp - before.rx.tcp, after.rx.udp - before.rx.udp);
+        assert_eq!((tcp, udp), if l4 == L4::Tcp { (1, 0) } else { (0, 1) }, "{what}");
+    }
+}
+
+#[test]
+fn egress_maps_the_instance_port_back_and_the_checksum_verifies() {
+    let mut fx = Fixture::new(CONFIG);
+    for (fam, l4, vlan) in cases() {
+        let (client, vip) = addrs(fam);
+        let input = build(l4, vip, 8081, client, 40000, vlan, b"reply from instance");
+        let before = fx.vip(&vip.to_string());
+        let r = fx.egress(&input);
+        let what = format!("{fam} {l4:?} vlan={vlan:?}");
+        assert_eq!(r.action, TC_ACT_OK, "{what}");
+        let view = inspect(&r.out);
+        assert_eq!((view.sport, view.dport), (80, 40000), "{what}: source port mapped back");
+        assert!(view.checksum_ok, "{what}: checksum does not verify after the rewrite");
+        let after = fx.vip(&vip.to_string());
+        assert_eq!(after.tx.packets - before.tx.packets, 1, "{what}");
+        assert_eq!(after.tx.remapped - before.tx.remapped, 1, "{what}");
+        assert_eq!(after.tx.bytes - before.tx.bytes, input.len() as u64, "{what}");
+    }
+}
+
+#[test]
+fn udp_over_ipv4_without_checksum_stays_without_checksum() {
+    let mut fx = Fixture::new(CONFIG);
+    let mut input = build(L4::Udp, ip(CLIENT4), 40000, ip(VIP4), 80, None, b"no checksum");
+    input[14 + 20 + 6] = 0;
+    input[14 + 20 + 7] = 0;
+    let r = fx.ingress(&input);
+    let v = inspect(&r.out);
+    assert_eq!((v.dport, v.checksum), (8081, 0));
+    let mut reply = build(L4::Udp, ip(VIP4), 8081, ip(CLIENT4), 40000, None, b"no checksum");
+    reply[14 + 20 + 6] = 0;
+    reply[14 + 20 + 7] = 0;
+    let r = fx.egress(&reply);
+    let v = inspect(&r.out);
+    assert_eq!((v.sport, v.checksum), (80, 0));
+}
+
+#[test]
+fn udp_over_ipv6_with_the_invalid_zero_checksum_is_left_alone() {
+    let mut fx = Fixture::new(CONFIG);
+    let mut input = build(L4::Udp, ip(CLIENT6), 40000, ip(VIP6), 80, None, b"bad");
+    input[14 + 40 + 6] = 0;
+    input[14 + 40 + 7] = 0;
+    let r = fx.ingress(&input);
+    assert_eq!(r.out, input);
+}
+
+#[test]
+fn packets_havip_does_not_own_pass_byte_for_byte() {
+    let mut fx = Fixture::new(CONFIG);
+    let untouched: Vec<(&str, Vec<u8>, Outcome)> = vec![
+        ("unmapped port v4", build(L4::Tcp, ip(CLIENT4), 40000, ip(VIP4), 443, None, b"x"), Outcome::VipPassed),
+        ("unmapped port v6", build(L4::Udp, ip(CLIENT6), 40000, ip(VIP6), 53, None, b"x"), Outcome::VipPassed),
+        ("instance port addressed directly", build(L4::Tcp, ip(CLIENT4), 40000, ip(VIP4), 8081, None, b"x"), Outcome::VipPassed),
+        ("non-VIP destination v4", build(L4::Tcp, ip(CLIENT4), 40000, ip("198.18.100.9"), 80, None, b"x"), Outcome::NotVip),
+        ("non-VIP destination v6", build(L4::Udp, ip(CLIENT6), 40000, ip("2001:db8:100::9"), 80, Some(7), b"x"), Outcome::NotVip),
+        ("ARP for the VIP", arp_request([198, 18, 2, 2], [198, 18, 100, 1]), Outcome::NotIp),
+        ("ICMP echo to the VIP", icmp_echo(ip(CLIENT4), ip(VIP4)), Outcome::VipPassed),
+        ("ICMPv6 echo to the VIP", icmp_echo(ip(CLIENT6), ip(VIP6)), Outcome::VipPassed),
+    ];
+    for (what, input, outcome) in untouched {
+        let before = fx.outcome(Direction::Ingress, outcome);
+        let r = fx.ingress(&input);
+        assert_eq!(r.action, XDP_PASS, "{what}");
+        assert_eq!(r.out, input, "{what}: packet changed");
+        assert_eq!(fx.outcome(Direction::Ingress, outcome) - before, 1, "{what}: not counted as {outcome:?}");
+    }
+    let icmp = fx.vip(VIP4);
+    assert_eq!(icmp.rx.icmp, 1);
+    assert_eq!(icmp.rx.remapped, 0);
+}
+
+#[test]
+fn every_truncation_of_a_valid_packet_passes_untouched() {
+    let mut fx = Fixture::new(CONFIG);
+    let (mut egress_runs, mut egress_refused) = (0, 0);
+    for (fam, l4, vlan) in cases() {
+        let (client, vip) = addrs(fam);
+        let full = build(l4, client, 40000, vip, 80, vlan, b"0123456789abcdef");
+        // BPF_PROG_RUN refuses XDP input shorter than an Ethernet header.
+        for len in 14..full.len() {
+            let input = &full[..len];
+            let r = fx.ingress(input);
+            assert_eq!(r.action, XDP_PASS, "{fam} {l4:?} vlan={vlan:?} len={len}");
+            assert_eq!(r.out, input, "{fam} {l4:?} vlan={vlan:?} truncated to {len} bytes was rewritten");
+            match fx.try_run(havip_common::maps::PROG_EGRESS, input, 1) {
+                Ok(r) => {
+                    egress_runs += 1;
+                    assert_eq!(r.out, input, "egress {fam} {l4:?} vlan={vlan:?} truncated to {len} bytes was rewritten");
+                }
+                // The kernel itself refuses skbs shorter than the IP header their EtherType
+                // announces; that and nothing else may be refused.
+                Err(e) => {
+                    let ip_end = l3_offset(vlan.is_some()) + if fam == "v4" { 20 } else { 40 };
+                    assert!(len < ip_end, "egress {fam} {l4:?} vlan={vlan:?} len={len} refused: {e}");
+                    egress_refused += 1;
+                }
+            }
+        }
+    }
+    assert!(egress_runs > 2 * egress_refused, "egress: only {egress_runs} runs, {egress_refused} refused");
+    assert_eq!(fx.vip(VIP4).rx.remapped + fx.vip(VIP6).rx.remapped, 0);
+    assert!(fx.outcome(Direction::Ingress, Outcome::Malformed) > 0);
+}
+
+#[test]
+fn malformed_headers_pass_untouched_and_are_counted() {
+    let mut fx = Fixture::new(CONFIG);
+    let v4 = |l4| build(l4, ip(CLIENT4), 40000, ip(VIP4), 80, None, b"payload!");
+    let v6 = |l4| build(l4, ip(CLIENT6), 40000, ip(VIP6), 80, None, b"payload!");
+    let l3 = 14;
+    let mut cases: Vec<(&str, Vec<u8>, Outcome)> = Vec::new();
+    let edit4 = |mut p: Vec<u8>, f: &dyn Fn(&mut Vec<u8>)| {
+        f(&mut p);
+        fix_ipv4_header_checksum(&mut p, l3);
+        p
+    };
+    cases.push(("IHL 4 (below minimum)", edit4(v4(L4::Tcp), &|p| p[l3] = 0x44), Outcome::Malformed));
+    cases.push(("IHL 15 (options beyond the packet)", edit4(v4(L4::Tcp), &|p| p[l3] = 0x4f), Outcome::Malformed));
+    cases.push(("IP version 5", edit4(v4(L4::Udp), &|p| p[l3] = 0x55), Outcome::Malformed));
+    cases.push(("total length beyond the frame", edit4(v4(L4::Tcp), &|p| p[l3 + 2..l3 + 4].copy_from_slice(&1500u16.to_be_bytes())), Outcome::Malformed));
+    cases.push(("total length below the header", edit4(v4(L4::Udp), &|p| p[l3 + 2..l3 + 4].copy_from_slice(&12u16.to_be_bytes())), Outcome::Malformed));
+    cases.push(("TCP data offset below 5", edit4(v4(L4::Tcp), &|p| p[l3 + 20 + 12] = 0x40), Outcome::Malformed));
+    cases.push(("TCP data offset beyond the segment", edit4(v4(L4::Tcp), &|p| p[l3 + 20 + 12] = 0xf0), Outcome::Malformed));
+    cases.push(("UDP length below 8", edit4(v4(L4::Udp), &|p| p[l3 + 20 + 4..l3 + 20 + 6].copy_from_slice(&4u16.to_be_bytes())), Outcome::Malformed));
+    cases.push(("UDP length beyond the datagram", edit4(v4(L4::Udp), &|p| p[l3 + 20 + 4..l3 + 20 + 6].copy_from_slice(&900u16.to_be_bytes())), Outcome::Malformed));
+    cases.push(("IPv4 first fragment (MF)", edit4(v4(L4::Udp), &|p| p[l3 + 6] = 0x20), Outcome::Fragment));
+    cases.push(("IPv4 later fragment (offset)", edit4(v4(L4::Udp), &|p| p[l3 + 7] = 0x10), Outcome::Fragment));
+    let mut p = v6(L4::Udp);
+    p[l3 + 4..l3 + 6].copy_from_slice(&2000u16.to_be_bytes());
+    cases.push(("IPv6 payload length beyond the frame", p, Outcome::Malformed));
+    let mut p = v6(L4::Tcp);
+    p[l3 + 6] = 0; // next header: hop-by-hop options
+    cases.push(("IPv6 with an extension header", p, Outcome::Ipv6ExtHeader));
+    let mut p = v4(L4::Tcp);
+    p.splice(12..12, [0x81, 0x00, 0x00, 0x05, 0x81, 0x00, 0x00, 0x06]);
+    cases.push(("two VLAN tags", p, Outcome::UnsupportedL2));
+
+    for (what, input, outcome) in cases {
+        let before = fx.outcome(Direction::Ingress, outcome);
+        let r = fx.ingress(&input);
+        assert_eq!(r.action, XDP_PASS, "{what}");
+        assert_eq!(r.out, input, "{what}: a malformed packet was changed");
+        assert_eq!(fx.outcome(Direction::Ingress, outcome) - before, 1, "{what}: not counted as {outcome:?}");
+        let before = fx.outcome(Direction::Egress, outcome);
+        let r = fx.egress(&input);
+        assert_eq!(r.out, input, "{what}: egress changed a malformed packet");
+        assert_eq!(fx.outcome(Direction::Egress, outcome) - before, 1, "{what}: egress did not count {outcome:?}");
+    }
+    assert_eq!(fx.vip(VIP4).rx.remapped + fx.vip(VIP6).rx.remapped, 0);
+}
+
+#[test]
+fn ipv4_options_are_skipped_by_header_length() {
+    let mut fx = Fixture::new(CONFIG);
+    let mut p = build(L4::Tcp, ip(CLIENT4), 40000, ip(VIP4), 80, None, b"opts");
+    // Insert 4 bytes of options (NOP NOP NOP EOL), IHL 6, total length + 4.
+    p.splice(14 + 20..14 + 20, [1, 1, 1, 0]);
+    p[14] = 0x46;
+    let tot = u16::from_be_bytes([p[16], p[17]]) + 4;
+    p[16..18].copy_from_slice(&tot.to_be_bytes());
+    fix_ipv4_header_checksum(&mut p, 14);
+    let r = fx.ingress(&p);
+    let v = inspect(&r.out);
+    assert_eq!(v.dport, 8081);
+    assert!(v.checksum_ok);
+}
+
+#[test]
+fn frames_with_ethernet_padding_are_remapped() {
+    let mut fx = Fixture::new(CONFIG);
+    let mut p = build(L4::Udp, ip(CLIENT4), 40000, ip(VIP4), 80, None, b"x");
+    p.resize(60, 0); // minimum Ethernet frame: IP total length is shorter than the frame
+    let r = fx.ingress(&p);
+    assert_eq!(inspect(&r.out).dport, 8081);
+    assert!(inspect(&r.out).checksum_ok);
+}

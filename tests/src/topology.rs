@@ -1,0 +1,239 @@
+//! A node under test in network namespaces, with havipd running in it:
+//!
+//! ```text
+//!  client ns               router ns                 server ns (havipd, instances)
+//!  eth0 198.18.2.2 ---- c0 198.18.2.1 | s0 198.18.1.1 ---- eth0 198.18.1.2   VIPs on lo
+//!       2001:db8:2::2       2001:db8:2::1 | 2001:db8:1::1       2001:db8:1::2
+//! ```
+//!
+//! veth never computes checksums: a partial checksum crosses it and is trusted by the
+//! receiver, so a wrong one would go unnoticed. The router's veths have TX checksum offload
+//! off, so the kernel computes every checksum in software from what the server's programs
+//! left in the packet, and both ends have RX offload off, so every checksum is verified
+//! (`InCsumErrors` counts the failures).
+
+use std::{
+    path::PathBuf,
+    process::{Child, Command, Output, Stdio},
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use havip_user::{
+    netns::{enter, veth_pair, Netns},
+    state::State,
+};
+
+pub const VIP1_V4: &str = "198.18.100.1";
+pub const VIP2_V4: &str = "198.18.100.2";
+pub const VIP1_V6: &str = "2001:db8:100::1";
+pub const VIP2_V6: &str = "2001:db8:100::2";
+
+pub struct Topology {
+    pub srv: Netns,
+    pub rtr: Netns,
+    pub cli: Netns,
+    pub pin_root: PathBuf,
+    pub run_dir: PathBuf,
+    pub config_path: PathBuf,
+    daemon: Option<Child>,
+}
+
+impl Topology {
+    /// Builds the namespaces; havipd is not started yet.
+    pub fn new() -> Self {
+        crate::require_root();
+        let id = crate::unique("");
+        let srv = Netns::create(&format!("hv-srv{id}")).unwrap();
+        let rtr = Netns::create(&format!("hv-rtr{id}")).unwrap();
+        let cli = Netns::create(&format!("hv-cli{id}")).unwrap();
+        let run_dir = PathBuf::from(format!("/run/havip-test/{id}"));
+        std::fs::create_dir_all(&run_dir).unwrap();
+        let t = Self {
+            pin_root: PathBuf::from(format!("/sys/fs/bpf/havip-test{id}")),
+            config_path: run_dir.join("havip.toml"),
+            run_dir,
+            srv,
+            rtr,
+            cli,
+            daemon: None,
+        };
+        veth_pair(&t.srv, "eth0", &t.rtr, "s0").unwrap();
+        veth_pair(&t.cli, "eth0", &t.rtr, "c0").unwrap();
+        let cmds: [(&Netns, &[&str]); 14] = [
+            (&t.srv, &["addr", "add", "198.18.1.2/24", "dev", "eth0"]),
+            (&t.srv, &["addr", "add", "2001:db8:1::2/64", "dev", "eth0", "nodad"]),
+            (&t.srv, &["route", "add", "default", "via", "198.18.1.1"]),
+            (&t.srv, &["-6", "route", "add", "default", "via", "2001:db8:1::1"]),
+            (&t.rtr, &["addr", "add", "198.18.1.1/24", "dev", "s0"]),
+            (&t.rtr, &["addr", "add", "2001:db8:1::1/64", "dev", "s0", "nodad"]),
+            (&t.rtr, &["addr", "add", "198.18.2.1/24", "dev", "c0"]),
+            (&t.rtr, &["addr", "add", "2001:db8:2::1/64", "dev", "c0", "nodad"]),
+            (&t.rtr, &["route", "add", "198.18.100.0/24", "via", "198.18.1.2"]),
+            (&t.rtr, &["-6", "route", "add", "2001:db8:100::/64", "via", "2001:db8:1::2"]),
+            (&t.cli, &["addr", "add", "198.18.2.2/24", "dev", "eth0"]),
+            (&t.cli, &["addr", "add", "2001:db8:2::2/64", "dev", "eth0", "nodad"]),
+            (&t.cli, &["route", "add", "default", "via", "198.18.2.1"]),
+            (&t.cli, &["-6", "route", "add", "default", "via", "2001:db8:2::1"]),
+        ];
+        for (ns, args) in cmds {
+            ns.ip(args).unwrap_or_else(|e| panic!("{e}"));
+        }
+        t.rtr.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"]).unwrap();
+        for (ns, dev, what) in [(&t.rtr, "s0", "tx"), (&t.rtr, "c0", "tx"), (&t.srv, "eth0", "rx"), (&t.cli, "eth0", "rx")] {
+            ns.exec(&["ethtool", "-K", dev, what, "off"]).unwrap_or_else(|e| panic!("{e}"));
+        }
+        t
+    }
+
+    /// The config for this node: `[[nic]] eth0` plus `body` (VIPs, services).
+    pub fn write_config(&self, body: &str) {
+        std::fs::write(&self.config_path, format!("[node]\nvip_interface = \"lo\"\n\n[[nic]]\nname = \"eth0\"\n\n{body}")).unwrap();
+    }
+
+    /// Starts havipd and waits until it has applied its configuration.
+    pub fn start_daemon(&mut self) {
+        assert!(self.daemon.is_none(), "havipd already started");
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.run_dir.join("havipd.log")).unwrap();
+        let child = Command::new(crate::bin("havipd"))
+            .arg("--netns")
+            .arg(&self.srv.name)
+            .arg("--config")
+            .arg(&self.config_path)
+            .arg("--pin-path")
+            .arg(&self.pin_root)
+            .arg("--run-dir")
+            .arg(&self.run_dir)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting havipd");
+        let pid = child.id();
+        self.daemon = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(s)) = State::load(&self.run_dir) {
+                if s.pid == Some(pid) && s.last_apply.is_some() {
+                    return;
+                }
+            }
+            if let Some(status) = self.daemon.as_mut().unwrap().try_wait().unwrap() {
+                panic!("havipd exited early ({status}):\n{}", self.daemon_log());
+            }
+            assert!(Instant::now() < deadline, "havipd not ready after 20s:\n{}", self.daemon_log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops havipd with `signal` (SIGTERM: orderly; SIGKILL: a crash) and reaps it.
+    pub fn stop_daemon(&mut self, signal: i32) {
+        let mut child = self.daemon.take().expect("havipd not running");
+        unsafe { libc::kill(child.id() as i32, signal) };
+        child.wait().unwrap();
+    }
+
+    pub fn daemon_log(&self) -> String {
+        std::fs::read_to_string(self.run_dir.join("havipd.log")).unwrap_or_default()
+    }
+
+    /// Runs the `havip` CLI against this node.
+    pub fn havip(&self, args: &[&str]) -> Output {
+        Command::new(crate::bin("havip"))
+            .arg("--pin-path")
+            .arg(&self.pin_root)
+            .arg("--run-dir")
+            .arg(&self.run_dir)
+            .args(args)
+            .output()
+            .expect("running havip")
+    }
+
+    /// `havip stats --json`, parsed.
+    pub fn stats(&self) -> serde_json::Value {
+        let out = self.havip(&["stats", "--json"]);
+        assert!(out.status.success(), "havip stats failed: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// One VIP's entry of `havip stats --json`.
+    pub fn vip_stats(&self, vip: &str) -> serde_json::Value {
+        let s = self.stats();
+        s["vips"].as_array().unwrap().iter().find(|v| v["vip"] == vip).unwrap_or_else(|| panic!("{vip} not in stats: {s}")).clone()
+    }
+
+    /// A counter of /proc/net/snmp in namespace `ns` (e.g. "Tcp", "InCsumErrors").
+    pub fn snmp(ns: &Netns, proto: &str, field: &str) -> u64 {
+        let text = ns.exec(&["cat", "/proc/net/snmp", "/proc/net/snmp6"]).unwrap();
+        // snmp: header line and value line per protocol; snmp6: "Udp6InCsumErrors  0".
+        let lines: Vec<&str> = text.lines().collect();
+        for w in lines.windows(2) {
+            let (h, v) = (w[0], w[1]);
+            if h.starts_with(&format!("{proto}:")) && v.starts_with(&format!("{proto}:")) {
+                let names: Vec<&str> = h.split_whitespace().collect();
+                let vals: Vec<&str> = v.split_whitespace().collect();
+                if let Some(i) = names.iter().position(|n| *n == field) {
+                    return vals[i].parse().unwrap();
+                }
+            }
+        }
+        for l in &lines {
+            let mut f = l.split_whitespace();
+            if f.next() == Some(&format!("{proto}{field}")) {
+                return f.next().unwrap().parse().unwrap();
+            }
+        }
+        panic!("{proto} {field} not in /proc/net/snmp of {}", ns.name)
+    }
+
+    /// Checksum failures seen by the server's and the client's stacks (TCP, UDP, both families).
+    pub fn checksum_errors(&self) -> u64 {
+        let mut n = 0;
+        for ns in [&self.srv, &self.cli] {
+            n += Self::snmp(ns, "Tcp", "InCsumErrors") + Self::snmp(ns, "Udp", "InCsumErrors") + Self::snmp(ns, "Udp6", "InCsumErrors");
+        }
+        n
+    }
+
+    /// Is an XDP program attached to the server's eth0?
+    pub fn xdp_attached(&self) -> bool {
+        self.srv.ip(&["-d", "link", "show", "dev", "eth0"]).unwrap().contains("prog/xdp")
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        if let Some(mut d) = self.daemon.take() {
+            let _ = d.kill();
+            let _ = d.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("havipd log:\n{}", self.daemon_log());
+        }
+        if let Err(e) = havip_user::teardown::down(&self.pin_root, &self.run_dir) {
+            eprintln!("teardown: {e:#}");
+        }
+        let _ = std::fs::remove_dir_all(&self.run_dir);
+    }
+}
+
+/// Spawns `f` on a thread inside namespace `ns`.
+pub fn spawn_in<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 'static) -> JoinHandle<T> {
+    let name = ns.name.clone();
+    std::thread::spawn(move || {
+        enter(&name).unwrap();
+        f()
+    })
+}
+
+/// Deterministic test data.
+pub fn pattern(len: usize, seed: u32) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
