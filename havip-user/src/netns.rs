@@ -50,12 +50,16 @@ pub struct Netns {
 }
 
 impl Netns {
-    /// Creates `name`, deleting a leftover of the same name first. Loopback is brought up.
+    /// Creates `name`, deleting a leftover of the same name first. Loopback is brought up,
+    /// and IPv6 duplicate address detection is off for interfaces created in it later: on a
+    /// fresh veth it keeps link-local addresses tentative for a second or more, which delays
+    /// neighbour discovery and so the first packets of every test.
     pub fn create(name: &str) -> anyhow::Result<Self> {
         let _ = sh(&["ip", "netns", "del", name]);
         sh(&["ip", "netns", "add", name])?;
         let ns = Self { name: name.to_string() };
         ip_in(name, &["link", "set", "lo", "up"])?;
+        ns.exec(&["sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"])?;
         Ok(ns)
     }
 
