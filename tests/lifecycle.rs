@@ -1,1 +1,266 @@
+//! havipd's life on a node: invalid configurations are refused whole before anything is
+//! applied; reload applies only the difference without detaching; a crash or restart does
+//! not interrupt traffic; `havip down` removes everything.
 
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+    process::Command,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use havip_tests::topology::{pattern, spawn_in, Topology, VIP1_V4, VIP1_V6, VIP2_V4};
+
+fn vip_block(vips: &[&str]) -> String {
+    vips.iter().map(|v| format!("[[vip]]\naddress = \"{v}\"\n")).collect()
+}
+
+fn service(name: &str, port: u16, instances: &[(&str, u16)]) -> String {
+    let mut s = format!("[[service]]\nname = \"{name}\"\nport = {port}\n");
+    for (vip, p) in instances {
+        s += &format!("[[service.instance]]\nvip = \"{vip}\"\nport = {p}\n");
+    }
+    s
+}
+
+/// An echo instance on `port` in the server namespace: answers a line "<name>" then echoes.
+fn instance(t: &Topology, name: &'static str, port: u16, stop: Arc<AtomicBool>) {
+    spawn_in(&t.srv, move || {
+        let l = TcpListener::bind(SocketAddr::from(([0u16; 8], port))).unwrap();
+        l.set_nonblocking(true).unwrap();
+        while !stop.load(Ordering::Relaxed) {
+            match l.accept() {
+                Ok((mut s, _)) => {
+                    s.set_nonblocking(false).unwrap();
+                    std::thread::spawn(move || {
+                        let _ = writeln!(s, "{name}");
+                        let mut buf = vec![0u8; 16384];
+                        while let Ok(n) = s.read(&mut buf) {
+                            if n == 0 || s.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                    });
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(50));
+}
+
+/// Connects to vip:80 from the client namespace and returns the instance's name.
+fn who_answers(t: &Topology, vip: &str) -> Result<String, String> {
+    let addr = SocketAddr::new(vip.parse::<IpAddr>().unwrap(), 80);
+    spawn_in(&t.cli, move || {
+        let s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line).map_err(|e| e.to_string())?;
+        Ok(line.trim().to_string())
+    })
+    .join()
+    .unwrap()
+}
+
+fn havipd(args: &[&str]) -> std::process::Output {
+    Command::new(havip_tests::bin("havipd")).args(args).output().unwrap()
+}
+
+#[test]
+fn invalid_configurations_are_refused_before_anything_is_applied() {
+    let mut t = Topology::new();
+    let good = vip_block(&[VIP1_V4]) + &service("web", 80, &[(VIP1_V4, 8081)]);
+    let cases: Vec<(&str, String, &str)> = vec![
+        ("unknown field", good.replace("port = 8081", "prot = 8081"), "service[0].instance[0]"),
+        ("bad address", good.replace(VIP1_V4, "198.18.100.300"), "vip[0].address"),
+        ("instance on an unknown VIP", good.replace(&format!("vip = \"{VIP1_V4}\""), "vip = \"198.18.100.77\""), "service[0].instance[0].vip"),
+        ("port out of range", good.replace("port = 80\n", "port = 99999\n"), "service[0].port"),
+        ("NIC missing on this node", good.clone() + "[[nic]]\nname = \"eth9\"\n", "nic[1].name"),
+    ];
+    for (what, body, field) in cases {
+        t.write_config(&body);
+        let out = havipd(&[
+            "--netns", &t.srv.name, "--config", t.config_path.to_str().unwrap(),
+            "--pin-path", t.pin_root.to_str().unwrap(), "--run-dir", t.run_dir.to_str().unwrap(),
+        ]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{what}: havipd accepted it");
+        assert!(err.contains(field), "{what}: error does not name `{field}`:\n{err}");
+        assert!(err.contains("nothing was applied"), "{what}: error does not say nothing was applied:\n{err}");
+        assert!(!t.pin_root.exists(), "{what}: pins were created");
+        assert!(!t.xdp_attached(), "{what}: XDP was attached");
+        assert!(!t.server_lo_addresses().contains("198.18.100"), "{what}: an address was installed");
+        // --check-config gives the same verdict without a node.
+        let out = havipd(&["--check-config", "--config", t.config_path.to_str().unwrap()]);
+        if field != "nic[1].name" {
+            assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains(field), "{what}: --check-config");
+        }
+    }
+    // And the good one is accepted.
+    t.write_config(&good);
+    t.start_daemon();
+    assert!(t.xdp_attached());
+}
+
+#[test]
+fn reload_applies_the_difference_without_detaching_and_refuses_bad_files() {
+    let mut t = Topology::new();
+    let stop = Arc::new(AtomicBool::new(false));
+    instance(&t, "A", 8081, stop.clone());
+    instance(&t, "B", 8082, stop.clone());
+    t.write_config(&(vip_block(&[VIP1_V4]) + &service("web", 80, &[(VIP1_V4, 8081)])));
+    t.start_daemon();
+    assert_eq!(who_answers(&t, VIP1_V4).unwrap(), "A");
+    assert!(who_answers(&t, VIP2_V4).is_err(), "VIP2 is not configured yet");
+    let links = t.links();
+    let vip1_packets = t.vip_stats(VIP1_V4)["rx"]["packets"].as_u64().unwrap();
+
+    // Add a VIP and an instance.
+    t.write_config(&(vip_block(&[VIP1_V4, VIP2_V4]) + &service("web", 80, &[(VIP1_V4, 8081), (VIP2_V4, 8082)])));
+    let out = t.havip(&["reload"]);
+    assert!(out.status.success(), "reload failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("1 VIP(s) added"), "{}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(who_answers(&t, VIP2_V4).unwrap(), "B");
+    assert_eq!(who_answers(&t, VIP1_V4).unwrap(), "A");
+    assert_eq!(t.links(), links, "reload must not detach or replace the programs");
+    assert!(t.vip_stats(VIP1_V4)["rx"]["packets"].as_u64().unwrap() > vip1_packets, "VIP1 counters were reset");
+
+    // A bad file is refused whole: nothing changes.
+    let before = t.stats();
+    std::fs::write(&t.config_path, "[[vip]]\naddress = \"not an address\"\n").unwrap();
+    let out = t.havip(&["reload"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("vip[0].address"), "{}", String::from_utf8_lossy(&out.stderr));
+    // The daemon refuses it too (a SIGHUP behind the CLI's back).
+    let pid = havip_user::state::State::load(&t.run_dir).unwrap().unwrap().pid.unwrap();
+    let gen = havip_user::state::State::load(&t.run_dir).unwrap().unwrap().generation;
+    unsafe { libc::kill(pid as i32, libc::SIGHUP) };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let state = loop {
+        let s = havip_user::state::State::load(&t.run_dir).unwrap().unwrap();
+        if s.generation > gen {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "havipd did not handle SIGHUP");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let status = state.last_apply.unwrap();
+    assert!(!status.ok && status.message.contains("vip[0].address"), "{status:?}");
+    assert_eq!(t.stats()["vips"].as_array().unwrap().len(), before["vips"].as_array().unwrap().len());
+    assert_eq!(who_answers(&t, VIP1_V4).unwrap(), "A");
+    assert_eq!(who_answers(&t, VIP2_V4).unwrap(), "B");
+
+    // Remove VIP1: its mapping and its address go, VIP2 is untouched.
+    t.write_config(&(vip_block(&[VIP2_V4]) + &service("web", 80, &[(VIP2_V4, 8082)])));
+    let out = t.havip(&["reload"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!t.server_lo_addresses().contains(VIP1_V4), "VIP1's address is still installed");
+    assert!(who_answers(&t, VIP1_V4).is_err());
+    assert_eq!(who_answers(&t, VIP2_V4).unwrap(), "B");
+    assert_eq!(t.links(), links);
+    stop.store(true, Ordering::Relaxed);
+}
+
+#[test]
+fn traffic_flows_through_controller_crash_and_restart() {
+    let mut t = Topology::new();
+    let stop = Arc::new(AtomicBool::new(false));
+    instance(&t, "A", 8081, stop.clone());
+    t.write_config(&(vip_block(&[VIP1_V4, VIP1_V6]) + &service("web", 80, &[(VIP1_V4, 8081), (VIP1_V6, 8081)])));
+    t.start_daemon();
+    let links = t.links();
+
+    // A long-lived stream: 4 KiB every millisecond, each echoed back and checked.
+    let echoed = Arc::new(AtomicU64::new(0));
+    let streams: Vec<_> = [VIP1_V4, VIP1_V6]
+        .into_iter()
+        .map(|vip| {
+            let (stop, echoed) = (stop.clone(), echoed.clone());
+            let addr = SocketAddr::new(vip.parse::<IpAddr>().unwrap(), 80);
+            spawn_in(&t.cli, move || -> Result<u64, String> {
+                let s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| e.to_string())?;
+                s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+                let mut r = BufReader::new(s.try_clone().unwrap());
+                let mut w = s;
+                let mut line = String::new();
+                r.read_line(&mut line).map_err(|e| e.to_string())?;
+                let (mut sent, mut i) = (0u64, 0u32);
+                while !stop.load(Ordering::Relaxed) {
+                    let chunk = pattern(4096, i);
+                    w.write_all(&chunk).map_err(|e| format!("{vip}: write after {sent} bytes: {e}"))?;
+                    let mut back = vec![0u8; chunk.len()];
+                    r.read_exact(&mut back).map_err(|e| format!("{vip}: read after {sent} bytes: {e}"))?;
+                    if back != chunk {
+                        return Err(format!("{vip}: corrupted data after {sent} bytes"));
+                    }
+                    sent += chunk.len() as u64;
+                    echoed.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                    i += 1;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Ok(sent)
+            })
+        })
+        .collect();
+
+    let progress = |what: &str| {
+        let before = echoed.load(Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(400));
+        assert!(echoed.load(Ordering::Relaxed) > before, "traffic stalled {what}");
+    };
+    progress("before the crash");
+    t.stop_daemon(libc::SIGKILL);
+    progress("while havipd is dead");
+    // New connections work too, and stats read while no controller runs.
+    assert_eq!(who_answers(&t, VIP1_V4).unwrap(), "A");
+    assert!(t.vip_stats(VIP1_V4)["rx"]["remapped"].as_u64().unwrap() > 0);
+    let counted = t.vip_stats(VIP1_V4)["rx"]["packets"].as_u64().unwrap();
+    t.start_daemon();
+    progress("after the restart");
+    t.stop_daemon(libc::SIGTERM);
+    progress("after an orderly stop");
+    t.start_daemon();
+    progress("after the second restart");
+
+    let now = t.links();
+    for ((old_link, old_prog), (new_link, new_prog)) in links.iter().zip(&now) {
+        assert_eq!(old_link, new_link, "the pinned link was replaced instead of adopted");
+        assert_ne!(old_prog, new_prog, "the restarted controller did not swap in its programs");
+    }
+    assert!(t.vip_stats(VIP1_V4)["rx"]["packets"].as_u64().unwrap() > counted, "counters were reset by the restart");
+    stop.store(true, Ordering::Relaxed);
+    for s in streams {
+        let sent = s.join().unwrap().unwrap_or_else(|e| panic!("stream broke: {e}"));
+        assert!(sent > 100 * 4096, "stream moved only {sent} bytes");
+    }
+    assert_eq!(t.checksum_errors(), 0);
+}
+
+#[test]
+fn down_removes_everything_havip_installed() {
+    let mut t = Topology::new();
+    t.write_config(&(vip_block(&[VIP1_V4, VIP1_V6]) + &service("web", 80, &[(VIP1_V4, 8081)])));
+    t.start_daemon();
+    let links: Vec<u32> = t.links().into_iter().map(|(l, _)| l).collect();
+    assert!(t.server_lo_addresses().contains(VIP1_V4) && t.server_lo_addresses().contains(VIP1_V6));
+    let out = t.havip(&["down"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("stopped havipd"));
+    assert!(!t.pin_root.exists(), "pins left behind");
+    assert!(!t.xdp_attached(), "XDP still attached");
+    let live: Vec<u32> = aya::programs::loaded_links().filter_map(Result::ok).map(|l| l.id()).collect();
+    for id in links {
+        assert!(!live.contains(&id), "link {id} still exists after down");
+    }
+    let lo = t.server_lo_addresses();
+    assert!(!lo.contains(VIP1_V4) && !lo.contains(VIP1_V6), "VIP addresses left: {lo}");
+    assert!(havip_user::state::State::load(&t.run_dir).unwrap().is_none(), "state file left");
+    // The CLI now says clearly that nothing is there.
+    let out = t.havip(&["stats"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("start havipd first"));
+}

@@ -194,6 +194,25 @@ impl Topology {
         n
     }
 
+    /// (link id, program id) of the pinned XDP and TC links on eth0.
+    pub fn links(&self) -> Vec<(u32, u32)> {
+        use aya::programs::links::{FdLink, PinnedLink};
+        let pins = havip_user::pins::PinLayout::new(&self.pin_root);
+        [havip_user::pins::Hook::Xdp, havip_user::pins::Hook::TcEgress]
+            .into_iter()
+            .map(|hook| {
+                let link = FdLink::from(PinnedLink::from_pin(pins.link("eth0", hook)).expect("link pinned"));
+                let info = link.info().unwrap();
+                (info.id(), info.program_id())
+            })
+            .collect()
+    }
+
+    /// Addresses on the server's loopback (where VIPs live).
+    pub fn server_lo_addresses(&self) -> String {
+        self.srv.ip(&["addr", "show", "dev", "lo"]).unwrap()
+    }
+
     /// Is an XDP program attached to the server's eth0?
     pub fn xdp_attached(&self) -> bool {
         self.srv.ip(&["-d", "link", "show", "dev", "eth0"]).unwrap().contains("prog/xdp")
@@ -213,6 +232,9 @@ impl Drop for Topology {
             eprintln!("teardown: {e:#}");
         }
         let _ = std::fs::remove_dir_all(&self.run_dir);
+        if let Some(parent) = self.run_dir.parent() {
+            let _ = std::fs::remove_dir(parent);
+        }
     }
 }
 
