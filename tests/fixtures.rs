@@ -267,3 +267,46 @@ fn frames_with_ethernet_padding_are_remapped() {
     assert_eq!(inspect(&r.out).dport, 8081);
     assert!(inspect(&r.out).checksum_ok);
 }
+
+/// Two VIPs hashing to the same fast-path slot, and one VIP with more mappings than fit
+/// inline: the programs fall back to the tables and remap exactly the same.
+#[test]
+fn shared_slots_and_overflowing_mappings_take_the_table_path() {
+    use havip_common::{vip_slot, VipKey};
+    let mut seen = std::collections::HashMap::new();
+    let (x, y) = (0..65536u32)
+        .find_map(|i| {
+            let a = format!("198.18.{}.{}", i >> 8, i & 0xff);
+            let k = VipKey::from(ip(&a));
+            seen.insert(vip_slot(&k), a.clone()).map(|b| (b, a))
+        })
+        .unwrap();
+    let mut cfg = format!("[[nic]]\nname = \"eth0\"\n[[vip]]\naddress = \"{x}\"\n[[vip]]\naddress = \"{y}\"\n[[vip]]\naddress = \"{VIP6}\"\n");
+    for port in 0..6u16 {
+        cfg += &format!("[[service]]\nname = \"s{port}\"\nport = {}\nprotocols = [\"tcp\", \"udp\"]\n", 80 + port);
+        for vip in [&x, &y] {
+            cfg += &format!("[[service.instance]]\nvip = \"{vip}\"\nport = {}\n", 9000 + port);
+        }
+        cfg += &format!("[[service.instance]]\nvip = \"{VIP6}\"\nport = {}\n", 9000 + port);
+    }
+    let mut fx = Fixture::new(&cfg);
+    for vip in [x.as_str(), y.as_str(), VIP6] {
+        let client = if vip.contains(':') { CLIENT6 } else { CLIENT4 };
+        for port in 0..6u16 {
+            for l4 in [L4::Tcp, L4::Udp] {
+                let input = build(l4, ip(client), 40000, ip(vip), 80 + port, None, b"x");
+                let v = inspect(&fx.ingress(&input).out);
+                assert_eq!(v.dport, 9000 + port, "{vip} {l4:?} :{}", 80 + port);
+                assert!(v.checksum_ok);
+                let reply = build(l4, ip(vip), 9000 + port, ip(client), 40000, None, b"y");
+                let v = inspect(&fx.egress(&reply).out);
+                assert_eq!(v.sport, 80 + port, "egress {vip} {l4:?} :{}", 9000 + port);
+                assert!(v.checksum_ok);
+            }
+        }
+        // A port mapped for nobody is still left alone.
+        let input = build(L4::Tcp, ip(client), 40000, ip(vip), 7777, None, b"x");
+        assert_eq!(fx.ingress(&input).out, input);
+        assert_eq!(fx.vip(vip).rx.remapped, 12, "{vip}");
+    }
+}

@@ -6,6 +6,15 @@
 pub const VIPS: &str = "HAVIP_VIPS";
 pub const VIPS_MAX: u32 = 4096;
 
+/// `u32 slot -> VipSlot`: the fast path. A direct-mapped array indexed by
+/// [`crate::vip_slot`] of the address, holding the VIP and its first mappings inline, so a
+/// packet costs one inlined array access instead of two hash lookups. `VIPS` and the remap
+/// tables stay the source of truth; a slot says when to consult them (shared slot, more
+/// mappings than fit). Written by havipd after the tables, read by both programs.
+pub const VIP_SLOTS: &str = "HAVIP_VIP_SLOTS";
+pub const VIP_SLOTS_BITS: u32 = 14;
+pub const VIP_SLOTS_LEN: u32 = 1 << VIP_SLOTS_BITS;
+
 /// `RemapKey{vip_id, proto, designated port} -> PortValue{instance port}`.
 /// Written by havipd, read by the XDP ingress program.
 pub const REMAP_IN: &str = "HAVIP_REMAP_IN";
@@ -37,7 +46,7 @@ pub const OUTCOMES: &str = "HAVIP_OUTCOMES";
 pub const OUTCOMES_LEN: u32 = 2 * crate::types::Outcome::COUNT;
 
 /// Every map, for pin handling and teardown.
-pub const ALL: [&str; 7] = [VIPS, REMAP_IN, REMAP_OUT, PORT_BITMAP, NICS, VIP_STATS, OUTCOMES];
+pub const ALL: [&str; 8] = [VIPS, VIP_SLOTS, REMAP_IN, REMAP_OUT, PORT_BITMAP, NICS, VIP_STATS, OUTCOMES];
 
 /// Program names as compiled into the object.
 pub const PROG_INGRESS: &str = "havip_ingress";

@@ -11,14 +11,41 @@ pub const IPPROTO_UDP: u8 = 17;
 pub const IPPROTO_ICMPV6: u8 = 58;
 
 /// A VIP address. IPv4 is stored as an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) so one
-/// key type serves both families.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// key type serves both families. 8-aligned so the programs handle it as two words.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct VipKey {
     pub addr: [u8; 16],
 }
 
+/// The high word of an IPv4-mapped address in memory order, IPv4 part zero:
+/// bytes `00 00 ff ff` then the four address bytes.
+pub const V4_MAPPED_HIGH: u64 = 0xffff_0000;
+
 impl VipKey {
+    /// The address as two little-endian words, as the programs load it from packets.
+    #[inline(always)]
+    pub fn words(&self) -> [u64; 2] {
+        let a = &self.addr;
+        let w = |i: usize| u64::from_le_bytes([a[i], a[i + 1], a[i + 2], a[i + 3], a[i + 4], a[i + 5], a[i + 6], a[i + 7]]);
+        [w(0), w(8)]
+    }
+
+    #[inline(always)]
+    pub fn from_words(w: [u64; 2]) -> Self {
+        let (a, b) = (w[0].to_le_bytes(), w[1].to_le_bytes());
+        let mut addr = [0u8; 16];
+        addr[..8].copy_from_slice(&a);
+        addr[8..].copy_from_slice(&b);
+        Self { addr }
+    }
+
+    /// An IPv4 address given as the little-endian load of its four bytes off the wire.
+    #[inline(always)]
+    pub fn v4_words(v4_le: u32) -> [u64; 2] {
+        [0, V4_MAPPED_HIGH | (v4_le as u64) << 32]
+    }
+
     #[inline(always)]
     pub const fn from_v4_octets(o: [u8; 4]) -> Self {
         Self { addr: [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, o[0], o[1], o[2], o[3]] }
@@ -59,6 +86,58 @@ pub struct VipInfo {
     /// `VIP_FLAG_*` bits.
     pub flags: u32,
     pub _pad: u32,
+}
+
+/// The slot of `VIP_SLOTS` a VIP lives in: Fibonacci hashing of the address words. The
+/// same function runs in the kernel and in havipd, so both agree on where to look.
+#[inline(always)]
+pub fn vip_slot(key: &VipKey) -> u32 {
+    vip_slot_words(key.words())
+}
+
+/// [`vip_slot`] of an address given as words (see [`VipKey::words`]).
+#[inline(always)]
+pub fn vip_slot_words(w: [u64; 2]) -> u32 {
+    let x = (w[0] ^ w[1]) as u32 ^ ((w[0] ^ w[1]) >> 32) as u32;
+    x.wrapping_mul(0x9e37_79b1) >> (32 - crate::maps::VIP_SLOTS_BITS)
+}
+
+/// Mappings kept inline in a slot, per direction.
+pub const INLINE_REMAPS: usize = 4;
+
+/// One inline mapping: (proto, from port) -> to port, ports in network byte order.
+/// Exactly one aligned 8-byte word, read by the programs with a single load: a packet that
+/// races a reload sees each mapping either old or new, never half of each.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct InlineRemap {
+    pub from_be: u16,
+    pub to_be: u16,
+    /// 0: empty (entries are packed: the first empty one ends the list).
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// `VipSlot::flags`
+pub const SLOT_OWNED: u32 = 1;
+/// Another VIP hashes to this slot too: on an address mismatch, consult `VIPS`.
+pub const SLOT_SHARED: u32 = 2;
+/// The owner has more ingress mappings than fit inline: consult `REMAP_IN` after them.
+pub const SLOT_IN_OVERFLOW: u32 = 4;
+/// The same for egress and `REMAP_OUT`.
+pub const SLOT_OUT_OVERFLOW: u32 = 8;
+
+/// A slot of the fast-path array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct VipSlot {
+    /// The VIP owning the slot (valid if `SLOT_OWNED`).
+    pub key: VipKey,
+    pub info: VipInfo,
+    pub flags: u32,
+    pub _pad: u32,
+    pub remap_in: [InlineRemap; INLINE_REMAPS],
+    pub remap_out: [InlineRemap; INLINE_REMAPS],
 }
 
 /// Key of both remap tables: on ingress `port` is the designated port, on egress the
@@ -212,6 +291,8 @@ const _: () = assert!(size_of::<VipInfo>() == 16);
 const _: () = assert!(size_of::<RemapKey>() == 8);
 const _: () = assert!(size_of::<PortValue>() == 4);
 const _: () = assert!(size_of::<NicInfo>() == 24);
+const _: () = assert!(size_of::<InlineRemap>() == 8);
+const _: () = assert!(size_of::<VipSlot>() == 16 + 16 + 8 + 2 * 8 * INLINE_REMAPS);
 const _: () = assert!(size_of::<DirCounters>() == 9 * 8);
 const _: () = assert!(size_of::<VipCounters>() == 18 * 8);
 
@@ -221,8 +302,24 @@ mod pod {
     // explicit padding fields (the size assertions above), so every bit pattern is valid.
     unsafe impl aya::Pod for super::VipKey {}
     unsafe impl aya::Pod for super::VipInfo {}
+    unsafe impl aya::Pod for super::VipSlot {}
     unsafe impl aya::Pod for super::RemapKey {}
     unsafe impl aya::Pod for super::PortValue {}
     unsafe impl aya::Pod for super::NicInfo {}
     unsafe impl aya::Pod for super::VipCounters {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn words_roundtrip_and_v4_layout() {
+        let k = VipKey::from(Ipv4Addr::new(198, 18, 100, 1));
+        assert_eq!(VipKey::from_words(k.words()), k);
+        assert_eq!(k.words(), VipKey::v4_words(u32::from_le_bytes([198, 18, 100, 1])));
+        let k6 = VipKey::from("2001:db8::1".parse::<Ipv6Addr>().unwrap().to_canonical());
+        assert_eq!(VipKey::from_words(k6.words()), k6);
+        assert_eq!(vip_slot(&k6), vip_slot_words(k6.words()));
+    }
 }

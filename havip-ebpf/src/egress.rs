@@ -3,7 +3,7 @@
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
 use havip_common::{Direction, Outcome};
 
-use crate::{maps::VIPS, parse, parse::Packet, remap, stats};
+use crate::{parse, parse::Packet, remap, stats, vips};
 
 /// An skb; direct access covers only its linear part, lengths are checked against skb->len.
 pub struct SkbPacket<'a>(pub &'a TcContext);
@@ -38,19 +38,18 @@ pub fn try_egress(ctx: &TcContext) -> Result<(i32, Outcome), Outcome> {
         }
         Err(other) => return Err(other),
     };
-    let vip = unsafe { VIPS.get(&meta.src) }.ok_or(Outcome::NotVip)?;
-    let vip_id = vip.id;
+    let vip = vips::lookup(meta.src).ok_or(Outcome::NotVip)?;
 
     // A GSO packet leaves as several segments, each with its own headers.
     let segs = unsafe { (*ctx.skb.skb).gso_segs } as u64;
     let segs = if segs == 0 { 1 } else { segs };
     let bytes = ctx.len() as u64 + (segs - 1) * meta.hdr_len as u64;
 
-    let outcome = match remap::lookup_egress(&meta, vip_id) {
+    let outcome = match remap::lookup_egress(&meta, &vip) {
         Some(designated_be) if remap::rewrite_sport_tc(ctx, &meta, designated_be) => Outcome::VipRemapped,
         _ => Outcome::VipPassed,
     };
-    if let Some(c) = stats::vip_dir(vip_id, Direction::Egress) {
+    if let Some(c) = stats::vip_dir(vip.id, Direction::Egress) {
         stats::count_traffic(c, meta.proto, segs, bytes);
         match outcome {
             Outcome::VipRemapped => c.remapped += segs,

@@ -3,7 +3,7 @@
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use havip_common::{Direction, Outcome};
 
-use crate::{maps::VIPS, parse, parse::Packet, remap, stats};
+use crate::{parse, parse::Packet, remap, stats, vips};
 
 /// An XDP frame seen through the one bounds check.
 pub struct XdpPacket<'a>(pub &'a XdpContext);
@@ -33,12 +33,11 @@ impl Packet for XdpPacket<'_> {
 pub fn try_ingress(ctx: &XdpContext) -> Result<(u32, Outcome), Outcome> {
     let pkt = XdpPacket(ctx);
     let meta = parse::parse(&pkt)?;
-    let vip = unsafe { VIPS.get(&meta.dst) }.ok_or(Outcome::NotVip)?;
-    let vip_id = vip.id;
-    let counters = stats::vip_dir(vip_id, Direction::Ingress);
+    let vip = vips::lookup(meta.dst).ok_or(Outcome::NotVip)?;
+    let counters = stats::vip_dir(vip.id, Direction::Ingress);
     let bytes = (pkt.end() - pkt.start()) as u64;
 
-    let outcome = match remap::lookup_ingress(&meta, vip_id) {
+    let outcome = match remap::lookup_ingress(&meta, &vip) {
         Some(instance_be) if remap::rewrite_dport_xdp(&pkt, &meta, instance_be) => Outcome::VipRemapped,
         _ => Outcome::VipPassed,
     };

@@ -9,6 +9,7 @@ mod maps;
 mod parse;
 mod remap;
 mod stats;
+mod vips;
 
 use aya_ebpf::{
     bindings::{xdp_action::XDP_PASS, TC_ACT_OK},

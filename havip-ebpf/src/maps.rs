@@ -6,11 +6,15 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, PerCpuArray},
 };
-use havip_common::{maps as m, NicInfo, PortValue, RemapKey, VipCounters, VipInfo, VipKey};
+use havip_common::{maps as m, NicInfo, PortValue, RemapKey, VipCounters, VipInfo, VipKey, VipSlot};
 
 /// VIP address -> VIP id and settings.
 #[map(name = "HAVIP_VIPS")]
 pub static VIPS: HashMap<VipKey, VipInfo> = HashMap::pinned(m::VIPS_MAX, 0);
+
+/// Fast path: slot -> VIP with its first mappings inline.
+#[map(name = "HAVIP_VIP_SLOTS")]
+pub static VIP_SLOTS: Array<VipSlot> = Array::pinned(m::VIP_SLOTS_LEN, 0);
 
 /// (VIP id, protocol, designated port) -> instance port. Ingress.
 #[map(name = "HAVIP_REMAP_IN")]

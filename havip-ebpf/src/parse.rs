@@ -2,16 +2,19 @@
 //! extension headers, and the TCP/UDP ports. Parsing happens once per packet and fills a
 //! [`PacketMeta`]; later stages read offsets from it and never walk headers again.
 //!
-//! Every header access goes through [`Packet::header`], the one bounds check.
+//! Every header access goes through [`Packet::header`], the one bounds check. Fields are
+//! read with single (possibly misaligned) loads: the crate is built with
+//! `allows-misaligned-mem-access` (see .cargo/config.toml), which packets permit.
 
 use core::mem::size_of;
 
 use havip_common::{Outcome, VipKey, IPPROTO_TCP, IPPROTO_UDP};
 
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
-const ETH_P_8021Q: u16 = 0x8100;
-const ETH_P_8021AD: u16 = 0x88a8;
+// EtherTypes as they read off the wire with a little-endian load.
+const ETH_P_IP: u16 = 0x0800u16.to_be();
+const ETH_P_IPV6: u16 = 0x86ddu16.to_be();
+const ETH_P_8021Q: u16 = 0x8100u16.to_be();
+const ETH_P_8021AD: u16 = 0x88a8u16.to_be();
 
 /// A packet buffer: XDP frame or skb linear data.
 pub trait Packet {
@@ -33,41 +36,47 @@ pub trait Packet {
     }
 }
 
+/// Reads a field of a bounds-checked header (which may sit at any alignment).
+#[inline(always)]
+fn rd<T: Copy>(p: *const T) -> T {
+    unsafe { p.read_unaligned() }
+}
+
 #[repr(C)]
 pub struct EthHdr {
     pub dst: [u8; 6],
     pub src: [u8; 6],
-    pub ethertype: [u8; 2],
+    pub ethertype: u16,
 }
 
 #[repr(C)]
 pub struct VlanHdr {
-    pub tci: [u8; 2],
-    pub ethertype: [u8; 2],
+    pub tci: u16,
+    pub ethertype: u16,
 }
 
 #[repr(C)]
 pub struct Ipv4Hdr {
     pub ver_ihl: u8,
     pub tos: u8,
-    pub tot_len: [u8; 2],
-    pub id: [u8; 2],
-    pub frag_off: [u8; 2],
+    pub tot_len: u16,
+    pub id: u16,
+    pub frag_off: u16,
     pub ttl: u8,
     pub proto: u8,
-    pub check: [u8; 2],
-    pub src: [u8; 4],
-    pub dst: [u8; 4],
+    pub check: u16,
+    pub src: u32,
+    pub dst: u32,
 }
 
 #[repr(C)]
 pub struct Ipv6Hdr {
-    pub ver_tc_flow: [u8; 4],
-    pub payload_len: [u8; 2],
+    pub ver_tc_flow: u32,
+    pub payload_len: u16,
     pub next_hdr: u8,
     pub hop_limit: u8,
-    pub src: [u8; 16],
-    pub dst: [u8; 16],
+    pub src: [u64; 2],
+    pub dst: [u64; 2],
 }
 
 /// The part of TCP and UDP headers that holds the ports.
@@ -80,18 +89,18 @@ pub struct PortsHdr {
 #[repr(C)]
 pub struct TcpHdr {
     pub ports: PortsHdr,
-    pub seq: [u8; 4],
-    pub ack: [u8; 4],
-    pub doff_flags: [u8; 2],
-    pub window: [u8; 2],
+    pub seq: u32,
+    pub ack: u32,
+    pub doff_flags: u16,
+    pub window: u16,
     pub check: u16,
-    pub urg: [u8; 2],
+    pub urg: u16,
 }
 
 #[repr(C)]
 pub struct UdpHdr {
     pub ports: PortsHdr,
-    pub len: [u8; 2],
+    pub len: u16,
     pub check: u16,
 }
 
@@ -101,8 +110,9 @@ pub const UDP_CSUM_OFF: usize = 6;
 
 /// What later stages need to know about a packet.
 pub struct PacketMeta {
-    pub src: VipKey,
-    pub dst: VipKey,
+    /// Addresses as [`VipKey`] words (IPv4 mapped).
+    pub src: [u64; 2],
+    pub dst: [u64; 2],
     pub is_v6: bool,
     pub proto: u8,
     /// Offset of the L4 header from the start of the packet.
@@ -114,54 +124,51 @@ pub struct PacketMeta {
     pub hdr_len: usize,
 }
 
-#[inline(always)]
-fn be16(b: [u8; 2]) -> u16 {
-    u16::from_be_bytes(b)
-}
-
 /// Parses a packet; `Err` carries the outcome for packets havip does not touch.
 #[inline(always)]
 pub fn parse<P: Packet>(pkt: &P) -> Result<PacketMeta, Outcome> {
     let eth: *const EthHdr = pkt.header(0).ok_or(Outcome::NotIp)?;
-    let mut ethertype = be16(unsafe { (*eth).ethertype });
+    let mut ethertype = rd(unsafe { &raw const (*eth).ethertype });
     let mut l3_off = size_of::<EthHdr>();
     if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
         let vlan: *const VlanHdr = pkt.header(l3_off).ok_or(Outcome::Malformed)?;
-        ethertype = be16(unsafe { (*vlan).ethertype });
+        ethertype = rd(unsafe { &raw const (*vlan).ethertype });
         l3_off += size_of::<VlanHdr>();
         if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
             return Err(Outcome::UnsupportedL2);
         }
     }
-    match ethertype {
-        ETH_P_IP => parse_ipv4(pkt, l3_off),
-        ETH_P_IPV6 => parse_ipv6(pkt, l3_off),
-        _ => Err(Outcome::NotIp),
+    if ethertype == ETH_P_IP {
+        parse_ipv4(pkt, l3_off)
+    } else if ethertype == ETH_P_IPV6 {
+        parse_ipv6(pkt, l3_off)
+    } else {
+        Err(Outcome::NotIp)
     }
 }
 
 #[inline(always)]
 fn parse_ipv4<P: Packet>(pkt: &P, l3_off: usize) -> Result<PacketMeta, Outcome> {
     let ip: *const Ipv4Hdr = pkt.header(l3_off).ok_or(Outcome::Malformed)?;
-    let ip = unsafe { &*ip };
-    let ihl = (ip.ver_ihl & 0x0f) as usize * 4;
-    if ip.ver_ihl >> 4 != 4 || ihl < size_of::<Ipv4Hdr>() {
+    let ver_ihl = rd(unsafe { &raw const (*ip).ver_ihl });
+    let ihl = (ver_ihl & 0x0f) as usize * 4;
+    if ver_ihl >> 4 != 4 || ihl < size_of::<Ipv4Hdr>() {
         return Err(Outcome::Malformed);
     }
-    let tot_len = be16(ip.tot_len) as usize;
+    let tot_len = u16::from_be(rd(unsafe { &raw const (*ip).tot_len })) as usize;
     if tot_len < ihl || !pkt.covers(l3_off, tot_len) {
         return Err(Outcome::Malformed);
     }
     // MF set or a non-zero offset: a fragment. Only the first has ports, and rewriting it
     // alone is not worth the risk: fragments pass untouched.
-    if be16(ip.frag_off) & 0x3fff != 0 {
+    if u16::from_be(rd(unsafe { &raw const (*ip).frag_off })) & 0x3fff != 0 {
         return Err(Outcome::Fragment);
     }
     let meta = PacketMeta {
-        src: VipKey::from_v4_octets(ip.src),
-        dst: VipKey::from_v4_octets(ip.dst),
+        src: VipKey::v4_words(rd(unsafe { &raw const (*ip).src })),
+        dst: VipKey::v4_words(rd(unsafe { &raw const (*ip).dst })),
         is_v6: false,
-        proto: ip.proto,
+        proto: rd(unsafe { &raw const (*ip).proto }),
         l4_off: l3_off + ihl,
         sport_be: 0,
         dport_be: 0,
@@ -178,23 +185,23 @@ fn is_ipv6_ext_header(next: u8) -> bool {
 #[inline(always)]
 fn parse_ipv6<P: Packet>(pkt: &P, l3_off: usize) -> Result<PacketMeta, Outcome> {
     let ip: *const Ipv6Hdr = pkt.header(l3_off).ok_or(Outcome::Malformed)?;
-    let ip = unsafe { &*ip };
-    if ip.ver_tc_flow[0] >> 4 != 6 {
+    if rd(unsafe { &raw const (*ip).ver_tc_flow }) & 0xf0 != 0x60 {
         return Err(Outcome::Malformed);
     }
-    let payload_len = be16(ip.payload_len) as usize;
+    let payload_len = u16::from_be(rd(unsafe { &raw const (*ip).payload_len })) as usize;
     if !pkt.covers(l3_off + size_of::<Ipv6Hdr>(), payload_len) {
         return Err(Outcome::Malformed);
     }
-    if is_ipv6_ext_header(ip.next_hdr) {
+    let next = rd(unsafe { &raw const (*ip).next_hdr });
+    if is_ipv6_ext_header(next) {
         return Err(Outcome::Ipv6ExtHeader);
     }
     let l4_off = l3_off + size_of::<Ipv6Hdr>();
     let meta = PacketMeta {
-        src: VipKey { addr: ip.src },
-        dst: VipKey { addr: ip.dst },
+        src: rd(unsafe { &raw const (*ip).src }),
+        dst: rd(unsafe { &raw const (*ip).dst }),
         is_v6: true,
-        proto: ip.next_hdr,
+        proto: next,
         l4_off,
         sport_be: 0,
         dport_be: 0,
@@ -206,30 +213,27 @@ fn parse_ipv6<P: Packet>(pkt: &P, l3_off: usize) -> Result<PacketMeta, Outcome> 
 /// Reads the ports of TCP and UDP; `l4_len` is the L4 length the IP header claims.
 #[inline(always)]
 fn parse_l4<P: Packet>(pkt: &P, mut meta: PacketMeta, l4_len: usize) -> Result<PacketMeta, Outcome> {
-    match meta.proto {
-        IPPROTO_TCP => {
-            let tcp: *const TcpHdr = pkt.header(meta.l4_off).ok_or(Outcome::Malformed)?;
-            let tcp = unsafe { &*tcp };
-            let doff = (tcp.doff_flags[0] >> 4) as usize * 4;
-            if doff < size_of::<TcpHdr>() || doff > l4_len {
-                return Err(Outcome::Malformed);
-            }
-            meta.sport_be = tcp.ports.src;
-            meta.dport_be = tcp.ports.dst;
-            meta.hdr_len = meta.l4_off + doff;
+    if meta.proto == IPPROTO_TCP {
+        let tcp: *const TcpHdr = pkt.header(meta.l4_off).ok_or(Outcome::Malformed)?;
+        // Data offset: the top 4 bits of the byte after the acknowledgement number.
+        let doff = ((rd(unsafe { &raw const (*tcp).doff_flags }) & 0xf0) >> 2) as usize;
+        if doff < size_of::<TcpHdr>() || doff > l4_len {
+            return Err(Outcome::Malformed);
         }
-        IPPROTO_UDP => {
-            let udp: *const UdpHdr = pkt.header(meta.l4_off).ok_or(Outcome::Malformed)?;
-            let udp = unsafe { &*udp };
-            let len = be16(udp.len) as usize;
-            if len < size_of::<UdpHdr>() || len > l4_len {
-                return Err(Outcome::Malformed);
-            }
-            meta.sport_be = udp.ports.src;
-            meta.dport_be = udp.ports.dst;
-            meta.hdr_len = meta.l4_off + size_of::<UdpHdr>();
+        let ports = rd(unsafe { &raw const (*tcp).ports } as *const u32);
+        meta.sport_be = ports as u16;
+        meta.dport_be = (ports >> 16) as u16;
+        meta.hdr_len = meta.l4_off + doff;
+    } else if meta.proto == IPPROTO_UDP {
+        let udp: *const UdpHdr = pkt.header(meta.l4_off).ok_or(Outcome::Malformed)?;
+        let len = u16::from_be(rd(unsafe { &raw const (*udp).len })) as usize;
+        if len < size_of::<UdpHdr>() || len > l4_len {
+            return Err(Outcome::Malformed);
         }
-        _ => {}
+        let ports = rd(unsafe { &raw const (*udp).ports } as *const u32);
+        meta.sport_be = ports as u16;
+        meta.dport_be = (ports >> 16) as u16;
+        meta.hdr_len = meta.l4_off + size_of::<UdpHdr>();
     }
     Ok(meta)
 }

@@ -3,12 +3,43 @@
 //! designated port. IP addresses are never changed, so only the L4 checksum moves.
 
 use aya_ebpf::{bindings::BPF_F_MARK_MANGLED_0, programs::TcContext};
-use havip_common::{csum, maps::PORT_WORDS, RemapKey, IPPROTO_TCP, IPPROTO_UDP};
+use havip_common::{
+    csum, maps::PORT_WORDS, InlineRemap, RemapKey, INLINE_REMAPS, IPPROTO_TCP, IPPROTO_UDP, SLOT_IN_OVERFLOW,
+    SLOT_OUT_OVERFLOW,
+};
 
 use crate::{
     maps::{PORT_BITMAP, REMAP_IN, REMAP_OUT},
     parse::{Packet, PacketMeta, PortsHdr, TCP_CSUM_OFF, UDP_CSUM_OFF},
+    vips::VipHit,
 };
+
+/// Where a lookup ends after the inline mappings.
+enum Inline {
+    Found(u16),
+    /// Not inline and the slot says there are no others.
+    Absent,
+    /// Not inline; the remap table may still hold it.
+    AskTable,
+}
+
+/// Scans a slot's inline mappings. Each entry is read with one 8-byte load (see
+/// `InlineRemap`), the loop is bounded and unrolled.
+#[inline(always)]
+fn scan(entries: *const [InlineRemap; INLINE_REMAPS], overflow: bool, proto: u8, port_be: u16) -> Inline {
+    let first = entries as *const u64;
+    for i in 0..INLINE_REMAPS {
+        let raw = unsafe { core::ptr::read_volatile(first.add(i)) };
+        let e: InlineRemap = unsafe { core::mem::transmute(raw) };
+        if e.proto == 0 {
+            break;
+        }
+        if e.proto == proto && e.from_be == port_be {
+            return Inline::Found(e.to_be);
+        }
+    }
+    if overflow { Inline::AskTable } else { Inline::Absent }
+}
 
 /// Cheap pre-check: is `port_be` mapped for any VIP in this direction?
 #[inline(always)]
@@ -22,21 +53,43 @@ fn port_maybe_mapped(word_base: u32, port_be: u16) -> bool {
 
 /// The instance port for a packet arriving at a VIP, if its destination port is mapped.
 #[inline(always)]
-pub fn lookup_ingress(meta: &PacketMeta, vip_id: u32) -> Option<u16> {
-    if !(meta.proto == IPPROTO_TCP || meta.proto == IPPROTO_UDP) || !port_maybe_mapped(0, meta.dport_be) {
+pub fn lookup_ingress(meta: &PacketMeta, vip: &VipHit) -> Option<u16> {
+    if !(meta.proto == IPPROTO_TCP || meta.proto == IPPROTO_UDP) {
         return None;
     }
-    let key = RemapKey::new(vip_id, meta.proto, meta.dport_be);
+    if let Some(slot) = vip.slot {
+        let overflow = unsafe { (*slot).flags } & SLOT_IN_OVERFLOW != 0;
+        match scan(unsafe { &(*slot).remap_in }, overflow, meta.proto, meta.dport_be) {
+            Inline::Found(port) => return Some(port),
+            Inline::Absent => return None,
+            Inline::AskTable => {}
+        }
+    }
+    if !port_maybe_mapped(0, meta.dport_be) {
+        return None;
+    }
+    let key = RemapKey::new(vip.id, meta.proto, meta.dport_be);
     unsafe { REMAP_IN.get(&key) }.map(|v| v.port_be)
 }
 
 /// The designated port for a reply leaving a VIP from an instance port, if mapped.
 #[inline(always)]
-pub fn lookup_egress(meta: &PacketMeta, vip_id: u32) -> Option<u16> {
-    if !(meta.proto == IPPROTO_TCP || meta.proto == IPPROTO_UDP) || !port_maybe_mapped(PORT_WORDS, meta.sport_be) {
+pub fn lookup_egress(meta: &PacketMeta, vip: &VipHit) -> Option<u16> {
+    if !(meta.proto == IPPROTO_TCP || meta.proto == IPPROTO_UDP) {
         return None;
     }
-    let key = RemapKey::new(vip_id, meta.proto, meta.sport_be);
+    if let Some(slot) = vip.slot {
+        let overflow = unsafe { (*slot).flags } & SLOT_OUT_OVERFLOW != 0;
+        match scan(unsafe { &(*slot).remap_out }, overflow, meta.proto, meta.sport_be) {
+            Inline::Found(port) => return Some(port),
+            Inline::Absent => return None,
+            Inline::AskTable => {}
+        }
+    }
+    if !port_maybe_mapped(PORT_WORDS, meta.sport_be) {
+        return None;
+    }
+    let key = RemapKey::new(vip.id, meta.proto, meta.sport_be);
     unsafe { REMAP_OUT.get(&key) }.map(|v| v.port_be)
 }
 

@@ -17,7 +17,7 @@ use aya::{
     util::nr_cpus,
     Ebpf, EbpfLoader,
 };
-use havip_common::{maps as m, NicInfo, PortValue, RemapKey, VipCounters, VipInfo, VipKey};
+use havip_common::{maps as m, NicInfo, PortValue, RemapKey, VipCounters, VipInfo, VipKey, VipSlot};
 use tracing::{info, warn};
 
 use crate::{
@@ -40,6 +40,7 @@ pub fn ebpf_object() -> anyhow::Result<&'static [u8]> {
 /// live stats while havipd is stopped.
 pub struct Maps {
     pub vips: HashMap<MapData, VipKey, VipInfo>,
+    pub vip_slots: Array<MapData, VipSlot>,
     pub remap_in: HashMap<MapData, RemapKey, PortValue>,
     pub remap_out: HashMap<MapData, RemapKey, PortValue>,
     pub port_bitmap: Array<MapData, u64>,
@@ -60,6 +61,7 @@ impl Maps {
     pub fn open(pins: &PinLayout) -> anyhow::Result<Self> {
         Ok(Self {
             vips: open_pinned(pins, m::VIPS)?.try_into()?,
+            vip_slots: open_pinned(pins, m::VIP_SLOTS)?.try_into()?,
             remap_in: open_pinned(pins, m::REMAP_IN)?.try_into()?,
             remap_out: open_pinned(pins, m::REMAP_OUT)?.try_into()?,
             port_bitmap: open_pinned(pins, m::PORT_BITMAP)?.try_into()?,
@@ -75,7 +77,15 @@ impl Maps {
         let remap_in = self.remap_in.iter().collect::<Result<BTreeMap<_, _>, _>>()?;
         let remap_out = self.remap_out.iter().collect::<Result<BTreeMap<_, _>, _>>()?;
         let port_bitmap = self.port_bitmap.iter().collect::<Result<Vec<_>, _>>()?;
-        Ok(Actual { vips, remap_in, remap_out, port_bitmap })
+        let empty = VipSlot::default();
+        let mut slots = BTreeMap::new();
+        for (i, slot) in self.vip_slots.iter().enumerate() {
+            let slot = slot?;
+            if slot != empty {
+                slots.insert(i as u32, slot);
+            }
+        }
+        Ok(Actual { vips, remap_in, remap_out, port_bitmap, slots })
     }
 
     /// Writes `ch` in the order that keeps every packet consistent (see [`Changes`]).
@@ -94,6 +104,12 @@ impl Maps {
         }
         for (k, v) in &ch.vip_upserts {
             self.vips.insert(k, v, 0)?;
+        }
+        for (i, v) in &ch.slot_writes {
+            self.vip_slots.set(*i, v, 0)?;
+        }
+        for &i in &ch.slot_clears {
+            self.vip_slots.set(i, VipSlot::default(), 0)?;
         }
         for k in &ch.vip_deletes {
             self.vips.remove(k)?;

@@ -4,7 +4,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use havip_common::{maps::PORT_WORDS, PortValue, RemapKey, VipInfo, VipKey};
+use havip_common::{
+    maps::PORT_WORDS, vip_slot, InlineRemap, PortValue, RemapKey, VipInfo, VipKey, VipSlot, INLINE_REMAPS,
+    SLOT_IN_OVERFLOW, SLOT_OUT_OVERFLOW, SLOT_OWNED, SLOT_SHARED,
+};
 
 use crate::config::Config;
 
@@ -38,6 +41,8 @@ pub struct Actual {
     pub remap_out: BTreeMap<RemapKey, PortValue>,
     /// All `PORT_BITMAP_LEN` words.
     pub port_bitmap: Vec<u64>,
+    /// Non-empty slots of `VIP_SLOTS`.
+    pub slots: BTreeMap<u32, VipSlot>,
 }
 
 /// Map writes, in the order they must be applied so that no packet ever sees a VIP
@@ -51,6 +56,9 @@ pub struct Changes {
     pub remap_in_upserts: Vec<(RemapKey, PortValue)>,
     pub remap_out_upserts: Vec<(RemapKey, PortValue)>,
     pub vip_upserts: Vec<(VipKey, VipInfo)>,
+    /// Fast-path slots, written once the tables they summarise are in place.
+    pub slot_writes: Vec<(u32, VipSlot)>,
+    pub slot_clears: Vec<u32>,
     pub vip_deletes: Vec<VipKey>,
     pub remap_in_deletes: Vec<RemapKey>,
     pub remap_out_deletes: Vec<RemapKey>,
@@ -132,6 +140,41 @@ pub fn plan(desired: &Desired, actual: &Actual) -> Changes {
     (ch.remap_in_upserts, ch.remap_in_deletes) = diff(&want_in, &actual.remap_in);
     (ch.remap_out_upserts, ch.remap_out_deletes) = diff(&want_out, &actual.remap_out);
 
+    // Fast-path slots: the lowest address among the VIPs hashing to a slot owns it.
+    let mut groups: BTreeMap<u32, Vec<VipKey>> = BTreeMap::new();
+    for key in desired.vips.keys() {
+        groups.entry(vip_slot(key)).or_default().push(*key);
+    }
+    let inline = |want: &BTreeMap<RemapKey, PortValue>, id: u32| -> ([InlineRemap; INLINE_REMAPS], bool) {
+        let mut entries = [InlineRemap::default(); INLINE_REMAPS];
+        let mine: Vec<_> = want.iter().filter(|(k, _)| k.vip_id == id).collect();
+        for (e, (k, v)) in entries.iter_mut().zip(&mine) {
+            *e = InlineRemap { from_be: k.port_be, to_be: v.port_be, proto: k.proto, _pad: [0; 3] };
+        }
+        (entries, mine.len() > INLINE_REMAPS)
+    };
+    let mut want_slots = BTreeMap::new();
+    for (&idx, keys) in &groups {
+        let owner = keys[0];
+        let info = VipInfo { id: ids[&owner], nic_ifindex: desired.vips[&owner], ..Default::default() };
+        let info = ch.vip_upserts.iter().find(|(k, _)| *k == owner).map(|(_, i)| *i).or(actual.vips.get(&owner).copied()).unwrap_or(info);
+        let (remap_in, in_overflow) = inline(&want_in, info.id);
+        let (remap_out, out_overflow) = inline(&want_out, info.id);
+        let mut flags = SLOT_OWNED;
+        if keys.len() > 1 {
+            flags |= SLOT_SHARED;
+        }
+        if in_overflow {
+            flags |= SLOT_IN_OVERFLOW;
+        }
+        if out_overflow {
+            flags |= SLOT_OUT_OVERFLOW;
+        }
+        want_slots.insert(idx, VipSlot { key: owner, info, flags, _pad: 0, remap_in, remap_out });
+    }
+    ch.slot_writes = want_slots.iter().filter(|(i, v)| actual.slots.get(i) != Some(v)).map(|(i, v)| (*i, *v)).collect();
+    ch.slot_clears = actual.slots.keys().filter(|i| !want_slots.contains_key(i)).copied().collect();
+
     for (i, &new) in bitmap.iter().enumerate() {
         let old = actual.port_bitmap.get(i).copied().unwrap_or(0);
         if old | new != old {
@@ -160,6 +203,12 @@ pub fn apply_to(actual: &mut Actual, ch: &Changes) {
     }
     for (k, v) in &ch.vip_upserts {
         actual.vips.insert(*k, *v);
+    }
+    for (i, v) in &ch.slot_writes {
+        actual.slots.insert(*i, *v);
+    }
+    for i in &ch.slot_clears {
+        actual.slots.remove(i);
     }
     for k in &ch.vip_deletes {
         actual.vips.remove(k);
@@ -248,6 +297,59 @@ mod tests {
         // Word of ports 64..127 holds 80 now and 81 after: grow to both, shrink to 81.
         assert_eq!(ch.bitmap_grow, vec![(1, (1 << 16) | (1 << 17))]);
         assert_eq!(ch.bitmap_shrink, vec![(1, 1 << 17)]);
+    }
+
+    /// Two addresses that hash to the same slot.
+    fn colliding_pair() -> (String, String) {
+        let mut seen = std::collections::HashMap::new();
+        for i in 0..65536u32 {
+            let a = format!("198.18.{}.{}", i >> 8, i & 0xff);
+            if let Some(b) = seen.insert(vip_slot(&key(&a)), a.clone()) {
+                return (b, a);
+            }
+        }
+        unreachable!("16384 slots, 65536 addresses")
+    }
+
+    #[test]
+    fn slots_hold_each_vip_and_its_first_mappings() {
+        let mut a = Actual::default();
+        converge(&desired(&["198.18.0.1"], &[("198.18.0.1", 80, 8081), ("198.18.0.1", 443, 8443)]), &mut a);
+        let slot = a.slots[&vip_slot(&key("198.18.0.1"))];
+        assert_eq!(slot.key, key("198.18.0.1"));
+        assert_eq!(slot.flags, SLOT_OWNED);
+        assert_eq!((slot.remap_in[0].proto, u16::from_be(slot.remap_in[0].from_be), u16::from_be(slot.remap_in[0].to_be)), (6, 80, 8081));
+        assert_eq!(u16::from_be(slot.remap_out[1].from_be), 8443);
+        assert_eq!(slot.remap_in[2].proto, 0, "unused entries are empty");
+    }
+
+    #[test]
+    fn more_mappings_than_fit_inline_overflow_to_the_table() {
+        let mut a = Actual::default();
+        let remaps: Vec<(&str, u16, u16)> = (0..6).map(|i| ("198.18.0.1", 80 + i, 9000 + i)).collect();
+        converge(&desired(&["198.18.0.1"], &remaps), &mut a);
+        let slot = a.slots[&vip_slot(&key("198.18.0.1"))];
+        assert_eq!(slot.flags, SLOT_OWNED | SLOT_IN_OVERFLOW | SLOT_OUT_OVERFLOW);
+        assert_eq!(a.remap_in.len(), 6, "the table keeps every mapping");
+    }
+
+    #[test]
+    fn vips_sharing_a_slot_mark_it_shared_and_ownership_passes_on() {
+        let (x, y) = colliding_pair();
+        let mut a = Actual::default();
+        converge(&desired(&[&x, &y], &[]), &mut a);
+        let idx = vip_slot(&key(&x));
+        assert_eq!(a.slots.len(), 1);
+        assert_eq!(a.slots[&idx].key, key(&x).min(key(&y)));
+        assert_eq!(a.slots[&idx].flags, SLOT_OWNED | SLOT_SHARED);
+        // Remove the owner: the other VIP takes the slot, no longer shared.
+        let owner = if key(&x) < key(&y) { x.clone() } else { y.clone() };
+        let other = if owner == x { y.clone() } else { x.clone() };
+        converge(&desired(&[&other], &[]), &mut a);
+        assert_eq!(a.slots[&idx].key, key(&other));
+        assert_eq!(a.slots[&idx].flags, SLOT_OWNED);
+        converge(&Desired::default(), &mut a);
+        assert!(a.slots.is_empty());
     }
 
     #[test]
