@@ -69,7 +69,7 @@ pub fn lookup_ingress(meta: &PacketMeta, vip: &VipHit) -> Option<u16> {
         return None;
     }
     let key = RemapKey::new(vip.id, meta.proto, meta.dport_be);
-    unsafe { REMAP_IN.get(&key) }.map(|v| v.port_be)
+    unsafe { REMAP_IN.get(key) }.map(|v| v.port_be)
 }
 
 /// The designated port for a reply leaving a VIP from an instance port, if mapped.
@@ -90,7 +90,7 @@ pub fn lookup_egress(meta: &PacketMeta, vip: &VipHit) -> Option<u16> {
         return None;
     }
     let key = RemapKey::new(vip.id, meta.proto, meta.sport_be);
-    unsafe { REMAP_OUT.get(&key) }.map(|v| v.port_be)
+    unsafe { REMAP_OUT.get(key) }.map(|v| v.port_be)
 }
 
 /// XDP: rewrites the destination port in place and updates the checksum incrementally

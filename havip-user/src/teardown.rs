@@ -53,11 +53,12 @@ pub fn down(pin_root: &Path, run_dir: &Path) -> anyhow::Result<DownReport> {
                 })
             };
             match ns {
-                Some(ns) => match netns::in_netns(&ns, work) {
-                    Ok(r) => r?,
-                    // The namespace is gone, and its addresses with it.
-                    Err(_) => {}
-                },
+                // If the namespace is gone, its addresses went with it.
+                Some(ns) => {
+                    if let Ok(r) = netns::in_netns(&ns, work) {
+                        r?
+                    }
+                }
                 None => work()?,
             }
         }

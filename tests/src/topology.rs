@@ -41,6 +41,7 @@ pub struct Topology {
 
 impl Topology {
     /// Builds the namespaces; havipd is not started yet.
+    #[allow(clippy::new_without_default, reason = "creates namespaces: not a default value")]
     pub fn new() -> Self {
         crate::require_root();
         let id = crate::unique("");
