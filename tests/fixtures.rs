@@ -7,8 +7,22 @@ use std::net::IpAddr;
 use havip_common::{Direction, Outcome};
 use havip_tests::{
     fixture::{Fixture, TC_ACT_OK, XDP_PASS},
-    packets::{arp_request, build, fix_ipv4_header_checksum, icmp_echo, inspect, l3_offset, L4},
+    packets::{
+        arp_request, build, fix_ipv4_header_checksum, icmp_echo, icmpv6_checksum, inspect, l3_offset, neighbor_solicitation,
+        CLIENT_MAC, L4,
+    },
 };
+
+const XDP_DROP: u32 = 1;
+const XDP_TX: u32 = 3;
+const TC_ACT_REDIRECT: u32 = 7;
+/// BPF_PROG_RUN presents packets as received on (XDP) or sent by (TC) the test's loopback.
+const TEST_IFINDEX: u32 = 1;
+const OWNER_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x01];
+
+fn ip6(s: &str) -> std::net::Ipv6Addr {
+    s.parse().unwrap()
+}
 
 const CONFIG: &str = r#"
 [[nic]]
@@ -146,7 +160,8 @@ fn packets_havip_does_not_own_pass_byte_for_byte() {
         ("instance port addressed directly", build(L4::Tcp, ip(CLIENT4), 40000, ip(VIP4), 8081, None, b"x"), Outcome::VipPassed),
         ("non-VIP destination v4", build(L4::Tcp, ip(CLIENT4), 40000, ip("198.18.100.9"), 80, None, b"x"), Outcome::NotVip),
         ("non-VIP destination v6", build(L4::Udp, ip(CLIENT6), 40000, ip("2001:db8:100::9"), 80, Some(7), b"x"), Outcome::NotVip),
-        ("ARP for the VIP", arp_request([198, 18, 2, 2], [198, 18, 100, 1]), Outcome::NotIp),
+        ("ARP for another address", arp_request([198, 18, 2, 2], [198, 18, 100, 9]), Outcome::NotIp),
+        ("NS for another address", neighbor_solicitation(ip6(CLIENT6), ip6("2001:db8:100::9"), true), Outcome::NotVip),
         ("ICMP echo to the VIP", icmp_echo(ip(CLIENT4), ip(VIP4)), Outcome::VipPassed),
         ("ICMPv6 echo to the VIP", icmp_echo(ip(CLIENT6), ip(VIP6)), Outcome::VipPassed),
     ];
@@ -155,7 +170,8 @@ fn packets_havip_does_not_own_pass_byte_for_byte() {
         let r = fx.ingress(&input);
         assert_eq!(r.action, XDP_PASS, "{what}");
         assert_eq!(r.out, input, "{what}: packet changed");
-        assert_eq!(fx.outcome(Direction::Ingress, outcome) - before, 1, "{what}: not counted as {outcome:?}");
+        let all: Vec<_> = Outcome::ALL.iter().map(|o| (o.name(), fx.outcome(Direction::Ingress, *o))).collect();
+        assert_eq!(fx.outcome(Direction::Ingress, outcome) - before, 1, "{what}: not counted as {outcome:?}: {all:?}");
     }
     let icmp = fx.vip(VIP4);
     assert_eq!(icmp.rx.icmp, 1);
@@ -309,4 +325,107 @@ fn shared_slots_and_overflowing_mappings_take_the_table_path() {
         assert_eq!(fx.ingress(&input).out, input);
         assert_eq!(fx.vip(vip).rx.remapped, 12, "{vip}");
     }
+}
+
+#[test]
+fn arp_for_a_vip_is_answered_by_its_owner_only() {
+    let mut fx = Fixture::new(CONFIG);
+    let req = arp_request([198, 18, 2, 2], [198, 18, 100, 1]);
+    // Owned by another NIC: dropped, counted.
+    fx.bind(VIP4, 9999, OWNER_MAC);
+    let r = fx.ingress(&req);
+    assert_eq!(r.action, XDP_DROP);
+    assert_eq!(fx.vip(VIP4).wire.neigh_dropped, 1);
+    // Owned by this NIC: answered in place from the owner's MAC.
+    fx.bind(VIP4, TEST_IFINDEX, OWNER_MAC);
+    let r = fx.ingress(&req);
+    assert_eq!(r.action, XDP_TX);
+    let o = &r.out;
+    assert_eq!(o.len(), req.len());
+    assert_eq!(&o[0..6], &CLIENT_MAC, "to the asker");
+    assert_eq!(&o[6..12], &OWNER_MAC, "from the owner");
+    assert_eq!(&o[12..14], &[0x08, 0x06]);
+    assert_eq!(&o[20..22], &[0, 2], "an ARP reply");
+    assert_eq!(&o[22..28], &OWNER_MAC, "sender MAC: the owner");
+    assert_eq!(&o[28..32], &[198, 18, 100, 1], "sender IP: the VIP");
+    assert_eq!(&o[32..38], &CLIENT_MAC, "target MAC: the asker");
+    assert_eq!(&o[38..42], &[198, 18, 2, 2], "target IP: the asker");
+    assert_eq!(fx.vip(VIP4).wire.arp_replies, 1);
+    assert_eq!(fx.outcome(Direction::Ingress, Outcome::ArpReplied), 1);
+    // ARP replies and requests for other addresses go to the kernel.
+    let mut reply = req.clone();
+    reply[21] = 2;
+    assert_eq!(fx.ingress(&reply).out, reply);
+}
+
+#[test]
+fn neighbour_solicitations_for_a_vip_get_one_correct_advertisement() {
+    let mut fx = Fixture::new(CONFIG);
+    fx.bind(VIP6, TEST_IFINDEX, OWNER_MAC);
+    for (what, src, slla) in [("with SLLA", CLIENT6, true), ("without SLLA", CLIENT6, false), ("DAD probe", "::", false)] {
+        let ns = neighbor_solicitation(ip6(src), ip6(VIP6), slla);
+        let r = fx.ingress(&ns);
+        assert_eq!(r.action, XDP_TX, "{what}");
+        let o = &r.out;
+        assert_eq!(o.len(), 14 + 40 + 32, "{what}: NA with one option");
+        let dad = src == "::";
+        assert_eq!(&o[0..6], if dad { &[0x33, 0x33, 0, 0, 0, 1][..] } else { &CLIENT_MAC[..] }, "{what}: eth dst");
+        assert_eq!(&o[6..12], &OWNER_MAC, "{what}: eth src");
+        assert_eq!(u16::from_be_bytes([o[18], o[19]]), 32, "{what}: payload length");
+        assert_eq!((o[20], o[21]), (58, 255), "{what}: ICMPv6, hop limit 255");
+        assert_eq!(&o[22..38], &ip6(VIP6).octets(), "{what}: from the VIP");
+        let dst: std::net::Ipv6Addr = if dad { ip6("ff02::1") } else { ip6(CLIENT6) };
+        assert_eq!(&o[38..54], &dst.octets(), "{what}: to the asker");
+        let icmp = &o[54..];
+        assert_eq!(icmp[0], 136, "{what}: a neighbour advertisement");
+        assert_eq!(icmp[4], if dad { 0x20 } else { 0x60 }, "{what}: flags (S only when solicited by a unicast address)");
+        assert_eq!(&icmp[8..24], &ip6(VIP6).octets(), "{what}: target");
+        assert_eq!(&icmp[24..32], &[2, 1, OWNER_MAC[0], OWNER_MAC[1], OWNER_MAC[2], OWNER_MAC[3], OWNER_MAC[4], OWNER_MAC[5]]);
+        let src: [u8; 16] = o[22..38].try_into().unwrap();
+        let dst: [u8; 16] = o[38..54].try_into().unwrap();
+        assert_eq!(icmpv6_checksum(&src, &dst, icmp), 0, "{what}: ICMPv6 checksum does not verify");
+    }
+    assert_eq!(fx.vip(VIP6).wire.nd_replies, 3);
+    // Another NIC owns it: dropped.
+    fx.bind(VIP6, 9999, OWNER_MAC);
+    let ns = neighbor_solicitation(ip6(CLIENT6), ip6(VIP6), true);
+    assert_eq!(fx.ingress(&ns).action, XDP_DROP);
+    assert_eq!(fx.vip(VIP6).wire.neigh_dropped, 1);
+    // A solicitation with a hop limit below 255 came from off-link: not answered.
+    fx.bind(VIP6, TEST_IFINDEX, OWNER_MAC);
+    let mut ns = neighbor_solicitation(ip6(CLIENT6), ip6(VIP6), true);
+    ns[21] = 64;
+    let r = fx.ingress(&ns);
+    assert_eq!((r.action, r.out), (XDP_PASS, ns));
+}
+
+#[test]
+fn vip_traffic_on_a_non_owning_nic_is_accepted_and_counted_misdirected() {
+    let mut fx = Fixture::new(CONFIG);
+    fx.bind(VIP4, 9999, OWNER_MAC);
+    let input = build(L4::Tcp, ip(CLIENT4), 40000, ip(VIP4), 80, None, b"late");
+    let r = fx.ingress(&input);
+    assert_eq!(r.action, XDP_PASS);
+    assert_eq!(inspect(&r.out).dport, 8081, "still remapped");
+    assert_eq!(fx.vip(VIP4).wire.misdirected, 1);
+    fx.bind(VIP4, TEST_IFINDEX, OWNER_MAC);
+    fx.ingress(&input);
+    assert_eq!(fx.vip(VIP4).wire.misdirected, 1, "on the owner it is not misdirected");
+}
+
+#[test]
+fn egress_from_a_vip_on_the_wrong_nic_is_redirected_to_its_owner_untouched() {
+    let mut fx = Fixture::new(CONFIG);
+    let reply = build(L4::Tcp, ip(VIP4), 8081, ip(CLIENT4), 40000, None, b"reply");
+    fx.bind(VIP4, 9999, OWNER_MAC);
+    let r = fx.egress(&reply);
+    assert_eq!(r.action, TC_ACT_REDIRECT, "handed to the owner");
+    assert_eq!(r.out, reply, "the owner's pass remaps it, not this one");
+    let c = fx.vip(VIP4);
+    assert_eq!((c.wire.steered, c.tx.packets), (1, 0));
+    fx.bind(VIP4, TEST_IFINDEX, OWNER_MAC);
+    let r = fx.egress(&reply);
+    assert_eq!(r.action, TC_ACT_OK);
+    assert_eq!(inspect(&r.out).sport, 80);
+    assert_eq!(fx.vip(VIP4).tx.packets, 1);
 }

@@ -36,6 +36,13 @@ pub const PORT_BITMAP_LEN: u32 = 2 * PORT_WORDS;
 pub const NICS: &str = "HAVIP_NICS";
 pub const NICS_MAX: u32 = 64;
 
+/// `vip_id -> Binding`: the NIC that owns each VIP on the wire, the single source of truth
+/// for ownership. Written by havipd (one element per move), read by both programs.
+pub const BINDINGS: &str = "HAVIP_BINDINGS";
+
+/// Per-CPU `NicInfo::index -> NicCounters`. Written by both programs, read by the CLI.
+pub const NIC_STATS: &str = "HAVIP_NIC_STATS";
+
 /// Per-CPU `vip_id -> VipCounters`. Written by both programs, read by the CLI; havipd zeroes
 /// a slot when it frees the id so a later VIP starts from zero.
 pub const VIP_STATS: &str = "HAVIP_VIP_STATS";
@@ -46,7 +53,8 @@ pub const OUTCOMES: &str = "HAVIP_OUTCOMES";
 pub const OUTCOMES_LEN: u32 = 2 * crate::types::Outcome::COUNT;
 
 /// Every map, for pin handling and teardown.
-pub const ALL: [&str; 8] = [VIPS, VIP_SLOTS, REMAP_IN, REMAP_OUT, PORT_BITMAP, NICS, VIP_STATS, OUTCOMES];
+pub const ALL: [&str; 10] =
+    [VIPS, VIP_SLOTS, REMAP_IN, REMAP_OUT, PORT_BITMAP, NICS, BINDINGS, NIC_STATS, VIP_STATS, OUTCOMES];
 
 /// Program names as compiled into the object.
 pub const PROG_INGRESS: &str = "havip_ingress";

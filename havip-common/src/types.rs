@@ -75,17 +75,51 @@ impl From<Ipv4Addr> for VipKey {
     }
 }
 
-/// What the dataplane knows about a VIP.
+/// What the dataplane knows about a VIP. Which NIC owns it is in `BINDINGS`, not here:
+/// one place holds ownership.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct VipInfo {
-    /// Index into `VIP_STATS`; stable for the VIP's lifetime, also across controller restarts.
+    /// Index into `VIP_STATS` and `BINDINGS`; stable for the VIP's lifetime, also across
+    /// controller restarts.
     pub id: u32,
-    /// The NIC that serves this VIP (0: not bound to one NIC).
-    pub nic_ifindex: u32,
-    /// `VIP_FLAG_*` bits.
+    /// Reserved for per-VIP settings.
     pub flags: u32,
-    pub _pad: u32,
+    pub _pad: [u32; 2],
+}
+
+/// Which NIC owns a VIP on the wire: answers ARP/NDP for it and carries its traffic.
+/// Written by havipd (binding, failover, failback, operator), read by both programs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Binding {
+    /// The owning NIC; 0 when no candidate NIC is usable.
+    pub ifindex: u32,
+    /// The NIC's index into `NIC_STATS`.
+    pub nic_index: u32,
+    /// The NIC's MAC: the source of ARP/NDP answers.
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+    /// CLOCK_MONOTONIC (bpf_ktime_get_ns) time of the bind, for the binding's age.
+    pub bound_at_ns: u64,
+    /// How often the VIP moved between NICs.
+    pub moves: u64,
+}
+
+/// Per-NIC counters of VIP traffic, one slot per CPU, indexed by `NicInfo::index`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "user", derive(serde::Serialize))]
+pub struct NicCounters {
+    /// VIP packets received while this NIC owned the VIP.
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    /// VIP packets that left through this NIC (steered ones included).
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    /// ARP replies and neighbour advertisements this NIC sent for VIPs.
+    pub arp_replies: u64,
+    pub nd_replies: u64,
 }
 
 /// The slot of `VIP_SLOTS` a VIP lives in: Fibonacci hashing of the address words. The
@@ -174,6 +208,9 @@ pub struct NicInfo {
     pub _pad: [u8; 2],
     /// Interface name, NUL-padded (IFNAMSIZ).
     pub name: [u8; 16],
+    /// Index into `NIC_STATS`.
+    pub index: u32,
+    pub _pad2: u32,
 }
 
 /// Counters of one direction of one VIP. Bytes are L2 frame bytes as seen by the program
@@ -209,6 +246,33 @@ impl DirCounters {
     }
 }
 
+/// How a VIP's ownership played out on the wire.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "user", derive(serde::Serialize))]
+pub struct WireCounters {
+    /// Packets for the VIP that arrived on a NIC that does not own it (stale caches during
+    /// a move): accepted, not dropped.
+    pub misdirected: u64,
+    /// Packets from the VIP that routing sent out of another NIC, redirected to the owner.
+    pub steered: u64,
+    /// ARP requests / neighbour solicitations answered by the owning NIC.
+    pub arp_replies: u64,
+    pub nd_replies: u64,
+    /// ARP requests / neighbour solicitations for the VIP dropped on non-owning NICs.
+    pub neigh_dropped: u64,
+}
+
+impl WireCounters {
+    pub fn add(&mut self, o: &WireCounters) {
+        self.misdirected += o.misdirected;
+        self.steered += o.steered;
+        self.arp_replies += o.arp_replies;
+        self.nd_replies += o.nd_replies;
+        self.neigh_dropped += o.neigh_dropped;
+    }
+}
+
 /// Per-VIP counters, one slot per CPU.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -217,6 +281,7 @@ pub struct VipCounters {
     pub rx: DirCounters,
     /// Egress (TC).
     pub tx: DirCounters,
+    pub wire: WireCounters,
 }
 
 /// Direction a program sees packets in; indexes the outcome counters.
@@ -249,10 +314,18 @@ pub enum Outcome {
     VipRemapped = 7,
     /// A VIP packet dropped.
     VipDropped = 8,
+    /// An ARP request for a VIP, answered by its owning NIC (XDP_TX).
+    ArpReplied = 9,
+    /// A neighbour solicitation for a VIP, answered by its owning NIC (XDP_TX).
+    NdReplied = 10,
+    /// An ARP request / neighbour solicitation for a VIP on a NIC that does not own it.
+    NeighDropped = 11,
+    /// A VIP packet redirected to the NIC that owns the VIP.
+    Steered = 12,
 }
 
 impl Outcome {
-    pub const COUNT: u32 = 9;
+    pub const COUNT: u32 = 13;
     pub const ALL: [Outcome; Self::COUNT as usize] = [
         Outcome::NotIp,
         Outcome::NotVip,
@@ -263,6 +336,10 @@ impl Outcome {
         Outcome::VipPassed,
         Outcome::VipRemapped,
         Outcome::VipDropped,
+        Outcome::ArpReplied,
+        Outcome::NdReplied,
+        Outcome::NeighDropped,
+        Outcome::Steered,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -276,6 +353,10 @@ impl Outcome {
             Outcome::VipPassed => "vip_passed",
             Outcome::VipRemapped => "vip_remapped",
             Outcome::VipDropped => "vip_dropped",
+            Outcome::ArpReplied => "arp_replied",
+            Outcome::NdReplied => "nd_replied",
+            Outcome::NeighDropped => "neigh_dropped",
+            Outcome::Steered => "steered",
         }
     }
 
@@ -290,11 +371,14 @@ const _: () = assert!(size_of::<VipKey>() == 16);
 const _: () = assert!(size_of::<VipInfo>() == 16);
 const _: () = assert!(size_of::<RemapKey>() == 8);
 const _: () = assert!(size_of::<PortValue>() == 4);
-const _: () = assert!(size_of::<NicInfo>() == 24);
+const _: () = assert!(size_of::<NicInfo>() == 32);
+const _: () = assert!(size_of::<Binding>() == 32);
+const _: () = assert!(size_of::<NicCounters>() == 6 * 8);
+const _: () = assert!(size_of::<WireCounters>() == 5 * 8);
 const _: () = assert!(size_of::<InlineRemap>() == 8);
 const _: () = assert!(size_of::<VipSlot>() == 16 + 16 + 8 + 2 * 8 * INLINE_REMAPS);
 const _: () = assert!(size_of::<DirCounters>() == 9 * 8);
-const _: () = assert!(size_of::<VipCounters>() == 18 * 8);
+const _: () = assert!(size_of::<VipCounters>() == 23 * 8);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -307,6 +391,8 @@ mod pod {
     unsafe impl aya::Pod for super::PortValue {}
     unsafe impl aya::Pod for super::NicInfo {}
     unsafe impl aya::Pod for super::VipCounters {}
+    unsafe impl aya::Pod for super::Binding {}
+    unsafe impl aya::Pod for super::NicCounters {}
 }
 
 #[cfg(test)]

@@ -3,7 +3,10 @@
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
 use havip_common::{Direction, Outcome};
 
-use crate::{parse, parse::Packet, remap, stats, vips};
+use crate::{
+    parse::{self, Packet, Parsed},
+    remap, stats, steer, vips,
+};
 
 /// An skb; direct access covers only its linear part, lengths are checked against skb->len.
 pub struct SkbPacket<'a>(pub &'a TcContext);
@@ -28,17 +31,29 @@ const MAX_HEADERS: u32 = 14 + 4 + 60 + 60;
 
 #[inline(always)]
 pub fn try_egress(ctx: &TcContext) -> Result<(i32, Outcome), Outcome> {
-    let meta = match parse::parse(&SkbPacket(ctx)) {
-        Ok(meta) => meta,
+    let parsed = match parse::parse(&SkbPacket(ctx)) {
         // Headers may sit partly outside the linear area: pull them in and try once more.
         Err(Outcome::Malformed) => {
             let want = core::cmp::min(ctx.len(), MAX_HEADERS);
             ctx.pull_data(want).map_err(|_| Outcome::Malformed)?;
             parse::parse(&SkbPacket(ctx))?
         }
-        Err(other) => return Err(other),
+        other => other?,
     };
+    let Parsed::Ip(meta) = parsed else { return Err(Outcome::NotIp) };
     let vip = vips::lookup(meta.src).ok_or(Outcome::NotVip)?;
+
+    // Leaving by a NIC that does not own the VIP: hand it to the owner, whose own egress
+    // pass remaps and counts it.
+    let binding = steer::binding(vip.id);
+    if let Some(b) = binding {
+        if b.ifindex != steer::egress_ifindex(ctx) {
+            if let Some(w) = stats::vip_wire(vip.id) {
+                w.steered += 1;
+            }
+            return Ok((steer::redirect_to(b.ifindex), Outcome::Steered));
+        }
+    }
 
     // A GSO packet leaves as several segments, each with its own headers.
     let segs = unsafe { (*ctx.skb.skb).gso_segs } as u64;
@@ -49,6 +64,10 @@ pub fn try_egress(ctx: &TcContext) -> Result<(i32, Outcome), Outcome> {
         Some(designated_be) if remap::rewrite_sport_tc(ctx, &meta, designated_be) => Outcome::VipRemapped,
         _ => Outcome::VipPassed,
     };
+    if let Some(n) = binding.and_then(|b| stats::nic(b.nic_index)) {
+        n.tx_packets += segs;
+        n.tx_bytes += bytes;
+    }
     if let Some(c) = stats::vip_dir(vip.id, Direction::Egress) {
         stats::count_traffic(c, meta.proto, segs, bytes);
         match outcome {

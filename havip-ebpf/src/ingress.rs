@@ -1,9 +1,13 @@
 //! XDP ingress: recognise VIP packets, count them, remap designated ports to instance ports.
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
-use havip_common::{Direction, Outcome};
+use havip_common::{Direction, Outcome, IPPROTO_ICMPV6};
 
-use crate::{parse, parse::Packet, remap, stats, vips};
+use crate::{
+    neigh,
+    parse::{self, Packet, Parsed},
+    remap, stats, steer, vips,
+};
 
 /// An XDP frame seen through the one bounds check.
 pub struct XdpPacket<'a>(pub &'a XdpContext);
@@ -32,10 +36,34 @@ impl Packet for XdpPacket<'_> {
 #[inline(always)]
 pub fn try_ingress(ctx: &XdpContext) -> Result<(u32, Outcome), Outcome> {
     let pkt = XdpPacket(ctx);
-    let meta = parse::parse(&pkt)?;
+    let meta = match parse::parse(&pkt)? {
+        Parsed::Ip(meta) => meta,
+        Parsed::Arp { l3_off } => return neigh::arp(ctx, l3_off),
+    };
+    if meta.is_v6 && meta.proto == IPPROTO_ICMPV6 {
+        if let Some(r) = neigh::neighbor_solicitation(ctx, &meta) {
+            return r;
+        }
+    }
     let vip = vips::lookup(meta.dst).ok_or(Outcome::NotVip)?;
     let counters = stats::vip_dir(vip.id, Direction::Ingress);
     let bytes = (pkt.end() - pkt.start()) as u64;
+
+    // Arriving on the owning NIC counts for that NIC; anywhere else it is misdirected
+    // (a stale neighbour cache during a move) and still accepted.
+    match steer::binding(vip.id) {
+        Some(b) if b.ifindex == ctx.ingress_ifindex() as u32 => {
+            if let Some(n) = stats::nic(b.nic_index) {
+                n.rx_packets += 1;
+                n.rx_bytes += bytes;
+            }
+        }
+        _ => {
+            if let Some(w) = stats::vip_wire(vip.id) {
+                w.misdirected += 1;
+            }
+        }
+    }
 
     let outcome = match remap::lookup_ingress(&meta, &vip) {
         Some(instance_be) if remap::rewrite_dport_xdp(&pkt, &meta, instance_be) => Outcome::VipRemapped,
@@ -55,7 +83,7 @@ pub fn try_ingress(ctx: &XdpContext) -> Result<(u32, Outcome), Outcome> {
 #[inline(always)]
 pub fn try_baseline(ctx: &XdpContext) -> Result<(u32, Outcome), Outcome> {
     let pkt = XdpPacket(ctx);
-    let meta = parse::parse(&pkt)?;
+    let Parsed::Ip(meta) = parse::parse(&pkt)? else { return Err(Outcome::NotIp) };
     // Keep the parse from being optimised away.
     let outcome = if meta.dport_be == 0 { Outcome::NotVip } else { Outcome::VipPassed };
     Ok((xdp_action::XDP_PASS, outcome))

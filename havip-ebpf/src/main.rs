@@ -6,9 +6,11 @@
 mod egress;
 mod ingress;
 mod maps;
+mod neigh;
 mod parse;
 mod remap;
 mod stats;
+mod steer;
 mod vips;
 
 use aya_ebpf::{

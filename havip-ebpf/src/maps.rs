@@ -6,7 +6,9 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, PerCpuArray},
 };
-use havip_common::{maps as m, NicInfo, PortValue, RemapKey, VipCounters, VipInfo, VipKey, VipSlot};
+use havip_common::{
+    maps as m, Binding, NicCounters, NicInfo, PortValue, RemapKey, VipCounters, VipInfo, VipKey, VipSlot,
+};
 
 /// VIP address -> VIP id and settings.
 #[map(name = "HAVIP_VIPS")]
@@ -31,6 +33,14 @@ pub static PORT_BITMAP: Array<u64> = Array::pinned(m::PORT_BITMAP_LEN, 0);
 /// ifindex -> the NIC's MAC and name.
 #[map(name = "HAVIP_NICS")]
 pub static NICS: HashMap<u32, NicInfo> = HashMap::pinned(m::NICS_MAX, 0);
+
+/// VIP id -> the NIC that owns it.
+#[map(name = "HAVIP_BINDINGS")]
+pub static BINDINGS: Array<Binding> = Array::pinned(m::VIPS_MAX, 0);
+
+/// NIC index -> per-CPU counters of VIP traffic.
+#[map(name = "HAVIP_NIC_STATS")]
+pub static NIC_STATS: PerCpuArray<NicCounters> = PerCpuArray::pinned(m::NICS_MAX, 0);
 
 /// VIP id -> per-CPU counters.
 #[map(name = "HAVIP_VIP_STATS")]

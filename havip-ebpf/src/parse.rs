@@ -12,6 +12,7 @@ use havip_common::{Outcome, VipKey, IPPROTO_TCP, IPPROTO_UDP};
 
 // EtherTypes as they read off the wire with a little-endian load.
 const ETH_P_IP: u16 = 0x0800u16.to_be();
+const ETH_P_ARP: u16 = 0x0806u16.to_be();
 const ETH_P_IPV6: u16 = 0x86ddu16.to_be();
 const ETH_P_8021Q: u16 = 0x8100u16.to_be();
 const ETH_P_8021AD: u16 = 0x88a8u16.to_be();
@@ -38,7 +39,7 @@ pub trait Packet {
 
 /// Reads a field of a bounds-checked header (which may sit at any alignment).
 #[inline(always)]
-fn rd<T: Copy>(p: *const T) -> T {
+pub fn rd<T: Copy>(p: *const T) -> T {
     unsafe { p.read_unaligned() }
 }
 
@@ -104,12 +105,29 @@ pub struct UdpHdr {
     pub check: u16,
 }
 
+// Wire layouts: no padding may sneak in.
+const _: () = assert!(size_of::<EthHdr>() == 14);
+const _: () = assert!(size_of::<VlanHdr>() == 4);
+const _: () = assert!(size_of::<Ipv4Hdr>() == 20);
+const _: () = assert!(size_of::<Ipv6Hdr>() == 40);
+const _: () = assert!(size_of::<TcpHdr>() == 20);
+const _: () = assert!(size_of::<UdpHdr>() == 8);
+
 /// Offset of the checksum within the TCP and UDP headers.
 pub const TCP_CSUM_OFF: usize = 16;
 pub const UDP_CSUM_OFF: usize = 6;
 
+/// What parsing found.
+pub enum Parsed {
+    Ip(PacketMeta),
+    /// An ARP packet whose header starts at `l3_off`.
+    Arp { l3_off: usize },
+}
+
 /// What later stages need to know about a packet.
 pub struct PacketMeta {
+    /// Offset of the IP header.
+    pub l3_off: usize,
     /// Addresses as [`VipKey`] words (IPv4 mapped).
     pub src: [u64; 2],
     pub dst: [u64; 2],
@@ -126,7 +144,7 @@ pub struct PacketMeta {
 
 /// Parses a packet; `Err` carries the outcome for packets havip does not touch.
 #[inline(always)]
-pub fn parse<P: Packet>(pkt: &P) -> Result<PacketMeta, Outcome> {
+pub fn parse<P: Packet>(pkt: &P) -> Result<Parsed, Outcome> {
     let eth: *const EthHdr = pkt.header(0).ok_or(Outcome::NotIp)?;
     let mut ethertype = rd(unsafe { &raw const (*eth).ethertype });
     let mut l3_off = size_of::<EthHdr>();
@@ -139,9 +157,11 @@ pub fn parse<P: Packet>(pkt: &P) -> Result<PacketMeta, Outcome> {
         }
     }
     if ethertype == ETH_P_IP {
-        parse_ipv4(pkt, l3_off)
+        parse_ipv4(pkt, l3_off).map(Parsed::Ip)
     } else if ethertype == ETH_P_IPV6 {
-        parse_ipv6(pkt, l3_off)
+        parse_ipv6(pkt, l3_off).map(Parsed::Ip)
+    } else if ethertype == ETH_P_ARP {
+        Ok(Parsed::Arp { l3_off })
     } else {
         Err(Outcome::NotIp)
     }
@@ -165,6 +185,7 @@ fn parse_ipv4<P: Packet>(pkt: &P, l3_off: usize) -> Result<PacketMeta, Outcome> 
         return Err(Outcome::Fragment);
     }
     let meta = PacketMeta {
+        l3_off,
         src: VipKey::v4_words(rd(unsafe { &raw const (*ip).src })),
         dst: VipKey::v4_words(rd(unsafe { &raw const (*ip).dst })),
         is_v6: false,
@@ -198,6 +219,7 @@ fn parse_ipv6<P: Packet>(pkt: &P, l3_off: usize) -> Result<PacketMeta, Outcome> 
     }
     let l4_off = l3_off + size_of::<Ipv6Hdr>();
     let meta = PacketMeta {
+        l3_off,
         src: rd(unsafe { &raw const (*ip).src }),
         dst: rd(unsafe { &raw const (*ip).dst }),
         is_v6: true,

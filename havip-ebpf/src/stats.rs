@@ -1,8 +1,11 @@
 //! Per-CPU counters: per-VIP traffic and the (direction, outcome) of every packet.
 
-use havip_common::{DirCounters, Direction, Outcome, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
+use havip_common::{
+    DirCounters, Direction, NicCounters, Outcome, WireCounters, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP,
+    IPPROTO_UDP,
+};
 
-use crate::maps::{OUTCOMES, VIP_STATS};
+use crate::maps::{NIC_STATS, OUTCOMES, VIP_STATS};
 
 #[inline(always)]
 pub fn count_outcome(dir: Direction, outcome: Outcome) {
@@ -22,6 +25,19 @@ pub fn vip_dir(vip_id: u32, dir: Direction) -> Option<&'static mut DirCounters> 
             Direction::Egress => &mut (*c).tx,
         }
     })
+}
+
+/// A VIP's on-the-wire ownership counters.
+#[inline(always)]
+pub fn vip_wire(vip_id: u32) -> Option<&'static mut WireCounters> {
+    let c = VIP_STATS.get_ptr_mut(vip_id)?;
+    Some(unsafe { &mut (*c).wire })
+}
+
+/// A NIC's counters.
+#[inline(always)]
+pub fn nic(index: u32) -> Option<&'static mut NicCounters> {
+    NIC_STATS.get_ptr_mut(index).map(|p| unsafe { &mut *p })
 }
 
 /// Counts `packets` packets of `bytes` bytes in total, by protocol.

@@ -23,7 +23,7 @@ pub fn lookup(addr: [u64; 2]) -> Option<VipHit> {
         return Some(VipHit { id: unsafe { (*slot).info.id }, slot: Some(slot) });
     }
     if flags & SLOT_SHARED != 0 {
-        let info = unsafe { VIPS.get(&VipKey::from_words(addr)) }?;
+        let info = unsafe { VIPS.get(VipKey::from_words(addr)) }?;
         return Some(VipHit { id: info.id, slot: None });
     }
     None

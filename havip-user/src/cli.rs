@@ -83,6 +83,11 @@ pub enum Command {
         #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "1")]
         watch: Option<f64>,
     },
+    /// Pin a VIP to one of its candidate NICs, moving it there now (gratuitous ARP /
+    /// unsolicited NA from the NIC). Refused for a NIC that is down or not a candidate.
+    Bind { vip: std::net::IpAddr, nic: String },
+    /// Drop the pin set by `bind`: the VIP returns to automatic placement.
+    Unbind { vip: std::net::IpAddr },
     /// Validate the running havipd's configuration file and make it apply it.
     Reload {
         /// Seconds to wait for havipd to report the result.
@@ -101,7 +106,9 @@ pub enum Command {
 pub fn havip_main(cli: HavipCli) -> anyhow::Result<()> {
     let pins = PinLayout::new(&cli.loc.pin_path);
     match cli.cmd {
-        Command::Stats { json, watch } => stats(&pins, json, watch),
+        Command::Stats { json, watch } => stats(&pins, &cli.loc, json, watch),
+        Command::Bind { vip, nic } => control(&cli.loc, crate::control::Request::Bind { vip, nic }),
+        Command::Unbind { vip } => control(&cli.loc, crate::control::Request::Unbind { vip }),
         Command::Reload { timeout } => reload(&cli.loc, Duration::from_secs_f64(timeout)),
         Command::Down => {
             let r = crate::teardown::down(&cli.loc.pin_path, &cli.loc.run_dir)?;
@@ -124,12 +131,21 @@ pub fn havip_main(cli: HavipCli) -> anyhow::Result<()> {
     }
 }
 
-fn stats(pins: &PinLayout, json: bool, watch: Option<f64>) -> anyhow::Result<()> {
+fn control(loc: &Locations, req: crate::control::Request) -> anyhow::Result<()> {
+    let resp = crate::control::call(&loc.run_dir, &req)?;
+    if !resp.ok {
+        bail!("refused: {} (nothing changed)", resp.message);
+    }
+    println!("{}", resp.message);
+    Ok(())
+}
+
+fn stats(pins: &PinLayout, loc: &Locations, json: bool, watch: Option<f64>) -> anyhow::Result<()> {
     if !pins.exists() {
         bail!("no havip dataplane pinned at {}; start havipd first (or pass --pin-path)", pins.root.display());
     }
     let Some(every) = watch else {
-        let snap = Snapshot::read(pins)?;
+        let snap = Snapshot::read(pins, State::load(&loc.run_dir).ok().flatten().as_ref())?;
         if json {
             println!("{}", serde_json::to_string_pretty(&snap)?);
         } else {
@@ -139,7 +155,7 @@ fn stats(pins: &PinLayout, json: bool, watch: Option<f64>) -> anyhow::Result<()>
     };
     let mut prev: Option<Snapshot> = None;
     loop {
-        let snap = Snapshot::read(pins)?;
+        let snap = Snapshot::read(pins, State::load(&loc.run_dir).ok().flatten().as_ref())?;
         if json {
             println!("{}", serde_json::to_string(&snap)?);
         } else {

@@ -19,6 +19,8 @@ pub struct ConfigFile {
     #[serde(default)]
     pub node: NodeSection,
     #[serde(default)]
+    pub failover: FailoverSection,
+    #[serde(default)]
     pub nic: Vec<NicSection>,
     #[serde(default)]
     pub vip: Vec<VipSection>,
@@ -47,6 +49,49 @@ impl Default for NodeSection {
 
 fn default_vip_interface() -> String {
     "lo".into()
+}
+
+/// How VIPs move between a node's NICs.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailoverSection {
+    /// Gratuitous ARPs / unsolicited neighbour advertisements sent from the new NIC per move.
+    #[serde(default = "default_announce_count")]
+    pub announce_count: u32,
+    /// Spacing between them, in milliseconds (the first goes at once).
+    #[serde(default = "default_announce_interval_ms")]
+    pub announce_interval_ms: u64,
+    /// A more preferred NIC takes a VIP back only after being up this long without a change.
+    #[serde(default = "default_failback_hold_down_ms")]
+    pub failback_hold_down_ms: u64,
+}
+
+impl Default for FailoverSection {
+    fn default() -> Self {
+        Self {
+            announce_count: default_announce_count(),
+            announce_interval_ms: default_announce_interval_ms(),
+            failback_hold_down_ms: default_failback_hold_down_ms(),
+        }
+    }
+}
+
+fn default_announce_count() -> u32 {
+    3
+}
+fn default_announce_interval_ms() -> u64 {
+    200
+}
+fn default_failback_hold_down_ms() -> u64 {
+    5000
+}
+
+/// Validated failover settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Failover {
+    pub announce_count: u32,
+    pub announce_interval: std::time::Duration,
+    pub failback_hold_down: std::time::Duration,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
@@ -134,6 +179,7 @@ impl fmt::Display for Protocol {
 pub struct Config {
     pub vip_interface: String,
     pub xdp_mode: XdpModeSetting,
+    pub failover: Failover,
     /// NIC names, in file order.
     pub nics: Vec<String>,
     pub vips: Vec<Vip>,
@@ -263,6 +309,16 @@ pub fn validate(file: &ConfigFile) -> Result<Config, Vec<FieldError>> {
 
     if let Err(r) = check_ifname(&file.node.vip_interface) {
         err("node.vip_interface".into(), r);
+    }
+    let f = &file.failover;
+    if !(1..=50).contains(&f.announce_count) {
+        err("failover.announce_count".into(), format!("{} is out of range; send 1 to 50 announcements per move", f.announce_count));
+    }
+    if !(1..=60_000).contains(&f.announce_interval_ms) {
+        err("failover.announce_interval_ms".into(), format!("{} is out of range; use 1 to 60000 ms", f.announce_interval_ms));
+    }
+    if f.failback_hold_down_ms > 86_400_000 {
+        err("failover.failback_hold_down_ms".into(), format!("{} ms is more than a day; use 0 to 86400000", f.failback_hold_down_ms));
     }
 
     // NICs
@@ -394,6 +450,11 @@ pub fn validate(file: &ConfigFile) -> Result<Config, Vec<FieldError>> {
     Ok(Config {
         vip_interface: file.node.vip_interface.clone(),
         xdp_mode: file.node.xdp_mode,
+        failover: Failover {
+            announce_count: f.announce_count,
+            announce_interval: std::time::Duration::from_millis(f.announce_interval_ms),
+            failback_hold_down: std::time::Duration::from_millis(f.failback_hold_down_ms),
+        },
         nics: file.nic.iter().map(|n| n.name.clone()).collect(),
         vips,
         remaps,
@@ -462,6 +523,9 @@ port = 8082
             ("xdp mode", "vip_interface = \"lo\"", "xdp_mode = \"fast\"", "node.xdp_mode"),
             ("vip listed twice", "address = \"2001:db8::10\"", "address = \"198.18.0.10\"", "vip[1].address"),
             ("wrong type", "port = 80\n", "port = \"eighty\"\n", "service[0].port"),
+            ("no announcements", "[node]", "[failover]\nannounce_count = 0\n[node]", "failover.announce_count"),
+            ("interval zero", "[node]", "[failover]\nannounce_interval_ms = 0\n[node]", "failover.announce_interval_ms"),
+            ("unknown failover key", "[node]", "[failover]\nholddown = 1\n[node]", "failover"),
         ];
         for (what, from, to, field) in cases {
             assert!(GOOD.contains(from), "{what}: fixture does not contain {from:?}");

@@ -2,19 +2,34 @@
 //! lives in pinned kernel objects, so this process may stop, crash or restart at any time
 //! without interrupting traffic: on start it adopts what is pinned and applies the
 //! difference.
+//!
+//! One task owns the node and handles, in order: link events (failover), a 100 ms tick
+//! (failback after hold-down), control requests (`havip bind`), SIGHUP (reload) and
+//! SIGTERM/SIGINT (stop, leaving the dataplane running).
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
     path::PathBuf,
+    time::{Duration, Instant},
 };
 
 use anyhow::Context;
-use tokio::signal::unix::{signal, SignalKind};
+use havip_common::{Binding, VipKey};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    net::UnixListener,
+    signal::unix::{signal, SignalKind},
+    sync::{mpsc, oneshot},
+};
 use tracing::{error, info, warn};
 
 use crate::{
+    announce,
+    binder::{decide, LinkState, Placement, Reason},
     config::Config,
-    dataplane::Dataplane,
+    control::{self, Request, Response},
+    dataplane::{monotonic_ns, Dataplane},
     netlink::{LinkInfo, Netlink},
     netns,
     pins::PinLayout,
@@ -66,11 +81,27 @@ async fn resolve(cfg: &Config, nl: &Netlink) -> anyhow::Result<Resolved> {
     Ok(Resolved { vip_interface: vip_interface.unwrap(), nics })
 }
 
+/// A NIC as the binder and the maps know it.
+#[derive(Debug, Clone)]
+struct Nic {
+    ifindex: u32,
+    mac: [u8; 6],
+    /// Slot in NIC_STATS.
+    index: u32,
+}
+
+enum Event {
+    Control(Request, oneshot::Sender<Response>),
+}
+
 struct Node {
     opts: DaemonOptions,
     nl: Netlink,
     dp: Dataplane,
     state: State,
+    cfg: Config,
+    nics: BTreeMap<String, Nic>,
+    links: BTreeMap<String, LinkState>,
 }
 
 impl Node {
@@ -78,11 +109,26 @@ impl Node {
     async fn apply(&mut self, cfg: &Config, res: &Resolved) -> anyhow::Result<String> {
         let mut notes = Vec::new();
         // NICs: attach new ones (or adopt pinned links), detach ones no longer configured.
+        let known = self.dp.maps.nic_infos();
+        let mut used: BTreeSet<u32> =
+            known.iter().filter(|(ifx, _)| res.nics.iter().any(|n| n.index == **ifx)).map(|(_, i)| i.index).collect();
         for nic in &res.nics {
             let report = self.dp.attach(&nic.name, cfg.xdp_mode)?;
-            self.dp.set_nic(nic.index, &nic.name, nic.mac)?;
+            let index = match known.get(&nic.index) {
+                Some(info) => info.index,
+                None => {
+                    let i = (0..).find(|i| !used.contains(i)).unwrap();
+                    used.insert(i);
+                    self.dp.maps.zero_nic_stats(i)?;
+                    i
+                }
+            };
+            self.dp.set_nic(nic.index, &nic.name, nic.mac, index)?;
+            self.nics.insert(nic.name.clone(), Nic { ifindex: nic.index, mac: nic.mac, index });
+            self.links.entry(nic.name.clone()).or_insert(LinkState { up: nic.up, since: Instant::now() });
+            self.announce_from_nic_address(&nic.name)?;
             if !self.state.nics.contains(&nic.name) {
-                info!(nic = %nic.name, ifindex = nic.index, xdp = report.xdp_mode, adopted = report.adopted, "attached");
+                info!(nic = %nic.name, ifindex = nic.index, xdp = report.xdp_mode, adopted = report.adopted, up = nic.up, "attached");
                 notes.push(format!("attached {} ({})", nic.name, report.xdp_mode));
             }
         }
@@ -90,18 +136,17 @@ impl Node {
         for old in self.dp.pins.pinned_nics() {
             if !wanted.contains(old.as_str()) {
                 crate::dataplane::detach(&self.dp.pins, &old)?;
-                if let Some(l) = self.nl.link(&old).await? {
-                    self.dp.remove_nic(l.index)?;
+                if let Some(n) = self.nics.remove(&old) {
+                    self.dp.remove_nic(n.ifindex)?;
                 }
+                self.links.remove(&old);
                 notes.push(format!("detached {old}"));
             }
         }
         self.state.nics = cfg.nics.clone();
 
         // Maps.
-        let ifindex = |name: &str| res.nics.iter().find(|n| n.name == name).map(|n| n.index).unwrap_or(0);
-        let desired = Desired::from_config(cfg, ifindex);
-        let changes = plan(&desired, &self.dp.maps.read_actual()?);
+        let changes = plan(&Desired::from_config(cfg), &self.dp.maps.read_actual()?);
         if !changes.is_empty() {
             self.dp.maps.apply(&changes)?;
             info!(summary = %changes.summary(), "maps updated");
@@ -139,12 +184,166 @@ impl Node {
             }
         }
         self.state.addresses = installed.into_iter().collect();
+
+        // Pins that no longer make sense go.
+        self.state.pins.retain(|vip, nic| {
+            let keep = cfg.vips.iter().any(|v| v.address == *vip && v.nics.contains(nic));
+            if !keep {
+                warn!(%vip, %nic, "dropping the operator's pin: no longer a configured VIP/candidate");
+            }
+            keep
+        });
+        self.cfg = cfg.clone();
+        let moved = self.place_all(None);
+        if moved > 0 {
+            notes.push(format!("{moved} VIP(s) bound"));
+        }
         self.save()?;
         Ok(if notes.is_empty() { "no changes".into() } else { notes.join("; ") })
     }
 
+    /// ARP requests the kernel sends must not claim a VIP from a NIC that does not own it:
+    /// `arp_announce = 2` makes it use the NIC's own address as the sender.
+    fn announce_from_nic_address(&mut self, nic: &str) -> anyhow::Result<()> {
+        let path = PathBuf::from(format!("/proc/sys/net/ipv4/conf/{nic}/arp_announce"));
+        let old = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        if old.trim() != "2" {
+            std::fs::write(&path, "2").with_context(|| format!("writing {}", path.display()))?;
+            if !self.state.sysctls.iter().any(|(p, _)| *p == path) {
+                self.state.sysctls.push((path, old.trim().to_string()));
+            }
+        }
+        Ok(())
+    }
+
     fn save(&self) -> anyhow::Result<()> {
         self.state.save(&self.opts.run_dir)
+    }
+
+    /// The NIC that owns a VIP now, by name, and its binding.
+    fn current(&self, id: u32) -> anyhow::Result<(Option<String>, Binding)> {
+        let b = self.dp.maps.binding(id)?;
+        let name = (b.ifindex != 0).then(|| self.nics.iter().find(|(_, n)| n.ifindex == b.ifindex).map(|(k, _)| k.clone())).flatten();
+        Ok((name, b))
+    }
+
+    /// Runs the binder for every VIP (or one) and applies its moves. Returns the moves made.
+    fn place_all(&mut self, only: Option<IpAddr>) -> usize {
+        let now = Instant::now();
+        let hold = self.cfg.failover.failback_hold_down;
+        let mut moves = Vec::new();
+        for vip in self.cfg.vips.iter().filter(|v| only.is_none_or(|o| o == v.address)) {
+            let Ok(info) = self.dp.maps.vips.get(&VipKey::from(vip.address), 0) else { continue };
+            let Ok((current, _)) = self.current(info.id) else { continue };
+            let placement = Placement {
+                candidates: &vip.nics,
+                pinned: self.state.pins.get(&vip.address).map(String::as_str),
+                current: current.as_deref(),
+            };
+            if let Some((nic, reason)) = decide(placement, &self.links, now, hold) {
+                moves.push((vip.address, info.id, nic, reason));
+            }
+        }
+        let n = moves.len();
+        for (vip, id, nic, reason) in moves {
+            if let Err(e) = self.bind(vip, id, &nic, reason) {
+                error!(%vip, %nic, error = %format!("{e:#}"), "binding failed");
+            }
+        }
+        n
+    }
+
+    /// Moves a VIP to `nic`: one map write, then announcements from the new NIC.
+    fn bind(&mut self, vip: IpAddr, id: u32, nic: &str, reason: Reason) -> anyhow::Result<()> {
+        let n = self.nics.get(nic).context("unknown NIC")?.clone();
+        let (from, old) = self.current(id)?;
+        let b = Binding {
+            ifindex: n.ifindex,
+            nic_index: n.index,
+            mac: n.mac,
+            _pad: [0; 2],
+            bound_at_ns: monotonic_ns(),
+            moves: old.moves + u64::from(old.ifindex != 0),
+        };
+        self.dp.maps.set_binding(id, b)?;
+        let links: Vec<String> = self.links.iter().map(|(k, l)| format!("{k}={}", if l.up { "up" } else { "down" })).collect();
+        info!(%vip, from = from.as_deref().unwrap_or("-"), to = nic, %reason, links = %links.join(","), moves = b.moves, "VIP bound");
+        let (count, interval) = (self.cfg.failover.announce_count, self.cfg.failover.announce_interval);
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = announce::announce(n.ifindex, n.mac, vip, count, interval) {
+                warn!(%vip, error = %format!("{e:#}"), "announcement failed");
+            }
+        });
+        Ok(())
+    }
+
+    fn on_link(&mut self, link: LinkInfo, deleted: bool) {
+        let Some(state) = self.links.get_mut(&link.name) else { return };
+        let up = link.up && !deleted;
+        if state.up == up {
+            return;
+        }
+        *state = LinkState { up, since: Instant::now() };
+        info!(nic = %link.name, up, "link changed");
+        if deleted {
+            warn!(nic = %link.name, "NIC removed; its VIPs move (reload to re-attach if it returns)");
+        }
+        self.place_all(None);
+    }
+
+    fn on_control(&mut self, req: Request) -> Response {
+        match req {
+            Request::Bind { vip, nic } => {
+                let Some(v) = self.cfg.vips.iter().find(|v| v.address == vip) else {
+                    return Response::refused(format!("{vip} is not a VIP of this node"));
+                };
+                if !self.nics.contains_key(&nic) {
+                    return Response::refused(format!("unknown NIC `{nic}`; this node's NICs: {}", self.cfg.nics.join(", ")));
+                }
+                if !v.nics.contains(&nic) {
+                    return Response::refused(format!("NIC `{nic}` is not a candidate for {vip} (candidates: {})", v.nics.join(", ")));
+                }
+                if !self.links.get(&nic).is_some_and(|l| l.up) {
+                    return Response::refused(format!("NIC `{nic}` is down; refusing to bind {vip} to it"));
+                }
+                let Ok(info) = self.dp.maps.vips.get(&VipKey::from(vip), 0) else {
+                    return Response::refused(format!("{vip} is not in the dataplane yet"));
+                };
+                self.state.pins.insert(vip, nic.clone());
+                let current = self.current(info.id).ok().and_then(|(c, _)| c);
+                let msg = if current.as_deref() == Some(nic.as_str()) {
+                    format!("{vip} is on {nic}; pinned there")
+                } else if let Err(e) = self.bind(vip, info.id, &nic, Reason::Operator) {
+                    self.state.pins.remove(&vip);
+                    return Response::refused(format!("binding failed: {e:#}"));
+                } else {
+                    format!("{vip} moved from {} to {nic}; pinned there", current.as_deref().unwrap_or("-"))
+                };
+                match self.save() {
+                    Ok(()) => Response::ok(msg),
+                    Err(e) => Response::refused(format!("{msg}, but saving the pin failed: {e:#}")),
+                }
+            }
+            Request::Unbind { vip } => {
+                if self.state.pins.remove(&vip).is_none() {
+                    return Response::refused(format!("{vip} is not pinned (nothing to unbind)"));
+                }
+                self.place_all(Some(vip));
+                let now = self
+                    .dp
+                    .maps
+                    .vips
+                    .get(&VipKey::from(vip), 0)
+                    .ok()
+                    .and_then(|i| self.current(i.id).ok())
+                    .and_then(|(c, _)| c)
+                    .unwrap_or_else(|| "-".into());
+                if let Err(e) = self.save() {
+                    return Response::refused(format!("saving state failed: {e:#}"));
+                }
+                Response::ok(format!("{vip} unpinned; automatic placement keeps it on {now}"))
+            }
+        }
     }
 
     async fn reload(&mut self) {
@@ -172,6 +371,35 @@ impl Node {
     }
 }
 
+/// Accepts control connections and forwards each request to the node's task.
+fn serve_control(listener: UnixListener, tx: mpsc::Sender<Event>) {
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let (r, mut w) = stream.into_split();
+                let mut line = String::new();
+                if BufReader::new(r).read_line(&mut line).await.is_err() {
+                    return;
+                }
+                let resp = match serde_json::from_str::<Request>(&line) {
+                    Ok(req) => {
+                        let (otx, orx) = oneshot::channel();
+                        if tx.send(Event::Control(req, otx)).await.is_err() {
+                            return;
+                        }
+                        orx.await.unwrap_or_else(|_| Response::refused("havipd is stopping"))
+                    }
+                    Err(e) => Response::refused(format!("bad request: {e}")),
+                };
+                let mut out = serde_json::to_string(&resp).unwrap_or_default();
+                out.push('\n');
+                let _ = w.write_all(out.as_bytes()).await;
+            });
+        }
+    });
+}
+
 async fn serve(opts: DaemonOptions) -> anyhow::Result<()> {
     // Validate before touching anything.
     let cfg = Config::load(&opts.config)?;
@@ -191,21 +419,36 @@ async fn serve(opts: DaemonOptions) -> anyhow::Result<()> {
     state.pid = Some(std::process::id());
     state.config_path = Some(std::fs::canonicalize(&opts.config).unwrap_or(opts.config.clone()));
     state.netns = opts.netns.clone();
-    let mut node = Node { opts, nl, dp, state };
+    std::fs::create_dir_all(&opts.run_dir)?;
+    // Subscribe to link events before reading link states, so no change falls in between.
+    let mut link_events = crate::netlink::watch_links()?;
+    let mut node = Node { opts, nl, dp, state, cfg: cfg.clone(), nics: BTreeMap::new(), links: BTreeMap::new() };
     if adopting {
         info!(pins = %node.opts.pin_root.display(), "adopting the pinned dataplane");
     }
     node.state.generation += 1;
     let summary = node.apply(&cfg, &res).await.context("applying the configuration")?;
     node.state.last_apply = Some(ApplyStatus::now(true, summary.clone()));
+
+    let sock = control::socket_path(&node.opts.run_dir);
+    let _ = std::fs::remove_file(&sock);
+    let listener = UnixListener::bind(&sock).with_context(|| format!("binding {}", sock.display()))?;
+    std::fs::set_permissions(&sock, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    let (tx, mut rx) = mpsc::channel(256);
+    serve_control(listener, tx);
     node.save()?;
     info!(config = %node.opts.config.display(), vips = cfg.vips.len(), mappings = cfg.remaps.len(), %summary, "havipd ready");
 
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         tokio::select! {
+            Some((link, deleted)) = link_events.recv() => node.on_link(link, deleted),
+            Some(Event::Control(req, reply)) = rx.recv() => { let _ = reply.send(node.on_control(req)); }
+            _ = tick.tick() => { node.place_all(None); }
             _ = hup.recv() => {
                 info!("SIGHUP: reloading");
                 node.reload().await;
@@ -216,6 +459,7 @@ async fn serve(opts: DaemonOptions) -> anyhow::Result<()> {
     }
     // The dataplane stays: pinned programs keep serving traffic until `havip down`.
     node.state.pid = None;
+    let _ = std::fs::remove_file(&sock);
     if let Err(e) = node.save() {
         warn!(error = %e, "cannot write the state file");
     }

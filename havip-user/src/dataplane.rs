@@ -17,7 +17,9 @@ use aya::{
     util::nr_cpus,
     Ebpf, EbpfLoader,
 };
-use havip_common::{maps as m, NicInfo, PortValue, RemapKey, VipCounters, VipInfo, VipKey, VipSlot};
+use havip_common::{
+    maps as m, Binding, NicCounters, NicInfo, PortValue, RemapKey, VipCounters, VipInfo, VipKey, VipSlot,
+};
 use tracing::{info, warn};
 
 use crate::{
@@ -45,6 +47,8 @@ pub struct Maps {
     pub remap_out: HashMap<MapData, RemapKey, PortValue>,
     pub port_bitmap: Array<MapData, u64>,
     pub nics: HashMap<MapData, u32, NicInfo>,
+    pub bindings: Array<MapData, Binding>,
+    pub nic_stats: PerCpuArray<MapData, NicCounters>,
     pub vip_stats: PerCpuArray<MapData, VipCounters>,
     pub outcomes: PerCpuArray<MapData, u64>,
 }
@@ -66,6 +70,8 @@ impl Maps {
             remap_out: open_pinned(pins, m::REMAP_OUT)?.try_into()?,
             port_bitmap: open_pinned(pins, m::PORT_BITMAP)?.try_into()?,
             nics: open_pinned(pins, m::NICS)?.try_into()?,
+            bindings: open_pinned(pins, m::BINDINGS)?.try_into()?,
+            nic_stats: open_pinned(pins, m::NIC_STATS)?.try_into()?,
             vip_stats: open_pinned(pins, m::VIP_STATS)?.try_into()?,
             outcomes: open_pinned(pins, m::OUTCOMES)?.try_into()?,
         })
@@ -133,7 +139,38 @@ impl Maps {
         let n = nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
         let zeros = PerCpuValues::try_from(vec![VipCounters::default(); n])?;
         self.vip_stats.set(id, zeros, 0)?;
+        // A new VIP starts unbound; a freed id forgets its NIC.
+        self.bindings.set(id, Binding::default(), 0)?;
         Ok(())
+    }
+
+    pub fn binding(&self, vip_id: u32) -> anyhow::Result<Binding> {
+        Ok(self.bindings.get(&vip_id, 0)?)
+    }
+
+    /// Moves a VIP: one array element, read by both programs on their next packet.
+    pub fn set_binding(&mut self, vip_id: u32, b: Binding) -> anyhow::Result<()> {
+        Ok(self.bindings.set(vip_id, b, 0)?)
+    }
+
+    pub fn zero_nic_stats(&mut self, index: u32) -> anyhow::Result<()> {
+        let n = nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
+        self.nic_stats.set(index, PerCpuValues::try_from(vec![NicCounters::default(); n])?, 0)?;
+        Ok(())
+    }
+
+    /// A NIC's counters summed over CPUs.
+    pub fn nic_counters(&self, index: u32) -> anyhow::Result<NicCounters> {
+        let mut t = NicCounters::default();
+        for c in self.nic_stats.get(&index, 0)?.iter() {
+            t.rx_packets += c.rx_packets;
+            t.rx_bytes += c.rx_bytes;
+            t.tx_packets += c.tx_packets;
+            t.tx_bytes += c.tx_bytes;
+            t.arp_replies += c.arp_replies;
+            t.nd_replies += c.nd_replies;
+        }
+        Ok(t)
     }
 
     /// A VIP's counters summed over CPUs.
@@ -142,6 +179,7 @@ impl Maps {
         for c in self.vip_stats.get(&id, 0)?.iter() {
             total.rx.add(&c.rx);
             total.tx.add(&c.tx);
+            total.wire.add(&c.wire);
         }
         Ok(total)
     }
@@ -161,15 +199,25 @@ impl Maps {
     }
 
     pub fn nic_names(&self) -> BTreeMap<u32, String> {
-        self.nics
-            .iter()
-            .flatten()
-            .map(|(ifindex, info)| {
-                let end = info.name.iter().position(|&b| b == 0).unwrap_or(info.name.len());
-                (ifindex, String::from_utf8_lossy(&info.name[..end]).into_owned())
-            })
-            .collect()
+        self.nics.iter().flatten().map(|(ifindex, info)| (ifindex, nic_name(&info))).collect()
     }
+
+    /// ifindex -> NIC info, for every NIC havip runs on.
+    pub fn nic_infos(&self) -> BTreeMap<u32, NicInfo> {
+        self.nics.iter().flatten().collect()
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of bpf_ktime_get_ns, used for binding ages.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+pub fn nic_name(info: &NicInfo) -> String {
+    let end = info.name.iter().position(|&b| b == 0).unwrap_or(info.name.len());
+    String::from_utf8_lossy(&info.name[..end]).into_owned()
 }
 
 /// How a NIC ended up attached.
@@ -312,9 +360,9 @@ impl Dataplane {
         Ok(false)
     }
 
-    /// Records a NIC's identity for the CLI and the programs.
-    pub fn set_nic(&mut self, ifindex: u32, name: &str, mac: [u8; 6]) -> anyhow::Result<()> {
-        let mut info = NicInfo { mac, ..Default::default() };
+    /// Records a NIC's identity for the CLI and the programs; `index` is its `NIC_STATS` slot.
+    pub fn set_nic(&mut self, ifindex: u32, name: &str, mac: [u8; 6], index: u32) -> anyhow::Result<()> {
+        let mut info = NicInfo { mac, index, ..Default::default() };
         let n = name.len().min(15);
         info.name[..n].copy_from_slice(&name.as_bytes()[..n]);
         self.maps.nics.insert(ifindex, info, 0)?;

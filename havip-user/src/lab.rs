@@ -207,7 +207,7 @@ pub fn run(opts: LabOptions) -> anyhow::Result<()> {
             break;
         }
         std::thread::sleep(Duration::from_secs_f64(opts.every.max(0.2)));
-        let snap = Snapshot::read(&pins)?;
+        let snap = Snapshot::read(&pins, crate::state::State::load(Path::new(RUN)).ok().flatten().as_ref())?;
         println!("── {:>5.1}s ────────────────────────────────────────────────────────────", started.elapsed().as_secs_f64());
         for l in client_out.lock().unwrap().iter() {
             println!("{l}");

@@ -1,7 +1,10 @@
 //! havip's controller library: configuration, planning, the dataplane handle, the daemon,
 //! live stats and the lab. `havipd` and `havip` are thin binaries over it.
 
+pub mod announce;
+pub mod binder;
 pub mod cli;
+pub mod control;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;

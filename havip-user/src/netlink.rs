@@ -17,7 +17,52 @@ pub struct LinkInfo {
     pub name: String,
     pub index: u32,
     pub mac: [u8; 6],
+    /// Administratively up and with carrier (IFF_UP and IFF_LOWER_UP).
     pub up: bool,
+}
+
+impl LinkInfo {
+    pub fn from_message(msg: &netlink_packet_route::link::LinkMessage) -> Option<Self> {
+        let mut mac = [0u8; 6];
+        let mut name = None;
+        for attr in &msg.attributes {
+            match attr {
+                LinkAttribute::Address(a) if a.len() == 6 => mac.copy_from_slice(a),
+                LinkAttribute::IfName(n) => name = Some(n.clone()),
+                _ => {}
+            }
+        }
+        let flags = &msg.header.flags;
+        Some(Self { name: name?, index: msg.header.index, mac, up: flags.contains(&LinkFlag::Up) && flags.contains(&LinkFlag::LowerUp) })
+    }
+}
+
+/// Streams link changes (RTMGRP_LINK): `(link, deleted)`. Runs until the socket closes.
+pub fn watch_links() -> anyhow::Result<tokio::sync::mpsc::UnboundedReceiver<(LinkInfo, bool)>> {
+    use futures::StreamExt;
+    use netlink_packet_core::NetlinkPayload;
+    use netlink_sys::AsyncSocket;
+    use netlink_packet_route::RouteNetlinkMessage;
+    let (mut conn, _handle, mut messages) = rtnetlink::new_connection().context("opening an rtnetlink socket")?;
+    let addr = netlink_sys::SocketAddr::new(0, libc::RTMGRP_LINK as u32);
+    conn.socket_mut().socket_mut().bind(&addr).context("subscribing to link events")?;
+    tokio::spawn(conn);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some((msg, _)) = messages.next().await {
+            let event = match msg.payload {
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(l)) => LinkInfo::from_message(&l).map(|i| (i, false)),
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(l)) => LinkInfo::from_message(&l).map(|i| (i, true)),
+                _ => None,
+            };
+            if let Some(e) = event {
+                if tx.send(e).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    Ok(rx)
 }
 
 #[derive(Clone)]
@@ -37,18 +82,7 @@ impl Netlink {
     pub async fn link(&self, name: &str) -> anyhow::Result<Option<LinkInfo>> {
         let mut links = self.handle.link().get().match_name(name.to_string()).execute();
         match links.try_next().await {
-            Ok(Some(msg)) => {
-                let mut mac = [0u8; 6];
-                for attr in &msg.attributes {
-                    if let LinkAttribute::Address(a) = attr {
-                        if a.len() == 6 {
-                            mac.copy_from_slice(a);
-                        }
-                    }
-                }
-                let up = msg.header.flags.contains(&LinkFlag::Up);
-                Ok(Some(LinkInfo { name: name.to_string(), index: msg.header.index, mac, up }))
-            }
+            Ok(Some(msg)) => Ok(LinkInfo::from_message(&msg)),
             Ok(None) => Ok(None),
             // The kernel answers ENODEV for an unknown name.
             Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),

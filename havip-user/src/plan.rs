@@ -11,19 +11,18 @@ use havip_common::{
 
 use crate::config::Config;
 
-/// The dataplane state a configuration asks for. NIC names are resolved to ifindexes.
+/// The dataplane state a configuration asks for (which NIC owns each VIP is the binder's
+/// business, see `binder`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Desired {
-    /// VIP -> ifindex of the NIC that serves it.
-    pub vips: BTreeMap<VipKey, u32>,
+    pub vips: BTreeSet<VipKey>,
     /// (VIP, protocol, designated port) -> instance port, ports in host order.
     pub remaps: BTreeMap<(VipKey, u8, u16), u16>,
 }
 
 impl Desired {
-    /// `ifindex` resolves a NIC name (validated before: every name resolves).
-    pub fn from_config(cfg: &Config, ifindex: impl Fn(&str) -> u32) -> Self {
-        let vips = cfg.vips.iter().map(|v| (VipKey::from(v.address), ifindex(&v.nics[0]))).collect();
+    pub fn from_config(cfg: &Config) -> Self {
+        let vips = cfg.vips.iter().map(|v| VipKey::from(v.address)).collect();
         let remaps = cfg
             .remaps
             .iter()
@@ -100,13 +99,13 @@ pub fn plan(desired: &Desired, actual: &Actual) -> Changes {
     let used: BTreeSet<u32> = actual.vips.values().map(|v| v.id).collect();
     let mut free_ids = (0u32..).filter(|id| !used.contains(id));
     let mut ids: BTreeMap<VipKey, u32> = BTreeMap::new();
-    for (key, &ifindex) in &desired.vips {
+    for key in &desired.vips {
         let info = match actual.vips.get(key) {
-            Some(old) => VipInfo { nic_ifindex: ifindex, ..*old },
+            Some(old) => *old,
             None => {
                 let id = free_ids.next().expect("ids are u32, VIP count is bounded");
                 ch.zero_new_stats.push(id);
-                VipInfo { id, nic_ifindex: ifindex, flags: 0, _pad: 0 }
+                VipInfo { id, ..Default::default() }
             }
         };
         ids.insert(*key, info.id);
@@ -115,7 +114,7 @@ pub fn plan(desired: &Desired, actual: &Actual) -> Changes {
         }
     }
     for (key, old) in &actual.vips {
-        if !desired.vips.contains_key(key) {
+        if !desired.vips.contains(key) {
             ch.vip_deletes.push(*key);
             ch.zero_freed_stats.push(old.id);
         }
@@ -142,7 +141,7 @@ pub fn plan(desired: &Desired, actual: &Actual) -> Changes {
 
     // Fast-path slots: the lowest address among the VIPs hashing to a slot owns it.
     let mut groups: BTreeMap<u32, Vec<VipKey>> = BTreeMap::new();
-    for key in desired.vips.keys() {
+    for key in &desired.vips {
         groups.entry(vip_slot(key)).or_default().push(*key);
     }
     let inline = |want: &BTreeMap<RemapKey, PortValue>, id: u32| -> ([InlineRemap; INLINE_REMAPS], bool) {
@@ -156,8 +155,7 @@ pub fn plan(desired: &Desired, actual: &Actual) -> Changes {
     let mut want_slots = BTreeMap::new();
     for (&idx, keys) in &groups {
         let owner = keys[0];
-        let info = VipInfo { id: ids[&owner], nic_ifindex: desired.vips[&owner], ..Default::default() };
-        let info = ch.vip_upserts.iter().find(|(k, _)| *k == owner).map(|(_, i)| *i).or(actual.vips.get(&owner).copied()).unwrap_or(info);
+        let info = VipInfo { id: ids[&owner], ..Default::default() };
         let (remap_in, in_overflow) = inline(&want_in, info.id);
         let (remap_out, out_overflow) = inline(&want_out, info.id);
         let mut flags = SLOT_OWNED;
@@ -233,7 +231,7 @@ mod tests {
 
     fn desired(vips: &[&str], remaps: &[(&str, u16, u16)]) -> Desired {
         Desired {
-            vips: vips.iter().map(|v| (key(v), 7)).collect(),
+            vips: vips.iter().map(|v| key(v)).collect(),
             remaps: remaps.iter().map(|&(v, d, i)| ((key(v), 6, d), i)).collect(),
         }
     }
@@ -352,15 +350,5 @@ mod tests {
         assert!(a.slots.is_empty());
     }
 
-    #[test]
-    fn nic_change_updates_the_vip_in_place() {
-        let mut a = Actual::default();
-        converge(&desired(&["198.18.0.1"], &[]), &mut a);
-        let mut d = desired(&["198.18.0.1"], &[]);
-        d.vips.insert(key("198.18.0.1"), 9);
-        let ch = converge(&d, &mut a);
-        assert_eq!(ch.vip_upserts.len(), 1);
-        assert_eq!(a.vips[&key("198.18.0.1")].nic_ifindex, 9);
-        assert!(ch.zero_new_stats.is_empty());
-    }
+
 }

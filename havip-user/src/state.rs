@@ -23,6 +23,12 @@ pub struct State {
     pub nics: Vec<String>,
     /// VIP addresses havip added (and so will remove), with their interface.
     pub addresses: Vec<InstalledAddress>,
+    /// Operator pins: VIP -> NIC (`havip bind`).
+    #[serde(default)]
+    pub pins: std::collections::BTreeMap<IpAddr, String>,
+    /// sysctls havipd changed, with the value to restore on `havip down`.
+    #[serde(default)]
+    pub sysctls: Vec<(PathBuf, String)>,
     /// Bumped on every apply attempt; `havip reload` waits for it to move.
     pub generation: u64,
     pub last_apply: Option<ApplyStatus>,

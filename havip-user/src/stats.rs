@@ -2,21 +2,39 @@
 
 use std::{collections::BTreeMap, net::IpAddr, time::Instant};
 
-use havip_common::{Direction, DirCounters, Outcome, VipCounters};
+use havip_common::{Direction, DirCounters, NicCounters, Outcome, VipCounters, WireCounters};
 use serde::Serialize;
 
-use crate::{config::Protocol, dataplane::Maps, pins::PinLayout};
+use crate::{
+    config::Protocol,
+    dataplane::{monotonic_ns, nic_name, Maps},
+    pins::PinLayout,
+};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct VipStats {
     pub vip: IpAddr,
     pub id: u32,
-    /// The NIC serving the VIP (name when known, else `if<index>`).
+    /// The NIC that owns the VIP ("-" when unbound).
     pub nic: String,
+    /// Seconds since the VIP was bound to that NIC.
+    pub bound_for_secs: Option<f64>,
+    /// Moves between NICs so far.
+    pub moves: u64,
+    /// The operator's pin, if any (from havipd's state file).
+    pub pinned: Option<String>,
     /// (protocol, designated port, instance port)
     pub mappings: Vec<MappingRow>,
     pub rx: DirCounters,
     pub tx: DirCounters,
+    pub wire: WireCounters,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct NicStats {
+    pub nic: String,
+    pub ifindex: u32,
+    pub counters: NicCounters,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq, PartialOrd, Ord)]
@@ -29,6 +47,7 @@ pub struct MappingRow {
 #[derive(Debug, Clone, Serialize)]
 pub struct Snapshot {
     pub vips: Vec<VipStats>,
+    pub nics: Vec<NicStats>,
     /// Packets by outcome, per direction: what the programs did with everything they saw.
     pub outcomes: BTreeMap<String, BTreeMap<String, u64>>,
     #[serde(skip)]
@@ -36,7 +55,8 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    pub fn read(pins: &PinLayout) -> anyhow::Result<Self> {
+    /// Reads the pinned maps; `state` (havipd's state file, if any) adds operator pins.
+    pub fn read(pins: &PinLayout, state: Option<&crate::state::State>) -> anyhow::Result<Self> {
         let maps = Maps::open(pins)?;
         let nic_names = maps.nic_names();
         let actual = maps.read_actual()?;
@@ -49,16 +69,26 @@ impl Snapshot {
             });
         }
         let mut vips = Vec::new();
+        let now = monotonic_ns();
         for (key, info) in &actual.vips {
-            let VipCounters { rx, tx } = maps.vip_counters(info.id)?;
-            let nic = nic_names.get(&info.nic_ifindex).cloned().unwrap_or_else(|| match info.nic_ifindex {
-                0 => "-".into(),
-                i => format!("if{i}"),
-            });
+            let VipCounters { rx, tx, wire } = maps.vip_counters(info.id)?;
+            let b = maps.binding(info.id)?;
+            let nic = match b.ifindex {
+                0 => "-".to_string(),
+                i => nic_names.get(&i).cloned().unwrap_or_else(|| format!("if{i}")),
+            };
+            let bound_for_secs = (b.ifindex != 0).then(|| now.saturating_sub(b.bound_at_ns) as f64 / 1e9);
             let mut m = mappings.remove(&info.id).unwrap_or_default();
             m.sort();
-            vips.push(VipStats { vip: key.to_ip(), id: info.id, nic, mappings: m, rx, tx });
+            let vip = key.to_ip();
+            let pinned = state.and_then(|s| s.pins.get(&vip).cloned());
+            vips.push(VipStats { vip, id: info.id, nic, bound_for_secs, moves: b.moves, pinned, mappings: m, rx, tx, wire });
         }
+        let mut nics = Vec::new();
+        for (ifindex, info) in maps.nic_infos() {
+            nics.push(NicStats { nic: nic_name(&info), ifindex, counters: maps.nic_counters(info.index)? });
+        }
+        nics.sort_by(|a, b| a.nic.cmp(&b.nic));
         vips.sort_by_key(|v| (v.vip.is_ipv6(), v.vip));
         let totals = maps.outcome_totals()?;
         let mut outcomes = BTreeMap::new();
@@ -67,7 +97,7 @@ impl Snapshot {
                 Outcome::ALL.iter().map(|o| (o.name().to_string(), totals[o.index(dir) as usize])).collect();
             outcomes.insert(name.to_string(), per);
         }
-        Ok(Self { vips, outcomes, taken: Some(Instant::now()) })
+        Ok(Self { vips, nics, outcomes, taken: Some(Instant::now()) })
     }
 
     pub fn vip(&self, ip: IpAddr) -> Option<&VipStats> {
@@ -82,6 +112,15 @@ pub fn human(n: u64) -> String {
         10_000..=9_999_999 => format!("{:.1}k", n as f64 / 1e3),
         10_000_000..=9_999_999_999 => format!("{:.1}M", n as f64 / 1e6),
         _ => format!("{:.1}G", n as f64 / 1e9),
+    }
+}
+
+fn human_secs(s: f64) -> String {
+    match s {
+        s if s < 120.0 => format!("{s:.1}s"),
+        s if s < 7200.0 => format!("{:.0}m", s / 60.0),
+        s if s < 172_800.0 => format!("{:.0}h", s / 3600.0),
+        s => format!("{:.0}d", s / 86400.0),
     }
 }
 
@@ -127,12 +166,39 @@ pub fn render_table(now: &Snapshot, prev: Option<&Snapshot>) -> String {
             human(v.rx.remapped + v.tx.remapped),
             human(v.rx.dropped + v.tx.dropped)
         ));
+        let age = v.bound_for_secs.map(human_secs).unwrap_or_else(|| "-".into());
+        out.push_str(&format!(
+            "  bound {age} ago, {} move(s){}; misdirected {}, steered {}, arp/nd answered {}/{}, dropped on other NICs {}\n",
+            v.moves,
+            v.pinned.as_ref().map(|p| format!(", pinned to {p}")).unwrap_or_default(),
+            human(v.wire.misdirected),
+            human(v.wire.steered),
+            human(v.wire.arp_replies),
+            human(v.wire.nd_replies),
+            human(v.wire.neigh_dropped),
+        ));
         for m in &v.mappings {
             out.push_str(&format!("  {} :{} -> :{}\n", m.protocol, m.designated_port, m.instance_port));
         }
     }
     if now.vips.is_empty() {
         out.push_str("(no VIPs configured)\n");
+    }
+    if !now.nics.is_empty() {
+        out.push_str(&format!("\n{:<10} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8}\n", "NIC", "VIP IN", "IN BYTES", "VIP OUT", "OUT BYTES", "ARP ANS", "ND ANS"));
+        for n in &now.nics {
+            let c = &n.counters;
+            out.push_str(&format!(
+                "{:<10} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8}\n",
+                n.nic,
+                human(c.rx_packets),
+                human_bytes(c.rx_bytes),
+                human(c.tx_packets),
+                human_bytes(c.tx_bytes),
+                human(c.arp_replies),
+                human(c.nd_replies)
+            ));
+        }
     }
     let interesting: Vec<String> = now
         .outcomes

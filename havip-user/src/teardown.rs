@@ -35,8 +35,9 @@ pub fn down(pin_root: &Path, run_dir: &Path) -> anyhow::Result<DownReport> {
         report.removed_pins = true;
     }
     if let Some(state) = &state {
-        if !state.addresses.is_empty() {
+        if !state.addresses.is_empty() || !state.sysctls.is_empty() {
             let addresses = state.addresses.clone();
+            let sysctls = state.sysctls.clone();
             let ns = state.netns.clone();
             report.removed_addresses = addresses.len();
             // Address removal is netns-bound: do it on a thread inside the namespace.
@@ -48,6 +49,10 @@ pub fn down(pin_root: &Path, run_dir: &Path) -> anyhow::Result<DownReport> {
                         if let Some(l) = nl.link(&a.interface).await? {
                             nl.del_address(l.index, a.address).await?;
                         }
+                    }
+                    // Settings havipd changed go back (the NIC may be gone: fine).
+                    for (path, old) in &sysctls {
+                        let _ = std::fs::write(path, old);
                     }
                     anyhow::Ok(())
                 })

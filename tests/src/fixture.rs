@@ -35,7 +35,7 @@ impl Fixture {
         let root = format!("/sys/fs/bpf/{}", crate::unique("havip-fx"));
         let mut dp = Dataplane::open(root.as_ref()).expect("loading the programs");
         let cfg = Config::parse(config, "fixture").unwrap_or_else(|e| panic!("{e}"));
-        let desired = Desired::from_config(&cfg, |_| 1);
+        let desired = Desired::from_config(&cfg);
         let ch = plan(&desired, &dp.maps.read_actual().unwrap());
         dp.maps.apply(&ch).unwrap();
         Self { dp, pins: PinLayout::new(root) }
@@ -78,6 +78,15 @@ impl Fixture {
 
     pub fn outcome(&self, dir: Direction, o: Outcome) -> u64 {
         self.dp.maps.outcome_totals().unwrap()[o.index(dir) as usize]
+    }
+
+    /// Binds a VIP to `ifindex` with `mac` (BPF_PROG_RUN runs XDP as if received on the
+    /// test's loopback, ifindex 1; TC as if sent by it).
+    pub fn bind(&mut self, ip: &str, ifindex: u32, mac: [u8; 6]) {
+        let key = VipKey::from(ip.parse::<IpAddr>().unwrap());
+        let info = self.dp.maps.vips.get(&key, 0).expect("not a VIP");
+        let b = havip_common::Binding { ifindex, nic_index: 0, mac, ..Default::default() };
+        self.dp.maps.set_binding(info.id, b).unwrap();
     }
 
     pub fn vip(&self, ip: &str) -> VipCounters {

@@ -136,3 +136,45 @@ pub fn fix_ipv4_header_checksum(frame: &mut [u8], l3: usize) {
     let c = !(sum as u16);
     frame[l3 + 10..l3 + 12].copy_from_slice(&c.to_be_bytes());
 }
+
+/// A neighbour solicitation for `target` from `src` (`::` for DAD), to its solicited-node
+/// group, with a source link-layer address option unless `with_slla` is false or DAD.
+pub fn neighbor_solicitation(src: std::net::Ipv6Addr, target: std::net::Ipv6Addr, with_slla: bool) -> Vec<u8> {
+    let t = target.octets();
+    let dst: [u8; 16] = [0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0xff, t[13], t[14], t[15]];
+    let mut icmp = vec![135u8, 0, 0, 0, 0, 0, 0, 0];
+    icmp.extend_from_slice(&t);
+    if with_slla && !src.is_unspecified() {
+        icmp.extend_from_slice(&[1, 1]);
+        icmp.extend_from_slice(&CLIENT_MAC);
+    }
+    let c = icmpv6_checksum(&src.octets(), &dst, &icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut f = vec![0x33, 0x33, 0xff, t[13], t[14], t[15]];
+    f.extend_from_slice(&CLIENT_MAC);
+    f.extend_from_slice(&[0x86, 0xdd, 0x60, 0, 0, 0]);
+    f.extend_from_slice(&(icmp.len() as u16).to_be_bytes());
+    f.extend_from_slice(&[58, 255]);
+    f.extend_from_slice(&src.octets());
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&icmp);
+    f
+}
+
+/// The ICMPv6 checksum over pseudo-header and message (checksum field as given).
+pub fn icmpv6_checksum(src: &[u8; 16], dst: &[u8; 16], msg: &[u8]) -> u16 {
+    let mut bytes = Vec::new();
+    bytes.extend_from_slice(src);
+    bytes.extend_from_slice(dst);
+    bytes.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    bytes.extend_from_slice(&[0, 0, 0, 58]);
+    bytes.extend_from_slice(msg);
+    if bytes.len() % 2 == 1 {
+        bytes.push(0);
+    }
+    let mut sum: u64 = bytes.chunks(2).map(|c| u16::from_be_bytes([c[0], c[1]]) as u64).sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}

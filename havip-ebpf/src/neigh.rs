@@ -1,0 +1,201 @@
+//! Ownership on the wire: ARP requests and IPv6 neighbour solicitations for a VIP are
+//! answered in XDP by the NIC that owns the VIP (the reply is built in place and sent back
+//! with XDP_TX, from that NIC's MAC) and dropped on every other NIC, so exactly one NIC
+//! ever answers for a VIP. Requests for other addresses go to the kernel untouched.
+
+use core::mem::size_of;
+
+use aya_ebpf::{
+    bindings::xdp_action::{XDP_DROP, XDP_TX},
+    helpers::bpf_xdp_adjust_tail,
+    programs::XdpContext,
+};
+use havip_common::{Binding, Outcome, VipKey};
+
+use crate::{
+    ingress::XdpPacket,
+    parse::{rd, EthHdr, Ipv6Hdr, Packet, PacketMeta},
+    stats, steer, vips,
+};
+
+/// Packed: the sender protocol address sits at offset 14, which `repr(C)` would pad.
+#[repr(C, packed)]
+struct ArpHdr {
+    htype: u16,
+    ptype: u16,
+    hlen: u8,
+    plen: u8,
+    op: u16,
+    sha: [u8; 6],
+    spa: u32,
+    tha: [u8; 6],
+    tpa: u32,
+}
+
+const _: () = assert!(size_of::<ArpHdr>() == 28);
+const _: () = assert!(size_of::<NdMsg>() == 32);
+
+const ARPOP_REQUEST: u16 = 1u16.to_be();
+const ARPOP_REPLY: u16 = 2u16.to_be();
+
+/// The VIP's binding, or why not to answer here: a VIP owned by another NIC (or by none)
+/// is dropped, so only the owner answers.
+#[inline(always)]
+fn owner_here(ctx: &XdpContext, vip_id: u32) -> Result<&'static Binding, Outcome> {
+    match steer::binding(vip_id) {
+        Some(b) if b.ifindex == ctx.ingress_ifindex() as u32 => Ok(b),
+        _ => {
+            if let Some(c) = stats::vip_wire(vip_id) {
+                c.neigh_dropped += 1;
+            }
+            Err(Outcome::NeighDropped)
+        }
+    }
+}
+
+/// Handles an ARP packet. `Err(NotIp)` passes it to the kernel.
+#[inline(always)]
+pub fn arp(ctx: &XdpContext, l3_off: usize) -> Result<(u32, Outcome), Outcome> {
+    let pkt = XdpPacket(ctx);
+    let arp: *mut ArpHdr = pkt.header(l3_off).ok_or(Outcome::Malformed)?;
+    let a = unsafe { &mut *arp };
+    // Ethernet/IPv4 requests only; replies and other hardware pass.
+    let (htype, ptype, op) = (a.htype, a.ptype, a.op);
+    if htype != 1u16.to_be() || ptype != 0x0800u16.to_be() || a.hlen != 6 || a.plen != 4 || op != ARPOP_REQUEST {
+        return Err(Outcome::NotIp);
+    }
+    let target = a.tpa;
+    let vip = vips::lookup(VipKey::v4_words(target)).ok_or(Outcome::NotIp)?;
+    let b = match owner_here(ctx, vip.id) {
+        Ok(b) => b,
+        Err(o) => return Ok((XDP_DROP, o)),
+    };
+    let eth: *mut EthHdr = pkt.header(0).ok_or(Outcome::Malformed)?;
+    unsafe {
+        // Reply to the asker, from the owner's MAC: "VIP is at b.mac".
+        (*eth).dst = a.sha;
+        (*eth).src = b.mac;
+        a.op = ARPOP_REPLY;
+        a.tha = a.sha;
+        a.tpa = a.spa;
+        a.sha = b.mac;
+        a.spa = target;
+    }
+    count_reply(vip.id, b, Outcome::ArpReplied);
+    Ok((XDP_TX, Outcome::ArpReplied))
+}
+
+#[inline(always)]
+fn count_reply(vip_id: u32, b: &Binding, o: Outcome) {
+    let arp = o == Outcome::ArpReplied;
+    if let Some(c) = stats::vip_wire(vip_id) {
+        if arp { c.arp_replies += 1 } else { c.nd_replies += 1 }
+    }
+    if let Some(n) = stats::nic(b.nic_index) {
+        if arp { n.arp_replies += 1 } else { n.nd_replies += 1 }
+    }
+}
+
+/// ICMPv6 neighbour solicitation / advertisement body with one link-layer address option:
+/// exactly what havip sends (RFC 4861 4.3, 4.4).
+#[repr(C)]
+struct NdMsg {
+    icmp_type: u8,
+    code: u8,
+    check: u16,
+    flags: u32,
+    target: [u64; 2],
+    opt_type: u8,
+    opt_len: u8,
+    opt_mac: [u8; 6],
+}
+
+const ICMPV6_NS: u8 = 135;
+const ICMPV6_NA: u8 = 136;
+/// NA flags as they sit in the first byte: Solicited and Override.
+const NA_SOLICITED: u32 = 0x40;
+const NA_OVERRIDE: u32 = 0x20;
+const ALL_NODES: [u64; 2] = [0x02ff, 0x0100_0000_0000_0000];
+
+/// Handles an ICMPv6 packet if it is a neighbour solicitation for a VIP; `None` lets
+/// normal processing continue.
+#[inline(always)]
+pub fn neighbor_solicitation(ctx: &XdpContext, meta: &PacketMeta) -> Option<Result<(u32, Outcome), Outcome>> {
+    let pkt = XdpPacket(ctx);
+    // The fixed part of an NS: type, code, checksum, reserved, target (24 bytes).
+    let ns: *const [u8; 24] = pkt.header(meta.l4_off)?;
+    if unsafe { (*ns)[0] } != ICMPV6_NS || unsafe { (*ns)[1] } != 0 {
+        return None;
+    }
+    let target: [u64; 2] = rd(unsafe { (ns as *const u8).add(8) } as *const [u64; 2]);
+    let vip = vips::lookup(target)?;
+    let ip: *const Ipv6Hdr = pkt.header(meta.l3_off)?;
+    // RFC 4861 7.1.1: a solicitation not sent with hop limit 255 came from off-link.
+    if rd(unsafe { &raw const (*ip).hop_limit }) != 255 {
+        return Some(Err(Outcome::Malformed));
+    }
+    let b = match owner_here(ctx, vip.id) {
+        Ok(b) => b,
+        Err(o) => return Some(Ok((XDP_DROP, o))),
+    };
+    let asker_ip: [u64; 2] = meta.src;
+    let asker_mac: [u8; 6] = unsafe { (*pkt.header::<EthHdr>(0)?).src };
+
+    // Make the frame exactly headers + NA + one option.
+    let want = meta.l4_off + size_of::<NdMsg>();
+    let have = pkt.end() - pkt.start();
+    if unsafe { bpf_xdp_adjust_tail(ctx.ctx, want as i32 - have as i32) } != 0 {
+        return Some(Err(Outcome::Malformed));
+    }
+    let pkt = XdpPacket(ctx);
+    let eth: *mut EthHdr = pkt.header(0)?;
+    let ip: *mut Ipv6Hdr = pkt.header(meta.l3_off)?;
+    let na: *mut NdMsg = pkt.header(meta.l4_off)?;
+    // DAD probes come from :: and get their answer on all-nodes, unsolicited.
+    let dad = asker_ip[0] == 0 && asker_ip[1] == 0;
+    unsafe {
+        (*eth).src = b.mac;
+        (*eth).dst = if dad { [0x33, 0x33, 0, 0, 0, 1] } else { asker_mac };
+        (*ip).payload_len = (size_of::<NdMsg>() as u16).to_be();
+        (*ip).hop_limit = 255;
+        (*ip).src = target;
+        (*ip).dst = if dad { ALL_NODES } else { asker_ip };
+        (*na).icmp_type = ICMPV6_NA;
+        (*na).code = 0;
+        (*na).check = 0;
+        (*na).flags = if dad { NA_OVERRIDE } else { NA_SOLICITED | NA_OVERRIDE };
+        (*na).target = target;
+        (*na).opt_type = 2; // target link-layer address
+        (*na).opt_len = 1;
+        (*na).opt_mac = b.mac;
+        (*na).check = icmpv6_checksum(&*ip, na);
+    }
+    count_reply(vip.id, b, Outcome::NdReplied);
+    Some(Ok((XDP_TX, Outcome::NdReplied)))
+}
+
+/// ICMPv6 checksum of an NA as built above: pseudo-header (addresses, length, next
+/// header) plus the 32-byte message. Words are summed in memory order, so the folded
+/// result is stored as is (RFC 1071 byte-order independence).
+#[inline(always)]
+fn icmpv6_checksum(ip: &Ipv6Hdr, na: *const NdMsg) -> u16 {
+    let mut acc: u64 = 0;
+    let mut add64 = |w: u64| acc += (w & 0xffff_ffff) + (w >> 32);
+    add64(ip.src[0]);
+    add64(ip.src[1]);
+    add64(ip.dst[0]);
+    add64(ip.dst[1]);
+    // Upper-layer length and next header, as 32-bit big-endian words.
+    add64(((size_of::<NdMsg>() as u32).to_be()) as u64);
+    add64((58u32.to_be()) as u64);
+    let words = na as *const u64;
+    for i in 0..size_of::<NdMsg>() / 8 {
+        add64(rd(unsafe { words.add(i) }));
+    }
+    let mut s = (acc & 0xffff_ffff) + (acc >> 32);
+    s = (s & 0xffff_ffff) + (s >> 32);
+    let mut s32 = s as u32;
+    s32 = (s32 & 0xffff) + (s32 >> 16);
+    s32 = (s32 & 0xffff) + (s32 >> 16);
+    !(s32 as u16)
+}
