@@ -203,8 +203,11 @@ fn run_udp(vips: [&str; 2]) {
         assert_eq!(counter(&v, "rx", "bytes"), wire(MIB), "{v}");
         assert_eq!(counter(&v, "tx", "udp"), datagrams as u64, "{v}");
         assert_eq!(counter(&v, "tx", "remapped"), datagrams as u64, "{v}");
-        // Replies carry one extra byte: the instance's name.
-        assert_eq!(counter(&v, "tx", "bytes"), wire(MIB + datagrams), "{v}");
+        // Replies carry one extra byte: the instance's name. For IPv6, havip's own
+        // unsolicited neighbour advertisements (86-byte frames, sent when the VIP is bound)
+        // leave from the VIP too; IPv4 gratuitous ARPs are not IP.
+        let announcements = counter(&v, "tx", "icmp") * 86;
+        assert_eq!(counter(&v, "tx", "bytes") - announcements, wire(MIB + datagrams), "{v}");
     }
 }
 

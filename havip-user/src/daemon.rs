@@ -126,7 +126,7 @@ impl Node {
             self.dp.set_nic(nic.index, &nic.name, nic.mac, index)?;
             self.nics.insert(nic.name.clone(), Nic { ifindex: nic.index, mac: nic.mac, index });
             self.links.entry(nic.name.clone()).or_insert(LinkState { up: nic.up, since: Instant::now() });
-            self.announce_from_nic_address(&nic.name)?;
+            self.host_settings_for_nic(&nic.name)?;
             if !self.state.nics.contains(&nic.name) {
                 info!(nic = %nic.name, ifindex = nic.index, xdp = report.xdp_mode, adopted = report.adopted, up = nic.up, "attached");
                 notes.push(format!("attached {} ({})", nic.name, report.xdp_mode));
@@ -202,15 +202,25 @@ impl Node {
         Ok(if notes.is_empty() { "no changes".into() } else { notes.join("; ") })
     }
 
-    /// ARP requests the kernel sends must not claim a VIP from a NIC that does not own it:
-    /// `arp_announce = 2` makes it use the NIC's own address as the sender.
-    fn announce_from_nic_address(&mut self, nic: &str) -> anyhow::Result<()> {
-        let path = PathBuf::from(format!("/proc/sys/net/ipv4/conf/{nic}/arp_announce"));
-        let old = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-        if old.trim() != "2" {
-            std::fs::write(&path, "2").with_context(|| format!("writing {}", path.display()))?;
-            if !self.state.sysctls.iter().any(|(p, _)| *p == path) {
-                self.state.sysctls.push((path, old.trim().to_string()));
+    /// Host settings a multi-NIC VIP node needs on each NIC (restored by `havip down`):
+    /// - `arp_announce = 2`: ARP requests the kernel sends use the NIC's own address as the
+    ///   sender, never a VIP, so no NIC but the owner ever claims a VIP on the wire;
+    /// - `ignore_routes_with_linkdown = 1` (IPv4 and IPv6): a NIC that lost carrier but is
+    ///   administratively up stops attracting routes; otherwise the kernel keeps sending
+    ///   there and waits on neighbour resolution that never completes.
+    fn host_settings_for_nic(&mut self, nic: &str) -> anyhow::Result<()> {
+        for (path, want) in [
+            (format!("/proc/sys/net/ipv4/conf/{nic}/arp_announce"), "2"),
+            (format!("/proc/sys/net/ipv4/conf/{nic}/ignore_routes_with_linkdown"), "1"),
+            (format!("/proc/sys/net/ipv6/conf/{nic}/ignore_routes_with_linkdown"), "1"),
+        ] {
+            let path = PathBuf::from(path);
+            let old = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+            if old.trim() != want {
+                std::fs::write(&path, want).with_context(|| format!("writing {}", path.display()))?;
+                if !self.state.sysctls.iter().any(|(p, _)| *p == path) {
+                    self.state.sysctls.push((path, old.trim().to_string()));
+                }
             }
         }
         Ok(())
@@ -285,10 +295,33 @@ impl Node {
         }
         *state = LinkState { up, since: Instant::now() };
         info!(nic = %link.name, up, "link changed");
+        if !up && !deleted {
+            self.invalidate_ipv6_route_caches(link.index);
+        }
         if deleted {
             warn!(nic = %link.name, "NIC removed; its VIPs move (reload to re-attach if it returns)");
         }
         self.place_all(None);
+    }
+
+    /// Connected sockets cache their route. When a NIC loses carrier, IPv4 drops those
+    /// caches but IPv6 does not (its routes only get `linkdown`), so IPv6 connections keep
+    /// queueing on the dead NIC behind a neighbour entry that never resolves. Removing an
+    /// IPv6 address bumps the kernel's IPv6 route generation, which makes every socket
+    /// route again: havipd adds and removes a throwaway link-local /128 on the dead NIC.
+    fn invalidate_ipv6_route_caches(&self, ifindex: u32) {
+        let nl = self.nl.clone();
+        tokio::spawn(async move {
+            let probe: IpAddr = "fe80::ffff:ffff:ffff:fffe".parse().unwrap();
+            let r = async {
+                nl.add_host_address(ifindex, probe).await?;
+                nl.del_address(ifindex, probe).await
+            }
+            .await;
+            if let Err(e) = r {
+                warn!(ifindex, error = %format!("{e:#}"), "cannot invalidate IPv6 route caches");
+            }
+        });
     }
 
     fn on_control(&mut self, req: Request) -> Response {

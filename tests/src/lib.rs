@@ -5,6 +5,7 @@
 pub mod fixture;
 pub mod packets;
 pub mod topology;
+pub mod wire;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -99,10 +99,14 @@ pub fn l3_offset(vlan: bool) -> usize {
 
 /// An ARP request (who has `target`?) as broadcast on the wire.
 pub fn arp_request(sender: [u8; 4], target: [u8; 4]) -> Vec<u8> {
+    arp_request_from(CLIENT_MAC, sender, target)
+}
+
+pub fn arp_request_from(mac: [u8; 6], sender: [u8; 4], target: [u8; 4]) -> Vec<u8> {
     let mut f = vec![0xff; 6];
-    f.extend_from_slice(&CLIENT_MAC);
+    f.extend_from_slice(&mac);
     f.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0x00, 6, 4, 0, 1]);
-    f.extend_from_slice(&CLIENT_MAC);
+    f.extend_from_slice(&mac);
     f.extend_from_slice(&sender);
     f.extend_from_slice(&[0; 6]);
     f.extend_from_slice(&target);
@@ -140,18 +144,22 @@ pub fn fix_ipv4_header_checksum(frame: &mut [u8], l3: usize) {
 /// A neighbour solicitation for `target` from `src` (`::` for DAD), to its solicited-node
 /// group, with a source link-layer address option unless `with_slla` is false or DAD.
 pub fn neighbor_solicitation(src: std::net::Ipv6Addr, target: std::net::Ipv6Addr, with_slla: bool) -> Vec<u8> {
+    neighbor_solicitation_from(CLIENT_MAC, src, target, with_slla)
+}
+
+pub fn neighbor_solicitation_from(mac: [u8; 6], src: std::net::Ipv6Addr, target: std::net::Ipv6Addr, with_slla: bool) -> Vec<u8> {
     let t = target.octets();
     let dst: [u8; 16] = [0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0xff, t[13], t[14], t[15]];
     let mut icmp = vec![135u8, 0, 0, 0, 0, 0, 0, 0];
     icmp.extend_from_slice(&t);
     if with_slla && !src.is_unspecified() {
         icmp.extend_from_slice(&[1, 1]);
-        icmp.extend_from_slice(&CLIENT_MAC);
+        icmp.extend_from_slice(&mac);
     }
     let c = icmpv6_checksum(&src.octets(), &dst, &icmp);
     icmp[2..4].copy_from_slice(&c.to_be_bytes());
     let mut f = vec![0x33, 0x33, 0xff, t[13], t[14], t[15]];
-    f.extend_from_slice(&CLIENT_MAC);
+    f.extend_from_slice(&mac);
     f.extend_from_slice(&[0x86, 0xdd, 0x60, 0, 0, 0]);
     f.extend_from_slice(&(icmp.len() as u16).to_be_bytes());
     f.extend_from_slice(&[58, 255]);

@@ -37,6 +37,8 @@ pub struct Topology {
     pub run_dir: PathBuf,
     pub config_path: PathBuf,
     daemon: Option<Child>,
+    /// Pass-through XDP programs on switch ports (kept loaded for the topology's life).
+    _peer_xdp: Vec<aya::Ebpf>,
 }
 
 impl Topology {
@@ -58,6 +60,7 @@ impl Topology {
             rtr,
             cli,
             daemon: None,
+            _peer_xdp: Vec::new(),
         };
         veth_pair(&t.srv, "eth0", &t.rtr, "s0").unwrap();
         veth_pair(&t.cli, "eth0", &t.rtr, "c0").unwrap();
@@ -85,6 +88,85 @@ impl Topology {
             ns.exec(&["ethtool", "-K", dev, what, "off"]).unwrap_or_else(|e| panic!("{e}"));
         }
         t
+    }
+
+    /// A server with two NICs on one Ethernet segment with the client (a bridge in the
+    /// middle namespace, `rtr`):
+    ///
+    /// ```text
+    ///  server a0 198.18.20.1 ──┐
+    ///  server b0 198.18.20.2 ──┤ br0 (ports sa, sb, sc) ── client eth0 198.18.20.100
+    /// ```
+    ///
+    /// VIPs in 198.18.20.0/24 and 2001:db8:20::/64 are on-link for the client, so it
+    /// resolves them with ARP/NDP: the steering under test.
+    pub fn switched() -> Self {
+        crate::require_root();
+        let id = crate::unique("");
+        let srv = Netns::create(&format!("hv-srv{id}")).unwrap();
+        let sw = Netns::create(&format!("hv-sw{id}")).unwrap();
+        let cli = Netns::create(&format!("hv-cli{id}")).unwrap();
+        let run_dir = PathBuf::from(format!("/run/havip-test/{id}"));
+        std::fs::create_dir_all(&run_dir).unwrap();
+        let t = Self {
+            pin_root: PathBuf::from(format!("/sys/fs/bpf/havip-test{id}")),
+            config_path: run_dir.join("havip.toml"),
+            run_dir,
+            srv,
+            rtr: sw,
+            cli,
+            daemon: None,
+            _peer_xdp: Vec::new(),
+        };
+        t.rtr.ip(&["link", "add", "br0", "type", "bridge"]).unwrap();
+        t.rtr.ip(&["link", "set", "br0", "up"]).unwrap();
+        veth_pair(&t.srv, "a0", &t.rtr, "sa").unwrap();
+        veth_pair(&t.srv, "b0", &t.rtr, "sb").unwrap();
+        veth_pair(&t.cli, "eth0", &t.rtr, "sc").unwrap();
+        for port in ["sa", "sb", "sc"] {
+            t.rtr.ip(&["link", "set", port, "master", "br0"]).unwrap();
+        }
+        // A frame a veth sends with XDP_TX lands in its peer's XDP ring, which only an XDP
+        // program on the peer drains: give the server NICs' peers a pass-through one.
+        let mut t = t;
+        for port in ["sa", "sb"] {
+            t._peer_xdp.push(pass_through_xdp(&t.rtr, port));
+        }
+        let cmds: [(&Netns, &[&str]); 6] = [
+            (&t.srv, &["addr", "add", "198.18.20.1/24", "dev", "a0"]),
+            (&t.srv, &["addr", "add", "2001:db8:20::1/64", "dev", "a0", "nodad"]),
+            (&t.srv, &["addr", "add", "198.18.20.2/24", "dev", "b0"]),
+            (&t.srv, &["addr", "add", "2001:db8:20::2/64", "dev", "b0", "nodad"]),
+            (&t.cli, &["addr", "add", "198.18.20.100/24", "dev", "eth0"]),
+            (&t.cli, &["addr", "add", "2001:db8:20::100/64", "dev", "eth0", "nodad"]),
+        ];
+        for (ns, args) in cmds {
+            ns.ip(args).unwrap_or_else(|e| panic!("{e}"));
+        }
+        t
+    }
+
+    /// Writes the whole config file.
+    pub fn write_config_raw(&self, text: &str) {
+        std::fs::write(&self.config_path, text).unwrap();
+    }
+
+    /// A link's MAC in namespace `ns`.
+    pub fn mac(ns: &Netns, dev: &str) -> String {
+        let out = ns.ip(&["-br", "link", "show", "dev", dev]).unwrap();
+        out.split_whitespace().nth(2).unwrap_or_default().to_string()
+    }
+
+    /// The client's neighbour entry for `ip`: its MAC, if it has one.
+    pub fn client_neighbour(&self, ip: &str) -> Option<String> {
+        let out = self.cli.ip(&["neigh", "show", ip]).unwrap();
+        let mut f = out.split_whitespace();
+        while let Some(w) = f.next() {
+            if w == "lladdr" {
+                return f.next().map(str::to_string);
+            }
+        }
+        None
     }
 
     /// The config for this node: `[[nic]] eth0` plus `body` (VIPs, services).
@@ -237,6 +319,21 @@ impl Drop for Topology {
             let _ = std::fs::remove_dir(parent);
         }
     }
+}
+
+/// Attaches an XDP program that passes everything (native mode) to `dev` in `ns`.
+pub fn pass_through_xdp(ns: &Netns, dev: &str) -> aya::Ebpf {
+    let dev = dev.to_string();
+    spawn_in(ns, move || {
+        let mut ebpf = aya::EbpfLoader::new().load(havip_user::dataplane::ebpf_object().unwrap()).unwrap();
+        let prog: &mut aya::programs::Xdp =
+            ebpf.program_mut(havip_common::maps::PROG_BASELINE).unwrap().try_into().unwrap();
+        prog.load().unwrap();
+        prog.attach(&dev, aya::programs::XdpMode::Driver).unwrap();
+        ebpf
+    })
+    .join()
+    .unwrap()
 }
 
 /// Spawns `f` on a thread inside namespace `ns`.
