@@ -129,8 +129,9 @@ impl Topology {
         // A frame a veth sends with XDP_TX lands in its peer's XDP ring, which only an XDP
         // program on the peer drains: give the server NICs' peers a pass-through one.
         let mut t = t;
+        let peer_pins = t.peer_pin_dir();
         for port in ["sa", "sb"] {
-            t._peer_xdp.push(pass_through_xdp(&t.rtr, port));
+            t._peer_xdp.push(pass_through_xdp(&t.rtr, port, &peer_pins));
         }
         let cmds: [(&Netns, &[&str]); 6] = [
             (&t.srv, &["addr", "add", "198.18.20.1/24", "dev", "a0"]),
@@ -144,6 +145,13 @@ impl Topology {
             ns.ip(args).unwrap_or_else(|e| panic!("{e}"));
         }
         t
+    }
+
+    /// bpffs directory for the maps of the switch ports' pass-through programs.
+    fn peer_pin_dir(&self) -> PathBuf {
+        let mut p = self.pin_root.clone().into_os_string();
+        p.push("-peers");
+        PathBuf::from(p)
     }
 
     /// Writes the whole config file.
@@ -314,6 +322,8 @@ impl Drop for Topology {
         if let Err(e) = havip_user::teardown::down(&self.pin_root, &self.run_dir) {
             eprintln!("teardown: {e:#}");
         }
+        self._peer_xdp.clear();
+        let _ = std::fs::remove_dir_all(self.peer_pin_dir());
         let _ = std::fs::remove_dir_all(&self.run_dir);
         if let Some(parent) = self.run_dir.parent() {
             let _ = std::fs::remove_dir(parent);
@@ -321,11 +331,18 @@ impl Drop for Topology {
     }
 }
 
-/// Attaches an XDP program that passes everything (native mode) to `dev` in `ns`.
-pub fn pass_through_xdp(ns: &Netns, dev: &str) -> aya::Ebpf {
+/// Attaches an XDP program that passes everything (native mode) to `dev` in `ns`. Its
+/// maps are pinned under `pins` (the object's maps are pinned by name; without a
+/// directory they would land in the bpffs root).
+pub fn pass_through_xdp(ns: &Netns, dev: &str, pins: &std::path::Path) -> aya::Ebpf {
     let dev = dev.to_string();
+    std::fs::create_dir_all(pins).unwrap();
+    let pins = pins.to_path_buf();
     spawn_in(ns, move || {
-        let mut ebpf = aya::EbpfLoader::new().load(havip_user::dataplane::ebpf_object().unwrap()).unwrap();
+        let mut ebpf = aya::EbpfLoader::new()
+            .default_map_pin_directory(&pins)
+            .load(havip_user::dataplane::ebpf_object().unwrap())
+            .unwrap();
         let prog: &mut aya::programs::Xdp =
             ebpf.program_mut(havip_common::maps::PROG_BASELINE).unwrap().try_into().unwrap();
         prog.load().unwrap();
