@@ -1,7 +1,7 @@
 //! XDP ingress: recognise VIP packets, count them, remap designated ports to instance ports.
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
-use havip_common::{Direction, Outcome, IPPROTO_ICMPV6};
+use havip_common::{Outcome, IPPROTO_ICMPV6};
 
 use crate::{
     neigh,
@@ -46,34 +46,35 @@ pub fn try_ingress(ctx: &XdpContext) -> Result<(u32, Outcome), Outcome> {
         }
     }
     let vip = vips::lookup(meta.dst).ok_or(Outcome::NotVip)?;
-    let counters = stats::vip_dir(vip.id, Direction::Ingress);
+    let counters = stats::vip(vip.id);
     let bytes = (pkt.end() - pkt.start()) as u64;
 
     // Arriving on the owning NIC counts for that NIC; anywhere else it is misdirected
     // (a stale neighbour cache during a move) and still accepted.
-    match steer::binding(vip.id) {
+    let on_owner = match steer::binding(vip.id) {
         Some(b) if b.ifindex == ctx.ingress_ifindex() as u32 => {
             if let Some(n) = stats::nic(b.nic_index) {
                 n.rx_packets += 1;
                 n.rx_bytes += bytes;
             }
+            true
         }
-        _ => {
-            if let Some(w) = stats::vip_wire(vip.id) {
-                w.misdirected += 1;
-            }
-        }
-    }
+        _ => false,
+    };
 
     let outcome = match remap::lookup_ingress(&meta, &vip) {
         Some(instance_be) if remap::rewrite_dport_xdp(&pkt, &meta, instance_be) => Outcome::VipRemapped,
         _ => Outcome::VipPassed,
     };
     if let Some(c) = counters {
-        stats::count_traffic(c, meta.proto, 1, bytes);
+        if !on_owner {
+            c.wire.misdirected += 1;
+        }
+        let rx = &mut c.rx;
+        stats::count_traffic(rx, meta.proto, 1, bytes);
         match outcome {
-            Outcome::VipRemapped => c.remapped += 1,
-            _ => c.passed += 1,
+            Outcome::VipRemapped => rx.remapped += 1,
+            _ => rx.passed += 1,
         }
     }
     Ok((xdp_action::XDP_PASS, outcome))

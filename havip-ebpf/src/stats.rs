@@ -27,6 +27,12 @@ pub fn vip_dir(vip_id: u32, dir: Direction) -> Option<&'static mut DirCounters> 
     })
 }
 
+/// All of a VIP's counters (this CPU's slot): fetch once per packet.
+#[inline(always)]
+pub fn vip(vip_id: u32) -> Option<&'static mut havip_common::VipCounters> {
+    VIP_STATS.get_ptr_mut(vip_id).map(|p| unsafe { &mut *p })
+}
+
 /// A VIP's on-the-wire ownership counters.
 #[inline(always)]
 pub fn vip_wire(vip_id: u32) -> Option<&'static mut WireCounters> {

@@ -30,6 +30,9 @@ struct Args {
     /// Interleaved rounds; the median is reported.
     #[arg(long, default_value_t = 9)]
     rounds: usize,
+    /// Failover trials (p50/p99 over them).
+    #[arg(long, default_value_t = 30)]
+    failover_trials: usize,
 }
 
 const CONFIG: &str = r#"
@@ -100,6 +103,11 @@ fn add_flip_mappings(fx: &mut Fixture) {
 fn per_packet(args: &Args) -> PerPacket {
     let mut fx = Fixture::new(CONFIG);
     add_flip_mappings(&mut fx);
+    // The common case: the VIP owned by the NIC the packet arrives on (BPF_PROG_RUN's
+    // loopback, ifindex 1).
+    for vip in ["198.18.100.1", "2001:db8:100::1"] {
+        fx.bind(vip, 1, [2, 0, 0, 0, 0, 1]);
+    }
     let (c4, v4, c6, v6) = (ip("198.18.2.2"), ip("198.18.100.1"), ip("2001:db8:2::2"), ip("2001:db8:100::1"));
     let payload = [0u8; 64];
     let cases: Vec<(&str, &str, Vec<u8>)> = vec![
@@ -165,6 +173,21 @@ fn main() -> anyhow::Result<()> {
         if pp.target_met { "met" } else { "NOT met" }
     );
     report.insert("per_packet_ingress", serde_json::to_value(&pp)?);
+
+    eprintln!("\n[bench] failover ({} trials)", args.failover_trials);
+    let fo = havip_tests::failover::run(args.failover_trials);
+    println!("\nFailover: owning NIC down -> ... (µs, from the SIOCSIFFLAGS call)");
+    println!("{:<44} {:>10} {:>10}", "", "p50", "p99");
+    println!("{:<44} {:>10.0} {:>10.0}", "link event heard (baseline)", fo.link_event_p50_us, fo.link_event_p99_us);
+    println!("{:<44} {:>10.0} {:>10.0}", "VIP rebound in the pinned map", fo.rebind_p50_us, fo.rebind_p99_us);
+    println!("{:<44} {:>10.0} {:>10.0}", "first stream byte through the new NIC", fo.first_byte_p50_us, fo.first_byte_p99_us);
+    println!(
+        "rebind p99 = {:.1}x the link-event p99; target: rebind p99 <= {} ms: {}",
+        fo.rebind_p99_ratio_to_link_event,
+        fo.target_rebind_p99_ms,
+        if fo.target_met { "met" } else { "NOT met" }
+    );
+    report.insert("failover", serde_json::to_value(&fo)?);
     report.insert("kernel", serde_json::Value::String(kernel));
 
     if let Some(dir) = args.out.parent() {
