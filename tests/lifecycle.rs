@@ -264,3 +264,30 @@ fn down_removes_everything_havip_installed() {
     let out = t.havip(&["stats"]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("start havipd first"));
 }
+
+/// What `cargo xtask run` shows: the lab serves every VIP, fails a NIC over, keeps its
+/// long-lived connection, and leaves nothing behind.
+#[test]
+fn the_lab_runs_fails_over_and_cleans_up() {
+    havip_tests::require_root();
+    let out = Command::new(havip_tests::bin("havip"))
+        .args(["lab", "--duration", "9", "--every", "1.5", "--fail-every", "3"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "lab failed: {}\n{text}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("lost carrier (failure injected)"), "no failure was injected:\n{text}");
+    // The last round: every VIP answered on port 80 by its own instance.
+    let last = text.rsplit("──").next().unwrap();
+    for (vip, instance) in [("198.18.20.10:80", "A"), ("[2001:db8:20::10]:80", "A"), ("198.18.20.11:80", "B"), ("[2001:db8:20::11]:80", "B")] {
+        let line = last.lines().find(|l| l.contains(vip)).unwrap_or_else(|| panic!("{vip} missing:\n{last}"));
+        assert!(line.contains(&format!("instance {instance} ")), "{line}");
+    }
+    assert!(last.contains("1 move(s)") || last.contains("2 move(s)"), "no VIP moved:\n{last}");
+    let conn = last.lines().find(|l| l.starts_with("long-lived connection")).unwrap();
+    assert!(conn.ends_with(" 0 errors") && !conn.contains(": 0 KiB"), "{conn}");
+    assert!(text.contains("[lab] clean"));
+    let ns = std::process::Command::new("ip").args(["netns", "list"]).output().unwrap();
+    assert!(!String::from_utf8_lossy(&ns.stdout).contains("havip-lab"), "lab namespaces left");
+    assert!(!std::path::Path::new("/sys/fs/bpf/havip-lab").exists(), "lab pins left");
+}

@@ -131,7 +131,7 @@ impl Topology {
         let mut t = t;
         let peer_pins = t.peer_pin_dir();
         for port in ["sa", "sb"] {
-            t._peer_xdp.push(pass_through_xdp(&t.rtr, port, &peer_pins));
+            t._peer_xdp.push(havip_user::lab::pass_through_xdp(&t.rtr.name, port, &peer_pins).unwrap());
         }
         let cmds: [(&Netns, &[&str]); 6] = [
             (&t.srv, &["addr", "add", "198.18.20.1/24", "dev", "a0"]),
@@ -329,28 +329,6 @@ impl Drop for Topology {
             let _ = std::fs::remove_dir(parent);
         }
     }
-}
-
-/// Attaches an XDP program that passes everything (native mode) to `dev` in `ns`. Its
-/// maps are pinned under `pins` (the object's maps are pinned by name; without a
-/// directory they would land in the bpffs root).
-pub fn pass_through_xdp(ns: &Netns, dev: &str, pins: &std::path::Path) -> aya::Ebpf {
-    let dev = dev.to_string();
-    std::fs::create_dir_all(pins).unwrap();
-    let pins = pins.to_path_buf();
-    spawn_in(ns, move || {
-        let mut ebpf = aya::EbpfLoader::new()
-            .default_map_pin_directory(&pins)
-            .load(havip_user::dataplane::ebpf_object().unwrap())
-            .unwrap();
-        let prog: &mut aya::programs::Xdp =
-            ebpf.program_mut(havip_common::maps::PROG_BASELINE).unwrap().try_into().unwrap();
-        prog.load().unwrap();
-        prog.attach(&dev, aya::programs::XdpMode::Driver).unwrap();
-        ebpf
-    })
-    .join()
-    .unwrap()
 }
 
 /// Spawns `f` on a thread inside namespace `ns`.
