@@ -335,3 +335,17 @@ fn bad_bind_requests_are_refused_and_change_nothing() {
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("invalid"));
     let _ = Ipv6Addr::LOCALHOST;
 }
+
+#[test]
+fn removing_the_owning_nic_moves_its_vips() {
+    let (t, stop) = start(60_000);
+    let stream = Stream::start(&t, VIP4);
+    assert_eq!(owner(&t, VIP4).0, "a0");
+    t.srv.ip(&["link", "del", "a0"]).unwrap();
+    stream.progress("after a0 was deleted");
+    assert_eq!(owner(&t, VIP4), ("b0".into(), 1));
+    assert_eq!(owner(&t, VIP6), ("b0".into(), 1));
+    assert_eq!(neighbour_answers(&t, VIP4, Duration::from_millis(200)), vec![Topology::mac(&t.srv, "b0")]);
+    stream.finish();
+    stop.store(true, Ordering::Relaxed);
+}
