@@ -6,7 +6,7 @@ use std::net::IpAddr;
 
 use havip_common::{Direction, Outcome};
 use havip_tests::{
-    fixture::{Fixture, TC_ACT_OK, XDP_PASS},
+    fixture::{Fixture, TC_ACT_OK, TWO_VIPS, XDP_PASS},
     packets::{
         arp_request, build, fix_ipv4_header_checksum, icmp_echo, icmpv6_checksum, inspect, l3_offset, neighbor_solicitation,
         CLIENT_MAC, L4,
@@ -24,24 +24,6 @@ fn ip6(s: &str) -> std::net::Ipv6Addr {
     s.parse().unwrap()
 }
 
-const CONFIG: &str = r#"
-[[nic]]
-name = "eth0"
-[[vip]]
-address = "198.18.100.1"
-[[vip]]
-address = "2001:db8:100::1"
-[[service]]
-name = "web"
-port = 80
-protocols = ["tcp", "udp"]
-[[service.instance]]
-vip = "198.18.100.1"
-port = 8081
-[[service.instance]]
-vip = "2001:db8:100::1"
-port = 8081
-"#;
 
 const CLIENT4: &str = "198.18.2.2";
 const CLIENT6: &str = "2001:db8:2::2";
@@ -77,7 +59,7 @@ fn diff(a: &[u8], b: &[u8]) -> Vec<usize> {
 
 #[test]
 fn ingress_rewrites_a_mapped_port_and_the_checksum_verifies() {
-    let mut fx = Fixture::new(CONFIG);
+    let mut fx = Fixture::new(TWO_VIPS);
     for (fam, l4, vlan) in cases() {
         let (client, vip) = addrs(fam);
         let input = build(l4, client, 40000, vip, 80, vlan, b"hello havip");
@@ -106,7 +88,7 @@ fn ingress_rewrites_a_mapped_port_and_the_checksum_verifies() {
 
 #[test]
 fn egress_maps_the_instance_port_back_and_the_checksum_verifies() {
-    let mut fx = Fixture::new(CONFIG);
+    let mut fx = Fixture::new(TWO_VIPS);
     for (fam, l4, vlan) in cases() {
         let (client, vip) = addrs(fam);
         let input = build(l4, vip, 8081, client, 40000, vlan, b"reply from instance");
@@ -126,7 +108,7 @@ fn egress_maps_the_instance_port_back_and_the_checksum_verifies() {
 
 #[test]
 fn udp_over_ipv4_without_checksum_stays_without_checksum() {
-    let mut fx = Fixture::new(CONFIG);
+    let mut fx = Fixture::new(TWO_VIPS);
     let mut input = build(L4::Udp, ip(CLIENT4), 40000, ip(VIP4), 80, None, b"no checksum");
     input[14 + 20 + 6] = 0;
     input[14 + 20 + 7] = 0;
@@ -143,7 +125,7 @@ fn udp_over_ipv4_without_checksum_stays_without_checksum() {
 
 #[test]
 fn udp_over_ipv6_with_the_invalid_zero_checksum_is_left_alone() {
-    let mut fx = Fixture::new(CONFIG);
+    let mut fx = Fixture::new(TWO_VIPS);
     let mut input = build(L4::Udp, ip(CLIENT6), 40000, ip(VIP6), 80, None, b"bad");
     input[14 + 40 + 6] = 0;
     input[14 + 40 + 7] = 0;
@@ -153,7 +135,7 @@ fn udp_over_ipv6_with_the_invalid_zero_checksum_is_left_alone() {
 
 #[test]
 fn packets_havip_does_not_own_pass_byte_for_byte() {
-    let mut fx = Fixture::new(CONFIG);
+    let mut fx = Fixture::new(TWO_VIPS);
     let untouched: Vec<(&str, Vec<u8>, Outcome)> = vec![
         ("unmapped port v4", build(L4::Tcp, ip(CLIENT4), 40000, ip(VIP4), 443, None, b"x"), Outcome::VipPassed),
         ("unmapped port v6", build(L4::Udp, ip(CLIENT6), 40000, ip(VIP6), 53, None, b"x"), Outcome::VipPassed),
@@ -180,7 +162,7 @@ fn packets_havip_does_not_own_pass_byte_for_byte() {
 
 #[test]
 fn every_truncation_of_a_valid_packet_passes_untouched() {
-    let mut fx = Fixture::new(CONFIG);
+    let mut fx = Fixture::new(TWO_VIPS);
     let (mut egress_runs, mut egress_refused) = (0, 0);
     for (fam, l4, vlan) in cases() {
         let (client, vip) = addrs(fam);
@@ -213,7 +195,7 @@ fn every_truncation_of_a_valid_packet_passes_untouched() {
 
 #[test]
 fn malformed_headers_pass_untouched_and_are_counted() {
-    let mut fx = Fixture::new(CONFIG);
+    let mut fx = Fixture::new(TWO_VIPS);
     let v4 = |l4| build(l4, ip(CLIENT4), 40000, ip(VIP4), 80, None, b"payload!");
     let v6 = |l4| build(l4, ip(CLIENT6), 40000, ip(VIP6), 80, None, b"payload!");
     let l3 = 14;
@@ -260,7 +242,7 @@ fn malformed_headers_pass_untouched_and_are_counted() {
 
 #[test]
 fn ipv4_options_are_skipped_by_header_length() {
-    let mut fx = Fixture::new(CONFIG);
+    let mut fx = Fixture::new(TWO_VIPS);
     let mut p = build(L4::Tcp, ip(CLIENT4), 40000, ip(VIP4), 80, None, b"opts");
     // Insert 4 bytes of options (NOP NOP NOP EOL), IHL 6, total length + 4.
     p.splice(14 + 20..14 + 20, [1, 1, 1, 0]);
@@ -276,7 +258,7 @@ fn ipv4_options_are_skipped_by_header_length() {
 
 #[test]
 fn frames_with_ethernet_padding_are_remapped() {
-    let mut fx = Fixture::new(CONFIG);
+    let mut fx = Fixture::new(TWO_VIPS);
     let mut p = build(L4::Udp, ip(CLIENT4), 40000, ip(VIP4), 80, None, b"x");
     p.resize(60, 0); // minimum Ethernet frame: IP total length is shorter than the frame
     let r = fx.ingress(&p);
@@ -329,7 +311,7 @@ fn shared_slots_and_overflowing_mappings_take_the_table_path() {
 
 #[test]
 fn arp_for_a_vip_is_answered_by_its_owner_only() {
-    let mut fx = Fixture::new(CONFIG);
+    let mut fx = Fixture::new(TWO_VIPS);
     let req = arp_request([198, 18, 2, 2], [198, 18, 100, 1]);
     // Owned by another NIC: dropped, counted.
     fx.bind(VIP4, 9999, OWNER_MAC);
@@ -360,7 +342,7 @@ fn arp_for_a_vip_is_answered_by_its_owner_only() {
 
 #[test]
 fn neighbour_solicitations_for_a_vip_get_one_correct_advertisement() {
-    let mut fx = Fixture::new(CONFIG);
+    let mut fx = Fixture::new(TWO_VIPS);
     fx.bind(VIP6, TEST_IFINDEX, OWNER_MAC);
     for (what, src, slla) in [("with SLLA", CLIENT6, true), ("without SLLA", CLIENT6, false), ("DAD probe", "::", false)] {
         let ns = neighbor_solicitation(ip6(src), ip6(VIP6), slla);
@@ -401,7 +383,7 @@ fn neighbour_solicitations_for_a_vip_get_one_correct_advertisement() {
 
 #[test]
 fn vip_traffic_on_a_non_owning_nic_is_accepted_and_counted_misdirected() {
-    let mut fx = Fixture::new(CONFIG);
+    let mut fx = Fixture::new(TWO_VIPS);
     fx.bind(VIP4, 9999, OWNER_MAC);
     let input = build(L4::Tcp, ip(CLIENT4), 40000, ip(VIP4), 80, None, b"late");
     let r = fx.ingress(&input);
@@ -415,7 +397,7 @@ fn vip_traffic_on_a_non_owning_nic_is_accepted_and_counted_misdirected() {
 
 #[test]
 fn egress_from_a_vip_on_the_wrong_nic_is_redirected_to_its_owner_untouched() {
-    let mut fx = Fixture::new(CONFIG);
+    let mut fx = Fixture::new(TWO_VIPS);
     let reply = build(L4::Tcp, ip(VIP4), 8081, ip(CLIENT4), 40000, None, b"reply");
     fx.bind(VIP4, 9999, OWNER_MAC);
     let r = fx.egress(&reply);

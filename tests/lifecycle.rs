@@ -3,17 +3,20 @@
 //! not interrupt traffic; `havip down` removes everything.
 
 use std::{
-    io::{BufRead, BufReader, Read, Write},
-    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+    io::{BufRead, BufReader},
+    net::{IpAddr, SocketAddr, TcpStream},
     process::Command,
     sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, Ordering},
         Arc,
     },
     time::{Duration, Instant},
 };
 
-use havip_tests::topology::{pattern, spawn_in, Topology, VIP1_V4, VIP1_V6, VIP2_V4};
+use havip_tests::{
+    topology::{spawn_in, Topology, VIP1_V4, VIP1_V6, VIP2_V4},
+    traffic::{echo_instance, Stream},
+};
 
 fn vip_block(vips: &[&str]) -> String {
     vips.iter().map(|v| format!("[[vip]]\naddress = \"{v}\"\n")).collect()
@@ -25,32 +28,6 @@ fn service(name: &str, port: u16, instances: &[(&str, u16)]) -> String {
         s += &format!("[[service.instance]]\nvip = \"{vip}\"\nport = {p}\n");
     }
     s
-}
-
-/// An echo instance on `port` in the server namespace: answers a line "<name>" then echoes.
-fn instance(t: &Topology, name: &'static str, port: u16, stop: Arc<AtomicBool>) {
-    spawn_in(&t.srv, move || {
-        let l = TcpListener::bind(SocketAddr::from(([0u16; 8], port))).unwrap();
-        l.set_nonblocking(true).unwrap();
-        while !stop.load(Ordering::Relaxed) {
-            match l.accept() {
-                Ok((mut s, _)) => {
-                    s.set_nonblocking(false).unwrap();
-                    std::thread::spawn(move || {
-                        let _ = writeln!(s, "{name}");
-                        let mut buf = vec![0u8; 16384];
-                        while let Ok(n) = s.read(&mut buf) {
-                            if n == 0 || s.write_all(&buf[..n]).is_err() {
-                                break;
-                            }
-                        }
-                    });
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(5)),
-            }
-        }
-    });
-    std::thread::sleep(Duration::from_millis(50));
 }
 
 /// Connects to vip:80 from the client namespace and returns the instance's name.
@@ -111,8 +88,8 @@ fn invalid_configurations_are_refused_before_anything_is_applied() {
 fn reload_applies_the_difference_without_detaching_and_refuses_bad_files() {
     let mut t = Topology::new();
     let stop = Arc::new(AtomicBool::new(false));
-    instance(&t, "A", 8081, stop.clone());
-    instance(&t, "B", 8082, stop.clone());
+    echo_instance(&t.srv, 8081, b"A\n", stop.clone());
+    echo_instance(&t.srv, 8082, b"B\n", stop.clone());
     t.write_config(&(vip_block(&[VIP1_V4]) + &service("web", 80, &[(VIP1_V4, 8081)])));
     t.start_daemon();
     assert_eq!(who_answers(&t, VIP1_V4).unwrap(), "A");
@@ -170,48 +147,17 @@ fn reload_applies_the_difference_without_detaching_and_refuses_bad_files() {
 fn traffic_flows_through_controller_crash_and_restart() {
     let mut t = Topology::new();
     let stop = Arc::new(AtomicBool::new(false));
-    instance(&t, "A", 8081, stop.clone());
+    echo_instance(&t.srv, 8081, b"A\n", stop.clone());
     t.write_config(&(vip_block(&[VIP1_V4, VIP1_V6]) + &service("web", 80, &[(VIP1_V4, 8081), (VIP1_V6, 8081)])));
     t.start_daemon();
     let links = t.links();
 
-    // A long-lived stream: 4 KiB every millisecond, each echoed back and checked.
-    let echoed = Arc::new(AtomicU64::new(0));
-    let streams: Vec<_> = [VIP1_V4, VIP1_V6]
-        .into_iter()
-        .map(|vip| {
-            let (stop, echoed) = (stop.clone(), echoed.clone());
-            let addr = SocketAddr::new(vip.parse::<IpAddr>().unwrap(), 80);
-            spawn_in(&t.cli, move || -> Result<u64, String> {
-                let s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| e.to_string())?;
-                s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-                let mut r = BufReader::new(s.try_clone().unwrap());
-                let mut w = s;
-                let mut line = String::new();
-                r.read_line(&mut line).map_err(|e| e.to_string())?;
-                let (mut sent, mut i) = (0u64, 0u32);
-                while !stop.load(Ordering::Relaxed) {
-                    let chunk = pattern(4096, i);
-                    w.write_all(&chunk).map_err(|e| format!("{vip}: write after {sent} bytes: {e}"))?;
-                    let mut back = vec![0u8; chunk.len()];
-                    r.read_exact(&mut back).map_err(|e| format!("{vip}: read after {sent} bytes: {e}"))?;
-                    if back != chunk {
-                        return Err(format!("{vip}: corrupted data after {sent} bytes"));
-                    }
-                    sent += chunk.len() as u64;
-                    echoed.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-                    i += 1;
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                Ok(sent)
-            })
-        })
-        .collect();
-
+    // Long-lived streams, every chunk echoed back and checked.
+    let streams: Vec<Stream> = [VIP1_V4, VIP1_V6].into_iter().map(|vip| Stream::start(&t.cli, vip, true)).collect();
     let progress = |what: &str| {
-        let before = echoed.load(Ordering::Relaxed);
-        std::thread::sleep(Duration::from_millis(400));
-        assert!(echoed.load(Ordering::Relaxed) > before, "traffic stalled {what}");
+        for s in &streams {
+            s.progress(what);
+        }
     };
     progress("before the crash");
     t.stop_daemon(libc::SIGKILL);
@@ -235,7 +181,7 @@ fn traffic_flows_through_controller_crash_and_restart() {
     assert!(t.vip_stats(VIP1_V4)["rx"]["packets"].as_u64().unwrap() > counted, "counters were reset by the restart");
     stop.store(true, Ordering::Relaxed);
     for s in streams {
-        let sent = s.join().unwrap().unwrap_or_else(|e| panic!("stream broke: {e}"));
+        let sent = s.finish();
         assert!(sent > 100 * 4096, "stream moved only {sent} bytes");
     }
     assert_eq!(t.checksum_errors(), 0);

@@ -4,7 +4,7 @@
 
 use std::{
     io::{Read, Write},
-    net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, Shutdown, SocketAddr, TcpStream, UdpSocket},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -12,7 +12,10 @@ use std::{
     time::Duration,
 };
 
-use havip_tests::topology::{pattern, spawn_in, Topology, VIP1_V4, VIP1_V6, VIP2_V4, VIP2_V6};
+use havip_tests::{
+    topology::{pattern, spawn_in, Topology, VIP1_V4, VIP1_V6, VIP2_V4, VIP2_V6},
+    traffic::echo_instance,
+};
 
 const MIB: usize = 1 << 20;
 
@@ -32,31 +35,7 @@ fn config() -> String {
 /// on its own port (dual-stack), never on 80.
 fn start_instances(t: &Topology, stop: Arc<AtomicBool>) {
     for (name, port) in [(b'A', 8081u16), (b'B', 8082u16)] {
-        let stop_tcp = stop.clone();
-        spawn_in(&t.srv, move || {
-            let l = TcpListener::bind(SocketAddr::from(([0u16; 8], port))).unwrap();
-            l.set_nonblocking(true).unwrap();
-            while !stop_tcp.load(Ordering::Relaxed) {
-                match l.accept() {
-                    Ok((mut s, _)) => {
-                        s.set_nonblocking(false).unwrap();
-                        std::thread::spawn(move || {
-                            assert_eq!(s.local_addr().unwrap().port(), port);
-                            s.write_all(&[name]).unwrap();
-                            let mut buf = vec![0u8; 64 * 1024];
-                            loop {
-                                let n = s.read(&mut buf).unwrap();
-                                if n == 0 {
-                                    break;
-                                }
-                                s.write_all(&buf[..n]).unwrap();
-                            }
-                        });
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
-                }
-            }
-        });
+        echo_instance(&t.srv, port, if name == b'A' { b"A" } else { b"B" }, stop.clone());
         // An unconnected UDP socket on the wildcard address would reply from the route's
         // preferred source, not the VIP: UDP instances bind their VIPs.
         let vips: [&str; 2] = if name == b'A' { [VIP1_V4, VIP1_V6] } else { [VIP2_V4, VIP2_V6] };

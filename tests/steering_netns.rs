@@ -3,19 +3,18 @@
 //! the VIP moves with its connections intact; a flapping link does not flap the VIP.
 
 use std::{
-    io::{Read, Write},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, Ipv4Addr},
     sync::{
-        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
         Arc,
     },
-    thread::JoinHandle,
     time::{Duration, Instant},
 };
 
 use havip_tests::{
     packets::{arp_request_from, neighbor_solicitation_from},
-    topology::{pattern, spawn_in, Topology},
+    topology::{spawn_in, Topology},
+    traffic::{echo_instance, Stream},
     wire::{arp_reply_for, from_ip, na_for, parse_mac, RawLink},
 };
 
@@ -44,89 +43,8 @@ fn start(hold_down_ms: u64) -> (Topology, Arc<AtomicBool>) {
     t.write_config_raw(&config(hold_down_ms, &[]));
     t.start_daemon();
     let stop = Arc::new(AtomicBool::new(false));
-    echo_instance(&t, stop.clone());
+    echo_instance(&t.srv, 8081, b"", stop.clone());
     (t, stop)
-}
-
-fn echo_instance(t: &Topology, stop: Arc<AtomicBool>) {
-    spawn_in(&t.srv, move || {
-        let l = TcpListener::bind(SocketAddr::from(([0u16; 8], 8081))).unwrap();
-        l.set_nonblocking(true).unwrap();
-        while !stop.load(Ordering::Relaxed) {
-            match l.accept() {
-                Ok((mut s, _)) => {
-                    s.set_nonblocking(false).unwrap();
-                    std::thread::spawn(move || {
-                        let mut buf = vec![0u8; 16384];
-                        while let Ok(n) = s.read(&mut buf) {
-                            if n == 0 || s.write_all(&buf[..n]).is_err() {
-                                break;
-                            }
-                        }
-                    });
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(5)),
-            }
-        }
-    });
-    std::thread::sleep(Duration::from_millis(50));
-}
-
-/// A long-lived TCP stream from the client to vip:80: 4 KiB every 2 ms, each chunk echoed
-/// and checked.
-struct Stream {
-    stop: Arc<AtomicBool>,
-    echoed: Arc<AtomicU64>,
-    handle: JoinHandle<Result<u64, String>>,
-}
-
-impl Stream {
-    fn start(t: &Topology, vip: &str) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let echoed = Arc::new(AtomicU64::new(0));
-        let addr = SocketAddr::new(vip.parse().unwrap(), 80);
-        let (s2, e2) = (stop.clone(), echoed.clone());
-        let handle = spawn_in(&t.cli, move || -> Result<u64, String> {
-            let s = TcpStream::connect_timeout(&addr, Duration::from_secs(3)).map_err(|e| e.to_string())?;
-            assert_eq!(s.peer_addr().unwrap().port(), 80);
-            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-            let mut r = s.try_clone().unwrap();
-            let mut w = s;
-            let (mut sent, mut i) = (0u64, 0u32);
-            while !s2.load(Ordering::Relaxed) {
-                let chunk = pattern(4096, i);
-                w.write_all(&chunk).map_err(|e| format!("write after {sent} bytes: {e}"))?;
-                let mut back = vec![0u8; chunk.len()];
-                r.read_exact(&mut back).map_err(|e| format!("read after {sent} bytes: {e}"))?;
-                if back != chunk {
-                    return Err(format!("data corrupted after {sent} bytes"));
-                }
-                sent += chunk.len() as u64;
-                e2.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-                i += 1;
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            Ok(sent)
-        });
-        let s = Self { stop, echoed, handle };
-        s.progress("at start");
-        s
-    }
-
-    /// Asserts the stream moves forward (within a few seconds).
-    fn progress(&self, what: &str) {
-        let before = self.echoed.load(Ordering::Relaxed);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while self.echoed.load(Ordering::Relaxed) < before + 64 * 1024 {
-            assert!(Instant::now() < deadline && !self.handle.is_finished(), "stream stalled {what}");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn finish(self) -> u64 {
-        self.stop.store(true, Ordering::Relaxed);
-        self.handle.join().unwrap().unwrap_or_else(|e| panic!("the stream broke: {e}"))
-    }
 }
 
 /// VIP frames seen on the switch side of each server NIC during `d`: (via a0, via b0).
@@ -186,7 +104,7 @@ fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
 fn failover(vip: &str, down_at_switch_end: bool) {
     let (t, stop) = start(60_000);
     let (a_mac, b_mac) = (Topology::mac(&t.srv, "a0"), Topology::mac(&t.srv, "b0"));
-    let stream = Stream::start(&t, vip);
+    let stream = Stream::start(&t.cli, vip, false);
     assert_eq!(owner(&t, vip), ("a0".into(), 0));
     assert_eq!(t.client_neighbour(vip), Some(a_mac.clone()), "the client resolved the VIP to a0");
     // Replies leave by the owner only: by the program's counters and on the wire.
@@ -248,7 +166,7 @@ fn only_the_owner_answers_and_replies_are_steered_to_it() {
     }
     // Routing prefers a0 (its subnet route came first): replies are steered to b0.
     let a0_before = nic_tx(&t, "a0");
-    let stream = Stream::start(&t, VIP4);
+    let stream = Stream::start(&t.cli, VIP4, false);
     let (via_a, via_b) = vip_frames_per_nic(&t, VIP4, Duration::from_millis(300));
     assert!(via_a == 0 && via_b > 0, "VIP frames via a0 {via_a}, via b0 {via_b}");
     assert!(t.vip_stats(VIP4)["wire"]["steered"].as_u64().unwrap() > 0, "nothing was steered");
@@ -333,13 +251,12 @@ fn bad_bind_requests_are_refused_and_change_nothing() {
     // The CLI's own argument checks name the problem too.
     let out = t.havip(&["bind", "not-an-ip", "a0"]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("invalid"));
-    let _ = Ipv6Addr::LOCALHOST;
 }
 
 #[test]
 fn removing_the_owning_nic_moves_its_vips() {
     let (t, stop) = start(60_000);
-    let stream = Stream::start(&t, VIP4);
+    let stream = Stream::start(&t.cli, VIP4, false);
     assert_eq!(owner(&t, VIP4).0, "a0");
     t.srv.ip(&["link", "del", "a0"]).unwrap();
     stream.progress("after a0 was deleted");

@@ -246,6 +246,17 @@ impl DirCounters {
     }
 }
 
+impl NicCounters {
+    pub fn add(&mut self, o: &NicCounters) {
+        self.rx_packets += o.rx_packets;
+        self.rx_bytes += o.rx_bytes;
+        self.tx_packets += o.tx_packets;
+        self.tx_bytes += o.tx_bytes;
+        self.arp_replies += o.arp_replies;
+        self.nd_replies += o.nd_replies;
+    }
+}
+
 /// How a VIP's ownership played out on the wire.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]

@@ -163,12 +163,7 @@ impl Maps {
     pub fn nic_counters(&self, index: u32) -> anyhow::Result<NicCounters> {
         let mut t = NicCounters::default();
         for c in self.nic_stats.get(&index, 0)?.iter() {
-            t.rx_packets += c.rx_packets;
-            t.rx_bytes += c.rx_bytes;
-            t.tx_packets += c.tx_packets;
-            t.tx_bytes += c.tx_bytes;
-            t.arp_replies += c.arp_replies;
-            t.nd_replies += c.nd_replies;
+            t.add(c);
         }
         Ok(t)
     }

@@ -12,6 +12,26 @@ use havip_user::{
     plan::{plan, Desired},
 };
 
+/// Two VIPs (one per family), each reaching an instance on :8081 as :80 over TCP and UDP.
+pub const TWO_VIPS: &str = r#"
+[[nic]]
+name = "eth0"
+[[vip]]
+address = "198.18.100.1"
+[[vip]]
+address = "2001:db8:100::1"
+[[service]]
+name = "web"
+port = 80
+protocols = ["tcp", "udp"]
+[[service.instance]]
+vip = "198.18.100.1"
+port = 8081
+[[service.instance]]
+vip = "2001:db8:100::1"
+port = 8081
+"#;
+
 pub const XDP_PASS: u32 = 2;
 pub const TC_ACT_OK: u32 = 0;
 

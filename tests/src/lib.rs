@@ -6,6 +6,7 @@ pub mod failover;
 pub mod fixture;
 pub mod packets;
 pub mod topology;
+pub mod traffic;
 pub mod wire;
 
 use std::path::PathBuf;

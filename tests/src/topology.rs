@@ -42,26 +42,29 @@ pub struct Topology {
 }
 
 impl Topology {
-    /// Builds the namespaces; havipd is not started yet.
-    #[allow(clippy::new_without_default, reason = "creates namespaces: not a default value")]
-    pub fn new() -> Self {
+    /// Three fresh namespaces (server, middle, client) and this node's pin and run
+    /// directories; nothing connected yet.
+    fn namespaces(middle: &str) -> Self {
         crate::require_root();
         let id = crate::unique("");
-        let srv = Netns::create(&format!("hv-srv{id}")).unwrap();
-        let rtr = Netns::create(&format!("hv-rtr{id}")).unwrap();
-        let cli = Netns::create(&format!("hv-cli{id}")).unwrap();
         let run_dir = PathBuf::from(format!("/run/havip-test/{id}"));
         std::fs::create_dir_all(&run_dir).unwrap();
-        let t = Self {
+        Self {
+            srv: Netns::create(&format!("hv-srv{id}")).unwrap(),
+            rtr: Netns::create(&format!("hv-{middle}{id}")).unwrap(),
+            cli: Netns::create(&format!("hv-cli{id}")).unwrap(),
             pin_root: PathBuf::from(format!("/sys/fs/bpf/havip-test{id}")),
             config_path: run_dir.join("havip.toml"),
             run_dir,
-            srv,
-            rtr,
-            cli,
             daemon: None,
             _peer_xdp: Vec::new(),
-        };
+        }
+    }
+
+    /// Builds the namespaces; havipd is not started yet.
+    #[allow(clippy::new_without_default, reason = "creates namespaces: not a default value")]
+    pub fn new() -> Self {
+        let t = Self::namespaces("rtr");
         veth_pair(&t.srv, "eth0", &t.rtr, "s0").unwrap();
         veth_pair(&t.cli, "eth0", &t.rtr, "c0").unwrap();
         let cmds: [(&Netns, &[&str]); 14] = [
@@ -101,23 +104,7 @@ impl Topology {
     /// VIPs in 198.18.20.0/24 and 2001:db8:20::/64 are on-link for the client, so it
     /// resolves them with ARP/NDP: the steering under test.
     pub fn switched() -> Self {
-        crate::require_root();
-        let id = crate::unique("");
-        let srv = Netns::create(&format!("hv-srv{id}")).unwrap();
-        let sw = Netns::create(&format!("hv-sw{id}")).unwrap();
-        let cli = Netns::create(&format!("hv-cli{id}")).unwrap();
-        let run_dir = PathBuf::from(format!("/run/havip-test/{id}"));
-        std::fs::create_dir_all(&run_dir).unwrap();
-        let t = Self {
-            pin_root: PathBuf::from(format!("/sys/fs/bpf/havip-test{id}")),
-            config_path: run_dir.join("havip.toml"),
-            run_dir,
-            srv,
-            rtr: sw,
-            cli,
-            daemon: None,
-            _peer_xdp: Vec::new(),
-        };
+        let t = Self::namespaces("sw");
         t.rtr.ip(&["link", "add", "br0", "type", "bridge"]).unwrap();
         t.rtr.ip(&["link", "set", "br0", "up"]).unwrap();
         veth_pair(&t.srv, "a0", &t.rtr, "sa").unwrap();

@@ -13,7 +13,7 @@ use std::{collections::BTreeMap, net::IpAddr, path::PathBuf};
 use clap::Parser;
 use havip_common::{maps as m, vip_slot, InlineRemap, VipKey, IPPROTO_TCP, IPPROTO_UDP};
 use havip_tests::{
-    fixture::Fixture,
+    fixture::{Fixture, TWO_VIPS},
     packets::{build, L4},
 };
 use serde::Serialize;
@@ -35,24 +35,6 @@ struct Args {
     failover_trials: usize,
 }
 
-const CONFIG: &str = r#"
-[[nic]]
-name = "eth0"
-[[vip]]
-address = "198.18.100.1"
-[[vip]]
-address = "2001:db8:100::1"
-[[service]]
-name = "web"
-port = 80
-protocols = ["tcp", "udp"]
-[[service.instance]]
-vip = "198.18.100.1"
-port = 8081
-[[service.instance]]
-vip = "2001:db8:100::1"
-port = 8081
-"#;
 
 #[derive(Serialize)]
 struct Row {
@@ -101,7 +83,7 @@ fn add_flip_mappings(fx: &mut Fixture) {
 }
 
 fn per_packet(args: &Args) -> PerPacket {
-    let mut fx = Fixture::new(CONFIG);
+    let mut fx = Fixture::new(TWO_VIPS);
     add_flip_mappings(&mut fx);
     // The common case: the VIP owned by the NIC the packet arrives on (BPF_PROG_RUN's
     // loopback, ifindex 1).
