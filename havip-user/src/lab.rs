@@ -178,6 +178,10 @@ pub fn run(opts: LabOptions) -> anyhow::Result<()> {
     signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
     signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
 
+    // One lab per machine: its namespaces and pins have fixed names.
+    if let Some(pid) = crate::state::State::load(Path::new(RUN)).ok().flatten().and_then(|s| s.live_pid()) {
+        bail!("another havip lab is running (its havipd is pid {pid}); stop it with Ctrl-C first");
+    }
     println!("[lab] creating namespaces {SRV} (havipd, NICs a0 and b0), {SW} (bridge) and {CLI} (client)");
     drop(LabGuard { daemon: None, peer_xdp: Vec::new() }); // leftovers of an interrupted lab
     let srv = Netns::create(SRV)?;
