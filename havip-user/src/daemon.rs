@@ -105,6 +105,15 @@ struct Node {
 }
 
 impl Node {
+    /// A failback can only become due within the hold-down after a link change: the tick
+    /// re-runs the binder only then.
+    fn failback_pending(&self) -> bool {
+        let hold = self.cfg.failover.failback_hold_down + Duration::from_millis(500);
+        self.links.values().any(|l| l.since.elapsed() <= hold)
+    }
+}
+
+impl Node {
     /// Brings the dataplane, addresses and state to `cfg`. Only differences are written.
     async fn apply(&mut self, cfg: &Config, res: &Resolved) -> anyhow::Result<String> {
         let mut notes = Vec::new();
@@ -481,7 +490,11 @@ async fn serve(opts: DaemonOptions) -> anyhow::Result<()> {
         tokio::select! {
             Some((link, deleted)) = link_events.recv() => node.on_link(link, deleted),
             Some(Event::Control(req, reply)) = rx.recv() => { let _ = reply.send(node.on_control(req)); }
-            _ = tick.tick() => { node.place_all(None); }
+            _ = tick.tick() => {
+                if node.failback_pending() {
+                    node.place_all(None);
+                }
+            }
             _ = hup.recv() => {
                 info!("SIGHUP: reloading");
                 node.reload().await;
