@@ -90,6 +90,8 @@ pub struct VipInfo {
 
 /// Which NIC owns a VIP on the wire: answers ARP/NDP for it and carries its traffic.
 /// Written by havipd (binding, failover, failback, operator), read by both programs.
+/// A move rewrites the whole element; a packet racing it may pair the new ifindex with
+/// the old MAC in one ARP answer, which the move's own announcements correct at once.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Binding {

@@ -446,6 +446,8 @@ async fn serve(opts: DaemonOptions) -> anyhow::Result<()> {
     // Validate before touching anything.
     let cfg = Config::load(&opts.config)?;
     let nl = Netlink::new()?;
+    // Subscribe to link events before reading link states, so no change falls in between.
+    let mut link_events = crate::netlink::watch_links()?;
     let res = resolve(&cfg, &nl).await?;
 
     let pins = PinLayout::new(&opts.pin_root);
@@ -462,8 +464,6 @@ async fn serve(opts: DaemonOptions) -> anyhow::Result<()> {
     state.config_path = Some(std::fs::canonicalize(&opts.config).unwrap_or(opts.config.clone()));
     state.netns = opts.netns.clone();
     std::fs::create_dir_all(&opts.run_dir)?;
-    // Subscribe to link events before reading link states, so no change falls in between.
-    let mut link_events = crate::netlink::watch_links()?;
     let mut node = Node { opts, nl, dp, state, cfg: cfg.clone(), nics: BTreeMap::new(), links: BTreeMap::new() };
     if adopting {
         info!(pins = %node.opts.pin_root.display(), "adopting the pinned dataplane");
