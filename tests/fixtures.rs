@@ -8,8 +8,8 @@ use havip_common::{Direction, Outcome};
 use havip_tests::{
     fixture::{Fixture, TC_ACT_OK, TWO_VIPS, XDP_PASS},
     packets::{
-        arp_request, build, fix_ipv4_header_checksum, icmp_echo, icmpv6_checksum, inspect, l3_offset, neighbor_solicitation,
-        CLIENT_MAC, L4,
+        arp_request, build, fix_ipv4_header_checksum, icmp_echo, icmp_echo_with, icmpv6_checksum, inspect, l3_offset,
+        neighbor_solicitation, CLIENT_MAC, L4,
     },
 };
 
@@ -410,4 +410,42 @@ fn egress_from_a_vip_on_the_wrong_nic_is_redirected_to_its_owner_untouched() {
     assert_eq!(r.action, TC_ACT_OK);
     assert_eq!(inspect(&r.out).sport, 80);
     assert_eq!(fx.vip(VIP4).tx.packets, 1);
+}
+
+/// Probes: timestamped when they leave (TC, marked by havipd's socket), measured and
+/// consumed when the reply from the probed target arrives (XDP).
+#[test]
+fn probe_replies_are_measured_in_the_kernel_and_consumed() {
+    use havip_common::{PROBE_ID_BASE, PROBE_MARK};
+    let mut fx = Fixture::new(TWO_VIPS);
+    for (nic_addr, target) in [("198.18.40.1", "198.18.50.1"), ("2001:db8:40::1", "2001:db8:50::1")] {
+        let slot = if target.contains(':') { 7 } else { 3 };
+        fx.dp.maps.set_probe_slot(slot, Some((TEST_IFINDEX, ip(target)))).unwrap();
+        let id = PROBE_ID_BASE | slot as u16;
+        let request = icmp_echo_with(ip(nic_addr), ip(target), false, id, 1, 64);
+        // Without havipd's mark it is somebody else's ping: not timestamped.
+        assert_eq!(fx.egress(&request).out, request);
+        let r = fx.egress_marked(&request, PROBE_MARK);
+        assert_eq!((r.action, r.out == request), (TC_ACT_OK, true), "{target}: probes leave untouched");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let reply = icmp_echo_with(ip(target), ip(nic_addr), true, id, 1, 62);
+        // A reply from anyone but the probed target is not ours: it passes.
+        let spoofed = icmp_echo_with(ip(if target.contains(':') { "2001:db8:50::9" } else { "198.18.50.9" }), ip(nic_addr), true, id, 1, 62);
+        assert_eq!(fx.ingress(&spoofed).action, XDP_PASS);
+        let r = fx.ingress(&reply);
+        assert_eq!(r.action, XDP_DROP, "{target}: the probe reply is consumed");
+        let st = fx.dp.maps.probe_stats.get(&slot, 0).unwrap();
+        assert_eq!((st.sent, st.received, st.last_ttl), (1, 1, 62), "{target}");
+        assert!(st.last_rtt_ns >= 5_000_000 && st.last_rtt_ns < 1_000_000_000, "{target}: rtt {} ns", st.last_rtt_ns);
+        assert_eq!(st.rtt_ewma_ns, st.last_rtt_ns, "first sample");
+        assert_eq!(st.rtt_hist.iter().sum::<u64>(), 1);
+        // The same reply again (a duplicate) is consumed but not measured twice.
+        assert_eq!(fx.ingress(&reply).action, XDP_DROP);
+        assert_eq!(fx.dp.maps.probe_stats.get(&slot, 0).unwrap().received, 1);
+        // Echo replies that are not probes (other identifiers) go to the kernel.
+        let other = icmp_echo_with(ip(target), ip(nic_addr), true, 0x1234, 1, 62);
+        assert_eq!(fx.ingress(&other).out, other);
+    }
+    assert_eq!(fx.outcome(Direction::Egress, Outcome::ProbeSent), 2);
+    assert_eq!(fx.outcome(Direction::Ingress, Outcome::ProbeReply), 4);
 }

@@ -43,6 +43,17 @@ pub const BINDINGS: &str = "HAVIP_BINDINGS";
 /// Per-CPU `NicInfo::index -> NicCounters`. Written by both programs, read by the CLI.
 pub const NIC_STATS: &str = "HAVIP_NIC_STATS";
 
+/// `slot -> ProbeSlot`: which (NIC, target) path a probe slot measures. Written by
+/// havipd, read by the XDP program to accept a reply only from the probed target.
+pub const PROBE_SLOTS: &str = "HAVIP_PROBE_SLOTS";
+pub const PROBE_SLOTS_MAX: u32 = 4096;
+/// `slot * PROBE_SEQ_WINDOW + seq % PROBE_SEQ_WINDOW -> u64` CLOCK_MONOTONIC ns when the
+/// probe left (0: none in flight). Written by the TC program, consumed by the XDP program.
+pub const PROBE_SENT: &str = "HAVIP_PROBE_SENT";
+pub const PROBE_SEQ_WINDOW: u32 = 64;
+/// `slot -> ProbeStats`. Written by both programs, read by havipd and the CLI.
+pub const PROBE_STATS: &str = "HAVIP_PROBE_STATS";
+
 /// Per-CPU `vip_id -> VipCounters`. Written by both programs, read by the CLI; havipd zeroes
 /// a slot when it frees the id so a later VIP starts from zero.
 pub const VIP_STATS: &str = "HAVIP_VIP_STATS";
@@ -53,8 +64,10 @@ pub const OUTCOMES: &str = "HAVIP_OUTCOMES";
 pub const OUTCOMES_LEN: u32 = 2 * crate::types::Outcome::COUNT;
 
 /// Every map, for pin handling and teardown.
-pub const ALL: [&str; 10] =
-    [VIPS, VIP_SLOTS, REMAP_IN, REMAP_OUT, PORT_BITMAP, NICS, BINDINGS, NIC_STATS, VIP_STATS, OUTCOMES];
+pub const ALL: [&str; 13] = [
+    VIPS, VIP_SLOTS, REMAP_IN, REMAP_OUT, PORT_BITMAP, NICS, BINDINGS, NIC_STATS, VIP_STATS, OUTCOMES, PROBE_SLOTS,
+    PROBE_SENT, PROBE_STATS,
+];
 
 /// Program names as compiled into the object.
 pub const PROG_INGRESS: &str = "havip_ingress";

@@ -176,6 +176,41 @@ pub struct VipSlot {
     pub remap_out: [InlineRemap; INLINE_REMAPS],
 }
 
+/// skb mark of havipd's probe sockets (SO_MARK): tells the TC program a packet is a probe.
+pub const PROBE_MARK: u32 = 0x4856_5052;
+/// ICMP echo identifiers of probes: `PROBE_ID_BASE | slot`, slot < `PROBE_SLOTS_MAX`.
+pub const PROBE_ID_BASE: u16 = 0xa000;
+pub const PROBE_ID_MASK: u16 = 0xf000;
+/// Log2 RTT histogram buckets: bucket i counts RTTs in [2^i, 2^(i+1)) µs (bucket 0: < 2 µs).
+pub const RTT_BUCKETS: usize = 24;
+
+/// One measured path: probes from `ifindex`'s own address to `target`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ProbeSlot {
+    pub target: VipKey,
+    pub ifindex: u32,
+    /// 1 when the slot is in use.
+    pub active: u32,
+    pub _pad: u64,
+}
+
+/// What the kernel measured on a path. Probes and replies are rare (one each per probe
+/// interval), so plain updates are exact in practice.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "user", derive(serde::Serialize))]
+pub struct ProbeStats {
+    pub sent: u64,
+    pub received: u64,
+    /// Exponentially weighted moving average of the RTT (weight 1/8), ns.
+    pub rtt_ewma_ns: u64,
+    pub last_rtt_ns: u64,
+    /// TTL / hop limit of the last reply (hops = initial TTL - this).
+    pub last_ttl: u64,
+    pub rtt_hist: [u64; RTT_BUCKETS],
+}
+
 /// Key of both remap tables: on ingress `port` is the designated port, on egress the
 /// instance port. Ports are in network byte order, as they sit in the packet.
 #[repr(C)]
@@ -335,10 +370,14 @@ pub enum Outcome {
     NeighDropped = 11,
     /// A VIP packet redirected to the NIC that owns the VIP.
     Steered = 12,
+    /// A probe of havipd leaving (timestamped).
+    ProbeSent = 13,
+    /// A reply to a probe (timestamped, measured and consumed: XDP_DROP).
+    ProbeReply = 14,
 }
 
 impl Outcome {
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 15;
     pub const ALL: [Outcome; Self::COUNT as usize] = [
         Outcome::NotIp,
         Outcome::NotVip,
@@ -353,6 +392,8 @@ impl Outcome {
         Outcome::NdReplied,
         Outcome::NeighDropped,
         Outcome::Steered,
+        Outcome::ProbeSent,
+        Outcome::ProbeReply,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -370,6 +411,8 @@ impl Outcome {
             Outcome::NdReplied => "nd_replied",
             Outcome::NeighDropped => "neigh_dropped",
             Outcome::Steered => "steered",
+            Outcome::ProbeSent => "probe_sent",
+            Outcome::ProbeReply => "probe_reply",
         }
     }
 
@@ -389,6 +432,8 @@ const _: () = assert!(size_of::<Binding>() == 32);
 const _: () = assert!(size_of::<NicCounters>() == 6 * 8);
 const _: () = assert!(size_of::<WireCounters>() == 5 * 8);
 const _: () = assert!(size_of::<InlineRemap>() == 8);
+const _: () = assert!(size_of::<ProbeSlot>() == 32);
+const _: () = assert!(size_of::<ProbeStats>() == (5 + RTT_BUCKETS) * 8);
 const _: () = assert!(size_of::<VipSlot>() == 16 + 16 + 8 + 2 * 8 * INLINE_REMAPS);
 const _: () = assert!(size_of::<DirCounters>() == 9 * 8);
 const _: () = assert!(size_of::<VipCounters>() == 23 * 8);
@@ -406,11 +451,67 @@ mod pod {
     unsafe impl aya::Pod for super::VipCounters {}
     unsafe impl aya::Pod for super::Binding {}
     unsafe impl aya::Pod for super::NicCounters {}
+    unsafe impl aya::Pod for super::ProbeSlot {}
+    unsafe impl aya::Pod for super::ProbeStats {}
+}
+
+impl ProbeStats {
+    /// The RTT below which a fraction `q` of the replies fell, from the histogram (upper
+    /// edge of the bucket, µs); `None` without replies.
+    pub fn rtt_quantile_us(&self, q: f64) -> Option<f64> {
+        let total: u64 = self.rtt_hist.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        // ceil(q * total), at least 1 (no f64::ceil in core).
+        let x = q * total as f64;
+        let want = ((x as u64) + u64::from((x as u64 as f64) < x)).max(1);
+        let mut seen = 0;
+        for (i, n) in self.rtt_hist.iter().enumerate() {
+            seen += n;
+            if seen >= want {
+                return Some((1u64 << (i + 1)) as f64);
+            }
+        }
+        None
+    }
+
+    /// Probes without a reply, as a fraction of those sent (in-flight ones excluded by
+    /// the caller's choice of snapshot).
+    pub fn loss(&self) -> Option<f64> {
+        (self.sent > 0).then(|| 1.0 - (self.received.min(self.sent) as f64 / self.sent as f64))
+    }
+}
+
+/// The log2 bucket of an RTT in ns.
+#[inline(always)]
+pub fn rtt_bucket(rtt_ns: u64) -> usize {
+    let us = rtt_ns / 1000;
+    if us < 2 {
+        return 0;
+    }
+    let b = (63 - us.leading_zeros()) as usize;
+    if b >= RTT_BUCKETS { RTT_BUCKETS - 1 } else { b }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rtt_buckets_and_quantiles() {
+        assert_eq!(rtt_bucket(500), 0);
+        assert_eq!(rtt_bucket(3_000), 1);
+        assert_eq!(rtt_bucket(20_000_000), 14); // 20 ms: [16384, 32768) µs
+        let mut s = ProbeStats::default();
+        s.rtt_hist[rtt_bucket(300_000)] = 90; // 0.3 ms
+        s.rtt_hist[rtt_bucket(20_000_000)] = 10;
+        assert_eq!(s.rtt_quantile_us(0.5), Some(512.0));
+        assert_eq!(s.rtt_quantile_us(0.99), Some(32768.0));
+        s.sent = 10;
+        s.received = 7;
+        assert!((s.loss().unwrap() - 0.3).abs() < 1e-9);
+    }
 
     #[test]
     fn words_roundtrip_and_v4_layout() {

@@ -1,11 +1,11 @@
 //! TC egress: count VIP-sourced packets and remap instance ports back to designated ports.
 
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
-use havip_common::{Direction, Outcome};
+use havip_common::{Direction, Outcome, IPPROTO_ICMP, IPPROTO_ICMPV6};
 
 use crate::{
     parse::{self, Packet, Parsed},
-    remap, stats, steer, vips,
+    probe, remap, stats, steer, vips,
 };
 
 /// An skb; direct access covers only its linear part, lengths are checked against skb->len.
@@ -41,6 +41,12 @@ pub fn try_egress(ctx: &TcContext) -> Result<(i32, Outcome), Outcome> {
         other => other?,
     };
     let Parsed::Ip(meta) = parsed else { return Err(Outcome::NotIp) };
+    if meta.proto == IPPROTO_ICMP || meta.proto == IPPROTO_ICMPV6 {
+        let mark = unsafe { (*ctx.skb.skb).mark };
+        if let Some(o) = probe::on_egress(&SkbPacket(ctx), &meta, mark) {
+            return Ok((TC_ACT_OK, o));
+        }
+    }
     let vip = vips::lookup(meta.src).ok_or(Outcome::NotVip)?;
 
     // Leaving by a NIC that does not own the VIP: hand it to the owner, whose own egress

@@ -1,12 +1,12 @@
 //! XDP ingress: recognise VIP packets, count them, remap designated ports to instance ports.
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
-use havip_common::{Outcome, IPPROTO_ICMPV6};
+use havip_common::{Outcome, IPPROTO_ICMP, IPPROTO_ICMPV6};
 
 use crate::{
     neigh,
     parse::{self, Packet, Parsed},
-    remap, stats, steer, vips,
+    probe, remap, stats, steer, vips,
 };
 
 /// An XDP frame seen through the one bounds check.
@@ -40,6 +40,11 @@ pub fn try_ingress(ctx: &XdpContext) -> Result<(u32, Outcome), Outcome> {
         Parsed::Ip(meta) => meta,
         Parsed::Arp { l3_off } => return neigh::arp(ctx, l3_off),
     };
+    if meta.proto == IPPROTO_ICMP || meta.proto == IPPROTO_ICMPV6 {
+        if let Some(o) = probe::on_ingress(&pkt, &meta) {
+            return Ok((xdp_action::XDP_DROP, o));
+        }
+    }
     if meta.is_v6 && meta.proto == IPPROTO_ICMPV6 {
         if let Some(r) = neigh::neighbor_solicitation(ctx, &meta) {
             return r;

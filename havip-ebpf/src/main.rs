@@ -8,6 +8,7 @@ mod ingress;
 mod maps;
 mod neigh;
 mod parse;
+mod probe;
 mod remap;
 mod stats;
 mod steer;

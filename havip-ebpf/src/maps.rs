@@ -7,7 +7,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray},
 };
 use havip_common::{
-    maps as m, Binding, NicCounters, NicInfo, PortValue, RemapKey, VipCounters, VipInfo, VipKey, VipSlot,
+    maps as m, Binding, NicCounters, NicInfo, PortValue, ProbeSlot, ProbeStats, RemapKey, VipCounters, VipInfo, VipKey,
+    VipSlot,
 };
 
 /// VIP address -> VIP id and settings.
@@ -49,3 +50,15 @@ pub static VIP_STATS: PerCpuArray<VipCounters> = PerCpuArray::pinned(m::VIPS_MAX
 /// (direction, outcome) -> per-CPU packet count.
 #[map(name = "HAVIP_OUTCOMES")]
 pub static OUTCOMES: PerCpuArray<u64> = PerCpuArray::pinned(m::OUTCOMES_LEN, 0);
+
+/// Probe slot -> the (NIC, target) path it measures.
+#[map(name = "HAVIP_PROBE_SLOTS")]
+pub static PROBE_SLOTS: Array<ProbeSlot> = Array::pinned(m::PROBE_SLOTS_MAX, 0);
+
+/// (slot, seq) -> when the probe left, ns.
+#[map(name = "HAVIP_PROBE_SENT")]
+pub static PROBE_SENT: Array<u64> = Array::pinned(m::PROBE_SLOTS_MAX * m::PROBE_SEQ_WINDOW, 0);
+
+/// Probe slot -> what was measured.
+#[map(name = "HAVIP_PROBE_STATS")]
+pub static PROBE_STATS: Array<ProbeStats> = Array::pinned(m::PROBE_SLOTS_MAX, 0);

@@ -21,6 +21,8 @@ pub struct ConfigFile {
     #[serde(default)]
     pub failover: FailoverSection,
     #[serde(default)]
+    pub probe: ProbeSection,
+    #[serde(default)]
     pub nic: Vec<NicSection>,
     #[serde(default)]
     pub vip: Vec<VipSection>,
@@ -115,6 +117,28 @@ pub struct VipSection {
     pub address: IpAddr,
     /// Candidate NICs in order of preference; all NICs when absent.
     pub nics: Option<Vec<String>>,
+    /// Peers whose path quality matters to this VIP: probed from each candidate NIC.
+    #[serde(default)]
+    pub targets: Vec<IpAddr>,
+}
+
+/// Active path probes (ICMP echo, timestamped in the kernel).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProbeSection {
+    /// Time between two probes of one path, ms.
+    #[serde(default = "default_probe_interval_ms")]
+    pub interval_ms: u64,
+}
+
+impl Default for ProbeSection {
+    fn default() -> Self {
+        Self { interval_ms: default_probe_interval_ms() }
+    }
+}
+
+fn default_probe_interval_ms() -> u64 {
+    1000
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -180,6 +204,8 @@ pub struct Config {
     pub vip_interface: String,
     pub xdp_mode: XdpModeSetting,
     pub failover: Failover,
+    /// Time between two probes of one path.
+    pub probe_interval: std::time::Duration,
     /// NIC names, in file order.
     pub nics: Vec<String>,
     pub vips: Vec<Vip>,
@@ -191,6 +217,8 @@ pub struct Vip {
     pub address: IpAddr,
     /// Candidate NICs in order of preference (never empty).
     pub nics: Vec<String>,
+    /// Peers probed from each candidate NIC.
+    pub targets: Vec<IpAddr>,
 }
 
 /// One (VIP, protocol, designated port) -> instance port mapping.
@@ -317,6 +345,9 @@ pub fn validate(file: &ConfigFile) -> Result<Config, Vec<FieldError>> {
     if !(1..=60_000).contains(&f.announce_interval_ms) {
         err("failover.announce_interval_ms".into(), format!("{} is out of range; use 1 to 60000 ms", f.announce_interval_ms));
     }
+    if !(10..=60_000).contains(&file.probe.interval_ms) {
+        err("probe.interval_ms".into(), format!("{} is out of range; probe every 10 to 60000 ms", file.probe.interval_ms));
+    }
     if f.failback_hold_down_ms > 86_400_000 {
         err("failover.failback_hold_down_ms".into(), format!("{} ms is more than a day; use 0 to 86400000", f.failback_hold_down_ms));
     }
@@ -368,7 +399,15 @@ pub fn validate(file: &ConfigFile) -> Result<Config, Vec<FieldError>> {
                 list.clone()
             }
         };
-        vips.push(Vip { address: vip.address, nics });
+        let mut seen_targets = BTreeSet::new();
+        for (j, t) in vip.targets.iter().enumerate() {
+            if t.is_unspecified() || t.is_multicast() || t.is_loopback() {
+                err(format!("vip[{i}].targets[{j}]"), format!("{t} cannot be probed; give a unicast address of a peer"));
+            } else if !seen_targets.insert(*t) {
+                err(format!("vip[{i}].targets[{j}]"), format!("{t} is listed twice"));
+            }
+        }
+        vips.push(Vip { address: vip.address, nics, targets: vip.targets.clone() });
     }
 
     // Services and their instances -> remaps
@@ -450,6 +489,7 @@ pub fn validate(file: &ConfigFile) -> Result<Config, Vec<FieldError>> {
     Ok(Config {
         vip_interface: file.node.vip_interface.clone(),
         xdp_mode: file.node.xdp_mode,
+        probe_interval: std::time::Duration::from_millis(file.probe.interval_ms),
         failover: Failover {
             announce_count: f.announce_count,
             announce_interval: std::time::Duration::from_millis(f.announce_interval_ms),
@@ -526,6 +566,8 @@ port = 8082
             ("no announcements", "[node]", "[failover]\nannounce_count = 0\n[node]", "failover.announce_count"),
             ("interval zero", "[node]", "[failover]\nannounce_interval_ms = 0\n[node]", "failover.announce_interval_ms"),
             ("unknown failover key", "[node]", "[failover]\nholddown = 1\n[node]", "failover"),
+            ("probe interval too short", "[node]", "[probe]\ninterval_ms = 1\n[node]", "probe.interval_ms"),
+            ("multicast target", "nics = [\"eth1\"]", "nics = [\"eth1\"]\ntargets = [\"ff02::1\"]", "vip[1].targets[0]"),
         ];
         for (what, from, to, field) in cases {
             assert!(GOOD.contains(from), "{what}: fixture does not contain {from:?}");

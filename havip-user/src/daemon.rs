@@ -95,6 +95,11 @@ enum Event {
 }
 
 struct Node {
+    /// Probe slot of each measured path.
+    probe_slots: BTreeMap<crate::prober::Path, u32>,
+    /// One raw ICMP socket per (NIC, IPv6?), with the NIC address it sends from.
+    probe_sockets: BTreeMap<(String, bool), std::os::fd::OwnedFd>,
+    probe_seq: u16,
     opts: DaemonOptions,
     nl: Netlink,
     dp: Dataplane,
@@ -194,6 +199,8 @@ impl Node {
         }
         self.state.addresses = installed.into_iter().collect();
 
+        self.setup_probes(cfg).await?;
+
         // Pins that no longer make sense go.
         self.state.pins.retain(|vip, nic| {
             let keep = cfg.vips.iter().any(|v| v.address == *vip && v.nics.contains(nic));
@@ -237,6 +244,53 @@ impl Node {
 
     fn save(&self) -> anyhow::Result<()> {
         self.state.save(&self.opts.run_dir)
+    }
+
+    /// Assigns probe slots to the configured paths and opens their sockets.
+    async fn setup_probes(&mut self, cfg: &Config) -> anyhow::Result<()> {
+        use crate::prober::{assign_slots, probe_socket, wanted_paths};
+        let wanted = wanted_paths(cfg);
+        let (slots, freed) = assign_slots(&self.probe_slots, &wanted);
+        for s in freed {
+            self.dp.maps.set_probe_slot(s, None)?;
+        }
+        for (path, &slot) in &slots {
+            if self.probe_slots.get(path) != Some(&slot) {
+                let ifindex = self.nics.get(&path.nic).map(|n| n.ifindex).context("probe NIC not attached")?;
+                self.dp.maps.set_probe_slot(slot, Some((ifindex, path.target)))?;
+            }
+            let key = (path.nic.clone(), path.target.is_ipv6());
+            if self.probe_sockets.contains_key(&key) {
+                continue;
+            }
+            // Send from the NIC's own address of the target's family.
+            let ifindex = self.nics[&path.nic].ifindex;
+            let source = self.nl.addresses(ifindex).await?.into_iter().find(|a| {
+                a.is_ipv6() == path.target.is_ipv6()
+                    && !matches!(a, IpAddr::V6(v6) if v6.is_unicast_link_local())
+            });
+            match source {
+                Some(src) => {
+                    self.probe_sockets.insert(key, probe_socket(&path.nic, src)?);
+                    info!(nic = %path.nic, source = %src, "probing from");
+                }
+                None => warn!(nic = %path.nic, target = %path.target, "no address of the target's family on this NIC: the path is not probed"),
+            }
+        }
+        self.probe_slots = slots;
+        Ok(())
+    }
+
+    /// One probe on every path.
+    fn send_probes(&mut self) {
+        self.probe_seq = self.probe_seq.wrapping_add(1);
+        for (path, &slot) in &self.probe_slots {
+            let Some(sock) = self.probe_sockets.get(&(path.nic.clone(), path.target.is_ipv6())) else { continue };
+            let msg = crate::prober::echo_request(path.target.is_ipv6(), slot, self.probe_seq);
+            if let Err(e) = crate::prober::send(sock, path.target, &msg) {
+                tracing::debug!(nic = %path.nic, target = %path.target, error = %e, "probe not sent");
+            }
+        }
     }
 
     /// The NIC that owns a VIP now, by name, and its binding.
@@ -464,7 +518,18 @@ async fn serve(opts: DaemonOptions) -> anyhow::Result<()> {
     state.config_path = Some(std::fs::canonicalize(&opts.config).unwrap_or(opts.config.clone()));
     state.netns = opts.netns.clone();
     std::fs::create_dir_all(&opts.run_dir)?;
-    let mut node = Node { opts, nl, dp, state, cfg: cfg.clone(), nics: BTreeMap::new(), links: BTreeMap::new() };
+    let mut node = Node {
+        probe_slots: BTreeMap::new(),
+        probe_sockets: BTreeMap::new(),
+        probe_seq: 0,
+        opts,
+        nl,
+        dp,
+        state,
+        cfg: cfg.clone(),
+        nics: BTreeMap::new(),
+        links: BTreeMap::new(),
+    };
     if adopting {
         info!(pins = %node.opts.pin_root.display(), "adopting the pinned dataplane");
     }
@@ -486,6 +551,9 @@ async fn serve(opts: DaemonOptions) -> anyhow::Result<()> {
     let mut int = signal(SignalKind::interrupt())?;
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut probe_every = node.cfg.probe_interval;
+    let mut probe_tick = tokio::time::interval(probe_every);
+    probe_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             Some((link, deleted)) = link_events.recv() => node.on_link(link, deleted),
@@ -495,9 +563,14 @@ async fn serve(opts: DaemonOptions) -> anyhow::Result<()> {
                     node.place_all(None);
                 }
             }
+            _ = probe_tick.tick() => node.send_probes(),
             _ = hup.recv() => {
                 info!("SIGHUP: reloading");
                 node.reload().await;
+                if node.cfg.probe_interval != probe_every {
+                    probe_every = node.cfg.probe_interval;
+                    probe_tick = tokio::time::interval(probe_every);
+                }
             }
             _ = term.recv() => break,
             _ = int.recv() => break,

@@ -18,7 +18,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use havip_common::{
-    maps as m, Binding, NicCounters, NicInfo, PortValue, RemapKey, VipCounters, VipInfo, VipKey, VipSlot,
+    maps as m, Binding, NicCounters, NicInfo, PortValue, ProbeSlot, ProbeStats, RemapKey, VipCounters, VipInfo, VipKey,
+    VipSlot,
 };
 use tracing::{info, warn};
 
@@ -49,6 +50,8 @@ pub struct Maps {
     pub nics: HashMap<MapData, u32, NicInfo>,
     pub bindings: Array<MapData, Binding>,
     pub nic_stats: PerCpuArray<MapData, NicCounters>,
+    pub probe_slots: Array<MapData, ProbeSlot>,
+    pub probe_stats: Array<MapData, ProbeStats>,
     pub vip_stats: PerCpuArray<MapData, VipCounters>,
     pub outcomes: PerCpuArray<MapData, u64>,
 }
@@ -72,6 +75,8 @@ impl Maps {
             nics: open_pinned(pins, m::NICS)?.try_into()?,
             bindings: open_pinned(pins, m::BINDINGS)?.try_into()?,
             nic_stats: open_pinned(pins, m::NIC_STATS)?.try_into()?,
+            probe_slots: open_pinned(pins, m::PROBE_SLOTS)?.try_into()?,
+            probe_stats: open_pinned(pins, m::PROBE_STATS)?.try_into()?,
             vip_stats: open_pinned(pins, m::VIP_STATS)?.try_into()?,
             outcomes: open_pinned(pins, m::OUTCOMES)?.try_into()?,
         })
@@ -157,6 +162,29 @@ impl Maps {
         let n = nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
         self.nic_stats.set(index, PerCpuValues::try_from(vec![NicCounters::default(); n])?, 0)?;
         Ok(())
+    }
+
+    /// Starts measuring a path in `slot` (from zero) or, with `None`, stops.
+    pub fn set_probe_slot(&mut self, slot: u32, path: Option<(u32, std::net::IpAddr)>) -> anyhow::Result<()> {
+        self.probe_stats.set(slot, ProbeStats::default(), 0)?;
+        let value = match path {
+            Some((ifindex, target)) => ProbeSlot { target: VipKey::from(target), ifindex, active: 1, _pad: 0 },
+            None => ProbeSlot::default(),
+        };
+        self.probe_slots.set(slot, value, 0)?;
+        Ok(())
+    }
+
+    /// Active probe slots with what was measured.
+    pub fn probe_paths(&self) -> anyhow::Result<Vec<(u32, ProbeSlot, ProbeStats)>> {
+        let mut out = Vec::new();
+        for (i, slot) in self.probe_slots.iter().enumerate() {
+            let slot = slot?;
+            if slot.active != 0 {
+                out.push((i as u32, slot, self.probe_stats.get(&(i as u32), 0)?));
+            }
+        }
+        Ok(out)
     }
 
     /// A NIC's counters summed over CPUs.

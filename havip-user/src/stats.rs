@@ -28,6 +28,44 @@ pub struct VipStats {
     pub rx: DirCounters,
     pub tx: DirCounters,
     pub wire: WireCounters,
+    /// Paths from the VIP's candidate NICs to its targets (needs havipd's config file).
+    pub paths: Vec<PathStats>,
+}
+
+/// A measured path: probes from a NIC's own address to a target.
+#[derive(Debug, Clone, Serialize)]
+pub struct PathStats {
+    pub nic: String,
+    pub target: IpAddr,
+    pub sent: u64,
+    pub received: u64,
+    /// Probes without a reply, percent (the one in flight counts until it returns).
+    pub loss_pct: Option<f64>,
+    /// Moving average (weight 1/8) of the kernel-measured RTT.
+    pub rtt_ewma_ms: Option<f64>,
+    /// From the log2 histogram: the upper edge of the bucket holding the quantile.
+    pub rtt_p50_ms: Option<f64>,
+    pub rtt_p99_ms: Option<f64>,
+    /// Routers on the way back, from the reply's TTL / hop limit.
+    pub hops: Option<u64>,
+}
+
+impl PathStats {
+    fn from_kernel(nic: String, target: IpAddr, st: &havip_common::ProbeStats) -> Self {
+        let ttl = st.last_ttl;
+        let hops = (st.received > 0).then(|| [64u64, 128, 255].into_iter().find(|i| *i >= ttl).unwrap_or(255) - ttl);
+        Self {
+            nic,
+            target,
+            sent: st.sent,
+            received: st.received,
+            loss_pct: st.loss().map(|l| l * 100.0),
+            rtt_ewma_ms: (st.received > 0).then(|| st.rtt_ewma_ns as f64 / 1e6),
+            rtt_p50_ms: st.rtt_quantile_us(0.5).map(|u| u / 1000.0),
+            rtt_p99_ms: st.rtt_quantile_us(0.99).map(|u| u / 1000.0),
+            hops,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -48,6 +86,8 @@ pub struct MappingRow {
 pub struct Snapshot {
     pub vips: Vec<VipStats>,
     pub nics: Vec<NicStats>,
+    /// Every measured path.
+    pub paths: Vec<PathStats>,
     /// Packets by outcome, per direction: what the programs did with everything they saw.
     pub outcomes: BTreeMap<String, BTreeMap<String, u64>>,
     #[serde(skip)]
@@ -69,6 +109,15 @@ impl Snapshot {
             });
         }
         let mut vips = Vec::new();
+        let mut paths = Vec::new();
+        for (_, slot, st) in maps.probe_paths()? {
+            let nic = nic_names.get(&slot.ifindex).cloned().unwrap_or_else(|| format!("if{}", slot.ifindex));
+            paths.push(PathStats::from_kernel(nic, slot.target.to_ip(), &st));
+        }
+        paths.sort_by(|a, b| (&a.nic, a.target).cmp(&(&b.nic, b.target)));
+        // Which paths belong to which VIP is in the configuration havipd runs.
+        let cfg = state.and_then(|s| s.config_path.as_ref()).and_then(|p| crate::config::Config::load(p).ok());
+
         let now = monotonic_ns();
         for (key, info) in &actual.vips {
             let VipCounters { rx, tx, wire } = maps.vip_counters(info.id)?;
@@ -82,7 +131,24 @@ impl Snapshot {
             m.sort();
             let vip = key.to_ip();
             let pinned = state.and_then(|s| s.pins.get(&vip).cloned());
-            vips.push(VipStats { vip, id: info.id, nic, bound_for_secs, moves: b.moves, pinned, mappings: m, rx, tx, wire });
+            let vip_paths = cfg
+                .as_ref()
+                .and_then(|c| c.vips.iter().find(|v| v.address == vip))
+                .map(|v| paths.iter().filter(|p| v.nics.contains(&p.nic) && v.targets.contains(&p.target)).cloned().collect())
+                .unwrap_or_default();
+            vips.push(VipStats {
+                vip,
+                id: info.id,
+                nic,
+                bound_for_secs,
+                moves: b.moves,
+                pinned,
+                mappings: m,
+                rx,
+                tx,
+                wire,
+                paths: vip_paths,
+            });
         }
         let mut nics = Vec::new();
         for (ifindex, info) in maps.nic_infos() {
@@ -97,7 +163,7 @@ impl Snapshot {
                 Outcome::ALL.iter().map(|o| (o.name().to_string(), totals[o.index(dir) as usize])).collect();
             outcomes.insert(name.to_string(), per);
         }
-        Ok(Self { vips, nics, outcomes, taken: Some(Instant::now()) })
+        Ok(Self { vips, nics, paths, outcomes, taken: Some(Instant::now()) })
     }
 
     pub fn vip(&self, ip: IpAddr) -> Option<&VipStats> {
@@ -179,6 +245,19 @@ pub fn render_table(now: &Snapshot, prev: Option<&Snapshot>) -> String {
         ));
         for m in &v.mappings {
             out.push_str(&format!("  {} :{} -> :{}\n", m.protocol, m.designated_port, m.instance_port));
+        }
+        for p in &v.paths {
+            let ms = |x: Option<f64>| x.map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into());
+            out.push_str(&format!(
+                "  path {} -> {}: rtt {} ms (p50 {}, p99 {}), loss {}%, hops {}\n",
+                p.nic,
+                p.target,
+                ms(p.rtt_ewma_ms),
+                ms(p.rtt_p50_ms),
+                ms(p.rtt_p99_ms),
+                p.loss_pct.map(|l| format!("{l:.1}")).unwrap_or_else(|| "-".into()),
+                p.hops.map(|h| h.to_string()).unwrap_or_else(|| "-".into())
+            ));
         }
     }
     if now.vips.is_empty() {

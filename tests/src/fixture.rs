@@ -83,6 +83,21 @@ impl Fixture {
         Ok(Run { action: r.return_value, out, duration_ns: r.duration.as_nanos() })
     }
 
+    /// TC egress of a packet carrying skb mark `mark` (BPF_PROG_RUN takes a partial
+    /// `__sk_buff` as context: `len` and `pkt_type` zero, `mark` at offset 8).
+    pub fn egress_marked(&mut self, input: &[u8], mark: u32) -> Run {
+        let mut ctx = [0u8; 12];
+        ctx[8..12].copy_from_slice(&mark.to_ne_bytes());
+        let mut out = vec![0u8; input.len() + 256];
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(input);
+        opts.data_out = Some(&mut out);
+        opts.ctx_in = Some(&ctx);
+        let r = self.dp.tc().unwrap().test_run(opts).expect("BPF_PROG_RUN with a context");
+        out.truncate(r.data_size_out as usize);
+        Run { action: r.return_value, out, duration_ns: r.duration.as_nanos() }
+    }
+
     pub fn ingress(&mut self, input: &[u8]) -> Run {
         self.run(m::PROG_INGRESS, input, 1)
     }

@@ -186,3 +186,22 @@ pub fn icmpv6_checksum(src: &[u8; 16], dst: &[u8; 16], msg: &[u8]) -> u16 {
     }
     !(sum as u16)
 }
+
+/// An ICMP(v6) echo request (`reply` false) or reply from `src` to `dst` with `id`/`seq`,
+/// with a correct checksum.
+pub fn icmp_echo_with(src: IpAddr, dst: IpAddr, reply: bool, id: u16, seq: u16, ttl: u8) -> Vec<u8> {
+    let mut out = Vec::new();
+    let eth = PacketBuilder::ethernet2(CLIENT_MAC, SERVER_MAC);
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let b = eth.ipv4(s.octets(), d.octets(), ttl);
+            if reply { b.icmpv4_echo_reply(id, seq).write(&mut out, b"probe").unwrap() } else { b.icmpv4_echo_request(id, seq).write(&mut out, b"probe").unwrap() }
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            let b = eth.ipv6(s.octets(), d.octets(), ttl);
+            if reply { b.icmpv6_echo_reply(id, seq).write(&mut out, b"probe").unwrap() } else { b.icmpv6_echo_request(id, seq).write(&mut out, b"probe").unwrap() }
+        }
+        _ => panic!("mixed families"),
+    }
+    out
+}

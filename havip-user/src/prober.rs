@@ -1,0 +1,176 @@
+//! Active path probes. For every (candidate NIC, target) of the configured VIPs, havipd
+//! sends an ICMP echo request every probe interval from the NIC's own address, out of that
+//! NIC. The kernel programs timestamp the request as it leaves and the reply as it
+//! arrives, and consume the reply (see havip-ebpf/src/probe.rs).
+//!
+//! Why the NIC's address and not the VIP's: a reply to a VIP comes back through whichever
+//! NIC owns the VIP (the peer resolves the VIP to the owner's MAC), so probes from the VIP
+//! could not measure the round trip of the other candidates. A NIC's own address always
+//! returns through that NIC; one path measurement serves every VIP that NIC could carry.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    ffi::CString,
+    net::{IpAddr, SocketAddr},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+};
+
+use anyhow::{bail, Context};
+use havip_common::{csum, maps::PROBE_SLOTS_MAX, PROBE_ID_BASE, PROBE_MARK};
+
+use crate::config::Config;
+
+/// One measured path.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Path {
+    pub nic: String,
+    pub target: IpAddr,
+}
+
+/// The paths a configuration asks for: every candidate NIC of a VIP to each of its targets.
+pub fn wanted_paths(cfg: &Config) -> BTreeSet<Path> {
+    cfg.vips
+        .iter()
+        .flat_map(|v| v.nics.iter().flat_map(|n| v.targets.iter().map(|t| Path { nic: n.clone(), target: *t })))
+        .collect()
+}
+
+/// Keeps slots stable: paths that stay keep theirs, new ones take the lowest free slots.
+/// Returns the new assignment and the slots freed.
+pub fn assign_slots(old: &BTreeMap<Path, u32>, wanted: &BTreeSet<Path>) -> (BTreeMap<Path, u32>, Vec<u32>) {
+    let mut out: BTreeMap<Path, u32> = old.iter().filter(|(p, _)| wanted.contains(p)).map(|(p, s)| (p.clone(), *s)).collect();
+    let freed = old.iter().filter(|(p, _)| !wanted.contains(p)).map(|(_, s)| *s).collect();
+    // Slots freed now stay unused this round: a late reply must not count for a new path.
+    let mut used: BTreeSet<u32> = old.values().copied().collect();
+    for p in wanted {
+        if out.contains_key(p) {
+            continue;
+        }
+        let Some(slot) = (0..PROBE_SLOTS_MAX).find(|s| !used.contains(s)) else { break };
+        used.insert(slot);
+        out.insert(p.clone(), slot);
+    }
+    (out, freed)
+}
+
+fn setsockopt<T>(fd: &OwnedFd, level: i32, name: i32, value: &T) -> anyhow::Result<()> {
+    let rc = unsafe { libc::setsockopt(fd.as_raw_fd(), level, name, (value as *const T).cast(), std::mem::size_of::<T>() as u32) };
+    if rc != 0 {
+        bail!("setsockopt({level}, {name}): {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A raw ICMP socket sending from `source` out of `nic`, marked as havip's probes, and
+/// receiving nothing (the replies are consumed in XDP).
+pub fn probe_socket(nic: &str, source: IpAddr) -> anyhow::Result<OwnedFd> {
+    let (domain, proto) = match source {
+        IpAddr::V4(_) => (libc::AF_INET, libc::IPPROTO_ICMP),
+        IpAddr::V6(_) => (libc::AF_INET6, libc::IPPROTO_ICMPV6),
+    };
+    let fd = unsafe { libc::socket(domain, libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK, proto) };
+    if fd < 0 {
+        bail!("raw ICMP socket: {}", std::io::Error::last_os_error());
+    }
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let name = CString::new(nic)?;
+    let rc = unsafe {
+        libc::setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_BINDTODEVICE, name.as_ptr().cast(), name.as_bytes().len() as u32)
+    };
+    if rc != 0 {
+        bail!("binding a probe socket to {nic}: {}", std::io::Error::last_os_error());
+    }
+    setsockopt(&fd, libc::SOL_SOCKET, libc::SO_MARK, &PROBE_MARK)?;
+    match source {
+        IpAddr::V4(_) => setsockopt(&fd, libc::SOL_RAW, 1 /* ICMP_FILTER */, &u32::MAX)?,
+        IpAddr::V6(_) => setsockopt(&fd, libc::IPPROTO_ICMPV6, 1 /* ICMP6_FILTER */, &[u32::MAX; 8])?,
+    }
+    let addr = socket2_addr(SocketAddr::new(source, 0));
+    if unsafe { libc::bind(fd.as_raw_fd(), (&raw const addr.0).cast(), addr.1) } != 0 {
+        bail!("binding a probe socket to {source}: {}", std::io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+fn socket2_addr(a: SocketAddr) -> (libc::sockaddr_storage, u32) {
+    let mut st: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match a {
+        SocketAddr::V4(v4) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as u16,
+                sin_port: 0,
+                sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(v4.ip().octets()) },
+                sin_zero: [0; 8],
+            };
+            unsafe { std::ptr::write((&raw mut st).cast(), sin) };
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(v6) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as u16,
+                sin6_port: 0,
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr { s6_addr: v6.ip().octets() },
+                sin6_scope_id: 0,
+            };
+            unsafe { std::ptr::write((&raw mut st).cast(), sin6) };
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (st, len as u32)
+}
+
+/// An ICMP / ICMPv6 echo request of probe `slot` with sequence `seq` (the kernel fills
+/// the ICMPv6 checksum; ICMPv4's is computed here).
+pub fn echo_request(v6: bool, slot: u32, seq: u16) -> Vec<u8> {
+    let id = PROBE_ID_BASE | slot as u16;
+    let mut m = vec![if v6 { 128 } else { 8 }, 0, 0, 0];
+    m.extend_from_slice(&id.to_be_bytes());
+    m.extend_from_slice(&seq.to_be_bytes());
+    m.extend_from_slice(b"havip-probe!");
+    if !v6 {
+        let c = !csum::fold(csum::sum_be(0, &m));
+        m[2..4].copy_from_slice(&c.to_be_bytes());
+    }
+    m
+}
+
+/// Sends one probe; a full socket buffer or an unreachable target is a lost probe, not
+/// an error worth more than a debug line.
+pub fn send(sock: &OwnedFd, target: IpAddr, msg: &[u8]) -> anyhow::Result<()> {
+    let addr = socket2_addr(SocketAddr::new(target, 0));
+    let n = unsafe { libc::sendto(sock.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0, (&raw const addr.0).cast(), addr.1) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error()).context("sending a probe");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(nic: &str, t: &str) -> Path {
+        Path { nic: nic.into(), target: t.parse().unwrap() }
+    }
+
+    #[test]
+    fn slots_stay_with_their_paths() {
+        let wanted: BTreeSet<Path> = [p("a0", "198.18.50.1"), p("b0", "198.18.50.1")].into();
+        let (first, freed) = assign_slots(&BTreeMap::new(), &wanted);
+        assert!(freed.is_empty());
+        assert_eq!(first[&p("a0", "198.18.50.1")], 0);
+        let wanted: BTreeSet<Path> = [p("b0", "198.18.50.1"), p("c0", "198.18.50.1")].into();
+        let (second, freed) = assign_slots(&first, &wanted);
+        assert_eq!(second[&p("b0", "198.18.50.1")], first[&p("b0", "198.18.50.1")], "kept");
+        assert_eq!(freed, vec![0]);
+        assert_eq!(second[&p("c0", "198.18.50.1")], 2, "the freed slot is not reused in the same round");
+    }
+
+    #[test]
+    fn icmpv4_echo_checksum_verifies() {
+        let m = echo_request(false, 5, 7);
+        assert_eq!(csum::fold(csum::sum_be(0, &m)), 0xffff);
+        assert_eq!(u16::from_be_bytes([m[4], m[5]]), PROBE_ID_BASE | 5);
+    }
+}
