@@ -5,6 +5,7 @@
 pub mod failover;
 pub mod fixture;
 pub mod packets;
+pub mod relay;
 pub mod topology;
 pub mod traffic;
 pub mod wire;

@@ -61,6 +61,12 @@ impl Topology {
         }
     }
 
+    /// Server and client namespaces (and an unused middle one), nothing connected: for
+    /// tests that wire their own links.
+    pub fn bare() -> Self {
+        Self::namespaces("mid")
+    }
+
     /// Builds the namespaces; havipd is not started yet.
     #[allow(clippy::new_without_default, reason = "creates namespaces: not a default value")]
     pub fn new() -> Self {

@@ -31,6 +31,35 @@ impl RawLink {
         Self { fd, ifindex }
     }
 
+    pub fn fd(&self) -> &OwnedFd {
+        &self.fd
+    }
+
+    /// The next frame that arrived on the link (not one sent on it), waiting up to `wait`.
+    pub fn recv_incoming(&self, wait: Duration) -> Option<Vec<u8>> {
+        let deadline = Instant::now() + wait;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            let mut pfd = libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            if unsafe { libc::poll(&mut pfd, 1, left.as_millis().max(1) as i32) } <= 0 {
+                continue;
+            }
+            let mut buf = vec![0u8; 65536];
+            let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            let mut len = std::mem::size_of::<libc::sockaddr_ll>() as u32;
+            let n = unsafe {
+                libc::recvfrom(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0, (&raw mut from).cast(), &mut len)
+            };
+            if n > 0 && from.sll_pkttype != libc::PACKET_OUTGOING as u8 {
+                buf.truncate(n as usize);
+                return Some(buf);
+            }
+        }
+    }
+
     pub fn send(&self, frame: &[u8]) {
         let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
         addr.sll_family = libc::AF_PACKET as u16;
