@@ -13,6 +13,7 @@ pub mod netlink;
 pub mod netns;
 pub mod pins;
 pub mod plan;
+pub mod rank;
 pub mod prober;
 pub mod state;
 pub mod stats;
