@@ -1,9 +1,10 @@
-//! Path quality measured in the kernel, against impairments injected on one path:
+//! Path quality measured in the kernel and acted on, against impairments injected on the
+//! paths (the kernel has no netem here: userspace relays, see `relay`):
 //!
 //! ```text
-//!  server a0 198.18.40.1 ── relay (delay / loss) ── tA 198.18.40.2 ┐
-//!                                                                  target, 198.18.50.1 on lo
-//!  server b0 198.18.41.1 ─────────────────────────── tB 198.18.41.2 ┘
+//!  server a0 198.18.40.1 ── relay A ── tA 198.18.40.2 ┐
+//!                                                      target: 198.18.50.1 on lo
+//!  server b0 198.18.41.1 ── relay B ── tB 198.18.41.2 ┘
 //! ```
 
 use std::time::{Duration, Instant};
@@ -15,46 +16,71 @@ use havip_tests::{
 use havip_user::netns::{veth_pair, Netns};
 
 const TARGET: &str = "198.18.50.1";
+/// Routed to the target namespace, which has no such address: it never answers.
+const SILENT: &str = "198.18.50.99";
 const VIP: &str = "198.18.60.1";
 
-struct Paths {
+struct Lab {
     t: Topology,
-    relay_ns: Netns,
+    a: Relay,
+    b: Relay,
+    _relay_ns: [Netns; 2],
 }
 
-fn paths(probe_interval_ms: u64) -> Paths {
-    let mut t = Topology::bare();
-    let relay_ns = Netns::create(&format!("{}-rl", t.srv.name)).unwrap();
-    relay_ns.exec(&["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"]).unwrap();
-    veth_pair(&t.srv, "a0", &relay_ns, "r0").unwrap();
-    veth_pair(&relay_ns, "r1", &t.cli, "tA").unwrap();
-    veth_pair(&t.srv, "b0", &t.cli, "tB").unwrap();
+const CLEAN: Impairment = Impairment { delay: Duration::ZERO, jitter: Duration::ZERO, loss: 0.0 };
+
+fn delay(ms: u64) -> Impairment {
+    Impairment { delay: Duration::from_millis(ms), ..CLEAN }
+}
+
+/// The topology with both relays clean, and havipd configured (`extra`: more sections).
+fn lab(targets: &[&str], extra: &str) -> Lab {
+    let t = Topology::bare();
+    let mk = |n: &str| {
+        let ns = Netns::create(&format!("{}-{n}", t.srv.name)).unwrap();
+        ns.exec(&["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"]).unwrap();
+        ns
+    };
+    let (ra, rb) = (mk("ra"), mk("rb"));
+    veth_pair(&t.srv, "a0", &ra, "r0").unwrap();
+    veth_pair(&ra, "r1", &t.cli, "tA").unwrap();
+    veth_pair(&t.srv, "b0", &rb, "r0").unwrap();
+    veth_pair(&rb, "r1", &t.cli, "tB").unwrap();
     for (ns, args) in [
         (&t.srv, ["addr", "add", "198.18.40.1/24", "dev", "a0"].as_slice()),
         (&t.srv, &["addr", "add", "198.18.41.1/24", "dev", "b0"]),
-        (&t.srv, &["route", "add", TARGET, "via", "198.18.40.2", "dev", "a0", "metric", "10"]),
-        (&t.srv, &["route", "add", TARGET, "via", "198.18.41.2", "dev", "b0", "metric", "20"]),
+        (&t.srv, &["route", "add", "198.18.50.0/24", "via", "198.18.40.2", "dev", "a0", "metric", "10"]),
+        (&t.srv, &["route", "add", "198.18.50.0/24", "via", "198.18.41.2", "dev", "b0", "metric", "20"]),
         (&t.cli, &["addr", "add", "198.18.40.2/24", "dev", "tA"]),
         (&t.cli, &["addr", "add", "198.18.41.2/24", "dev", "tB"]),
         (&t.cli, &["addr", "add", &format!("{TARGET}/32"), "dev", "lo"]),
     ] {
         ns.ip(args).unwrap();
     }
+    let targets = targets.iter().map(|t| format!("\"{t}\"")).collect::<Vec<_>>().join(", ");
     t.write_config_raw(&format!(
-        "[probe]\ninterval_ms = {probe_interval_ms}\n[[nic]]\nname = \"a0\"\n[[nic]]\nname = \"b0\"\n[[vip]]\naddress = \"{VIP}\"\nnics = [\"a0\", \"b0\"]\ntargets = [\"{TARGET}\"]\n"
+        "{extra}\n[[nic]]\nname = \"a0\"\n[[nic]]\nname = \"b0\"\n[[vip]]\naddress = \"{VIP}\"\nnics = [\"a0\", \"b0\"]\ntargets = [{targets}]\n"
     ));
-    Paths { t, relay_ns }
+    let a = Relay::start(&ra, "r0", "r1", CLEAN, CLEAN);
+    let b = Relay::start(&rb, "r0", "r1", CLEAN, CLEAN);
+    Lab { t, a, b, _relay_ns: [ra, rb] }
 }
 
-fn path(t: &Topology, nic: &str) -> serde_json::Value {
+fn path(t: &Topology, nic: &str, target: &str) -> serde_json::Value {
     let v = t.vip_stats(VIP);
-    v["paths"].as_array().unwrap().iter().find(|p| p["nic"] == nic).unwrap_or_else(|| panic!("no path via {nic}: {v}")).clone()
+    v["paths"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["nic"] == nic && p["target"] == target)
+        .unwrap_or_else(|| panic!("no path {nic} -> {target}: {v}"))
+        .clone()
 }
 
 fn wait_for_replies(t: &Topology, n: u64, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     loop {
-        let (a, b) = (path(t, "a0"), path(t, "b0"));
+        let (a, b) = (path(t, "a0", TARGET), path(t, "b0", TARGET));
         if a["sent"].as_u64().unwrap() >= n && b["received"].as_u64().unwrap() >= n {
             return;
         }
@@ -63,19 +89,33 @@ fn wait_for_replies(t: &Topology, n: u64, timeout: Duration) {
     }
 }
 
+fn owner(t: &Topology) -> (String, u64) {
+    let v = t.vip_stats(VIP);
+    (v["nic"].as_str().unwrap().to_string(), v["moves"].as_u64().unwrap())
+}
+
+/// Waits until the VIP is on `nic`; returns how long that took.
+fn wait_owner(t: &Topology, nic: &str, timeout: Duration) -> Duration {
+    let start = Instant::now();
+    while owner(t).0 != nic {
+        assert!(start.elapsed() < timeout, "the VIP did not move to {nic} within {timeout:?}:\n{}", explain(t));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    start.elapsed()
+}
+
+fn explain(t: &Topology) -> String {
+    let out = t.havip(&["explain", VIP]);
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
 #[test]
 fn injected_delay_is_measured_within_two_ms() {
-    let mut p = paths(20);
-    let _relay = Relay::start(
-        &p.relay_ns,
-        "r0",
-        "r1",
-        Impairment { delay: Duration::from_millis(20), loss: 0.0 },
-        Impairment::default(),
-    );
-    p.t.start_daemon();
-    wait_for_replies(&p.t, 150, Duration::from_secs(20));
-    let (a, b) = (path(&p.t, "a0"), path(&p.t, "b0"));
+    let mut l = lab(&[TARGET], "[probe]\ninterval_ms = 20");
+    l.a.set(delay(20), CLEAN);
+    l.t.start_daemon();
+    wait_for_replies(&l.t, 150, Duration::from_secs(20));
+    let (a, b) = (path(&l.t, "a0", TARGET), path(&l.t, "b0", TARGET));
     let (ra, rb) = (a["rtt_ewma_ms"].as_f64().unwrap(), b["rtt_ewma_ms"].as_f64().unwrap());
     eprintln!("measured: a0 {ra:.2} ms, b0 {rb:.2} ms, difference {:.2} ms (injected 20)", ra - rb);
     assert!(((ra - rb) - 20.0).abs() <= 2.0, "measured difference {:.2} ms, injected 20: a0 {a}, b0 {b}", ra - rb);
@@ -84,30 +124,92 @@ fn injected_delay_is_measured_within_two_ms() {
     // The histogram agrees: a0's median lies in the bucket holding 20 ms.
     assert_eq!(a["rtt_p50_ms"].as_f64().unwrap(), 32.768, "{a}");
     // Replies were consumed: no ICMP echo reply reached the server's stack.
-    let snmp = p.t.srv.exec(&["cat", "/proc/net/snmp"]).unwrap();
-    let (h, v) = {
-        let mut l = snmp.lines().filter(|l| l.starts_with("Icmp:"));
-        (l.next().unwrap().to_string(), l.next().unwrap().to_string())
-    };
+    let snmp = l.t.srv.exec(&["cat", "/proc/net/snmp"]).unwrap();
+    let mut icmp = snmp.lines().filter(|l| l.starts_with("Icmp:"));
+    let (h, v) = (icmp.next().unwrap(), icmp.next().unwrap());
     let i = h.split_whitespace().position(|f| f == "InEchoReps").unwrap();
     assert_eq!(v.split_whitespace().nth(i).unwrap(), "0", "probe replies reached the stack");
 }
 
 #[test]
 fn injected_loss_is_measured_within_five_points() {
-    let mut p = paths(10);
-    let _relay = Relay::start(
-        &p.relay_ns,
-        "r0",
-        "r1",
-        Impairment::default(),
-        Impairment { delay: Duration::ZERO, loss: 0.3 },
-    );
-    p.t.start_daemon();
-    wait_for_replies(&p.t, 600, Duration::from_secs(30));
-    let (a, b) = (path(&p.t, "a0"), path(&p.t, "b0"));
+    let mut l = lab(&[TARGET], "[probe]\ninterval_ms = 10");
+    l.a.set(CLEAN, Impairment { loss: 0.3, ..CLEAN });
+    l.t.start_daemon();
+    wait_for_replies(&l.t, 600, Duration::from_secs(30));
+    let (a, b) = (path(&l.t, "a0", TARGET), path(&l.t, "b0", TARGET));
     let (la, lb) = (a["loss_pct"].as_f64().unwrap(), b["loss_pct"].as_f64().unwrap());
     eprintln!("measured loss: a0 {la:.1}% (injected 30%), b0 {lb:.1}%");
     assert!((la - 30.0).abs() <= 5.0, "measured loss {la:.1}% with 30% injected: {a}");
     assert!(lb <= 1.0, "loss on the clean path: {b}");
+}
+
+const FAST: &str = "[probe]\ninterval_ms = 20\n[ranking]\ninterval_ms = 200\nwindow_ms = 1000\nhold_down_ms = 1500\n[failover]\nfailback_hold_down_ms = 500";
+
+#[test]
+fn a_slow_path_loses_the_vip_and_wins_it_back_only_after_hold_down_and_margin() {
+    let mut l = lab(&[TARGET], FAST);
+    l.t.start_daemon();
+    wait_for_replies(&l.t, 50, Duration::from_secs(10));
+    assert_eq!(owner(&l.t), ("a0".into(), 0), "equal paths: the configured order stands");
+
+    // 20 ms on a0's path: the VIP moves to b0, not before the hold-down.
+    l.a.set(delay(20), CLEAN);
+    let took = wait_owner(&l.t, "b0", Duration::from_secs(8));
+    eprintln!("moved to b0 {took:?} after the delay began");
+    assert!(took >= Duration::from_millis(1500), "moved before the hold-down: {took:?}");
+    assert_eq!(owner(&l.t).1, 1);
+    let log = l.t.daemon_log();
+    assert!(log.contains("reason=quality") && log.contains("quality decision"), "no quality decision logged:\n{log}");
+
+    // a0 recovers: equal paths again, within the margin: the VIP stays on b0.
+    l.a.set(CLEAN, CLEAN);
+    std::thread::sleep(Duration::from_millis(3000));
+    assert_eq!(owner(&l.t), ("b0".into(), 1), "a recovered but not better path took the VIP:\n{}", explain(&l.t));
+
+    // Now b0's path degrades: a0 beats it by the margin and wins it back after the hold-down.
+    l.b.set(delay(10), CLEAN);
+    let took = wait_owner(&l.t, "a0", Duration::from_secs(8));
+    assert!(took >= Duration::from_millis(1500), "won back before the hold-down: {took:?}");
+    assert_eq!(owner(&l.t).1, 2);
+    let why = explain(&l.t);
+    assert!(why.contains("a0") && why.contains("b0") && why.contains("cost"), "{why}");
+}
+
+#[test]
+fn noise_inside_the_margin_never_moves_the_vip() {
+    let mut l = lab(&[TARGET], FAST);
+    // Up to 1 ms of jitter on both paths, both ways.
+    let noisy = Impairment { jitter: Duration::from_millis(1), ..CLEAN };
+    l.a.set(noisy, noisy);
+    l.b.set(noisy, noisy);
+    l.t.start_daemon();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        assert_eq!(owner(&l.t), ("a0".into(), 0), "noise moved the VIP:\n{}", explain(&l.t));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let (a, b) = (path(&l.t, "a0", TARGET), path(&l.t, "b0", TARGET));
+    assert!(a["received"].as_u64().unwrap() > 2000 && b["received"].as_u64().unwrap() > 2000, "{a} {b}");
+}
+
+#[test]
+fn a_target_that_never_answers_marks_only_its_paths_unreachable() {
+    let mut l = lab(&[TARGET, SILENT], FAST);
+    l.t.start_daemon();
+    wait_for_replies(&l.t, 100, Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(1200));
+    for nic in ["a0", "b0"] {
+        let p = path(&l.t, nic, SILENT);
+        assert!(p["sent"].as_u64().unwrap() > 50 && p["received"] == 0, "{p}");
+    }
+    // The VIP is placed and stays: the silent target counts against no NIC.
+    assert_eq!(owner(&l.t), ("a0".into(), 0));
+    let why = explain(&l.t);
+    assert!(why.contains("UNREACHABLE") && why.contains("no candidate reaches it: ignored"), "{why}");
+    assert!(why.contains("reaches 1/2 target(s)"), "{why}");
+    // A path that loses its target while the other NIC still reaches it: that NIC wins.
+    l.a.set(CLEAN, Impairment { loss: 1.0, ..CLEAN });
+    wait_owner(&l.t, "b0", Duration::from_secs(8));
+    assert!(explain(&l.t).contains("UNREACHABLE"));
 }

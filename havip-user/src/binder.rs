@@ -37,6 +37,8 @@ pub enum Reason {
     Failback,
     /// An operator bound it.
     Operator,
+    /// Another candidate's measured path quality beat it (see `rank`).
+    Quality,
 }
 
 impl fmt::Display for Reason {
@@ -47,6 +49,7 @@ impl fmt::Display for Reason {
             Reason::NotCandidate => "not_candidate",
             Reason::Failback => "failback",
             Reason::Operator => "operator",
+            Reason::Quality => "quality",
         })
     }
 }

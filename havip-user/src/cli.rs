@@ -88,6 +88,10 @@ pub enum Command {
     Bind { vip: std::net::IpAddr, nic: String },
     /// Drop the pin set by `bind`: the VIP returns to automatic placement.
     Unbind { vip: std::net::IpAddr },
+    /// Why a VIP is where it is: its candidates' measured path quality and the decision.
+    Explain { vip: std::net::IpAddr },
+    /// Rank every VIP's candidates now (instead of at the next ranking round).
+    Rerank,
     /// Validate the running havipd's configuration file and make it apply it.
     Reload {
         /// Seconds to wait for havipd to report the result.
@@ -109,6 +113,8 @@ pub fn havip_main(cli: HavipCli) -> anyhow::Result<()> {
         Command::Stats { json, watch } => stats(&pins, &cli.loc, json, watch),
         Command::Bind { vip, nic } => control(&cli.loc, crate::control::Request::Bind { vip, nic }),
         Command::Unbind { vip } => control(&cli.loc, crate::control::Request::Unbind { vip }),
+        Command::Explain { vip } => control(&cli.loc, crate::control::Request::Explain { vip }),
+        Command::Rerank => control(&cli.loc, crate::control::Request::Rerank),
         Command::Reload { timeout } => reload(&cli.loc, Duration::from_secs_f64(timeout)),
         Command::Down => {
             let r = crate::teardown::down(&cli.loc.pin_path, &cli.loc.run_dir)?;

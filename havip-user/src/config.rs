@@ -23,6 +23,8 @@ pub struct ConfigFile {
     #[serde(default)]
     pub probe: ProbeSection,
     #[serde(default)]
+    pub ranking: RankingSection,
+    #[serde(default)]
     pub nic: Vec<NicSection>,
     #[serde(default)]
     pub vip: Vec<VipSection>,
@@ -122,6 +124,52 @@ pub struct VipSection {
     pub targets: Vec<IpAddr>,
 }
 
+/// How candidates are ranked by path quality (see `rank` for the formula).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RankingSection {
+    /// Time between ranking rounds, ms.
+    pub interval_ms: u64,
+    /// Measurements considered: loss and reachability over this window, ms.
+    pub window_ms: u64,
+    /// Cost per ms of RTT, per percent of loss, per hop.
+    pub weight_latency: f64,
+    pub weight_loss: f64,
+    pub weight_hops: f64,
+    /// How a VIP's targets combine: "mean" or "sum".
+    pub combine: crate::rank::Combine,
+    /// A challenger must be cheaper by this fraction of the current cost...
+    pub margin: f64,
+    /// ...and by at least this much cost...
+    pub min_gain: f64,
+    /// ...continuously for this long, ms.
+    pub hold_down_ms: u64,
+    /// Optional gates: with any set, a VIP moves only when its current path breaks one.
+    pub max_rtt_ms: Option<f64>,
+    pub max_loss_pct: Option<f64>,
+    pub top_k: Option<usize>,
+}
+
+impl Default for RankingSection {
+    fn default() -> Self {
+        let d = crate::rank::Settings::default();
+        Self {
+            interval_ms: d.interval.as_millis() as u64,
+            window_ms: d.window.as_millis() as u64,
+            weight_latency: d.weight_latency,
+            weight_loss: d.weight_loss,
+            weight_hops: d.weight_hops,
+            combine: d.combine,
+            margin: d.margin,
+            min_gain: d.min_gain,
+            hold_down_ms: d.hold_down.as_millis() as u64,
+            max_rtt_ms: None,
+            max_loss_pct: None,
+            top_k: None,
+        }
+    }
+}
+
 /// Active path probes (ICMP echo, timestamped in the kernel).
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -199,13 +247,14 @@ impl fmt::Display for Protocol {
 }
 
 /// A validated configuration: everything in it can be applied.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub vip_interface: String,
     pub xdp_mode: XdpModeSetting,
     pub failover: Failover,
     /// Time between two probes of one path.
     pub probe_interval: std::time::Duration,
+    pub ranking: crate::rank::Settings,
     /// NIC names, in file order.
     pub nics: Vec<String>,
     pub vips: Vec<Vip>,
@@ -347,6 +396,32 @@ pub fn validate(file: &ConfigFile) -> Result<Config, Vec<FieldError>> {
     }
     if !(10..=60_000).contains(&file.probe.interval_ms) {
         err("probe.interval_ms".into(), format!("{} is out of range; probe every 10 to 60000 ms", file.probe.interval_ms));
+    }
+    let r = &file.ranking;
+    if !(100..=600_000).contains(&r.interval_ms) {
+        err("ranking.interval_ms".into(), format!("{} is out of range; rank every 100 to 600000 ms", r.interval_ms));
+    }
+    if r.window_ms < file.probe.interval_ms * 3 || r.window_ms > 3_600_000 {
+        err("ranking.window_ms".into(), format!("{} ms must cover at least 3 probe intervals ({} ms) and at most an hour", r.window_ms, file.probe.interval_ms * 3));
+    }
+    for (name, v) in [("weight_latency", r.weight_latency), ("weight_loss", r.weight_loss), ("weight_hops", r.weight_hops), ("min_gain", r.min_gain)] {
+        if !v.is_finite() || v < 0.0 {
+            err(format!("ranking.{name}"), format!("{v} must be a number >= 0"));
+        }
+    }
+    if !(0.0..1.0).contains(&r.margin) {
+        err("ranking.margin".into(), format!("{} must be in [0, 1): a fraction of the current cost", r.margin));
+    }
+    if r.hold_down_ms > 3_600_000 {
+        err("ranking.hold_down_ms".into(), format!("{} ms is more than an hour", r.hold_down_ms));
+    }
+    for (name, v) in [("max_rtt_ms", r.max_rtt_ms), ("max_loss_pct", r.max_loss_pct)] {
+        if v.is_some_and(|v| !v.is_finite() || v <= 0.0) {
+            err(format!("ranking.{name}"), "must be > 0 (leave it out to disable)".into());
+        }
+    }
+    if r.top_k == Some(0) {
+        err("ranking.top_k".into(), "must be >= 1 (leave it out to disable)".into());
     }
     if f.failback_hold_down_ms > 86_400_000 {
         err("failover.failback_hold_down_ms".into(), format!("{} ms is more than a day; use 0 to 86400000", f.failback_hold_down_ms));
@@ -490,6 +565,23 @@ pub fn validate(file: &ConfigFile) -> Result<Config, Vec<FieldError>> {
         vip_interface: file.node.vip_interface.clone(),
         xdp_mode: file.node.xdp_mode,
         probe_interval: std::time::Duration::from_millis(file.probe.interval_ms),
+        ranking: {
+            let r = &file.ranking;
+            crate::rank::Settings {
+                interval: std::time::Duration::from_millis(r.interval_ms),
+                window: std::time::Duration::from_millis(r.window_ms),
+                weight_latency: r.weight_latency,
+                weight_loss: r.weight_loss,
+                weight_hops: r.weight_hops,
+                combine: r.combine,
+                margin: r.margin,
+                min_gain: r.min_gain,
+                hold_down: std::time::Duration::from_millis(r.hold_down_ms),
+                max_rtt_ms: r.max_rtt_ms,
+                max_loss_pct: r.max_loss_pct,
+                top_k: r.top_k,
+            }
+        },
         failover: Failover {
             announce_count: f.announce_count,
             announce_interval: std::time::Duration::from_millis(f.announce_interval_ms),
@@ -567,6 +659,10 @@ port = 8082
             ("interval zero", "[node]", "[failover]\nannounce_interval_ms = 0\n[node]", "failover.announce_interval_ms"),
             ("unknown failover key", "[node]", "[failover]\nholddown = 1\n[node]", "failover"),
             ("probe interval too short", "[node]", "[probe]\ninterval_ms = 1\n[node]", "probe.interval_ms"),
+            ("negative weight", "[node]", "[ranking]\nweight_loss = -1.0\n[node]", "ranking.weight_loss"),
+            ("margin of 1", "[node]", "[ranking]\nmargin = 1.0\n[node]", "ranking.margin"),
+            ("window shorter than 3 probes", "[node]", "[ranking]\nwindow_ms = 500\n[node]", "ranking.window_ms"),
+            ("unknown combine", "[node]", "[ranking]\ncombine = \"max\"\n[node]", "ranking.combine"),
             ("multicast target", "nics = [\"eth1\"]", "nics = [\"eth1\"]\ntargets = [\"ff02::1\"]", "vip[1].targets[0]"),
         ];
         for (what, from, to, field) in cases {

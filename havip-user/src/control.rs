@@ -19,6 +19,10 @@ pub enum Request {
     Bind { vip: IpAddr, nic: String },
     /// Drop the pin: the VIP returns to automatic placement.
     Unbind { vip: IpAddr },
+    /// The VIP's candidates, their measured quality, and why it is where it is.
+    Explain { vip: IpAddr },
+    /// Run a ranking round now.
+    Rerank,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

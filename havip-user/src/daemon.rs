@@ -94,7 +94,18 @@ enum Event {
     Control(Request, oneshot::Sender<Response>),
 }
 
+/// What the ranking knows about one VIP.
+#[derive(Default)]
+struct Quality {
+    memory: crate::rank::VipMemory,
+    ranked: Vec<crate::rank::NicScore>,
+    decision: Option<crate::rank::Decision>,
+}
+
 struct Node {
+    /// Probe counters per path over the ranking window: (when, sent, received).
+    history: BTreeMap<crate::prober::Path, std::collections::VecDeque<(Instant, u64, u64)>>,
+    quality: BTreeMap<IpAddr, Quality>,
     /// Probe slot of each measured path.
     probe_slots: BTreeMap<crate::prober::Path, u32>,
     /// One raw ICMP socket per (NIC, IPv6?), with the NIC address it sends from.
@@ -281,6 +292,117 @@ impl Node {
         Ok(())
     }
 
+    /// Windowed samples of every probed path, from the kernel's counters.
+    fn samples(&mut self, now: Instant) -> BTreeMap<(String, IpAddr), crate::rank::Sample> {
+        let window = self.cfg.ranking.window;
+        let by_slot: BTreeMap<u32, crate::prober::Path> = self.probe_slots.iter().map(|(p, s)| (*s, p.clone())).collect();
+        let mut out = BTreeMap::new();
+        let Ok(paths) = self.dp.maps.probe_paths() else { return out };
+        for (slot, _, st) in paths {
+            let Some(path) = by_slot.get(&slot) else { continue };
+            let h = self.history.entry(path.clone()).or_default();
+            h.push_back((now, st.sent, st.received));
+            // Keep one entry older than the window as its base.
+            while h.len() > 2 && now.duration_since(h[1].0) > window {
+                h.pop_front();
+            }
+            let (base, last) = (h[0], h[h.len() - 1]);
+            let sent = last.1.saturating_sub(base.1);
+            let replies = last.2.saturating_sub(base.2).min(sent);
+            let rtt_ms = (st.received > 0).then(|| st.rtt_ewma_ns as f64 / 1e6);
+            // Probes sent within the last RTT cannot have been answered yet.
+            let in_flight = rtt_ms.map(|r| (r / self.cfg.probe_interval.as_secs_f64() / 1000.0).ceil() as u64).unwrap_or(0);
+            let lost = (sent - replies).saturating_sub(in_flight);
+            let loss_pct = (sent > 0).then(|| 100.0 * lost as f64 / sent as f64);
+            let ttl = st.last_ttl;
+            let hops = (st.received > 0).then(|| [64u64, 128, 255].into_iter().find(|i| *i >= ttl).unwrap_or(255) - ttl);
+            out.insert((path.nic.clone(), path.target), crate::rank::Sample { rtt_ms, loss_pct, hops, sent, replies });
+        }
+        out
+    }
+
+    /// A ranking round: rank every VIP with targets, then let the binder act on the new
+    /// preference orders.
+    fn rank_round(&mut self) {
+        let now = Instant::now();
+        let samples = self.samples(now);
+        let w = self.cfg.ranking;
+        let links = self.links.clone();
+        let up = |n: &str| links.get(n).is_some_and(|l| l.up);
+        for vip in self.cfg.vips.clone().iter().filter(|v| !v.targets.is_empty()) {
+            let Ok(info) = self.dp.maps.vips.get(&VipKey::from(vip.address), 0) else { continue };
+            let current = self.current(info.id).ok().and_then(|(c, _)| c);
+            let (ranked, complete) = crate::rank::rank(&vip.nics, &vip.targets, &samples, &w);
+            let q = self.quality.entry(vip.address).or_default();
+            let d = crate::rank::decide(&ranked, complete, current.as_deref(), &up, &mut q.memory, now, &w);
+            if q.decision.as_ref().map(|o| &o.why) != Some(&d.why) {
+                tracing::debug!(vip = %vip.address, why = %d.why, "ranking");
+            }
+            q.ranked = ranked;
+            q.decision = Some(d);
+        }
+        self.quality.retain(|ip, _| self.cfg.vips.iter().any(|v| v.address == *ip && !v.targets.is_empty()));
+        self.place_all(None);
+    }
+
+    fn explain(&self, vip: IpAddr) -> Response {
+        let Some(v) = self.cfg.vips.iter().find(|v| v.address == vip) else {
+            return Response::refused(format!("{vip} is not a VIP of this node"));
+        };
+        let Ok(info) = self.dp.maps.vips.get(&VipKey::from(vip), 0) else {
+            return Response::refused(format!("{vip} is not in the dataplane yet"));
+        };
+        let (current, b) = self.current(info.id).unwrap_or((None, Binding::default()));
+        let w = &self.cfg.ranking;
+        let mut out = format!(
+            "{vip} is on {} ({} move(s)){}\ncandidates: {}; links: {}\n",
+            current.as_deref().unwrap_or("no NIC"),
+            b.moves,
+            self.state.pins.get(&vip).map(|p| format!(", pinned to {p}")).unwrap_or_default(),
+            v.nics.join(", "),
+            v.nics.iter().map(|n| format!("{n} {}", if self.links.get(n).is_some_and(|l| l.up) { "up" } else { "down" })).collect::<Vec<_>>().join(", ")
+        );
+        if v.targets.is_empty() {
+            out += "no targets configured: placed by link state and the configured order only\n";
+            return Response::ok(out.trim_end());
+        }
+        out += &format!(
+            "cost = {}*rtt_ms + {}*loss_pct + {}*hops, {:?} over targets; margin {:.0}% (at least {}), hold-down {:.1}s\n",
+            w.weight_latency, w.weight_loss, w.weight_hops, w.combine, w.margin * 100.0, w.min_gain, w.hold_down.as_secs_f64()
+        );
+        let Some(q) = self.quality.get(&vip) else {
+            out += "not ranked yet\n";
+            return Response::ok(out.trim_end());
+        };
+        for s in &q.ranked {
+            out += &format!(
+                "  {:<8} reaches {}/{} target(s), cost {}\n",
+                s.nic,
+                s.reachable,
+                v.targets.len(),
+                s.cost.map(|c| format!("{c:.2}")).unwrap_or_else(|| "-".into())
+            );
+            for p in &s.paths {
+                let score = match p.score {
+                    crate::rank::PathScore::Cost(c) => format!("cost {c:.2}"),
+                    crate::rank::PathScore::Unreachable => "UNREACHABLE".into(),
+                    crate::rank::PathScore::Unknown => "not measured yet".into(),
+                };
+                out += &format!(
+                    "    -> {:<20} rtt {} ms, loss {}%: {score}{}\n",
+                    p.target,
+                    p.rtt_ms.map(|r| format!("{r:.2}")).unwrap_or_else(|| "-".into()),
+                    p.loss_pct.map(|l| format!("{l:.1}")).unwrap_or_else(|| "-".into()),
+                    if p.counted { "" } else { " (no candidate reaches it: ignored)" }
+                );
+            }
+        }
+        if let Some(d) = &q.decision {
+            out += &format!("decision: {}\n", d.why);
+        }
+        Response::ok(out.trim_end())
+    }
+
     /// One probe on every path.
     fn send_probes(&mut self) {
         self.probe_seq = self.probe_seq.wrapping_add(1);
@@ -308,12 +430,19 @@ impl Node {
         for vip in self.cfg.vips.iter().filter(|v| only.is_none_or(|o| o == v.address)) {
             let Ok(info) = self.dp.maps.vips.get(&VipKey::from(vip.address), 0) else { continue };
             let Ok((current, _)) = self.current(info.id) else { continue };
+            // Path quality, once measured, orders the candidates instead of the file.
+            let q = self.quality.get(&vip.address).and_then(|q| q.decision.as_ref());
+            let candidates = q.map(|d| d.order.clone()).unwrap_or_else(|| vip.nics.clone());
             let placement = Placement {
-                candidates: &vip.nics,
+                candidates: &candidates,
                 pinned: self.state.pins.get(&vip.address).map(String::as_str),
                 current: current.as_deref(),
             };
-            if let Some((nic, reason)) = decide(placement, &self.links, now, hold) {
+            if let Some((nic, mut reason)) = decide(placement, &self.links, now, hold) {
+                if reason == Reason::Failback && q.is_some_and(|d| d.moves_to.as_deref() == Some(nic.as_str())) {
+                    reason = Reason::Quality;
+                    info!(vip = %vip.address, decision = %q.unwrap().why, "quality decision");
+                }
                 moves.push((vip.address, info.id, nic, reason));
             }
         }
@@ -420,6 +549,11 @@ impl Node {
                     Err(e) => Response::refused(format!("{msg}, but saving the pin failed: {e:#}")),
                 }
             }
+            Request::Explain { vip } => self.explain(vip),
+            Request::Rerank => {
+                self.rank_round();
+                Response::ok(format!("ranked {} VIP(s) with targets", self.quality.len()))
+            }
             Request::Unbind { vip } => {
                 if self.state.pins.remove(&vip).is_none() {
                     return Response::refused(format!("{vip} is not pinned (nothing to unbind)"));
@@ -519,6 +653,8 @@ async fn serve(opts: DaemonOptions) -> anyhow::Result<()> {
     state.netns = opts.netns.clone();
     std::fs::create_dir_all(&opts.run_dir)?;
     let mut node = Node {
+        history: BTreeMap::new(),
+        quality: BTreeMap::new(),
         probe_slots: BTreeMap::new(),
         probe_sockets: BTreeMap::new(),
         probe_seq: 0,
@@ -551,6 +687,9 @@ async fn serve(opts: DaemonOptions) -> anyhow::Result<()> {
     let mut int = signal(SignalKind::interrupt())?;
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut rank_every = node.cfg.ranking.interval;
+    let mut rank_tick = tokio::time::interval(rank_every);
+    rank_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut probe_every = node.cfg.probe_interval;
     let mut probe_tick = tokio::time::interval(probe_every);
     probe_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -564,12 +703,17 @@ async fn serve(opts: DaemonOptions) -> anyhow::Result<()> {
                 }
             }
             _ = probe_tick.tick() => node.send_probes(),
+            _ = rank_tick.tick() => node.rank_round(),
             _ = hup.recv() => {
                 info!("SIGHUP: reloading");
                 node.reload().await;
                 if node.cfg.probe_interval != probe_every {
                     probe_every = node.cfg.probe_interval;
                     probe_tick = tokio::time::interval(probe_every);
+                }
+                if node.cfg.ranking.interval != rank_every {
+                    rank_every = node.cfg.ranking.interval;
+                    rank_tick = tokio::time::interval(rank_every);
                 }
             }
             _ = term.recv() => break,

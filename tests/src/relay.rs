@@ -5,7 +5,7 @@
 use std::{
     sync::{
         atomic::{AtomicBool, Ordering},
-        mpsc, Arc,
+        mpsc, Arc, Mutex,
     },
     thread::JoinHandle,
     time::{Duration, Instant},
@@ -18,12 +18,16 @@ use crate::{topology::spawn_in, wire::RawLink};
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Impairment {
     pub delay: Duration,
+    /// Extra delay, uniform in [0, jitter).
+    pub jitter: Duration,
     /// Fraction of frames dropped, 0.0..1.0.
     pub loss: f64,
 }
 
 pub struct Relay {
     stop: Arc<AtomicBool>,
+    /// (a -> b, b -> a), changeable while the relay runs.
+    now: Arc<Mutex<(Impairment, Impairment)>>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -32,22 +36,31 @@ impl Relay {
     /// own stack must stay quiet on them (no addresses, IPv6 off).
     pub fn start(ns: &Netns, a: &str, b: &str, a_to_b: Impairment, b_to_a: Impairment) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
+        let now = Arc::new(Mutex::new((a_to_b, b_to_a)));
         let mut threads = Vec::new();
-        for (from, to, imp, seed) in [(a, b, a_to_b, 0x9e37_79b9u32), (b, a, b_to_a, 0x85eb_ca6bu32)] {
+        for (from, to, forward, seed) in [(a, b, true, 0x9e37_79b9u32), (b, a, false, 0x85eb_ca6bu32)] {
             let (tx, rx) = mpsc::channel::<(Instant, Vec<u8>)>();
-            let (stop_r, from_s) = (stop.clone(), from.to_string());
+            let (stop_r, from_s, now_r) = (stop.clone(), from.to_string(), now.clone());
             threads.push(spawn_in(ns, move || {
                 let link = RawLink::open(&from_s);
                 let mut x = seed;
-                while !stop_r.load(Ordering::Relaxed) {
-                    let Some(frame) = link.recv_incoming(Duration::from_millis(50)) else { continue };
+                let mut rand = move || {
                     x ^= x << 13;
                     x ^= x >> 17;
                     x ^= x << 5;
-                    if (x as f64 / u32::MAX as f64) < imp.loss {
+                    x as f64 / u32::MAX as f64
+                };
+                while !stop_r.load(Ordering::Relaxed) {
+                    let Some(frame) = link.recv_incoming(Duration::from_millis(50)) else { continue };
+                    let imp = {
+                        let n = now_r.lock().unwrap();
+                        if forward { n.0 } else { n.1 }
+                    };
+                    if rand() < imp.loss {
                         continue;
                     }
-                    if tx.send((Instant::now() + imp.delay, frame)).is_err() {
+                    let delay = imp.delay + imp.jitter.mul_f64(rand());
+                    if tx.send((Instant::now() + delay, frame)).is_err() {
                         break;
                     }
                 }
@@ -64,7 +77,12 @@ impl Relay {
                 }
             }));
         }
-        Self { stop, threads }
+        Self { stop, now, threads }
+    }
+
+    /// Changes the impairments from the next frame on.
+    pub fn set(&self, a_to_b: Impairment, b_to_a: Impairment) {
+        *self.now.lock().unwrap() = (a_to_b, b_to_a);
     }
 }
 
