@@ -5,6 +5,8 @@
 pub mod failover;
 pub mod fixture;
 pub mod packets;
+pub mod paths;
+pub mod quality_bench;
 pub mod relay;
 pub mod topology;
 pub mod traffic;

@@ -18,6 +18,9 @@ use havip_tests::{
 };
 use serde::Serialize;
 
+#[global_allocator]
+static ALLOC: havip_tests::quality_bench::CountingAlloc = havip_tests::quality_bench::CountingAlloc;
+
 #[derive(Parser)]
 #[command(about = "havip benchmarks (run through `cargo xtask bench`)")]
 struct Args {
@@ -33,6 +36,9 @@ struct Args {
     /// Failover trials (p50/p99 over them).
     #[arg(long, default_value_t = 30)]
     failover_trials: usize,
+    /// Degradation-to-rebind trials (each takes several seconds at default settings).
+    #[arg(long, default_value_t = 10)]
+    rebind_trials: usize,
 }
 
 
@@ -170,6 +176,21 @@ fn main() -> anyhow::Result<()> {
         if fo.target_met { "met" } else { "NOT met" }
     );
     report.insert("failover", serde_json::to_value(&fo)?);
+
+    eprintln!("\n[bench] controller: ranking 10,000 VIPs over 4 NICs");
+    let rr = havip_tests::quality_bench::rerank_cost();
+    println!("\nRe-ranking {} VIPs over {} NICs ({} targets each), median of 7 rounds", rr.vips, rr.nics, rr.targets_per_vip);
+    println!("{:<44} {:>10.2} ms", "link-state binder round (baseline)", rr.binder_round_ms);
+    println!("{:<44} {:>10.2} ms  ({:.1}x)", "quality ranking + binder round", rr.ranking_round_ms, rr.ratio_to_binder_round);
+    println!("{:<44} {:>10.2} MB", "peak heap of a ranking round", rr.ranking_peak_heap_mb);
+    report.insert("rerank", serde_json::to_value(&rr)?);
+
+    eprintln!("\n[bench] degradation to rebind ({} trials at default settings)", args.rebind_trials);
+    let rb = havip_tests::quality_bench::degradation_to_rebind(args.rebind_trials);
+    println!("\nDegradation (20 ms on the owning NIC's path) -> VIP rebound, default settings");
+    println!("{:<44} {:>10.2} {:>10.2}", "seconds", rb.p50_s, rb.p99_s);
+    println!("p50 = {:.2}x the {:.1} s ranking hold-down (the designed floor)", rb.p50_ratio_to_hold_down, rb.hold_down_s);
+    report.insert("degradation_to_rebind", serde_json::to_value(&rb)?);
     report.insert("kernel", serde_json::Value::String(kernel));
 
     if let Some(dir) = args.out.parent() {
