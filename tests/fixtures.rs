@@ -449,3 +449,70 @@ fn probe_replies_are_measured_in_the_kernel_and_consumed() {
     assert_eq!(fx.outcome(Direction::Egress, Outcome::ProbeSent), 2);
     assert_eq!(fx.outcome(Direction::Ingress, Outcome::ProbeReply), 4);
 }
+
+/// Passive TCP RTT: a SYN-ACK or a data segment leaving a VIP starts a sample, the ACK
+/// covering it ends it; a segment resending sampled bytes counts as a retransmission.
+#[test]
+fn tcp_round_trips_are_sampled_from_live_traffic() {
+    use havip_common::{PeerKey, VipKey};
+    use etherparse::PacketBuilder;
+    let mut fx = Fixture::new(TWO_VIPS);
+    fx.bind(VIP4, TEST_IFINDEX, OWNER_MAC);
+    let vip_id = fx.dp.maps.vips.get(&VipKey::from(ip(VIP4)), 0).unwrap().id;
+    let key = PeerKey { peer: VipKey::from(ip(CLIENT4)), vip_id, nic_index: 0 };
+    let seg = |from_vip: bool, seq: u32, ack: u32, syn: bool, payload: &[u8]| {
+        let (src, dst, sp, dp) = if from_vip { (VIP4, CLIENT4, 8081, 40000) } else { (CLIENT4, VIP4, 40000, 80) };
+        let b = PacketBuilder::ethernet2(CLIENT_MAC, CLIENT_MAC).ipv4(
+            match ip(src) { IpAddr::V4(a) => a.octets(), _ => unreachable!() },
+            match ip(dst) { IpAddr::V4(a) => a.octets(), _ => unreachable!() },
+            64,
+        );
+        let mut t = b.tcp(sp, dp, seq, 65535).ack(ack);
+        if syn {
+            t = t.syn();
+        }
+        let mut out = Vec::new();
+        t.write(&mut out, payload).unwrap();
+        out
+    };
+    // Handshake: SYN-ACK out (seq 1000), the client's ACK of 1001 in.
+    fx.egress(&seg(true, 1000, 5001, true, b""));
+    std::thread::sleep(std::time::Duration::from_millis(3));
+    fx.ingress(&seg(false, 5001, 1001, false, b""));
+    let st = fx.dp.maps.peer_quality.get(&key, 0).expect("no sample from the handshake");
+    assert_eq!(st.samples, 1);
+    assert!(st.last_rtt_ns >= 3_000_000, "{st:?}");
+    // Data: 100 bytes out at 1001, an ACK of 1050 does not cover it, 1101 does.
+    fx.egress(&seg(true, 1001, 5001, false, &[7; 100]));
+    fx.ingress(&seg(false, 5001, 1050, false, b""));
+    assert_eq!(fx.dp.maps.peer_quality.get(&key, 0).unwrap().samples, 1, "a partial ACK ends no sample");
+    fx.ingress(&seg(false, 5001, 1101, false, b""));
+    assert_eq!(fx.dp.maps.peer_quality.get(&key, 0).unwrap().samples, 2);
+    // Retransmission: 1101..1201 sampled, then sent again before any ACK.
+    fx.egress(&seg(true, 1101, 5001, false, &[7; 100]));
+    fx.egress(&seg(true, 1101, 5001, false, &[7; 100]));
+    let st = fx.dp.maps.peer_quality.get(&key, 0).unwrap();
+    assert_eq!((st.samples, st.retransmits), (2, 1));
+    // Karn: the ACK that follows is ambiguous and gives no sample.
+    fx.ingress(&seg(false, 5001, 1201, false, b""));
+    assert_eq!(fx.dp.maps.peer_quality.get(&key, 0).unwrap().samples, 2);
+}
+
+/// havipd loads the variant without passive TCP measurement when `[passive] tcp = false`:
+/// it remaps and steers the same, and samples nothing.
+#[test]
+fn the_variant_without_passive_measurement_remaps_the_same() {
+    let mut fx = Fixture::new_with(TWO_VIPS, false);
+    assert_eq!(fx.dp.ingress, havip_common::maps::PROG_INGRESS);
+    fx.bind(VIP4, TEST_IFINDEX, OWNER_MAC);
+    for (fam, l4, vlan) in cases() {
+        let (client, vip) = addrs(fam);
+        let r = fx.ingress(&build(l4, client, 40000, vip, 80, vlan, b"x"));
+        let v = inspect(&r.out);
+        assert_eq!(v.dport, 8081, "{fam} {l4:?}");
+        assert!(v.checksum_ok);
+        let r = fx.egress(&build(l4, vip, 8081, client, 40000, vlan, b"y"));
+        assert_eq!(inspect(&r.out).sport, 80, "{fam} {l4:?}");
+    }
+    assert_eq!(fx.dp.maps.peer_quality.iter().count(), 0, "nothing sampled");
+}

@@ -160,3 +160,45 @@ fn a_target_that_never_answers_marks_only_its_paths_unreachable() {
     wait_owner(&l.t, "b0", Duration::from_secs(8));
     assert!(explain(&l.t).contains("UNREACHABLE"));
 }
+
+/// Passive measurement: a live TCP stream's RTT and retransmissions, per peer and NIC.
+#[test]
+fn live_tcp_round_trips_and_retransmissions_are_measured_per_peer() {
+    use havip_tests::traffic::{echo_instance, Stream};
+    let service = format!("[[service]]\nname = \"echo\"\nport = 80\n[[service.instance]]\nvip = \"{VIP}\"\nport = 8081\n");
+    // No targets: no probing, no ranking; the VIP stays on a0, the measured path.
+    let mut l = lab(&[], &service);
+    // The target reaches the VIP through a0's path.
+    l.t.cli.ip(&["route", "add", VIP, "via", "198.18.40.1", "dev", "tA"]).unwrap();
+    l.t.start_daemon();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    echo_instance(&l.t.srv, 8081, b"", stop.clone());
+    l.a.set(delay(20), CLEAN);
+    let stream = Stream::start(&l.t.cli, VIP, false);
+    std::thread::sleep(Duration::from_secs(2));
+    let peer = |t: &Topology| {
+        let v = t.vip_stats(VIP);
+        v["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["peer"] == "198.18.40.2" && p["nic"] == "a0")
+            .cloned()
+            .unwrap_or_else(|| panic!("no peer via a0: {v}"))
+    };
+    let p = peer(&l.t);
+    let rtt = p["rtt_ewma_ms"].as_f64().unwrap();
+    eprintln!("passive rtt {rtt:.2} ms over {} samples (20 ms injected)", p["samples"]);
+    assert_eq!(p["nic"], "a0");
+    assert!(p["samples"].as_u64().unwrap() >= 20, "{p}");
+    assert!((rtt - 20.0).abs() <= 2.0, "passive RTT {rtt:.2} ms with 20 ms injected: {p}");
+    assert_eq!(p["retransmits"], 0, "{p}");
+    // 10% loss on the way out: TCP retransmits, and the sampled ones are counted.
+    l.a.set(Impairment { loss: 0.1, ..CLEAN }, CLEAN);
+    std::thread::sleep(Duration::from_secs(4));
+    let p = peer(&l.t);
+    assert!(p["retransmits"].as_u64().unwrap() > 0, "no retransmission seen with 10% loss: {p}");
+    stream.progress("with loss");
+    stream.finish();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+}

@@ -54,6 +54,19 @@ pub const PROBE_SEQ_WINDOW: u32 = 64;
 /// `slot -> ProbeStats`. Written by both programs, read by havipd and the CLI.
 pub const PROBE_STATS: &str = "HAVIP_PROBE_STATS";
 
+/// Passive TCP RTT: `flow hash (16 bits) -> (flow check << 32) | end sequence` of the one
+/// sampled segment in flight per flow (0: none), and `-> send time, ns`. Arrays, so the
+/// per-packet check is an inlined access, not a hash lookup. Written by TC (sample taken)
+/// and XDP (sample answered).
+pub const TCP_SAMPLE_SEQ: &str = "HAVIP_TCP_SAMPLE_SEQ";
+pub const TCP_SAMPLE_TIME: &str = "HAVIP_TCP_SAMPLE_TIME";
+pub const TCP_SAMPLE_SLOTS: u32 = 65536;
+/// LRU `PeerKey{peer, vip id, NIC index} -> PassiveStats`: RTT from handshakes and sampled
+/// data/ACK pairs, and retransmissions. Written by both programs (once per sample), read
+/// by havipd and the CLI.
+pub const PEER_QUALITY: &str = "HAVIP_PEER_QUALITY";
+pub const PEER_QUALITY_MAX: u32 = 16384;
+
 /// Per-CPU `vip_id -> VipCounters`. Written by both programs, read by the CLI; havipd zeroes
 /// a slot when it frees the id so a later VIP starts from zero.
 pub const VIP_STATS: &str = "HAVIP_VIP_STATS";
@@ -64,13 +77,16 @@ pub const OUTCOMES: &str = "HAVIP_OUTCOMES";
 pub const OUTCOMES_LEN: u32 = 2 * crate::types::Outcome::COUNT;
 
 /// Every map, for pin handling and teardown.
-pub const ALL: [&str; 13] = [
+pub const ALL: [&str; 16] = [
     VIPS, VIP_SLOTS, REMAP_IN, REMAP_OUT, PORT_BITMAP, NICS, BINDINGS, NIC_STATS, VIP_STATS, OUTCOMES, PROBE_SLOTS,
-    PROBE_SENT, PROBE_STATS,
+    PROBE_SENT, PROBE_STATS, TCP_SAMPLE_SEQ, TCP_SAMPLE_TIME, PEER_QUALITY,
 ];
 
 /// Program names as compiled into the object.
 pub const PROG_INGRESS: &str = "havip_ingress";
 pub const PROG_EGRESS: &str = "havip_egress";
+/// The same programs with passive TCP measurement compiled in (`[passive] tcp`).
+pub const PROG_INGRESS_PASSIVE: &str = "havip_ingress_p";
+pub const PROG_EGRESS_PASSIVE: &str = "havip_egress_p";
 /// Parse-and-pass XDP program: the baseline `cargo xtask bench` compares against.
 pub const PROG_BASELINE: &str = "havip_baseline";

@@ -211,6 +211,40 @@ pub struct ProbeStats {
     pub rtt_hist: [u64; RTT_BUCKETS],
 }
 
+/// A peer of a VIP as seen through one NIC (passive TCP measurement).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct PeerKey {
+    pub peer: VipKey,
+    pub vip_id: u32,
+    pub nic_index: u32,
+}
+
+/// Passive TCP quality of a (peer, VIP, NIC).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "user", derive(serde::Serialize))]
+pub struct PassiveStats {
+    /// RTT samples (handshakes and data/ACK pairs).
+    pub samples: u64,
+    pub rtt_ewma_ns: u64,
+    pub last_rtt_ns: u64,
+    /// Segments resent while sampled (Karn: their sample is dropped): a loss signal.
+    pub retransmits: u64,
+    pub rtt_hist: [u64; RTT_BUCKETS],
+}
+
+/// The flow hash (slot in the TCP sample arrays) and a 32-bit check of a TCP flow of a
+/// VIP, from either direction: the peer's address words, the VIP id, the VIP's designated
+/// port and the peer's port (network order, as in the packet).
+#[inline(always)]
+pub fn tcp_flow_hash(peer: [u64; 2], vip_id: u32, vip_port_be: u16, peer_port_be: u16) -> (u32, u32) {
+    // A 32-bit fold of the flow is its check; one multiply spreads it into a 16-bit slot.
+    let p = peer[0] ^ peer[1];
+    let x = (p ^ (p >> 32)) as u32 ^ (vip_id << 24) ^ ((vip_port_be as u32) << 16 | peer_port_be as u32);
+    (x.wrapping_mul(0x9e37_79b1) >> 16, x | 1) // a check is never 0: 0 marks a free slot
+}
+
 /// Key of both remap tables: on ingress `port` is the designated port, on egress the
 /// instance port. Ports are in network byte order, as they sit in the packet.
 #[repr(C)]
@@ -433,6 +467,8 @@ const _: () = assert!(size_of::<NicCounters>() == 6 * 8);
 const _: () = assert!(size_of::<WireCounters>() == 5 * 8);
 const _: () = assert!(size_of::<InlineRemap>() == 8);
 const _: () = assert!(size_of::<ProbeSlot>() == 32);
+const _: () = assert!(size_of::<PeerKey>() == 24);
+const _: () = assert!(size_of::<PassiveStats>() == (4 + RTT_BUCKETS) * 8);
 const _: () = assert!(size_of::<ProbeStats>() == (5 + RTT_BUCKETS) * 8);
 const _: () = assert!(size_of::<VipSlot>() == 16 + 16 + 8 + 2 * 8 * INLINE_REMAPS);
 const _: () = assert!(size_of::<DirCounters>() == 9 * 8);
@@ -453,6 +489,8 @@ mod pod {
     unsafe impl aya::Pod for super::NicCounters {}
     unsafe impl aya::Pod for super::ProbeSlot {}
     unsafe impl aya::Pod for super::ProbeStats {}
+    unsafe impl aya::Pod for super::PeerKey {}
+    unsafe impl aya::Pod for super::PassiveStats {}
 }
 
 impl ProbeStats {

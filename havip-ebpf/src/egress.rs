@@ -1,11 +1,11 @@
 //! TC egress: count VIP-sourced packets and remap instance ports back to designated ports.
 
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
-use havip_common::{Direction, Outcome, IPPROTO_ICMP, IPPROTO_ICMPV6};
+use havip_common::{Direction, Outcome, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP};
 
 use crate::{
     parse::{self, Packet, Parsed},
-    probe, remap, stats, steer, vips,
+    passive, probe, remap, stats, steer, vips,
 };
 
 /// An skb; direct access covers only its linear part, lengths are checked against skb->len.
@@ -30,7 +30,7 @@ impl Packet for SkbPacket<'_> {
 const MAX_HEADERS: u32 = 14 + 4 + 60 + 60;
 
 #[inline(always)]
-pub fn try_egress(ctx: &TcContext) -> Result<(i32, Outcome), Outcome> {
+pub fn try_egress<const PASSIVE: bool>(ctx: &TcContext) -> Result<(i32, Outcome), Outcome> {
     let parsed = match parse::parse(&SkbPacket(ctx)) {
         // Headers may sit partly outside the linear area: pull them in and try once more.
         Err(Outcome::Malformed) => {
@@ -66,10 +66,15 @@ pub fn try_egress(ctx: &TcContext) -> Result<(i32, Outcome), Outcome> {
     let segs = if segs == 0 { 1 } else { segs };
     let bytes = ctx.len() as u64 + (segs - 1) * meta.hdr_len as u64;
 
-    let outcome = match remap::lookup_egress(&meta, &vip) {
-        Some(designated_be) if remap::rewrite_sport_tc(ctx, &meta, designated_be) => Outcome::VipRemapped,
-        _ => Outcome::VipPassed,
+    let (outcome, vip_port_be) = match remap::lookup_egress(&meta, &vip) {
+        Some(designated_be) if remap::rewrite_sport_tc(ctx, &meta, designated_be) => (Outcome::VipRemapped, designated_be),
+        _ => (Outcome::VipPassed, meta.sport_be),
     };
+    if let Some(b) = binding {
+        if PASSIVE && meta.proto == IPPROTO_TCP {
+            passive::on_egress(&SkbPacket(ctx), &meta, vip.id, b.nic_index, vip_port_be);
+        }
+    }
     if let Some(n) = binding.and_then(|b| stats::nic(b.nic_index)) {
         n.tx_packets += segs;
         n.tx_bytes += bytes;

@@ -1,12 +1,12 @@
 //! XDP ingress: recognise VIP packets, count them, remap designated ports to instance ports.
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
-use havip_common::{Outcome, IPPROTO_ICMP, IPPROTO_ICMPV6};
+use havip_common::{Outcome, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP};
 
 use crate::{
     neigh,
     parse::{self, Packet, Parsed},
-    probe, remap, stats, steer, vips,
+    passive, probe, remap, stats, steer, vips,
 };
 
 /// An XDP frame seen through the one bounds check.
@@ -32,9 +32,10 @@ impl Packet for XdpPacket<'_> {
     }
 }
 
-/// Returns the XDP action and the outcome to count.
+/// Returns the XDP action and the outcome to count. `PASSIVE` compiles in passive TCP
+/// measurement (a separate program variant, see `passive`).
 #[inline(always)]
-pub fn try_ingress(ctx: &XdpContext) -> Result<(u32, Outcome), Outcome> {
+pub fn try_ingress<const PASSIVE: bool>(ctx: &XdpContext) -> Result<(u32, Outcome), Outcome> {
     let pkt = XdpPacket(ctx);
     let meta = match parse::parse(&pkt)? {
         Parsed::Ip(meta) => meta,
@@ -56,7 +57,8 @@ pub fn try_ingress(ctx: &XdpContext) -> Result<(u32, Outcome), Outcome> {
 
     // Arriving on the owning NIC counts for that NIC; anywhere else it is misdirected
     // (a stale neighbour cache during a move) and still accepted.
-    let on_owner = match steer::binding(vip.id) {
+    let binding = steer::binding(vip.id);
+    let on_owner = match binding {
         Some(b) if b.ifindex == ctx.ingress_ifindex() as u32 => {
             if let Some(n) = stats::nic(b.nic_index) {
                 n.rx_packets += 1;
@@ -66,6 +68,12 @@ pub fn try_ingress(ctx: &XdpContext) -> Result<(u32, Outcome), Outcome> {
         }
         _ => false,
     };
+    if let Some(b) = binding {
+        if PASSIVE && meta.proto == IPPROTO_TCP {
+            // Before the remap: the designated port, as the peer addresses it.
+            passive::on_ingress(&pkt, &meta, vip.id, b.nic_index, meta.dport_be);
+        }
+    }
 
     let outcome = match remap::lookup_ingress(&meta, &vip) {
         Some(instance_be) if remap::rewrite_dport_xdp(&pkt, &meta, instance_be) => Outcome::VipRemapped,

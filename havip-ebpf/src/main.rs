@@ -8,6 +8,7 @@ mod ingress;
 mod maps;
 mod neigh;
 mod parse;
+mod passive;
 mod probe;
 mod remap;
 mod stats;
@@ -21,18 +22,39 @@ use aya_ebpf::{
 };
 use havip_common::Direction;
 
-#[xdp]
-pub fn havip_ingress(ctx: XdpContext) -> u32 {
-    let (action, outcome) = ingress::try_ingress(&ctx).unwrap_or_else(|o| (XDP_PASS, o));
+#[inline(always)]
+fn ingress<const PASSIVE: bool>(ctx: XdpContext) -> u32 {
+    let (action, outcome) = ingress::try_ingress::<PASSIVE>(&ctx).unwrap_or_else(|o| (XDP_PASS, o));
     stats::count_outcome(Direction::Ingress, outcome);
     action
 }
 
-#[classifier]
-pub fn havip_egress(ctx: TcContext) -> i32 {
-    let (action, outcome) = egress::try_egress(&ctx).unwrap_or_else(|o| (TC_ACT_OK, o));
+#[inline(always)]
+fn egress<const PASSIVE: bool>(ctx: TcContext) -> i32 {
+    let (action, outcome) = egress::try_egress::<PASSIVE>(&ctx).unwrap_or_else(|o| (TC_ACT_OK, o));
     stats::count_outcome(Direction::Egress, outcome);
     action
+}
+
+#[xdp]
+pub fn havip_ingress(ctx: XdpContext) -> u32 {
+    ingress::<false>(ctx)
+}
+
+#[classifier]
+pub fn havip_egress(ctx: TcContext) -> i32 {
+    egress::<false>(ctx)
+}
+
+/// The same with passive TCP measurement (`[passive] tcp`).
+#[xdp]
+pub fn havip_ingress_p(ctx: XdpContext) -> u32 {
+    ingress::<true>(ctx)
+}
+
+#[classifier]
+pub fn havip_egress_p(ctx: TcContext) -> i32 {
+    egress::<true>(ctx)
 }
 
 /// Parse-and-pass: the baseline for the per-packet cost benchmark. Never attached.

@@ -4,11 +4,11 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use havip_common::{
-    maps as m, Binding, NicCounters, NicInfo, PortValue, ProbeSlot, ProbeStats, RemapKey, VipCounters, VipInfo, VipKey,
-    VipSlot,
+    maps as m, Binding, NicCounters, NicInfo, PassiveStats, PeerKey, PortValue, ProbeSlot, ProbeStats, RemapKey,
+    VipCounters, VipInfo, VipKey, VipSlot,
 };
 
 /// VIP address -> VIP id and settings.
@@ -62,3 +62,15 @@ pub static PROBE_SENT: Array<u64> = Array::pinned(m::PROBE_SLOTS_MAX * m::PROBE_
 /// Probe slot -> what was measured.
 #[map(name = "HAVIP_PROBE_STATS")]
 pub static PROBE_STATS: Array<ProbeStats> = Array::pinned(m::PROBE_SLOTS_MAX, 0);
+
+/// Flow hash -> (check << 32 | end sequence) of the flow's sampled segment in flight.
+#[map(name = "HAVIP_TCP_SAMPLE_SEQ")]
+pub static TCP_SAMPLE_SEQ: Array<u64> = Array::pinned(m::TCP_SAMPLE_SLOTS, 0);
+
+/// Flow hash -> when that segment left, ns.
+#[map(name = "HAVIP_TCP_SAMPLE_TIME")]
+pub static TCP_SAMPLE_TIME: Array<u64> = Array::pinned(m::TCP_SAMPLE_SLOTS, 0);
+
+/// (peer, VIP, NIC) -> passive TCP RTT and retransmissions.
+#[map(name = "HAVIP_PEER_QUALITY")]
+pub static PEER_QUALITY: LruHashMap<PeerKey, PassiveStats> = LruHashMap::pinned(m::PEER_QUALITY_MAX, 0);

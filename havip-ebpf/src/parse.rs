@@ -92,6 +92,7 @@ pub struct TcpHdr {
     pub ports: PortsHdr,
     pub seq: u32,
     pub ack: u32,
+    /// Data offset (high nibble of the first byte) and flags (second byte), as on the wire.
     pub doff_flags: u16,
     pub window: u16,
     pub check: u16,
@@ -140,6 +141,8 @@ pub struct PacketMeta {
     pub dport_be: u16,
     /// Bytes of headers up to the end of the L4 header (for GSO byte accounting).
     pub hdr_len: usize,
+    /// TCP/UDP payload bytes the headers claim (all segments' for a GSO packet).
+    pub payload_len: usize,
 }
 
 /// Parses a packet; `Err` carries the outcome for packets havip does not touch.
@@ -194,6 +197,7 @@ fn parse_ipv4<P: Packet>(pkt: &P, l3_off: usize) -> Result<PacketMeta, Outcome> 
         sport_be: 0,
         dport_be: 0,
         hdr_len: l3_off + ihl,
+        payload_len: 0,
     };
     parse_l4(pkt, meta, tot_len - ihl)
 }
@@ -228,6 +232,7 @@ fn parse_ipv6<P: Packet>(pkt: &P, l3_off: usize) -> Result<PacketMeta, Outcome> 
         sport_be: 0,
         dport_be: 0,
         hdr_len: l4_off,
+        payload_len: 0,
     };
     parse_l4(pkt, meta, payload_len)
 }
@@ -246,6 +251,7 @@ fn parse_l4<P: Packet>(pkt: &P, mut meta: PacketMeta, l4_len: usize) -> Result<P
         meta.sport_be = ports as u16;
         meta.dport_be = (ports >> 16) as u16;
         meta.hdr_len = meta.l4_off + doff;
+        meta.payload_len = l4_len - doff;
     } else if meta.proto == IPPROTO_UDP {
         let udp: *const UdpHdr = pkt.header(meta.l4_off).ok_or(Outcome::Malformed)?;
         let len = u16::from_be(rd(unsafe { &raw const (*udp).len })) as usize;
@@ -256,6 +262,7 @@ fn parse_l4<P: Packet>(pkt: &P, mut meta: PacketMeta, l4_len: usize) -> Result<P
         meta.sport_be = ports as u16;
         meta.dport_be = (ports >> 16) as u16;
         meta.hdr_len = meta.l4_off + size_of::<UdpHdr>();
+        meta.payload_len = len - size_of::<UdpHdr>();
     }
     Ok(meta)
 }

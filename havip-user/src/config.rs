@@ -25,6 +25,8 @@ pub struct ConfigFile {
     #[serde(default)]
     pub ranking: RankingSection,
     #[serde(default)]
+    pub passive: PassiveSection,
+    #[serde(default)]
     pub nic: Vec<NicSection>,
     #[serde(default)]
     pub vip: Vec<VipSection>,
@@ -170,6 +172,27 @@ impl Default for RankingSection {
     }
 }
 
+/// Passive measurement of live traffic.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PassiveSection {
+    /// TCP RTT per (peer, VIP, NIC) from handshakes and sampled data/ACK pairs, and
+    /// retransmissions. Costs about 10 ns per TCP packet of a VIP (see `cargo xtask
+    /// bench`); fixed when the programs load (a restart applies a change).
+    #[serde(default = "yes")]
+    pub tcp: bool,
+}
+
+impl Default for PassiveSection {
+    fn default() -> Self {
+        Self { tcp: true }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
 /// Active path probes (ICMP echo, timestamped in the kernel).
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -255,6 +278,7 @@ pub struct Config {
     /// Time between two probes of one path.
     pub probe_interval: std::time::Duration,
     pub ranking: crate::rank::Settings,
+    pub passive_tcp: bool,
     /// NIC names, in file order.
     pub nics: Vec<String>,
     pub vips: Vec<Vip>,
@@ -565,6 +589,7 @@ pub fn validate(file: &ConfigFile) -> Result<Config, Vec<FieldError>> {
         vip_interface: file.node.vip_interface.clone(),
         xdp_mode: file.node.xdp_mode,
         probe_interval: std::time::Duration::from_millis(file.probe.interval_ms),
+        passive_tcp: file.passive.tcp,
         ranking: {
             let r = &file.ranking;
             crate::rank::Settings {

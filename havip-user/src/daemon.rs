@@ -580,6 +580,9 @@ impl Node {
         self.state.generation += 1;
         let result = async {
             let cfg = Config::load(&self.opts.config)?;
+            if cfg.passive_tcp != self.cfg.passive_tcp {
+                warn!(passive_tcp = cfg.passive_tcp, "passive.tcp changes when the programs load: restart havipd to apply it");
+            }
             let res = resolve(&cfg, &self.nl).await?;
             self.apply(&cfg, &res).await
         }
@@ -640,7 +643,7 @@ async fn serve(opts: DaemonOptions) -> anyhow::Result<()> {
 
     let pins = PinLayout::new(&opts.pin_root);
     let adopting = pins.exists();
-    let mut dp = Dataplane::open(&opts.pin_root)?;
+    let mut dp = Dataplane::open_with(&opts.pin_root, cfg.passive_tcp)?;
     dp.pin_programs()?;
     let mut state = State::load(&opts.run_dir)?.unwrap_or_default();
     if let Some(pid) = state.live_pid() {

@@ -18,8 +18,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use havip_common::{
-    maps as m, Binding, NicCounters, NicInfo, PortValue, ProbeSlot, ProbeStats, RemapKey, VipCounters, VipInfo, VipKey,
-    VipSlot,
+    maps as m, Binding, NicCounters, NicInfo, PassiveStats, PeerKey, PortValue, ProbeSlot, ProbeStats, RemapKey,
+    VipCounters, VipInfo, VipKey, VipSlot,
 };
 use tracing::{info, warn};
 
@@ -52,6 +52,7 @@ pub struct Maps {
     pub nic_stats: PerCpuArray<MapData, NicCounters>,
     pub probe_slots: Array<MapData, ProbeSlot>,
     pub probe_stats: Array<MapData, ProbeStats>,
+    pub peer_quality: HashMap<MapData, PeerKey, PassiveStats>,
     pub vip_stats: PerCpuArray<MapData, VipCounters>,
     pub outcomes: PerCpuArray<MapData, u64>,
 }
@@ -77,6 +78,7 @@ impl Maps {
             nic_stats: open_pinned(pins, m::NIC_STATS)?.try_into()?,
             probe_slots: open_pinned(pins, m::PROBE_SLOTS)?.try_into()?,
             probe_stats: open_pinned(pins, m::PROBE_STATS)?.try_into()?,
+            peer_quality: open_pinned(pins, m::PEER_QUALITY)?.try_into()?,
             vip_stats: open_pinned(pins, m::VIP_STATS)?.try_into()?,
             outcomes: open_pinned(pins, m::OUTCOMES)?.try_into()?,
         })
@@ -257,6 +259,9 @@ pub struct Dataplane {
     pub pins: PinLayout,
     ebpf: Ebpf,
     pub maps: Maps,
+    /// The program variants loaded (with or without passive TCP measurement).
+    pub ingress: &'static str,
+    pub egress: &'static str,
 }
 
 fn is_not_found(e: &LinkError) -> bool {
@@ -267,6 +272,17 @@ impl Dataplane {
     /// Loads the programs; maps already pinned under `pin_root` are reused, missing ones are
     /// created and pinned. Nothing is attached yet.
     pub fn open(pin_root: &Path) -> anyhow::Result<Self> {
+        Self::open_with(pin_root, true)
+    }
+
+    /// Like `open`; `passive_tcp` switches passive TCP RTT measurement (a load-time
+    /// constant of the programs: off, it costs nothing per packet).
+    pub fn open_with(pin_root: &Path, passive_tcp: bool) -> anyhow::Result<Self> {
+        let (ingress, egress) = if passive_tcp {
+            (m::PROG_INGRESS_PASSIVE, m::PROG_EGRESS_PASSIVE)
+        } else {
+            (m::PROG_INGRESS, m::PROG_EGRESS)
+        };
         ensure_bpffs(pin_root)?;
         let pins = PinLayout::new(pin_root);
         for dir in [pins.maps_dir(), pins.progs_dir(), pins.links_dir()] {
@@ -276,20 +292,20 @@ impl Dataplane {
             .default_map_pin_directory(pins.maps_dir())
             .load(ebpf_object()?)
             .context("loading the eBPF object (maps) failed")?;
-        for name in [m::PROG_INGRESS, m::PROG_BASELINE] {
+        for name in [ingress, m::PROG_BASELINE] {
             let prog: &mut Xdp = ebpf.program_mut(name).context("program missing from object")?.try_into()?;
             prog.load().with_context(|| format!("the kernel refused program {name}"))?;
         }
-        let tc: &mut SchedClassifier = ebpf.program_mut(m::PROG_EGRESS).context("program missing")?.try_into()?;
-        tc.load().with_context(|| format!("the kernel refused program {}", m::PROG_EGRESS))?;
+        let tc: &mut SchedClassifier = ebpf.program_mut(egress).context("program missing")?.try_into()?;
+        tc.load().with_context(|| format!("the kernel refused program {egress}"))?;
         let maps = Maps::open(&pins)?;
-        Ok(Self { pins, ebpf, maps })
+        Ok(Self { pins, ebpf, maps, ingress, egress })
     }
 
     /// Pins the loaded programs (replacing pins of an earlier version).
     pub fn pin_programs(&mut self) -> anyhow::Result<()> {
-        for name in [m::PROG_INGRESS, m::PROG_EGRESS] {
-            let path = self.pins.prog(name);
+        for (pin, name) in [(m::PROG_INGRESS, self.ingress), (m::PROG_EGRESS, self.egress)] {
+            let path = self.pins.prog(pin);
             let _ = std::fs::remove_file(&path);
             let prog = self.ebpf.program_mut(name).context("program missing")?;
             prog.pin(&path).with_context(|| format!("pinning {}", path.display()))?;
@@ -302,7 +318,7 @@ impl Dataplane {
     }
 
     pub fn tc(&mut self) -> anyhow::Result<&mut SchedClassifier> {
-        Ok(self.ebpf.program_mut(m::PROG_EGRESS).context("program missing")?.try_into()?)
+        Ok(self.ebpf.program_mut(self.egress).context("program missing")?.try_into()?)
     }
 
     /// Attaches ingress and egress programs to `nic`. Where links are already pinned for it,
@@ -317,7 +333,8 @@ impl Dataplane {
     fn attach_xdp(&mut self, nic: &str, mode: XdpModeSetting) -> anyhow::Result<(bool, &'static str)> {
         let path = self.pins.link(nic, Hook::Xdp);
         std::fs::create_dir_all(self.pins.nic_dir(nic))?;
-        let prog = self.xdp(m::PROG_INGRESS)?;
+        let ingress = self.ingress;
+        let prog = self.xdp(ingress)?;
         match PinnedLink::from_pin(&path) {
             Ok(pinned) => {
                 let link = XdpLink::try_from(FdLink::from(pinned))?;

@@ -30,6 +30,8 @@ pub struct VipStats {
     pub wire: WireCounters,
     /// Paths from the VIP's candidate NICs to its targets (needs havipd's config file).
     pub paths: Vec<PathStats>,
+    /// Peers seen in live TCP traffic (passive RTT), busiest first.
+    pub peers: Vec<PeerStats>,
 }
 
 /// A measured path: probes from a NIC's own address to a target.
@@ -66,6 +68,18 @@ impl PathStats {
             hops,
         }
     }
+}
+
+/// Passive TCP measurement of one peer of a VIP through one NIC.
+#[derive(Debug, Clone, Serialize)]
+pub struct PeerStats {
+    pub peer: IpAddr,
+    pub nic: String,
+    pub samples: u64,
+    pub rtt_ewma_ms: Option<f64>,
+    pub rtt_p50_ms: Option<f64>,
+    pub rtt_p99_ms: Option<f64>,
+    pub retransmits: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -118,6 +132,28 @@ impl Snapshot {
         // Which paths belong to which VIP is in the configuration havipd runs.
         let cfg = state.and_then(|s| s.config_path.as_ref()).and_then(|p| crate::config::Config::load(p).ok());
 
+        let index_names: BTreeMap<u32, String> =
+            maps.nic_infos().values().map(|i| (i.index, crate::dataplane::nic_name(i))).collect();
+        let mut peers: BTreeMap<u32, Vec<PeerStats>> = BTreeMap::new();
+        for (k, st) in maps.peer_quality.iter().flatten() {
+            let q = |p: f64| {
+                let as_probe = havip_common::ProbeStats { rtt_hist: st.rtt_hist, ..Default::default() };
+                as_probe.rtt_quantile_us(p).map(|u| u / 1000.0)
+            };
+            peers.entry(k.vip_id).or_default().push(PeerStats {
+                peer: k.peer.to_ip(),
+                nic: index_names.get(&k.nic_index).cloned().unwrap_or_else(|| format!("#{}", k.nic_index)),
+                samples: st.samples,
+                rtt_ewma_ms: (st.samples > 0).then(|| st.rtt_ewma_ns as f64 / 1e6),
+                rtt_p50_ms: q(0.5),
+                rtt_p99_ms: q(0.99),
+                retransmits: st.retransmits,
+            });
+        }
+        for v in peers.values_mut() {
+            v.sort_by(|a, b| b.samples.cmp(&a.samples));
+        }
+
         let now = monotonic_ns();
         for (key, info) in &actual.vips {
             let VipCounters { rx, tx, wire } = maps.vip_counters(info.id)?;
@@ -148,6 +184,7 @@ impl Snapshot {
                 tx,
                 wire,
                 paths: vip_paths,
+                peers: peers.remove(&info.id).unwrap_or_default(),
             });
         }
         let mut nics = Vec::new();
@@ -245,6 +282,16 @@ pub fn render_table(now: &Snapshot, prev: Option<&Snapshot>) -> String {
         ));
         for m in &v.mappings {
             out.push_str(&format!("  {} :{} -> :{}\n", m.protocol, m.designated_port, m.instance_port));
+        }
+        for p in v.peers.iter().take(5) {
+            out.push_str(&format!(
+                "  peer {} via {}: tcp rtt {} ms, {} sample(s), {} retransmit(s)\n",
+                p.peer,
+                p.nic,
+                p.rtt_ewma_ms.map(|r| format!("{r:.2}")).unwrap_or_else(|| "-".into()),
+                human(p.samples),
+                human(p.retransmits)
+            ));
         }
         for p in &v.paths {
             let ms = |x: Option<f64>| x.map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into());

@@ -51,9 +51,14 @@ pub struct Run {
 impl Fixture {
     /// Loads the programs under a fresh pin root and applies `config` to the maps.
     pub fn new(config: &str) -> Self {
+        Self::new_with(config, true)
+    }
+
+    /// With passive TCP measurement switched on or off (a load-time constant).
+    pub fn new_with(config: &str, passive_tcp: bool) -> Self {
         crate::require_root();
         let root = format!("/sys/fs/bpf/{}", crate::unique("havip-fx"));
-        let mut dp = Dataplane::open(root.as_ref()).expect("loading the programs");
+        let mut dp = Dataplane::open_with(root.as_ref(), passive_tcp).expect("loading the programs");
         let cfg = Config::parse(config, "fixture").unwrap_or_else(|e| panic!("{e}"));
         let desired = Desired::from_config(&cfg);
         let ch = plan(&desired, &dp.maps.read_actual().unwrap());
@@ -74,6 +79,8 @@ impl Fixture {
         opts.data_in = Some(input);
         opts.data_out = Some(&mut out);
         opts.repeat = repeat;
+        // `PROG_INGRESS` / `PROG_EGRESS` name whichever variant this fixture loaded.
+        let prog = if prog == m::PROG_INGRESS { self.dp.ingress } else { prog };
         let r = if prog == m::PROG_EGRESS {
             self.dp.tc().unwrap().test_run(opts)
         } else {

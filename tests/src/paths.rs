@@ -57,6 +57,12 @@ pub fn lab(targets: &[&str], extra: &str) -> Lab {
     ] {
         ns.ip(args).unwrap();
     }
+    // The relays forward frames as they are: the path NICs must hand them what a real
+    // NIC puts on the wire, wire-sized frames with complete checksums, not TSO/GSO
+    // super-frames with checksums left to offload.
+    for (ns, dev) in [(&t.srv, "a0"), (&t.srv, "b0"), (&t.cli, "tA"), (&t.cli, "tB")] {
+        ns.exec(&["ethtool", "-K", dev, "tx", "off", "tso", "off", "gso", "off"]).unwrap();
+    }
     let targets = targets.iter().map(|t| format!("\"{t}\"")).collect::<Vec<_>>().join(", ");
     t.write_config_raw(&format!(
         "{extra}\n[[nic]]\nname = \"a0\"\n[[nic]]\nname = \"b0\"\n[[vip]]\naddress = \"{VIP}\"\nnics = [\"a0\", \"b0\"]\ntargets = [{targets}]\n"

@@ -61,6 +61,11 @@ impl RawLink {
     }
 
     pub fn send(&self, frame: &[u8]) {
+        self.try_send(frame).unwrap_or_else(|e| panic!("send: {e}"));
+    }
+
+    /// Sends a frame; an error (e.g. a frame beyond the MTU) is returned, not fatal.
+    pub fn try_send(&self, frame: &[u8]) -> std::io::Result<()> {
         let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
         addr.sll_family = libc::AF_PACKET as u16;
         addr.sll_ifindex = self.ifindex as i32;
@@ -69,7 +74,7 @@ impl RawLink {
         let n = unsafe {
             libc::sendto(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0, (&raw const addr).cast(), std::mem::size_of::<libc::sockaddr_ll>() as u32)
         };
-        assert!(n >= 0, "send: {}", std::io::Error::last_os_error());
+        if n < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
     }
 
     /// Frames received until `deadline` (outgoing ones included, as on any tap).
