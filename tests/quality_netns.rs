@@ -165,7 +165,7 @@ fn a_target_that_never_answers_marks_only_its_paths_unreachable() {
 #[test]
 fn live_tcp_round_trips_and_retransmissions_are_measured_per_peer() {
     use havip_tests::traffic::{echo_instance, Stream};
-    let service = format!("[[service]]\nname = \"echo\"\nport = 80\n[[service.instance]]\nvip = \"{VIP}\"\nport = 8081\n");
+    let service = format!("[passive]\ntcp = true\n[[service]]\nname = \"echo\"\nport = 80\n[[service.instance]]\nvip = \"{VIP}\"\nport = 8081\n");
     // No targets: no probing, no ranking; the VIP stays on a0, the measured path.
     let mut l = lab(&[], &service);
     // The target reaches the VIP through a0's path.

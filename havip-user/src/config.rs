@@ -177,20 +177,18 @@ impl Default for RankingSection {
 #[serde(deny_unknown_fields)]
 pub struct PassiveSection {
     /// TCP RTT per (peer, VIP, NIC) from handshakes and sampled data/ACK pairs, and
-    /// retransmissions. Costs about 10 ns per TCP packet of a VIP (see `cargo xtask
-    /// bench`); fixed when the programs load (a restart applies a change).
-    #[serde(default = "yes")]
+    /// retransmissions: observational (placement ranks the active probes, the only
+    /// measurement of the NICs a VIP is not on). Costs about 12 ns per TCP packet of a VIP
+    /// (see `cargo xtask bench`), so it is off unless asked for; fixed when the programs
+    /// load (a restart applies a change).
+    #[serde(default)]
     pub tcp: bool,
 }
 
 impl Default for PassiveSection {
     fn default() -> Self {
-        Self { tcp: true }
+        Self { tcp: false }
     }
-}
-
-fn yes() -> bool {
-    true
 }
 
 /// Active path probes (ICMP echo, timestamped in the kernel).

@@ -51,7 +51,7 @@ const INSTANCES: [(&str, [&str; 2], u16); 2] =
 
 fn lab_config() -> String {
     let mut s = String::from(
-        "# Written by `havip lab`.\n[node]\nvip_interface = \"lo\"\n\n[failover]\nannounce_count = 3\nannounce_interval_ms = 100\nfailback_hold_down_ms = 3000\n\n[[nic]]\nname = \"a0\"\n[[nic]]\nname = \"b0\"\n\n",
+        "# Written by `havip lab`.\n[node]\nvip_interface = \"lo\"\n\n[passive]\ntcp = true\n\n[failover]\nannounce_count = 3\nannounce_interval_ms = 100\nfailback_hold_down_ms = 3000\n\n[[nic]]\nname = \"a0\"\n[[nic]]\nname = \"b0\"\n\n",
     );
     for (_, vips, _) in INSTANCES {
         for v in vips {

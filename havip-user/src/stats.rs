@@ -151,7 +151,7 @@ impl Snapshot {
             });
         }
         for v in peers.values_mut() {
-            v.sort_by(|a, b| b.samples.cmp(&a.samples));
+            v.sort_by_key(|p| std::cmp::Reverse(p.samples));
         }
 
         let now = monotonic_ns();

@@ -53,7 +53,7 @@ impl RawLink {
             let n = unsafe {
                 libc::recvfrom(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0, (&raw mut from).cast(), &mut len)
             };
-            if n > 0 && from.sll_pkttype != libc::PACKET_OUTGOING as u8 {
+            if n > 0 && from.sll_pkttype != libc::PACKET_OUTGOING {
                 buf.truncate(n as usize);
                 return Some(buf);
             }
