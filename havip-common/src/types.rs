@@ -493,25 +493,36 @@ mod pod {
     unsafe impl aya::Pod for super::PassiveStats {}
 }
 
+/// The RTT below which a fraction `q` of the samples fell, from a log2 histogram (upper
+/// edge of the bucket, µs); `None` without samples.
+pub fn hist_quantile_us(hist: &[u64; RTT_BUCKETS], q: f64) -> Option<f64> {
+    let total: u64 = hist.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    // ceil(q * total), at least 1 (no f64::ceil in core).
+    let x = q * total as f64;
+    let want = ((x as u64) + u64::from((x as u64 as f64) < x)).max(1);
+    let mut seen = 0;
+    for (i, n) in hist.iter().enumerate() {
+        seen += n;
+        if seen >= want {
+            return Some((1u64 << (i + 1)) as f64);
+        }
+    }
+    None
+}
+
+/// Routers on the way back, from a reply's TTL / hop limit: the distance to the nearest
+/// common initial value (64, 128, 255) at or above it.
+pub fn hops_from_ttl(ttl: u64) -> u64 {
+    [64u64, 128, 255].into_iter().find(|i| *i >= ttl).unwrap_or(255) - ttl.min(255)
+}
+
 impl ProbeStats {
-    /// The RTT below which a fraction `q` of the replies fell, from the histogram (upper
-    /// edge of the bucket, µs); `None` without replies.
+    /// See [`hist_quantile_us`].
     pub fn rtt_quantile_us(&self, q: f64) -> Option<f64> {
-        let total: u64 = self.rtt_hist.iter().sum();
-        if total == 0 {
-            return None;
-        }
-        // ceil(q * total), at least 1 (no f64::ceil in core).
-        let x = q * total as f64;
-        let want = ((x as u64) + u64::from((x as u64 as f64) < x)).max(1);
-        let mut seen = 0;
-        for (i, n) in self.rtt_hist.iter().enumerate() {
-            seen += n;
-            if seen >= want {
-                return Some((1u64 << (i + 1)) as f64);
-            }
-        }
-        None
+        hist_quantile_us(&self.rtt_hist, q)
     }
 
     /// Probes without a reply, as a fraction of those sent (in-flight ones excluded by

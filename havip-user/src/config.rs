@@ -173,7 +173,7 @@ impl Default for RankingSection {
 }
 
 /// Passive measurement of live traffic.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct PassiveSection {
     /// TCP RTT per (peer, VIP, NIC) from handshakes and sampled data/ACK pairs, and
@@ -185,11 +185,6 @@ pub struct PassiveSection {
     pub tcp: bool,
 }
 
-impl Default for PassiveSection {
-    fn default() -> Self {
-        Self { tcp: false }
-    }
-}
 
 /// Active path probes (ICMP echo, timestamped in the kernel).
 #[derive(Debug, Clone, Deserialize, Serialize)]

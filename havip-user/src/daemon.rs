@@ -314,8 +314,7 @@ impl Node {
             let in_flight = rtt_ms.map(|r| (r / self.cfg.probe_interval.as_secs_f64() / 1000.0).ceil() as u64).unwrap_or(0);
             let lost = (sent - replies).saturating_sub(in_flight);
             let loss_pct = (sent > 0).then(|| 100.0 * lost as f64 / sent as f64);
-            let ttl = st.last_ttl;
-            let hops = (st.received > 0).then(|| [64u64, 128, 255].into_iter().find(|i| *i >= ttl).unwrap_or(255) - ttl);
+            let hops = (st.received > 0).then(|| havip_common::hops_from_ttl(st.last_ttl));
             out.insert((path.nic.clone(), path.target), crate::rank::Sample { rtt_ms, loss_pct, hops, sent, replies });
         }
         out

@@ -55,7 +55,9 @@ fn lab_config() -> String {
     );
     for (_, vips, _) in INSTANCES {
         for v in vips {
-            s.push_str(&format!("[[vip]]\naddress = \"{v}\"\nnics = [\"a0\", \"b0\"]\n\n"));
+            // The client is the peer that matters: its path through each NIC is probed.
+            let target = if v.contains(':') { "2001:db8:20::100" } else { "198.18.20.100" };
+            s.push_str(&format!("[[vip]]\naddress = \"{v}\"\nnics = [\"a0\", \"b0\"]\ntargets = [\"{target}\"]\n\n"));
         }
     }
     s.push_str("[[service]]\nname = \"web\"\nport = 80\nprotocols = [\"tcp\"]\n");

@@ -54,8 +54,7 @@ pub struct PathStats {
 
 impl PathStats {
     fn from_kernel(nic: String, target: IpAddr, st: &havip_common::ProbeStats) -> Self {
-        let ttl = st.last_ttl;
-        let hops = (st.received > 0).then(|| [64u64, 128, 255].into_iter().find(|i| *i >= ttl).unwrap_or(255) - ttl);
+        let hops = (st.received > 0).then(|| havip_common::hops_from_ttl(st.last_ttl));
         Self {
             nic,
             target,
@@ -136,10 +135,7 @@ impl Snapshot {
             maps.nic_infos().values().map(|i| (i.index, crate::dataplane::nic_name(i))).collect();
         let mut peers: BTreeMap<u32, Vec<PeerStats>> = BTreeMap::new();
         for (k, st) in maps.peer_quality.iter().flatten() {
-            let q = |p: f64| {
-                let as_probe = havip_common::ProbeStats { rtt_hist: st.rtt_hist, ..Default::default() };
-                as_probe.rtt_quantile_us(p).map(|u| u / 1000.0)
-            };
+            let q = |p: f64| havip_common::hist_quantile_us(&st.rtt_hist, p).map(|u| u / 1000.0);
             peers.entry(k.vip_id).or_default().push(PeerStats {
                 peer: k.peer.to_ip(),
                 nic: index_names.get(&k.nic_index).cloned().unwrap_or_else(|| format!("#{}", k.nic_index)),

@@ -35,9 +35,8 @@ impl RawLink {
         &self.fd
     }
 
-    /// The next frame that arrived on the link (not one sent on it), waiting up to `wait`.
-    pub fn recv_incoming(&self, wait: Duration) -> Option<Vec<u8>> {
-        let deadline = Instant::now() + wait;
+    /// The next frame on the link before `deadline`, with its packet type (PACKET_*).
+    fn recv_one(&self, deadline: Instant) -> Option<(Vec<u8>, u8)> {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -53,9 +52,20 @@ impl RawLink {
             let n = unsafe {
                 libc::recvfrom(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0, (&raw mut from).cast(), &mut len)
             };
-            if n > 0 && from.sll_pkttype != libc::PACKET_OUTGOING {
+            if n > 0 {
                 buf.truncate(n as usize);
-                return Some(buf);
+                return Some((buf, from.sll_pkttype));
+            }
+        }
+    }
+
+    /// The next frame that arrived on the link (not one sent on it), waiting up to `wait`.
+    pub fn recv_incoming(&self, wait: Duration) -> Option<Vec<u8>> {
+        let deadline = Instant::now() + wait;
+        loop {
+            let (frame, kind) = self.recv_one(deadline)?;
+            if kind != libc::PACKET_OUTGOING {
+                return Some(frame);
             }
         }
     }
@@ -79,23 +89,7 @@ impl RawLink {
 
     /// Frames received until `deadline` (outgoing ones included, as on any tap).
     pub fn recv_until(&self, deadline: Instant) -> Vec<Vec<u8>> {
-        let mut out = Vec::new();
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return out;
-            }
-            let mut pfd = libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-            if unsafe { libc::poll(&mut pfd, 1, left.as_millis().max(1) as i32) } <= 0 {
-                continue;
-            }
-            let mut buf = vec![0u8; 2048];
-            let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-            if n > 0 {
-                buf.truncate(n as usize);
-                out.push(buf);
-            }
-        }
+        std::iter::from_fn(|| self.recv_one(deadline).map(|(f, _)| f)).collect()
     }
 
     pub fn recv_for(&self, d: Duration) -> Vec<Vec<u8>> {
