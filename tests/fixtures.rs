@@ -420,7 +420,7 @@ fn probe_replies_are_measured_in_the_kernel_and_consumed() {
     let mut fx = Fixture::new(TWO_VIPS);
     for (nic_addr, target) in [("198.18.40.1", "198.18.50.1"), ("2001:db8:40::1", "2001:db8:50::1")] {
         let slot = if target.contains(':') { 7 } else { 3 };
-        fx.dp.maps.set_probe_slot(slot, Some((TEST_IFINDEX, ip(target)))).unwrap();
+        fx.dp.maps.set_probe_slot(slot, Some((TEST_IFINDEX, ip(target))), None).unwrap();
         let id = PROBE_ID_BASE | slot as u16;
         let request = icmp_echo_with(ip(nic_addr), ip(target), false, id, 1, 64);
         // Without havipd's mark it is somebody else's ping: not timestamped.
@@ -515,4 +515,48 @@ fn the_variant_without_passive_measurement_remaps_the_same() {
         assert_eq!(inspect(&r.out).sport, 80, "{fam} {l4:?}");
     }
     assert_eq!(fx.dp.maps.peer_quality.iter().count(), 0, "nothing sampled");
+}
+
+/// TCP SYN probes: the SYN leaves from the slot's port (timestamped when marked), and the
+/// SYN-ACK or RST from the probed target and port is measured and consumed.
+#[test]
+fn tcp_syn_probes_are_measured_and_their_answers_consumed() {
+    use etherparse::PacketBuilder;
+    use havip_common::{PROBE_MARK, PROBE_TCP_PORT_BASE};
+    let mut fx = Fixture::new(TWO_VIPS);
+    let (nic, target, slot) = ("198.18.40.1", "198.18.50.1", 5u32);
+    fx.dp.maps.set_probe_slot(slot, Some((TEST_IFINDEX, ip(target))), Some(443)).unwrap();
+    let seg = |src: &str, dst: &str, sport: u16, dport: u16, seq: u32, ack: Option<u32>, syn: bool, rst: bool| {
+        let v4 = |a: &str| match ip(a) { IpAddr::V4(a) => a.octets(), _ => unreachable!() };
+        let mut t = PacketBuilder::ethernet2(CLIENT_MAC, CLIENT_MAC).ipv4(v4(src), v4(dst), 60).tcp(sport, dport, seq, 1024);
+        if let Some(a) = ack {
+            t = t.ack(a);
+        }
+        if syn {
+            t = t.syn();
+        }
+        if rst {
+            t = t.rst();
+        }
+        let mut out = Vec::new();
+        t.write(&mut out, b"").unwrap();
+        out
+    };
+    let port = PROBE_TCP_PORT_BASE + slot as u16;
+    for (seq, rst) in [(100u32, false), (101, true)] {
+        let syn = seg(nic, target, port, 443, seq, None, true, false);
+        assert_eq!(fx.egress_marked(&syn, PROBE_MARK).out, syn, "probes leave untouched");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        // An answer from another port of the target is not the probe's.
+        let wrong = seg(target, nic, 80, port, 9, Some(seq + 1), !rst, rst);
+        assert_eq!(fx.ingress(&wrong).action, XDP_PASS);
+        let answer = seg(target, nic, 443, port, 9, Some(seq + 1), !rst, rst);
+        assert_eq!(fx.ingress(&answer).action, XDP_DROP, "the answer is consumed (rst={rst})");
+    }
+    let st = fx.dp.maps.probe_stats.get(&slot, 0).unwrap();
+    assert_eq!((st.sent, st.received), (2, 2));
+    assert!(st.last_rtt_ns >= 2_000_000, "{st:?}");
+    // A SYN without havipd's mark is somebody's connection: not timestamped.
+    fx.egress(&seg(nic, target, port, 443, 102, None, true, false));
+    assert_eq!(fx.dp.maps.probe_stats.get(&slot, 0).unwrap().sent, 2);
 }

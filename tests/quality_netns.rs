@@ -202,3 +202,21 @@ fn live_tcp_round_trips_and_retransmissions_are_measured_per_peer() {
     stream.finish();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
 }
+
+/// TCP SYN probes (`[probe] tcp_port`) measure the same path through a firewall's eye
+/// view: a listener on the target answers SYN-ACK, which XDP consumes.
+#[test]
+fn tcp_syn_probes_measure_the_injected_delay() {
+    let mut l = lab(&[TARGET], "[probe]\ninterval_ms = 20\ntcp_port = 7");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    havip_tests::traffic::echo_instance(&l.t.cli, 7, b"", stop.clone());
+    l.a.set(delay(20), CLEAN);
+    l.t.start_daemon();
+    wait_for_replies(&l.t, 150, Duration::from_secs(20));
+    let (a, b) = (path(&l.t, "a0", TARGET), path(&l.t, "b0", TARGET));
+    let (ra, rb) = (a["rtt_ewma_ms"].as_f64().unwrap(), b["rtt_ewma_ms"].as_f64().unwrap());
+    eprintln!("tcp probes: a0 {ra:.2} ms, b0 {rb:.2} ms");
+    assert!(((ra - rb) - 20.0).abs() <= 2.0, "a0 {a}, b0 {b}");
+    assert!(a["loss_pct"].as_f64().unwrap() < 5.0, "{a}");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+}

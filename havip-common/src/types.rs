@@ -181,6 +181,9 @@ pub const PROBE_MARK: u32 = 0x4856_5052;
 /// ICMP echo identifiers of probes: `PROBE_ID_BASE | slot`, slot < `PROBE_SLOTS_MAX`.
 pub const PROBE_ID_BASE: u16 = 0xa000;
 pub const PROBE_ID_MASK: u16 = 0xf000;
+/// TCP SYN probes leave from `PROBE_TCP_PORT_BASE + slot` (61440-65535: outside Linux's
+/// default ephemeral range, 32768-60999); the SYN-ACK or RST that answers is the reply.
+pub const PROBE_TCP_PORT_BASE: u16 = 0xf000;
 /// Log2 RTT histogram buckets: bucket i counts RTTs in [2^i, 2^(i+1)) µs (bucket 0: < 2 µs).
 pub const RTT_BUCKETS: usize = 24;
 
@@ -192,7 +195,9 @@ pub struct ProbeSlot {
     pub ifindex: u32,
     /// 1 when the slot is in use.
     pub active: u32,
-    pub _pad: u64,
+    /// TCP SYN probes: the target's port (network order); 0 for ICMP echo probes.
+    pub tcp_port_be: u16,
+    pub _pad: [u16; 3],
 }
 
 /// What the kernel measured on a path. Probes and replies are rare (one each per probe

@@ -41,7 +41,7 @@ pub fn try_egress<const PASSIVE: bool>(ctx: &TcContext) -> Result<(i32, Outcome)
         other => other?,
     };
     let Parsed::Ip(meta) = parsed else { return Err(Outcome::NotIp) };
-    if meta.proto == IPPROTO_ICMP || meta.proto == IPPROTO_ICMPV6 {
+    if meta.proto == IPPROTO_ICMP || meta.proto == IPPROTO_ICMPV6 || meta.proto == IPPROTO_TCP {
         let mark = unsafe { (*ctx.skb.skb).mark };
         if let Some(o) = probe::on_egress(&SkbPacket(ctx), &meta, mark) {
             return Ok((TC_ACT_OK, o));

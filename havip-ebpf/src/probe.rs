@@ -4,14 +4,50 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use havip_common::{
-    maps::PROBE_SEQ_WINDOW, rtt_bucket, Outcome, IPPROTO_ICMP, IPPROTO_ICMPV6, PROBE_ID_BASE, PROBE_ID_MASK,
-    PROBE_MARK, RTT_BUCKETS,
+    maps::{PROBE_SEQ_WINDOW, PROBE_SLOTS_MAX},
+    rtt_bucket, Outcome, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, PROBE_ID_BASE, PROBE_ID_MASK, PROBE_MARK,
+    PROBE_TCP_PORT_BASE, RTT_BUCKETS,
 };
 
 use crate::{
     maps::{PROBE_SENT, PROBE_SLOTS, PROBE_STATS},
-    parse::{rd, Packet, PacketMeta},
+    parse::{rd, Packet, PacketMeta, TcpHdr},
 };
+
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
+
+/// A TCP probe's slot, from its local port (source going out, destination coming back).
+#[inline(always)]
+fn tcp_slot(port_be: u16) -> Option<u32> {
+    let slot = u16::from_be(port_be).wrapping_sub(PROBE_TCP_PORT_BASE) as u32;
+    (u16::from_be(port_be) >= PROBE_TCP_PORT_BASE && slot < PROBE_SLOTS_MAX).then_some(slot)
+}
+
+/// (slot, in-flight index) of a TCP SYN probe leaving, or of the SYN-ACK / RST answering it
+/// (whose acknowledgement is the probe's sequence + 1).
+#[inline(always)]
+fn tcp_slot_and_index<P: Packet>(pkt: &P, meta: &PacketMeta, outgoing: bool) -> Option<(u32, u32)> {
+    if meta.proto != IPPROTO_TCP {
+        return None;
+    }
+    let slot = tcp_slot(if outgoing { meta.sport_be } else { meta.dport_be })?;
+    let tcp: *const TcpHdr = pkt.header(meta.l4_off)?;
+    let flags = (rd(unsafe { &raw const (*tcp).doff_flags }) >> 8) as u8;
+    let seq = if outgoing {
+        if flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+            return None;
+        }
+        u32::from_be(rd(unsafe { &raw const (*tcp).seq }))
+    } else {
+        if flags & TCP_ACK == 0 || flags & (TCP_SYN | TCP_RST) == 0 {
+            return None;
+        }
+        u32::from_be(rd(unsafe { &raw const (*tcp).ack })).wrapping_sub(1)
+    };
+    Some((slot, slot * PROBE_SEQ_WINDOW + seq % PROBE_SEQ_WINDOW))
+}
 
 #[repr(C)]
 struct IcmpEcho {
@@ -62,7 +98,8 @@ pub fn on_egress<P: Packet>(pkt: &P, meta: &PacketMeta, skb_mark: u32) -> Option
     if skb_mark != PROBE_MARK {
         return None;
     }
-    let (slot, index) = slot_and_index(pkt, meta, ICMP_ECHO_REQUEST, ICMPV6_ECHO_REQUEST)?;
+    let (slot, index) = slot_and_index(pkt, meta, ICMP_ECHO_REQUEST, ICMPV6_ECHO_REQUEST)
+        .or_else(|| tcp_slot_and_index(pkt, meta, true))?;
     let sent = PROBE_SENT.get_ptr_mut(index)?;
     unsafe { *sent = bpf_ktime_get_ns() };
     if let Some(st) = PROBE_STATS.get_ptr_mut(slot) {
@@ -71,14 +108,23 @@ pub fn on_egress<P: Packet>(pkt: &P, meta: &PacketMeta, skb_mark: u32) -> Option
     Some(Outcome::ProbeSent)
 }
 
+/// Cheap pre-check for the XDP path: could this TCP packet answer a SYN probe?
+#[inline(always)]
+pub fn maybe_tcp_reply(meta: &PacketMeta) -> bool {
+    u16::from_be(meta.dport_be) >= PROBE_TCP_PORT_BASE
+}
+
 /// XDP ingress: the reply to a probe, from the probed target; measures it. `Some` means
 /// consume it.
 #[inline(always)]
 pub fn on_ingress<P: Packet>(pkt: &P, meta: &PacketMeta) -> Option<Outcome> {
-    let (slot, index) = slot_and_index(pkt, meta, ICMP_ECHO_REPLY, ICMPV6_ECHO_REPLY)?;
+    let (slot, index) = slot_and_index(pkt, meta, ICMP_ECHO_REPLY, ICMPV6_ECHO_REPLY)
+        .or_else(|| tcp_slot_and_index(pkt, meta, false))?;
     let s = PROBE_SLOTS.get(slot)?;
     let target: [u64; 2] = unsafe { core::mem::transmute(s.target) };
-    if s.active == 0 || target != meta.src {
+    // Only the probed target (and, for TCP, its probed port) answers a probe.
+    let port_ok = if meta.proto == IPPROTO_TCP { s.tcp_port_be != 0 && s.tcp_port_be == meta.sport_be } else { s.tcp_port_be == 0 };
+    if s.active == 0 || target != meta.src || !port_ok {
         return None;
     }
     let now = unsafe { bpf_ktime_get_ns() };

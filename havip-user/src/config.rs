@@ -193,11 +193,15 @@ pub struct ProbeSection {
     /// Time between two probes of one path, ms.
     #[serde(default = "default_probe_interval_ms")]
     pub interval_ms: u64,
+    /// Probe with TCP SYNs to this port of the targets instead of ICMP echoes (for
+    /// networks that filter ICMP); the SYN-ACK or RST is the reply.
+    #[serde(default)]
+    pub tcp_port: Option<u16>,
 }
 
 impl Default for ProbeSection {
     fn default() -> Self {
-        Self { interval_ms: default_probe_interval_ms() }
+        Self { interval_ms: default_probe_interval_ms(), tcp_port: None }
     }
 }
 
@@ -270,6 +274,8 @@ pub struct Config {
     pub failover: Failover,
     /// Time between two probes of one path.
     pub probe_interval: std::time::Duration,
+    /// TCP SYN probes to this port instead of ICMP echoes.
+    pub probe_tcp_port: Option<u16>,
     pub ranking: crate::rank::Settings,
     pub passive_tcp: bool,
     /// NIC names, in file order.
@@ -413,6 +419,9 @@ pub fn validate(file: &ConfigFile) -> Result<Config, Vec<FieldError>> {
     }
     if !(10..=60_000).contains(&file.probe.interval_ms) {
         err("probe.interval_ms".into(), format!("{} is out of range; probe every 10 to 60000 ms", file.probe.interval_ms));
+    }
+    if file.probe.tcp_port == Some(0) {
+        err("probe.tcp_port".into(), "0 is not a port; give the targets' TCP port to probe, or leave it out for ICMP".into());
     }
     let r = &file.ranking;
     if !(100..=600_000).contains(&r.interval_ms) {
@@ -582,6 +591,7 @@ pub fn validate(file: &ConfigFile) -> Result<Config, Vec<FieldError>> {
         vip_interface: file.node.vip_interface.clone(),
         xdp_mode: file.node.xdp_mode,
         probe_interval: std::time::Duration::from_millis(file.probe.interval_ms),
+        probe_tcp_port: file.probe.tcp_port,
         passive_tcp: file.passive.tcp,
         ranking: {
             let r = &file.ranking;

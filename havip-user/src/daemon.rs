@@ -108,8 +108,8 @@ struct Node {
     quality: BTreeMap<IpAddr, Quality>,
     /// Probe slot of each measured path.
     probe_slots: BTreeMap<crate::prober::Path, u32>,
-    /// One raw ICMP socket per (NIC, IPv6?), with the NIC address it sends from.
-    probe_sockets: BTreeMap<(String, bool), std::os::fd::OwnedFd>,
+    /// One raw probe socket per (NIC, IPv6?), with the NIC address it sends from.
+    probe_sockets: BTreeMap<(String, bool), (std::os::fd::OwnedFd, IpAddr)>,
     probe_seq: u16,
     opts: DaemonOptions,
     nl: Netlink,
@@ -211,6 +211,7 @@ impl Node {
         self.state.addresses = installed.into_iter().collect();
 
         self.setup_probes(cfg).await?;
+        // Later steps compare against the configuration in force; record it now.
 
         // Pins that no longer make sense go.
         self.state.pins.retain(|vip, nic| {
@@ -262,13 +263,18 @@ impl Node {
         use crate::prober::{assign_slots, probe_socket, wanted_paths};
         let wanted = wanted_paths(cfg);
         let (slots, freed) = assign_slots(&self.probe_slots, &wanted);
+        // A change of probe kind restarts every path's measurement.
+        let kind_changed = cfg.probe_tcp_port != self.cfg.probe_tcp_port;
+        if kind_changed {
+            self.probe_sockets.clear();
+        }
         for s in freed {
-            self.dp.maps.set_probe_slot(s, None)?;
+            self.dp.maps.set_probe_slot(s, None, None)?;
         }
         for (path, &slot) in &slots {
-            if self.probe_slots.get(path) != Some(&slot) {
+            if kind_changed || self.probe_slots.get(path) != Some(&slot) {
                 let ifindex = self.nics.get(&path.nic).map(|n| n.ifindex).context("probe NIC not attached")?;
-                self.dp.maps.set_probe_slot(slot, Some((ifindex, path.target)))?;
+                self.dp.maps.set_probe_slot(slot, Some((ifindex, path.target)), cfg.probe_tcp_port)?;
             }
             let key = (path.nic.clone(), path.target.is_ipv6());
             if self.probe_sockets.contains_key(&key) {
@@ -282,8 +288,8 @@ impl Node {
             });
             match source {
                 Some(src) => {
-                    self.probe_sockets.insert(key, probe_socket(&path.nic, src)?);
-                    info!(nic = %path.nic, source = %src, "probing from");
+                    self.probe_sockets.insert(key, (probe_socket(&path.nic, src, cfg.probe_tcp_port.is_some())?, src));
+                    info!(nic = %path.nic, source = %src, tcp_port = ?cfg.probe_tcp_port, "probing from");
                 }
                 None => warn!(nic = %path.nic, target = %path.target, "no address of the target's family on this NIC: the path is not probed"),
             }
@@ -406,8 +412,11 @@ impl Node {
     fn send_probes(&mut self) {
         self.probe_seq = self.probe_seq.wrapping_add(1);
         for (path, &slot) in &self.probe_slots {
-            let Some(sock) = self.probe_sockets.get(&(path.nic.clone(), path.target.is_ipv6())) else { continue };
-            let msg = crate::prober::echo_request(path.target.is_ipv6(), slot, self.probe_seq);
+            let Some((sock, src)) = self.probe_sockets.get(&(path.nic.clone(), path.target.is_ipv6())) else { continue };
+            let msg = match self.cfg.probe_tcp_port {
+                Some(port) => crate::prober::tcp_syn(*src, path.target, port, slot, self.probe_seq as u32),
+                None => crate::prober::echo_request(path.target.is_ipv6(), slot, self.probe_seq),
+            };
             if let Err(e) = crate::prober::send(sock, path.target, &msg) {
                 tracing::debug!(nic = %path.nic, target = %path.target, error = %e, "probe not sent");
             }

@@ -167,10 +167,17 @@ impl Maps {
     }
 
     /// Starts measuring a path in `slot` (from zero) or, with `None`, stops.
-    pub fn set_probe_slot(&mut self, slot: u32, path: Option<(u32, std::net::IpAddr)>) -> anyhow::Result<()> {
+    /// `tcp_port`: the target port of TCP SYN probes; `None` for ICMP echoes.
+    pub fn set_probe_slot(&mut self, slot: u32, path: Option<(u32, std::net::IpAddr)>, tcp_port: Option<u16>) -> anyhow::Result<()> {
         self.probe_stats.set(slot, ProbeStats::default(), 0)?;
         let value = match path {
-            Some((ifindex, target)) => ProbeSlot { target: VipKey::from(target), ifindex, active: 1, _pad: 0 },
+            Some((ifindex, target)) => ProbeSlot {
+                target: VipKey::from(target),
+                ifindex,
+                active: 1,
+                tcp_port_be: tcp_port.unwrap_or(0).to_be(),
+                _pad: [0; 3],
+            },
             None => ProbeSlot::default(),
         };
         self.probe_slots.set(slot, value, 0)?;

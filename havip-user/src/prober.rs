@@ -16,7 +16,7 @@ use std::{
 };
 
 use anyhow::{bail, Context};
-use havip_common::{csum, maps::PROBE_SLOTS_MAX, PROBE_ID_BASE, PROBE_MARK};
+use havip_common::{csum, maps::PROBE_SLOTS_MAX, PROBE_ID_BASE, PROBE_MARK, PROBE_TCP_PORT_BASE};
 
 use crate::config::Config;
 
@@ -61,12 +61,14 @@ fn setsockopt<T>(fd: &OwnedFd, level: i32, name: i32, value: &T) -> anyhow::Resu
     Ok(())
 }
 
-/// A raw ICMP socket sending from `source` out of `nic`, marked as havip's probes, and
-/// receiving nothing (the replies are consumed in XDP).
-pub fn probe_socket(nic: &str, source: IpAddr) -> anyhow::Result<OwnedFd> {
-    let (domain, proto) = match source {
-        IpAddr::V4(_) => (libc::AF_INET, libc::IPPROTO_ICMP),
-        IpAddr::V6(_) => (libc::AF_INET6, libc::IPPROTO_ICMPV6),
+/// A raw ICMP (or, with `tcp`, TCP) socket sending from `source` out of `nic`, marked as
+/// havip's probes, and receiving nothing (the replies are consumed in XDP).
+pub fn probe_socket(nic: &str, source: IpAddr, tcp: bool) -> anyhow::Result<OwnedFd> {
+    let (domain, proto) = match (source, tcp) {
+        (IpAddr::V4(_), false) => (libc::AF_INET, libc::IPPROTO_ICMP),
+        (IpAddr::V6(_), false) => (libc::AF_INET6, libc::IPPROTO_ICMPV6),
+        (IpAddr::V4(_), true) => (libc::AF_INET, libc::IPPROTO_TCP),
+        (IpAddr::V6(_), true) => (libc::AF_INET6, libc::IPPROTO_TCP),
     };
     let fd = unsafe { libc::socket(domain, libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK, proto) };
     if fd < 0 {
@@ -81,9 +83,13 @@ pub fn probe_socket(nic: &str, source: IpAddr) -> anyhow::Result<OwnedFd> {
         bail!("binding a probe socket to {nic}: {}", std::io::Error::last_os_error());
     }
     setsockopt(&fd, libc::SOL_SOCKET, libc::SO_MARK, &PROBE_MARK)?;
-    match source {
-        IpAddr::V4(_) => setsockopt(&fd, libc::SOL_RAW, 1 /* ICMP_FILTER */, &u32::MAX)?,
-        IpAddr::V6(_) => setsockopt(&fd, libc::IPPROTO_ICMPV6, 1 /* ICMP6_FILTER */, &[u32::MAX; 8])?,
+    // Receive nothing: a classic BPF filter that drops every copy the socket would get.
+    let drop_all = [libc::sock_filter { code: 0x06 /* BPF_RET|BPF_K */, jt: 0, jf: 0, k: 0 }];
+    let prog = libc::sock_fprog { len: 1, filter: drop_all.as_ptr().cast_mut() };
+    setsockopt(&fd, libc::SOL_SOCKET, libc::SO_ATTACH_FILTER, &prog)?;
+    if tcp && source.is_ipv6() {
+        // The kernel fills the TCP checksum (at offset 16) of IPv6 raw sockets when asked.
+        setsockopt(&fd, libc::IPPROTO_IPV6, libc::IPV6_CHECKSUM, &16i32)?;
     }
     let addr = socket2_addr(SocketAddr::new(source, 0));
     if unsafe { libc::bind(fd.as_raw_fd(), (&raw const addr.0).cast(), addr.1) } != 0 {
@@ -135,6 +141,25 @@ pub fn echo_request(v6: bool, slot: u32, seq: u16) -> Vec<u8> {
     m
 }
 
+/// A TCP SYN probe of `slot` with sequence `seq` from `src` to `dst:port` (IPv4: the
+/// checksum is computed here; IPv6: by the kernel, see `probe_socket`).
+pub fn tcp_syn(src: IpAddr, dst: IpAddr, port: u16, slot: u32, seq: u32) -> Vec<u8> {
+    let mut m = Vec::with_capacity(20);
+    m.extend_from_slice(&(PROBE_TCP_PORT_BASE + slot as u16).to_be_bytes());
+    m.extend_from_slice(&port.to_be_bytes());
+    m.extend_from_slice(&seq.to_be_bytes());
+    m.extend_from_slice(&[0, 0, 0, 0, 0x50, 0x02, 0x04, 0x00, 0, 0, 0, 0]);
+    if let (IpAddr::V4(s), IpAddr::V4(d)) = (src, dst) {
+        let mut pseudo = Vec::with_capacity(12);
+        pseudo.extend_from_slice(&s.octets());
+        pseudo.extend_from_slice(&d.octets());
+        pseudo.extend_from_slice(&[0, 6, 0, 20]);
+        let c = !csum::fold(csum::sum_be(csum::sum_be(0, &pseudo), &m));
+        m[16..18].copy_from_slice(&c.to_be_bytes());
+    }
+    m
+}
+
 /// Sends one probe; a full socket buffer or an unreachable target is a lost probe, not
 /// an error worth more than a debug line.
 pub fn send(sock: &OwnedFd, target: IpAddr, msg: &[u8]) -> anyhow::Result<()> {
@@ -165,6 +190,17 @@ mod tests {
         assert_eq!(second[&p("b0", "198.18.50.1")], first[&p("b0", "198.18.50.1")], "kept");
         assert_eq!(freed, vec![0]);
         assert_eq!(second[&p("c0", "198.18.50.1")], 2, "the freed slot is not reused in the same round");
+    }
+
+    #[test]
+    fn tcp_syn_probe_is_a_valid_syn() {
+        let m = tcp_syn("198.18.40.1".parse().unwrap(), "198.18.50.1".parse().unwrap(), 443, 3, 77);
+        assert_eq!(u16::from_be_bytes([m[0], m[1]]), PROBE_TCP_PORT_BASE + 3);
+        assert_eq!(u16::from_be_bytes([m[2], m[3]]), 443);
+        assert_eq!((m[12], m[13]), (0x50, 0x02), "20-byte header, SYN");
+        let mut pseudo = vec![198, 18, 40, 1, 198, 18, 50, 1, 0, 6, 0, 20];
+        pseudo.extend_from_slice(&m);
+        assert_eq!(csum::fold(csum::sum_be(0, &pseudo)), 0xffff);
     }
 
     #[test]
