@@ -598,6 +598,8 @@ impl Node {
         let status = match result {
             Ok(summary) => {
                 info!(%summary, "reload applied");
+                // NICs or targets may have changed: rank now, not at the next round.
+                self.rank_round();
                 ApplyStatus::now(true, summary)
             }
             Err(e) => {
