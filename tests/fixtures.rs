@@ -420,7 +420,7 @@ fn probe_replies_are_measured_in_the_kernel_and_consumed() {
     let mut fx = Fixture::new(TWO_VIPS);
     for (nic_addr, target) in [("198.18.40.1", "198.18.50.1"), ("2001:db8:40::1", "2001:db8:50::1")] {
         let slot = if target.contains(':') { 7 } else { 3 };
-        fx.dp.maps.set_probe_slot(slot, Some((TEST_IFINDEX, ip(target))), None).unwrap();
+        fx.dp.maps.set_probe_slot(slot, Some((TEST_IFINDEX, ip(target))), (havip_common::PROBE_KIND_ICMP, None)).unwrap();
         let id = PROBE_ID_BASE | slot as u16;
         let request = icmp_echo_with(ip(nic_addr), ip(target), false, id, 1, 64);
         // Without havipd's mark it is somebody else's ping: not timestamped.
@@ -525,7 +525,7 @@ fn tcp_syn_probes_are_measured_and_their_answers_consumed() {
     use havip_common::{PROBE_MARK, PROBE_TCP_PORT_BASE};
     let mut fx = Fixture::new(TWO_VIPS);
     let (nic, target, slot) = ("198.18.40.1", "198.18.50.1", 5u32);
-    fx.dp.maps.set_probe_slot(slot, Some((TEST_IFINDEX, ip(target))), Some(443)).unwrap();
+    fx.dp.maps.set_probe_slot(slot, Some((TEST_IFINDEX, ip(target))), (havip_common::PROBE_KIND_TCP, Some(443))).unwrap();
     let seg = |src: &str, dst: &str, sport: u16, dport: u16, seq: u32, ack: Option<u32>, syn: bool, rst: bool| {
         let v4 = |a: &str| match ip(a) { IpAddr::V4(a) => a.octets(), _ => unreachable!() };
         let mut t = PacketBuilder::ethernet2(CLIENT_MAC, CLIENT_MAC).ipv4(v4(src), v4(dst), 60).tcp(sport, dport, seq, 1024);
@@ -559,4 +559,53 @@ fn tcp_syn_probes_are_measured_and_their_answers_consumed() {
     // A SYN without havipd's mark is somebody's connection: not timestamped.
     fx.egress(&seg(nic, target, port, 443, 102, None, true, false));
     assert_eq!(fx.dp.maps.probe_stats.get(&slot, 0).unwrap().sent, 2);
+}
+
+/// UDP probes: the probe leaves from the slot's port with its sequence in the payload;
+/// a UDP answer from the probed port, or the target's ICMP port unreachable quoting the
+/// probe, is measured and consumed.
+#[test]
+fn udp_probes_are_answered_by_udp_or_by_port_unreachable() {
+    use etherparse::{icmpv4::DestUnreachableHeader, Icmpv4Type, PacketBuilder};
+    use havip_common::{PROBE_KIND_UDP, PROBE_MARK, PROBE_TCP_PORT_BASE};
+    let mut fx = Fixture::new(TWO_VIPS);
+    let (nic, target, slot) = ([198, 18, 40, 1], [198, 18, 50, 1], 9u32);
+    fx.dp.maps.set_probe_slot(slot, Some((TEST_IFINDEX, ip("198.18.50.1"))), (PROBE_KIND_UDP, Some(33434))).unwrap();
+    let port = PROBE_TCP_PORT_BASE + slot as u16;
+    let udp = |src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, seq: u32| {
+        let mut payload = seq.to_be_bytes().to_vec();
+        payload.extend_from_slice(b"havip-pr");
+        let mut out = Vec::new();
+        PacketBuilder::ethernet2(CLIENT_MAC, CLIENT_MAC).ipv4(src, dst, 60).udp(sport, dport).write(&mut out, &payload).unwrap();
+        out
+    };
+    // 1: a UDP answer from the probed port.
+    let probe = udp(nic, target, port, 33434, 1);
+    assert_eq!(fx.egress_marked(&probe, PROBE_MARK).out, probe);
+    std::thread::sleep(std::time::Duration::from_millis(2));
+    assert_eq!(fx.ingress(&udp(target, nic, 53, port, 1)).action, XDP_PASS, "another port's datagram is not the answer");
+    assert_eq!(fx.ingress(&udp(target, nic, 33434, port, 1)).action, XDP_DROP);
+    // 2: the target's port unreachable, quoting the probe (IP header onwards).
+    let probe = udp(nic, target, port, 33434, 2);
+    fx.egress_marked(&probe, PROBE_MARK);
+    std::thread::sleep(std::time::Duration::from_millis(2));
+    let mut err = Vec::new();
+    PacketBuilder::ethernet2(CLIENT_MAC, CLIENT_MAC)
+        .ipv4(target, nic, 60)
+        .icmpv4(Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port))
+        .write(&mut err, &probe[14..])
+        .unwrap();
+    assert_eq!(fx.ingress(&err).action, XDP_DROP, "the port unreachable is the answer");
+    let st = fx.dp.maps.probe_stats.get(&slot, 0).unwrap();
+    assert_eq!((st.sent, st.received), (2, 2), "{st:?}");
+    assert!(st.last_rtt_ns >= 2_000_000);
+    // A port unreachable quoting something else passes to the kernel.
+    let other = udp(nic, target, 40000, 33434, 3);
+    let mut err = Vec::new();
+    PacketBuilder::ethernet2(CLIENT_MAC, CLIENT_MAC)
+        .ipv4(target, nic, 60)
+        .icmpv4(Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port))
+        .write(&mut err, &other[14..])
+        .unwrap();
+    assert_eq!(fx.ingress(&err).out, err);
 }

@@ -220,3 +220,19 @@ fn tcp_syn_probes_measure_the_injected_delay() {
     assert!(a["loss_pct"].as_f64().unwrap() < 5.0, "{a}");
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
 }
+
+/// UDP probes (`[probe] udp_port`) to a closed port: the target's port unreachable
+/// answers them (with the target's ICMP rate limit lifted, as probing every 20 ms needs).
+#[test]
+fn udp_probes_to_a_closed_port_measure_the_injected_delay() {
+    let mut l = lab(&[TARGET], "[probe]\ninterval_ms = 20\nudp_port = 33434");
+    l.t.cli.exec(&["sysctl", "-qw", "net.ipv4.icmp_ratelimit=0", "net.ipv4.icmp_msgs_per_sec=100000"]).unwrap();
+    l.a.set(delay(20), CLEAN);
+    l.t.start_daemon();
+    wait_for_replies(&l.t, 150, Duration::from_secs(20));
+    let (a, b) = (path(&l.t, "a0", TARGET), path(&l.t, "b0", TARGET));
+    let (ra, rb) = (a["rtt_ewma_ms"].as_f64().unwrap(), b["rtt_ewma_ms"].as_f64().unwrap());
+    eprintln!("udp probes: a0 {ra:.2} ms, b0 {rb:.2} ms");
+    assert!(((ra - rb) - 20.0).abs() <= 2.0, "a0 {a}, b0 {b}");
+    assert!(a["loss_pct"].as_f64().unwrap() < 5.0, "{a}");
+}

@@ -1,7 +1,7 @@
 //! TC egress: count VIP-sourced packets and remap instance ports back to designated ports.
 
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
-use havip_common::{Direction, Outcome, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP};
+use havip_common::{Direction, Outcome, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
 
 use crate::{
     parse::{self, Packet, Parsed},
@@ -41,7 +41,7 @@ pub fn try_egress<const PASSIVE: bool>(ctx: &TcContext) -> Result<(i32, Outcome)
         other => other?,
     };
     let Parsed::Ip(meta) = parsed else { return Err(Outcome::NotIp) };
-    if meta.proto == IPPROTO_ICMP || meta.proto == IPPROTO_ICMPV6 || meta.proto == IPPROTO_TCP {
+    if meta.proto == IPPROTO_ICMP || meta.proto == IPPROTO_ICMPV6 || meta.proto == IPPROTO_TCP || meta.proto == IPPROTO_UDP {
         let mark = unsafe { (*ctx.skb.skb).mark };
         if let Some(o) = probe::on_egress(&SkbPacket(ctx), &meta, mark) {
             return Ok((TC_ACT_OK, o));

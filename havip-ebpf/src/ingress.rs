@@ -1,7 +1,7 @@
 //! XDP ingress: recognise VIP packets, count them, remap designated ports to instance ports.
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
-use havip_common::{Outcome, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP};
+use havip_common::{Outcome, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
 
 use crate::{
     neigh,
@@ -41,7 +41,7 @@ pub fn try_ingress<const PASSIVE: bool>(ctx: &XdpContext) -> Result<(u32, Outcom
         Parsed::Ip(meta) => meta,
         Parsed::Arp { l3_off } => return neigh::arp(ctx, l3_off),
     };
-    if meta.proto == IPPROTO_ICMP || meta.proto == IPPROTO_ICMPV6 || (meta.proto == IPPROTO_TCP && probe::maybe_tcp_reply(&meta)) {
+    if meta.proto == IPPROTO_ICMP || meta.proto == IPPROTO_ICMPV6 || ((meta.proto == IPPROTO_TCP || meta.proto == IPPROTO_UDP) && probe::maybe_port_reply(&meta)) {
         if let Some(o) = probe::on_ingress(&pkt, &meta) {
             return Ok((xdp_action::XDP_DROP, o));
         }

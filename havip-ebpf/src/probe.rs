@@ -5,14 +5,84 @@
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use havip_common::{
     maps::{PROBE_SEQ_WINDOW, PROBE_SLOTS_MAX},
-    rtt_bucket, Outcome, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, PROBE_ID_BASE, PROBE_ID_MASK, PROBE_MARK,
-    PROBE_TCP_PORT_BASE, RTT_BUCKETS,
+    rtt_bucket, Outcome, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, PROBE_ID_BASE, PROBE_ID_MASK,
+    PROBE_KIND_ICMP, PROBE_KIND_TCP, PROBE_KIND_UDP, PROBE_MARK, PROBE_TCP_PORT_BASE, RTT_BUCKETS,
 };
 
 use crate::{
     maps::{PROBE_SENT, PROBE_SLOTS, PROBE_STATS},
-    parse::{rd, Packet, PacketMeta, TcpHdr},
+    parse::{rd, Ipv4Hdr, Ipv6Hdr, Packet, PacketMeta, TcpHdr, UdpHdr},
 };
+
+/// What a packet is, if it is a probe or a probe's answer.
+struct ProbeMatch {
+    slot: u32,
+    index: u32,
+    kind: u8,
+    /// The port the probe went to (network order; 0 for ICMP echoes).
+    port_be: u16,
+    /// Who answered (for an ICMP error quoting a probe: the probe's destination).
+    target: [u64; 2],
+}
+
+#[inline(always)]
+fn index(slot: u32, seq: u32) -> u32 {
+    slot * PROBE_SEQ_WINDOW + seq % PROBE_SEQ_WINDOW
+}
+
+/// A UDP probe's sequence: the first 4 bytes of its payload.
+#[inline(always)]
+fn udp_seq<P: Packet>(pkt: &P, payload_off: usize) -> Option<u32> {
+    Some(u32::from_be(rd(pkt.header::<u32>(payload_off)?)))
+}
+
+/// A UDP probe leaving (`outgoing`), or a UDP reply from the probed port coming back.
+#[inline(always)]
+fn udp_match<P: Packet>(pkt: &P, meta: &PacketMeta, outgoing: bool) -> Option<ProbeMatch> {
+    if meta.proto != IPPROTO_UDP {
+        return None;
+    }
+    let (local, remote, target) =
+        if outgoing { (meta.sport_be, meta.dport_be, meta.dst) } else { (meta.dport_be, meta.sport_be, meta.src) };
+    let slot = tcp_slot(local)?;
+    let seq = udp_seq(pkt, meta.l4_off + core::mem::size_of::<UdpHdr>())?;
+    Some(ProbeMatch { slot, index: index(slot, seq), kind: PROBE_KIND_UDP, port_be: remote, target })
+}
+
+/// An ICMP / ICMPv6 "port unreachable" quoting a UDP probe: the target's answer to a probe
+/// of a closed port.
+#[inline(always)]
+fn icmp_unreachable_match<P: Packet>(pkt: &P, meta: &PacketMeta) -> Option<ProbeMatch> {
+    let hdr: *const [u8; 2] = pkt.header(meta.l4_off)?;
+    let (t, code) = unsafe { ((*hdr)[0], (*hdr)[1]) };
+    let inner = meta.l4_off + 8;
+    let (udp_off, dst) = if meta.proto == IPPROTO_ICMP {
+        if (t, code) != (3, 3) {
+            return None;
+        }
+        let ip: *const Ipv4Hdr = pkt.header(inner)?;
+        let ihl = (rd(unsafe { &raw const (*ip).ver_ihl }) & 0x0f) as usize * 4;
+        if rd(unsafe { &raw const (*ip).proto }) != IPPROTO_UDP || ihl < 20 || ihl > 60 {
+            return None;
+        }
+        (inner + ihl, havip_common::VipKey::v4_words(rd(unsafe { &raw const (*ip).dst })))
+    } else {
+        if (t, code) != (1, 4) {
+            return None;
+        }
+        let ip: *const Ipv6Hdr = pkt.header(inner)?;
+        if rd(unsafe { &raw const (*ip).next_hdr }) != IPPROTO_UDP {
+            return None;
+        }
+        (inner + 40, rd(unsafe { &raw const (*ip).dst }))
+    };
+    let udp: *const UdpHdr = pkt.header(udp_off)?;
+    let slot = tcp_slot(rd(unsafe { &raw const (*udp).ports.src }))?;
+    let seq = udp_seq(pkt, udp_off + core::mem::size_of::<UdpHdr>())?;
+    let port_be = rd(unsafe { &raw const (*udp).ports.dst });
+    // The quoted destination is the probed target (the caller checks it against the slot).
+    Some(ProbeMatch { slot, index: index(slot, seq), kind: PROBE_KIND_UDP, port_be, target: dst })
+}
 
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
@@ -99,7 +169,8 @@ pub fn on_egress<P: Packet>(pkt: &P, meta: &PacketMeta, skb_mark: u32) -> Option
         return None;
     }
     let (slot, index) = slot_and_index(pkt, meta, ICMP_ECHO_REQUEST, ICMPV6_ECHO_REQUEST)
-        .or_else(|| tcp_slot_and_index(pkt, meta, true))?;
+        .or_else(|| tcp_slot_and_index(pkt, meta, true))
+        .or_else(|| udp_match(pkt, meta, true).map(|m| (m.slot, m.index)))?;
     let sent = PROBE_SENT.get_ptr_mut(index)?;
     unsafe { *sent = bpf_ktime_get_ns() };
     if let Some(st) = PROBE_STATS.get_ptr_mut(slot) {
@@ -108,9 +179,9 @@ pub fn on_egress<P: Packet>(pkt: &P, meta: &PacketMeta, skb_mark: u32) -> Option
     Some(Outcome::ProbeSent)
 }
 
-/// Cheap pre-check for the XDP path: could this TCP packet answer a SYN probe?
+/// Cheap pre-check for the XDP path: could this TCP or UDP packet answer a probe?
 #[inline(always)]
-pub fn maybe_tcp_reply(meta: &PacketMeta) -> bool {
+pub fn maybe_port_reply(meta: &PacketMeta) -> bool {
     u16::from_be(meta.dport_be) >= PROBE_TCP_PORT_BASE
 }
 
@@ -118,13 +189,20 @@ pub fn maybe_tcp_reply(meta: &PacketMeta) -> bool {
 /// consume it.
 #[inline(always)]
 pub fn on_ingress<P: Packet>(pkt: &P, meta: &PacketMeta) -> Option<Outcome> {
-    let (slot, index) = slot_and_index(pkt, meta, ICMP_ECHO_REPLY, ICMPV6_ECHO_REPLY)
-        .or_else(|| tcp_slot_and_index(pkt, meta, false))?;
+    let m = if let Some((slot, index)) = slot_and_index(pkt, meta, ICMP_ECHO_REPLY, ICMPV6_ECHO_REPLY) {
+        ProbeMatch { slot, index, kind: PROBE_KIND_ICMP, port_be: 0, target: meta.src }
+    } else if let Some((slot, index)) = tcp_slot_and_index(pkt, meta, false) {
+        ProbeMatch { slot, index, kind: PROBE_KIND_TCP, port_be: meta.sport_be, target: meta.src }
+    } else if meta.proto == IPPROTO_UDP {
+        udp_match(pkt, meta, false)?
+    } else {
+        icmp_unreachable_match(pkt, meta)?
+    };
+    let (slot, index) = (m.slot, m.index);
     let s = PROBE_SLOTS.get(slot)?;
     let target: [u64; 2] = unsafe { core::mem::transmute(s.target) };
-    // Only the probed target (and, for TCP, its probed port) answers a probe.
-    let port_ok = if meta.proto == IPPROTO_TCP { s.tcp_port_be != 0 && s.tcp_port_be == meta.sport_be } else { s.tcp_port_be == 0 };
-    if s.active == 0 || target != meta.src || !port_ok {
+    // Only the probed target, for the probe's kind and port, answers a probe.
+    if s.active == 0 || target != m.target || s.kind != m.kind || s.tcp_port_be != m.port_be {
         return None;
     }
     let now = unsafe { bpf_ktime_get_ns() };

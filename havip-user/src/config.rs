@@ -92,6 +92,25 @@ fn default_failback_hold_down_ms() -> u64 {
     5000
 }
 
+/// How paths are probed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeKind {
+    Icmp,
+    Tcp(u16),
+    Udp(u16),
+}
+
+impl ProbeKind {
+    /// (`PROBE_KIND_*`, target port) as the kernel's probe slots hold them.
+    pub fn wire(self) -> (u8, Option<u16>) {
+        match self {
+            ProbeKind::Icmp => (havip_common::PROBE_KIND_ICMP, None),
+            ProbeKind::Tcp(p) => (havip_common::PROBE_KIND_TCP, Some(p)),
+            ProbeKind::Udp(p) => (havip_common::PROBE_KIND_UDP, Some(p)),
+        }
+    }
+}
+
 /// Validated failover settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Failover {
@@ -197,11 +216,16 @@ pub struct ProbeSection {
     /// networks that filter ICMP); the SYN-ACK or RST is the reply.
     #[serde(default)]
     pub tcp_port: Option<u16>,
+    /// Probe with UDP datagrams to this port instead: the reply is a UDP answer from that
+    /// port or the target's ICMP port unreachable (rate-limited by Linux targets to about
+    /// one per second per source by default: keep the interval at 1 s or more).
+    #[serde(default)]
+    pub udp_port: Option<u16>,
 }
 
 impl Default for ProbeSection {
     fn default() -> Self {
-        Self { interval_ms: default_probe_interval_ms(), tcp_port: None }
+        Self { interval_ms: default_probe_interval_ms(), tcp_port: None, udp_port: None }
     }
 }
 
@@ -274,8 +298,8 @@ pub struct Config {
     pub failover: Failover,
     /// Time between two probes of one path.
     pub probe_interval: std::time::Duration,
-    /// TCP SYN probes to this port instead of ICMP echoes.
-    pub probe_tcp_port: Option<u16>,
+    /// Probe kind and port: ICMP echo (no port), TCP SYN or UDP to the port.
+    pub probe_kind: ProbeKind,
     pub ranking: crate::rank::Settings,
     pub passive_tcp: bool,
     /// NIC names, in file order.
@@ -422,6 +446,12 @@ pub fn validate(file: &ConfigFile) -> Result<Config, Vec<FieldError>> {
     }
     if file.probe.tcp_port == Some(0) {
         err("probe.tcp_port".into(), "0 is not a port; give the targets' TCP port to probe, or leave it out for ICMP".into());
+    }
+    if file.probe.udp_port == Some(0) {
+        err("probe.udp_port".into(), "0 is not a port; give the targets' UDP port to probe, or leave it out for ICMP".into());
+    }
+    if file.probe.tcp_port.is_some() && file.probe.udp_port.is_some() {
+        err("probe.udp_port".into(), "probes are TCP or UDP, not both: set tcp_port or udp_port".into());
     }
     let r = &file.ranking;
     if !(100..=600_000).contains(&r.interval_ms) {
@@ -591,7 +621,11 @@ pub fn validate(file: &ConfigFile) -> Result<Config, Vec<FieldError>> {
         vip_interface: file.node.vip_interface.clone(),
         xdp_mode: file.node.xdp_mode,
         probe_interval: std::time::Duration::from_millis(file.probe.interval_ms),
-        probe_tcp_port: file.probe.tcp_port,
+        probe_kind: match (file.probe.tcp_port, file.probe.udp_port) {
+            (Some(p), _) => ProbeKind::Tcp(p),
+            (_, Some(p)) => ProbeKind::Udp(p),
+            _ => ProbeKind::Icmp,
+        },
         passive_tcp: file.passive.tcp,
         ranking: {
             let r = &file.ranking;
@@ -691,6 +725,7 @@ port = 8082
             ("margin of 1", "[node]", "[ranking]\nmargin = 1.0\n[node]", "ranking.margin"),
             ("window shorter than 3 probes", "[node]", "[ranking]\nwindow_ms = 500\n[node]", "ranking.window_ms"),
             ("unknown combine", "[node]", "[ranking]\ncombine = \"max\"\n[node]", "ranking.combine"),
+            ("tcp and udp probes", "[node]", "[probe]\ntcp_port = 1\nudp_port = 2\n[node]", "probe.udp_port"),
             ("multicast target", "nics = [\"eth1\"]", "nics = [\"eth1\"]\ntargets = [\"ff02::1\"]", "vip[1].targets[0]"),
         ];
         for (what, from, to, field) in cases {

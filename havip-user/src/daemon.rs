@@ -264,17 +264,17 @@ impl Node {
         let wanted = wanted_paths(cfg);
         let (slots, freed) = assign_slots(&self.probe_slots, &wanted);
         // A change of probe kind restarts every path's measurement.
-        let kind_changed = cfg.probe_tcp_port != self.cfg.probe_tcp_port;
+        let kind_changed = cfg.probe_kind != self.cfg.probe_kind;
         if kind_changed {
             self.probe_sockets.clear();
         }
         for s in freed {
-            self.dp.maps.set_probe_slot(s, None, None)?;
+            self.dp.maps.set_probe_slot(s, None, (0, None))?;
         }
         for (path, &slot) in &slots {
             if kind_changed || self.probe_slots.get(path) != Some(&slot) {
                 let ifindex = self.nics.get(&path.nic).map(|n| n.ifindex).context("probe NIC not attached")?;
-                self.dp.maps.set_probe_slot(slot, Some((ifindex, path.target)), cfg.probe_tcp_port)?;
+                self.dp.maps.set_probe_slot(slot, Some((ifindex, path.target)), cfg.probe_kind.wire())?;
             }
             let key = (path.nic.clone(), path.target.is_ipv6());
             if self.probe_sockets.contains_key(&key) {
@@ -288,8 +288,8 @@ impl Node {
             });
             match source {
                 Some(src) => {
-                    self.probe_sockets.insert(key, (probe_socket(&path.nic, src, cfg.probe_tcp_port.is_some())?, src));
-                    info!(nic = %path.nic, source = %src, tcp_port = ?cfg.probe_tcp_port, "probing from");
+                    self.probe_sockets.insert(key, (probe_socket(&path.nic, src, cfg.probe_kind)?, src));
+                    info!(nic = %path.nic, source = %src, kind = ?cfg.probe_kind, "probing from");
                 }
                 None => warn!(nic = %path.nic, target = %path.target, "no address of the target's family on this NIC: the path is not probed"),
             }
@@ -413,9 +413,11 @@ impl Node {
         self.probe_seq = self.probe_seq.wrapping_add(1);
         for (path, &slot) in &self.probe_slots {
             let Some((sock, src)) = self.probe_sockets.get(&(path.nic.clone(), path.target.is_ipv6())) else { continue };
-            let msg = match self.cfg.probe_tcp_port {
-                Some(port) => crate::prober::tcp_syn(*src, path.target, port, slot, self.probe_seq as u32),
-                None => crate::prober::echo_request(path.target.is_ipv6(), slot, self.probe_seq),
+            let seq = self.probe_seq;
+            let msg = match self.cfg.probe_kind {
+                crate::config::ProbeKind::Tcp(port) => crate::prober::tcp_syn(*src, path.target, port, slot, seq as u32),
+                crate::config::ProbeKind::Udp(port) => crate::prober::udp_probe(*src, path.target, port, slot, seq as u32),
+                crate::config::ProbeKind::Icmp => crate::prober::echo_request(path.target.is_ipv6(), slot, seq),
             };
             if let Err(e) = crate::prober::send(sock, path.target, &msg) {
                 tracing::debug!(nic = %path.nic, target = %path.target, error = %e, "probe not sent");

@@ -167,8 +167,9 @@ impl Maps {
     }
 
     /// Starts measuring a path in `slot` (from zero) or, with `None`, stops.
-    /// `tcp_port`: the target port of TCP SYN probes; `None` for ICMP echoes.
-    pub fn set_probe_slot(&mut self, slot: u32, path: Option<(u32, std::net::IpAddr)>, tcp_port: Option<u16>) -> anyhow::Result<()> {
+    /// `kind`: `PROBE_KIND_*` and the target port (TCP and UDP probes).
+    pub fn set_probe_slot(&mut self, slot: u32, path: Option<(u32, std::net::IpAddr)>, kind: (u8, Option<u16>)) -> anyhow::Result<()> {
+        let (kind, tcp_port) = kind;
         self.probe_stats.set(slot, ProbeStats::default(), 0)?;
         let value = match path {
             Some((ifindex, target)) => ProbeSlot {
@@ -176,7 +177,8 @@ impl Maps {
                 ifindex,
                 active: 1,
                 tcp_port_be: tcp_port.unwrap_or(0).to_be(),
-                _pad: [0; 3],
+                kind,
+                _pad: [0; 5],
             },
             None => ProbeSlot::default(),
         };

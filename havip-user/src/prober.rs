@@ -63,13 +63,15 @@ fn setsockopt<T>(fd: &OwnedFd, level: i32, name: i32, value: &T) -> anyhow::Resu
 
 /// A raw ICMP (or, with `tcp`, TCP) socket sending from `source` out of `nic`, marked as
 /// havip's probes, and receiving nothing (the replies are consumed in XDP).
-pub fn probe_socket(nic: &str, source: IpAddr, tcp: bool) -> anyhow::Result<OwnedFd> {
-    let (domain, proto) = match (source, tcp) {
-        (IpAddr::V4(_), false) => (libc::AF_INET, libc::IPPROTO_ICMP),
-        (IpAddr::V6(_), false) => (libc::AF_INET6, libc::IPPROTO_ICMPV6),
-        (IpAddr::V4(_), true) => (libc::AF_INET, libc::IPPROTO_TCP),
-        (IpAddr::V6(_), true) => (libc::AF_INET6, libc::IPPROTO_TCP),
+pub fn probe_socket(nic: &str, source: IpAddr, kind: crate::config::ProbeKind) -> anyhow::Result<OwnedFd> {
+    use crate::config::ProbeKind;
+    let proto = match (source, kind) {
+        (IpAddr::V4(_), ProbeKind::Icmp) => libc::IPPROTO_ICMP,
+        (IpAddr::V6(_), ProbeKind::Icmp) => libc::IPPROTO_ICMPV6,
+        (_, ProbeKind::Tcp(_)) => libc::IPPROTO_TCP,
+        (_, ProbeKind::Udp(_)) => libc::IPPROTO_UDP,
     };
+    let domain = if source.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
     let fd = unsafe { libc::socket(domain, libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK, proto) };
     if fd < 0 {
         bail!("raw ICMP socket: {}", std::io::Error::last_os_error());
@@ -87,9 +89,11 @@ pub fn probe_socket(nic: &str, source: IpAddr, tcp: bool) -> anyhow::Result<Owne
     let drop_all = [libc::sock_filter { code: 0x06 /* BPF_RET|BPF_K */, jt: 0, jf: 0, k: 0 }];
     let prog = libc::sock_fprog { len: 1, filter: drop_all.as_ptr().cast_mut() };
     setsockopt(&fd, libc::SOL_SOCKET, libc::SO_ATTACH_FILTER, &prog)?;
-    if tcp && source.is_ipv6() {
-        // The kernel fills the TCP checksum (at offset 16) of IPv6 raw sockets when asked.
-        setsockopt(&fd, libc::IPPROTO_IPV6, libc::IPV6_CHECKSUM, &16i32)?;
+    // The kernel fills the checksum of IPv6 raw sockets when told where it is.
+    match (source, kind) {
+        (IpAddr::V6(_), ProbeKind::Tcp(_)) => setsockopt(&fd, libc::IPPROTO_IPV6, libc::IPV6_CHECKSUM, &16i32)?,
+        (IpAddr::V6(_), ProbeKind::Udp(_)) => setsockopt(&fd, libc::IPPROTO_IPV6, libc::IPV6_CHECKSUM, &6i32)?,
+        _ => {}
     }
     let addr = socket2_addr(SocketAddr::new(source, 0));
     if unsafe { libc::bind(fd.as_raw_fd(), (&raw const addr.0).cast(), addr.1) } != 0 {
@@ -156,6 +160,30 @@ pub fn tcp_syn(src: IpAddr, dst: IpAddr, port: u16, slot: u32, seq: u32) -> Vec<
         pseudo.extend_from_slice(&[0, 6, 0, 20]);
         let c = !csum::fold(csum::sum_be(csum::sum_be(0, &pseudo), &m));
         m[16..18].copy_from_slice(&c.to_be_bytes());
+    }
+    m
+}
+
+/// A UDP probe of `slot` with sequence `seq` (the first 4 payload bytes) from `src` to
+/// `dst:port` (IPv4: checksum computed here; IPv6: by the kernel).
+pub fn udp_probe(src: IpAddr, dst: IpAddr, port: u16, slot: u32, seq: u32) -> Vec<u8> {
+    let mut m = Vec::with_capacity(20);
+    m.extend_from_slice(&(PROBE_TCP_PORT_BASE + slot as u16).to_be_bytes());
+    m.extend_from_slice(&port.to_be_bytes());
+    m.extend_from_slice(&20u16.to_be_bytes());
+    m.extend_from_slice(&[0, 0]);
+    m.extend_from_slice(&seq.to_be_bytes());
+    m.extend_from_slice(b"havip-pr");
+    if let (IpAddr::V4(s), IpAddr::V4(d)) = (src, dst) {
+        let mut pseudo = Vec::with_capacity(12);
+        pseudo.extend_from_slice(&s.octets());
+        pseudo.extend_from_slice(&d.octets());
+        pseudo.extend_from_slice(&[0, 17, 0, 20]);
+        let c = match !csum::fold(csum::sum_be(csum::sum_be(0, &pseudo), &m)) {
+            0 => 0xffff,
+            c => c,
+        };
+        m[6..8].copy_from_slice(&c.to_be_bytes());
     }
     m
 }
