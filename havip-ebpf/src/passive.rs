@@ -48,12 +48,15 @@ fn record(peer: [u64; 2], vip_id: u32, nic_index: u32, rtt_ns: Option<u64>) {
             None => s.retransmits += 1,
         }
     };
-    match PEER_QUALITY.get_ptr_mut(&key) {
+    match PEER_QUALITY.get_ptr_mut(key) {
         Some(p) => apply(unsafe { &mut *p }),
         None => {
             let mut s = PassiveStats::default();
             apply(&mut s);
-            let _ = PEER_QUALITY.insert(&key, &s, 0);
+            // By reference: a by-value copy of the 224-byte value overflows the 512-byte
+            // BPF stack in the passive program variant.
+            #[allow(clippy::needless_borrows_for_generic_args, reason = "see above")]
+            let _ = PEER_QUALITY.insert(key, &s, 0);
         }
     }
 }

@@ -62,7 +62,7 @@ fn icmp_unreachable_match<P: Packet>(pkt: &P, meta: &PacketMeta) -> Option<Probe
         }
         let ip: *const Ipv4Hdr = pkt.header(inner)?;
         let ihl = (rd(unsafe { &raw const (*ip).ver_ihl }) & 0x0f) as usize * 4;
-        if rd(unsafe { &raw const (*ip).proto }) != IPPROTO_UDP || ihl < 20 || ihl > 60 {
+        if rd(unsafe { &raw const (*ip).proto }) != IPPROTO_UDP || !(20..=60).contains(&ihl) {
             return None;
         }
         (inner + ihl, havip_common::VipKey::v4_words(rd(unsafe { &raw const (*ip).dst })))
