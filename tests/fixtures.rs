@@ -522,7 +522,7 @@ fn the_variant_without_passive_measurement_remaps_the_same() {
 #[test]
 fn tcp_syn_probes_are_measured_and_their_answers_consumed() {
     use etherparse::PacketBuilder;
-    use havip_common::{PROBE_MARK, PROBE_TCP_PORT_BASE};
+    use havip_common::{PROBE_MARK, PROBE_PORT_BASE};
     let mut fx = Fixture::new(TWO_VIPS);
     let (nic, target, slot) = ("198.18.40.1", "198.18.50.1", 5u32);
     fx.dp.maps.set_probe_slot(slot, Some((TEST_IFINDEX, ip(target))), (havip_common::PROBE_KIND_TCP, Some(443))).unwrap();
@@ -542,7 +542,7 @@ fn tcp_syn_probes_are_measured_and_their_answers_consumed() {
         t.write(&mut out, b"").unwrap();
         out
     };
-    let port = PROBE_TCP_PORT_BASE + slot as u16;
+    let port = PROBE_PORT_BASE + slot as u16;
     for (seq, rst) in [(100u32, false), (101, true)] {
         let syn = seg(nic, target, port, 443, seq, None, true, false);
         assert_eq!(fx.egress_marked(&syn, PROBE_MARK).out, syn, "probes leave untouched");
@@ -567,11 +567,11 @@ fn tcp_syn_probes_are_measured_and_their_answers_consumed() {
 #[test]
 fn udp_probes_are_answered_by_udp_or_by_port_unreachable() {
     use etherparse::{icmpv4::DestUnreachableHeader, Icmpv4Type, PacketBuilder};
-    use havip_common::{PROBE_KIND_UDP, PROBE_MARK, PROBE_TCP_PORT_BASE};
+    use havip_common::{PROBE_KIND_UDP, PROBE_MARK, PROBE_PORT_BASE};
     let mut fx = Fixture::new(TWO_VIPS);
     let (nic, target, slot) = ([198, 18, 40, 1], [198, 18, 50, 1], 9u32);
     fx.dp.maps.set_probe_slot(slot, Some((TEST_IFINDEX, ip("198.18.50.1"))), (PROBE_KIND_UDP, Some(33434))).unwrap();
-    let port = PROBE_TCP_PORT_BASE + slot as u16;
+    let port = PROBE_PORT_BASE + slot as u16;
     let udp = |src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, seq: u32| {
         let mut payload = seq.to_be_bytes().to_vec();
         payload.extend_from_slice(b"havip-pr");

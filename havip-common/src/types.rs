@@ -181,11 +181,11 @@ pub const PROBE_MARK: u32 = 0x4856_5052;
 /// ICMP echo identifiers of probes: `PROBE_ID_BASE | slot`, slot < `PROBE_SLOTS_MAX`.
 pub const PROBE_ID_BASE: u16 = 0xa000;
 pub const PROBE_ID_MASK: u16 = 0xf000;
-/// TCP SYN and UDP probes leave from `PROBE_TCP_PORT_BASE + slot` (61440-65535: outside
+/// TCP SYN and UDP probes leave from `PROBE_PORT_BASE + slot` (61440-65535: outside
 /// Linux's default ephemeral range, 32768-60999). A TCP probe's reply is the SYN-ACK or
 /// RST; a UDP probe's is a UDP reply from the probed port or the target's ICMP port
 /// unreachable quoting the probe. UDP probes carry their sequence in the first 4 bytes.
-pub const PROBE_TCP_PORT_BASE: u16 = 0xf000;
+pub const PROBE_PORT_BASE: u16 = 0xf000;
 /// `ProbeSlot::kind`
 pub const PROBE_KIND_ICMP: u8 = 0;
 pub const PROBE_KIND_TCP: u8 = 1;
@@ -202,7 +202,7 @@ pub struct ProbeSlot {
     /// 1 when the slot is in use.
     pub active: u32,
     /// TCP SYN / UDP probes: the target's port (network order); 0 for ICMP echo probes.
-    pub tcp_port_be: u16,
+    pub port_be: u16,
     /// `PROBE_KIND_*`
     pub kind: u8,
     pub _pad: [u8; 5],

@@ -6,7 +6,7 @@ use aya_ebpf::helpers::bpf_ktime_get_ns;
 use havip_common::{
     maps::{PROBE_SEQ_WINDOW, PROBE_SLOTS_MAX},
     rtt_bucket, Outcome, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, PROBE_ID_BASE, PROBE_ID_MASK,
-    PROBE_KIND_ICMP, PROBE_KIND_TCP, PROBE_KIND_UDP, PROBE_MARK, PROBE_TCP_PORT_BASE, RTT_BUCKETS,
+    PROBE_KIND_ICMP, PROBE_KIND_TCP, PROBE_KIND_UDP, PROBE_MARK, PROBE_PORT_BASE, RTT_BUCKETS,
 };
 
 use crate::{
@@ -17,17 +17,93 @@ use crate::{
 /// What a packet is, if it is a probe or a probe's answer.
 struct ProbeMatch {
     slot: u32,
+    /// Slot in PROBE_SENT of the probe's sequence number.
     index: u32,
     kind: u8,
     /// The port the probe went to (network order; 0 for ICMP echoes).
     port_be: u16,
-    /// Who answered (for an ICMP error quoting a probe: the probe's destination).
+    /// The probed target (for an answer: who answered; for an ICMP error quoting a probe:
+    /// the quoted destination).
     target: [u64; 2],
 }
 
+impl ProbeMatch {
+    #[inline(always)]
+    fn new(slot: u32, seq: u32, kind: u8, port_be: u16, target: [u64; 2]) -> Self {
+        Self { slot, index: slot * PROBE_SEQ_WINDOW + seq % PROBE_SEQ_WINDOW, kind, port_be, target }
+    }
+}
+
+/// A TCP or UDP probe's slot, from its local port (source going out, destination coming
+/// back).
 #[inline(always)]
-fn index(slot: u32, seq: u32) -> u32 {
-    slot * PROBE_SEQ_WINDOW + seq % PROBE_SEQ_WINDOW
+fn port_slot(port_be: u16) -> Option<u32> {
+    let port = u16::from_be(port_be);
+    let slot = port.wrapping_sub(PROBE_PORT_BASE) as u32;
+    (port >= PROBE_PORT_BASE && slot < PROBE_SLOTS_MAX).then_some(slot)
+}
+
+#[repr(C)]
+struct IcmpEcho {
+    icmp_type: u8,
+    code: u8,
+    check: u16,
+    id: u16,
+    seq: u16,
+}
+
+const ICMP_ECHO_REPLY: u8 = 0;
+const ICMP_ECHO_REQUEST: u8 = 8;
+const ICMPV6_ECHO_REQUEST: u8 = 128;
+const ICMPV6_ECHO_REPLY: u8 = 129;
+
+/// An ICMP echo probe leaving (`outgoing`) or its reply, by its identifier.
+#[inline(always)]
+fn echo_match<P: Packet>(pkt: &P, meta: &PacketMeta, outgoing: bool) -> Option<ProbeMatch> {
+    let echo: *const IcmpEcho = pkt.header(meta.l4_off)?;
+    let want = match (meta.proto == IPPROTO_ICMP, outgoing) {
+        (true, true) => ICMP_ECHO_REQUEST,
+        (true, false) => ICMP_ECHO_REPLY,
+        (false, true) => ICMPV6_ECHO_REQUEST,
+        (false, false) => ICMPV6_ECHO_REPLY,
+    };
+    if rd(unsafe { &raw const (*echo).icmp_type }) != want {
+        return None;
+    }
+    let id = u16::from_be(rd(unsafe { &raw const (*echo).id }));
+    if id & PROBE_ID_MASK != PROBE_ID_BASE {
+        return None;
+    }
+    let seq = u16::from_be(rd(unsafe { &raw const (*echo).seq })) as u32;
+    let target = if outgoing { meta.dst } else { meta.src };
+    Some(ProbeMatch::new((id & !PROBE_ID_MASK) as u32, seq, PROBE_KIND_ICMP, 0, target))
+}
+
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
+
+/// A TCP SYN probe leaving, or the SYN-ACK / RST answering it (whose acknowledgement is
+/// the probe's sequence + 1).
+#[inline(always)]
+fn tcp_match<P: Packet>(pkt: &P, meta: &PacketMeta, outgoing: bool) -> Option<ProbeMatch> {
+    let (local, remote, target) =
+        if outgoing { (meta.sport_be, meta.dport_be, meta.dst) } else { (meta.dport_be, meta.sport_be, meta.src) };
+    let slot = port_slot(local)?;
+    let tcp: *const TcpHdr = pkt.header(meta.l4_off)?;
+    let flags = (rd(unsafe { &raw const (*tcp).doff_flags }) >> 8) as u8;
+    let seq = if outgoing {
+        if flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+            return None;
+        }
+        u32::from_be(rd(unsafe { &raw const (*tcp).seq }))
+    } else {
+        if flags & TCP_ACK == 0 || flags & (TCP_SYN | TCP_RST) == 0 {
+            return None;
+        }
+        u32::from_be(rd(unsafe { &raw const (*tcp).ack })).wrapping_sub(1)
+    };
+    Some(ProbeMatch::new(slot, seq, PROBE_KIND_TCP, remote, target))
 }
 
 /// A UDP probe's sequence: the first 4 bytes of its payload.
@@ -36,23 +112,20 @@ fn udp_seq<P: Packet>(pkt: &P, payload_off: usize) -> Option<u32> {
     Some(u32::from_be(rd(pkt.header::<u32>(payload_off)?)))
 }
 
-/// A UDP probe leaving (`outgoing`), or a UDP reply from the probed port coming back.
+/// A UDP probe leaving, or a UDP reply from the probed port coming back.
 #[inline(always)]
 fn udp_match<P: Packet>(pkt: &P, meta: &PacketMeta, outgoing: bool) -> Option<ProbeMatch> {
-    if meta.proto != IPPROTO_UDP {
-        return None;
-    }
     let (local, remote, target) =
         if outgoing { (meta.sport_be, meta.dport_be, meta.dst) } else { (meta.dport_be, meta.sport_be, meta.src) };
-    let slot = tcp_slot(local)?;
+    let slot = port_slot(local)?;
     let seq = udp_seq(pkt, meta.l4_off + core::mem::size_of::<UdpHdr>())?;
-    Some(ProbeMatch { slot, index: index(slot, seq), kind: PROBE_KIND_UDP, port_be: remote, target })
+    Some(ProbeMatch::new(slot, seq, PROBE_KIND_UDP, remote, target))
 }
 
 /// An ICMP / ICMPv6 "port unreachable" quoting a UDP probe: the target's answer to a probe
 /// of a closed port.
 #[inline(always)]
-fn icmp_unreachable_match<P: Packet>(pkt: &P, meta: &PacketMeta) -> Option<ProbeMatch> {
+fn unreachable_match<P: Packet>(pkt: &P, meta: &PacketMeta) -> Option<ProbeMatch> {
     let hdr: *const [u8; 2] = pkt.header(meta.l4_off)?;
     let (t, code) = unsafe { ((*hdr)[0], (*hdr)[1]) };
     let inner = meta.l4_off + 8;
@@ -77,81 +150,22 @@ fn icmp_unreachable_match<P: Packet>(pkt: &P, meta: &PacketMeta) -> Option<Probe
         (inner + 40, rd(unsafe { &raw const (*ip).dst }))
     };
     let udp: *const UdpHdr = pkt.header(udp_off)?;
-    let slot = tcp_slot(rd(unsafe { &raw const (*udp).ports.src }))?;
+    let slot = port_slot(rd(unsafe { &raw const (*udp).ports.src }))?;
     let seq = udp_seq(pkt, udp_off + core::mem::size_of::<UdpHdr>())?;
-    let port_be = rd(unsafe { &raw const (*udp).ports.dst });
-    // The quoted destination is the probed target (the caller checks it against the slot).
-    Some(ProbeMatch { slot, index: index(slot, seq), kind: PROBE_KIND_UDP, port_be, target: dst })
+    Some(ProbeMatch::new(slot, seq, PROBE_KIND_UDP, rd(unsafe { &raw const (*udp).ports.dst }), dst))
 }
 
-const TCP_SYN: u8 = 0x02;
-const TCP_RST: u8 = 0x04;
-const TCP_ACK: u8 = 0x10;
-
-/// A TCP probe's slot, from its local port (source going out, destination coming back).
+/// The probe this packet is (`outgoing`) or answers, by protocol.
 #[inline(always)]
-fn tcp_slot(port_be: u16) -> Option<u32> {
-    let slot = u16::from_be(port_be).wrapping_sub(PROBE_TCP_PORT_BASE) as u32;
-    (u16::from_be(port_be) >= PROBE_TCP_PORT_BASE && slot < PROBE_SLOTS_MAX).then_some(slot)
-}
-
-/// (slot, in-flight index) of a TCP SYN probe leaving, or of the SYN-ACK / RST answering it
-/// (whose acknowledgement is the probe's sequence + 1).
-#[inline(always)]
-fn tcp_slot_and_index<P: Packet>(pkt: &P, meta: &PacketMeta, outgoing: bool) -> Option<(u32, u32)> {
-    if meta.proto != IPPROTO_TCP {
-        return None;
-    }
-    let slot = tcp_slot(if outgoing { meta.sport_be } else { meta.dport_be })?;
-    let tcp: *const TcpHdr = pkt.header(meta.l4_off)?;
-    let flags = (rd(unsafe { &raw const (*tcp).doff_flags }) >> 8) as u8;
-    let seq = if outgoing {
-        if flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
-            return None;
+fn probe_match<P: Packet>(pkt: &P, meta: &PacketMeta, outgoing: bool) -> Option<ProbeMatch> {
+    match meta.proto {
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => {
+            echo_match(pkt, meta, outgoing).or_else(|| if outgoing { None } else { unreachable_match(pkt, meta) })
         }
-        u32::from_be(rd(unsafe { &raw const (*tcp).seq }))
-    } else {
-        if flags & TCP_ACK == 0 || flags & (TCP_SYN | TCP_RST) == 0 {
-            return None;
-        }
-        u32::from_be(rd(unsafe { &raw const (*tcp).ack })).wrapping_sub(1)
-    };
-    Some((slot, slot * PROBE_SEQ_WINDOW + seq % PROBE_SEQ_WINDOW))
-}
-
-#[repr(C)]
-struct IcmpEcho {
-    icmp_type: u8,
-    code: u8,
-    check: u16,
-    id: u16,
-    seq: u16,
-}
-
-const ICMP_ECHO_REPLY: u8 = 0;
-const ICMP_ECHO_REQUEST: u8 = 8;
-const ICMPV6_ECHO_REQUEST: u8 = 128;
-const ICMPV6_ECHO_REPLY: u8 = 129;
-
-/// The probe slot and in-flight index of an echo, if its identifier is a probe's.
-#[inline(always)]
-fn slot_and_index<P: Packet>(pkt: &P, meta: &PacketMeta, want_v4: u8, want_v6: u8) -> Option<(u32, u32)> {
-    if meta.proto != IPPROTO_ICMP && meta.proto != IPPROTO_ICMPV6 {
-        return None;
+        IPPROTO_TCP => tcp_match(pkt, meta, outgoing),
+        IPPROTO_UDP => udp_match(pkt, meta, outgoing),
+        _ => None,
     }
-    let echo: *const IcmpEcho = pkt.header(meta.l4_off)?;
-    let t = rd(unsafe { &raw const (*echo).icmp_type });
-    let want = if meta.proto == IPPROTO_ICMP { want_v4 } else { want_v6 };
-    if t != want {
-        return None;
-    }
-    let id = u16::from_be(rd(unsafe { &raw const (*echo).id }));
-    if id & PROBE_ID_MASK != PROBE_ID_BASE {
-        return None;
-    }
-    let slot = (id & !PROBE_ID_MASK) as u32;
-    let seq = u16::from_be(rd(unsafe { &raw const (*echo).seq })) as u32;
-    Some((slot, slot * PROBE_SEQ_WINDOW + seq % PROBE_SEQ_WINDOW))
 }
 
 /// Plain add. core has no atomic read-modify-write for BPF; a slot sees one probe and one
@@ -168,9 +182,7 @@ pub fn on_egress<P: Packet>(pkt: &P, meta: &PacketMeta, skb_mark: u32) -> Option
     if skb_mark != PROBE_MARK {
         return None;
     }
-    let (slot, index) = slot_and_index(pkt, meta, ICMP_ECHO_REQUEST, ICMPV6_ECHO_REQUEST)
-        .or_else(|| tcp_slot_and_index(pkt, meta, true))
-        .or_else(|| udp_match(pkt, meta, true).map(|m| (m.slot, m.index)))?;
+    let ProbeMatch { slot, index, .. } = probe_match(pkt, meta, true)?;
     let sent = PROBE_SENT.get_ptr_mut(index)?;
     unsafe { *sent = bpf_ktime_get_ns() };
     if let Some(st) = PROBE_STATS.get_ptr_mut(slot) {
@@ -182,27 +194,19 @@ pub fn on_egress<P: Packet>(pkt: &P, meta: &PacketMeta, skb_mark: u32) -> Option
 /// Cheap pre-check for the XDP path: could this TCP or UDP packet answer a probe?
 #[inline(always)]
 pub fn maybe_port_reply(meta: &PacketMeta) -> bool {
-    u16::from_be(meta.dport_be) >= PROBE_TCP_PORT_BASE
+    u16::from_be(meta.dport_be) >= PROBE_PORT_BASE
 }
 
 /// XDP ingress: the reply to a probe, from the probed target; measures it. `Some` means
 /// consume it.
 #[inline(always)]
 pub fn on_ingress<P: Packet>(pkt: &P, meta: &PacketMeta) -> Option<Outcome> {
-    let m = if let Some((slot, index)) = slot_and_index(pkt, meta, ICMP_ECHO_REPLY, ICMPV6_ECHO_REPLY) {
-        ProbeMatch { slot, index, kind: PROBE_KIND_ICMP, port_be: 0, target: meta.src }
-    } else if let Some((slot, index)) = tcp_slot_and_index(pkt, meta, false) {
-        ProbeMatch { slot, index, kind: PROBE_KIND_TCP, port_be: meta.sport_be, target: meta.src }
-    } else if meta.proto == IPPROTO_UDP {
-        udp_match(pkt, meta, false)?
-    } else {
-        icmp_unreachable_match(pkt, meta)?
-    };
+    let m = probe_match(pkt, meta, false)?;
     let (slot, index) = (m.slot, m.index);
     let s = PROBE_SLOTS.get(slot)?;
     let target: [u64; 2] = unsafe { core::mem::transmute(s.target) };
     // Only the probed target, for the probe's kind and port, answers a probe.
-    if s.active == 0 || target != m.target || s.kind != m.kind || s.tcp_port_be != m.port_be {
+    if s.active == 0 || target != m.target || s.kind != m.kind || s.port_be != m.port_be {
         return None;
     }
     let now = unsafe { bpf_ktime_get_ns() };

@@ -2,10 +2,10 @@
 //! (VIP, proto, designated port) -> instance port, on egress (VIP, proto, instance port) ->
 //! designated port. IP addresses are never changed, so only the L4 checksum moves.
 
-use aya_ebpf::{bindings::BPF_F_MARK_MANGLED_0, programs::TcContext};
+use aya_ebpf::{bindings::BPF_F_MARK_MANGLED_0, maps::HashMap, programs::TcContext};
 use havip_common::{
-    csum, maps::PORT_WORDS, InlineRemap, RemapKey, INLINE_REMAPS, IPPROTO_TCP, IPPROTO_UDP, SLOT_IN_OVERFLOW,
-    SLOT_OUT_OVERFLOW,
+    csum, maps::PORT_WORDS, InlineRemap, PortValue, RemapKey, VipSlot, INLINE_REMAPS, IPPROTO_TCP, IPPROTO_UDP,
+    SLOT_IN_OVERFLOW, SLOT_OUT_OVERFLOW,
 };
 
 use crate::{
@@ -51,46 +51,45 @@ fn port_maybe_mapped(word_base: u32, port_be: u16) -> bool {
     }
 }
 
-/// The instance port for a packet arriving at a VIP, if its destination port is mapped.
+/// The port to rewrite `port_be` to, if (VIP, proto, port) is mapped in this direction:
+/// the slot's inline entries first, then (if they overflow) the bitmap and the table.
 #[inline(always)]
-pub fn lookup_ingress(meta: &PacketMeta, vip: &VipHit) -> Option<u16> {
+fn lookup(
+    meta: &PacketMeta,
+    vip: &VipHit,
+    port_be: u16,
+    inline: impl Fn(*const VipSlot) -> *const [InlineRemap; INLINE_REMAPS],
+    overflow_flag: u32,
+    bitmap_base: u32,
+    table: &HashMap<RemapKey, PortValue>,
+) -> Option<u16> {
     if !(meta.proto == IPPROTO_TCP || meta.proto == IPPROTO_UDP) {
         return None;
     }
     if let Some(slot) = vip.slot {
-        let overflow = unsafe { (*slot).flags } & SLOT_IN_OVERFLOW != 0;
-        match scan(unsafe { &(*slot).remap_in }, overflow, meta.proto, meta.dport_be) {
+        let overflow = unsafe { (*slot).flags } & overflow_flag != 0;
+        match scan(inline(slot), overflow, meta.proto, port_be) {
             Inline::Found(port) => return Some(port),
             Inline::Absent => return None,
             Inline::AskTable => {}
         }
     }
-    if !port_maybe_mapped(0, meta.dport_be) {
+    if !port_maybe_mapped(bitmap_base, port_be) {
         return None;
     }
-    let key = RemapKey::new(vip.id, meta.proto, meta.dport_be);
-    unsafe { REMAP_IN.get(key) }.map(|v| v.port_be)
+    unsafe { table.get(RemapKey::new(vip.id, meta.proto, port_be)) }.map(|v| v.port_be)
+}
+
+/// The instance port for a packet arriving at a VIP, if its destination port is mapped.
+#[inline(always)]
+pub fn lookup_ingress(meta: &PacketMeta, vip: &VipHit) -> Option<u16> {
+    lookup(meta, vip, meta.dport_be, |s| unsafe { &raw const (*s).remap_in }, SLOT_IN_OVERFLOW, 0, &REMAP_IN)
 }
 
 /// The designated port for a reply leaving a VIP from an instance port, if mapped.
 #[inline(always)]
 pub fn lookup_egress(meta: &PacketMeta, vip: &VipHit) -> Option<u16> {
-    if !(meta.proto == IPPROTO_TCP || meta.proto == IPPROTO_UDP) {
-        return None;
-    }
-    if let Some(slot) = vip.slot {
-        let overflow = unsafe { (*slot).flags } & SLOT_OUT_OVERFLOW != 0;
-        match scan(unsafe { &(*slot).remap_out }, overflow, meta.proto, meta.sport_be) {
-            Inline::Found(port) => return Some(port),
-            Inline::Absent => return None,
-            Inline::AskTable => {}
-        }
-    }
-    if !port_maybe_mapped(PORT_WORDS, meta.sport_be) {
-        return None;
-    }
-    let key = RemapKey::new(vip.id, meta.proto, meta.sport_be);
-    unsafe { REMAP_OUT.get(key) }.map(|v| v.port_be)
+    lookup(meta, vip, meta.sport_be, |s| unsafe { &raw const (*s).remap_out }, SLOT_OUT_OVERFLOW, PORT_WORDS, &REMAP_OUT)
 }
 
 /// XDP: rewrites the destination port in place and updates the checksum incrementally

@@ -176,7 +176,7 @@ impl Maps {
                 target: VipKey::from(target),
                 ifindex,
                 active: 1,
-                tcp_port_be: tcp_port.unwrap_or(0).to_be(),
+                port_be: tcp_port.unwrap_or(0).to_be(),
                 kind,
                 _pad: [0; 5],
             },

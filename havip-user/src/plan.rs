@@ -187,7 +187,8 @@ pub fn plan(desired: &Desired, actual: &Actual) -> Changes {
 
 /// Applies `changes` to `actual` as the kernel maps would end up: lets tests check that
 /// planning again after applying yields nothing.
-pub fn apply_to(actual: &mut Actual, ch: &Changes) {
+#[cfg(test)]
+fn apply_to(actual: &mut Actual, ch: &Changes) {
     let words = actual.port_bitmap.len().max(2 * PORT_WORDS as usize);
     actual.port_bitmap.resize(words, 0);
     for &(i, w) in ch.bitmap_grow.iter().chain(&ch.bitmap_shrink) {

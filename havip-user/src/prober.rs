@@ -16,7 +16,7 @@ use std::{
 };
 
 use anyhow::{bail, Context};
-use havip_common::{csum, maps::PROBE_SLOTS_MAX, PROBE_ID_BASE, PROBE_MARK, PROBE_TCP_PORT_BASE};
+use havip_common::{csum, maps::PROBE_SLOTS_MAX, PROBE_ID_BASE, PROBE_MARK, PROBE_PORT_BASE};
 
 use crate::config::Config;
 
@@ -149,7 +149,7 @@ pub fn echo_request(v6: bool, slot: u32, seq: u16) -> Vec<u8> {
 /// checksum is computed here; IPv6: by the kernel, see `probe_socket`).
 pub fn tcp_syn(src: IpAddr, dst: IpAddr, port: u16, slot: u32, seq: u32) -> Vec<u8> {
     let mut m = Vec::with_capacity(20);
-    m.extend_from_slice(&(PROBE_TCP_PORT_BASE + slot as u16).to_be_bytes());
+    m.extend_from_slice(&(PROBE_PORT_BASE + slot as u16).to_be_bytes());
     m.extend_from_slice(&port.to_be_bytes());
     m.extend_from_slice(&seq.to_be_bytes());
     m.extend_from_slice(&[0, 0, 0, 0, 0x50, 0x02, 0x04, 0x00, 0, 0, 0, 0]);
@@ -168,7 +168,7 @@ pub fn tcp_syn(src: IpAddr, dst: IpAddr, port: u16, slot: u32, seq: u32) -> Vec<
 /// `dst:port` (IPv4: checksum computed here; IPv6: by the kernel).
 pub fn udp_probe(src: IpAddr, dst: IpAddr, port: u16, slot: u32, seq: u32) -> Vec<u8> {
     let mut m = Vec::with_capacity(20);
-    m.extend_from_slice(&(PROBE_TCP_PORT_BASE + slot as u16).to_be_bytes());
+    m.extend_from_slice(&(PROBE_PORT_BASE + slot as u16).to_be_bytes());
     m.extend_from_slice(&port.to_be_bytes());
     m.extend_from_slice(&20u16.to_be_bytes());
     m.extend_from_slice(&[0, 0]);
@@ -223,7 +223,7 @@ mod tests {
     #[test]
     fn tcp_syn_probe_is_a_valid_syn() {
         let m = tcp_syn("198.18.40.1".parse().unwrap(), "198.18.50.1".parse().unwrap(), 443, 3, 77);
-        assert_eq!(u16::from_be_bytes([m[0], m[1]]), PROBE_TCP_PORT_BASE + 3);
+        assert_eq!(u16::from_be_bytes([m[0], m[1]]), PROBE_PORT_BASE + 3);
         assert_eq!(u16::from_be_bytes([m[2], m[3]]), 443);
         assert_eq!((m[12], m[13]), (0x50, 0x02), "20-byte header, SYN");
         let mut pseudo = vec![198, 18, 40, 1, 198, 18, 50, 1, 0, 6, 0, 20];

@@ -22,7 +22,6 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    fmt,
     net::IpAddr,
     time::{Duration, Instant},
 };
@@ -187,12 +186,6 @@ pub struct Decision {
     pub why: String,
     /// The NIC to move to now (the first of `order`), if the current one lost.
     pub moves_to: Option<String>,
-}
-
-impl fmt::Display for Decision {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.why)
-    }
 }
 
 /// What the current NIC breaks: configured thresholds, top-K, reachability.

@@ -38,7 +38,7 @@ pub struct Topology {
     pub config_path: PathBuf,
     daemon: Option<Child>,
     /// Pass-through XDP programs on switch ports (kept loaded for the topology's life).
-    _peer_xdp: Vec<aya::Ebpf>,
+    peer_xdp: Vec<aya::Ebpf>,
 }
 
 impl Topology {
@@ -57,7 +57,7 @@ impl Topology {
             config_path: run_dir.join("havip.toml"),
             run_dir,
             daemon: None,
-            _peer_xdp: Vec::new(),
+            peer_xdp: Vec::new(),
         }
     }
 
@@ -124,7 +124,7 @@ impl Topology {
         let mut t = t;
         let peer_pins = t.peer_pin_dir();
         for port in ["sa", "sb"] {
-            t._peer_xdp.push(havip_user::lab::pass_through_xdp(&t.rtr.name, port, &peer_pins).unwrap());
+            t.peer_xdp.push(havip_user::lab::pass_through_xdp(&t.rtr.name, port, &peer_pins).unwrap());
         }
         let cmds: [(&Netns, &[&str]); 6] = [
             (&t.srv, &["addr", "add", "198.18.20.1/24", "dev", "a0"]),
@@ -315,7 +315,7 @@ impl Drop for Topology {
         if let Err(e) = havip_user::teardown::down(&self.pin_root, &self.run_dir) {
             eprintln!("teardown: {e:#}");
         }
-        self._peer_xdp.clear();
+        self.peer_xdp.clear();
         let _ = std::fs::remove_dir_all(self.peer_pin_dir());
         let _ = std::fs::remove_dir_all(&self.run_dir);
         if let Some(parent) = self.run_dir.parent() {
