@@ -105,29 +105,43 @@ fn counter(v: &serde_json::Value, dir: &str, field: &str) -> u64 {
     v[dir][field].as_u64().unwrap_or_else(|| panic!("{dir}.{field} missing in {v}"))
 }
 
-fn run_tcp(vips: [&str; 2]) {
+/// The node under test: havipd attached, both instances listening.
+fn serving_node() -> (Topology, Arc<AtomicBool>) {
     let mut t = Topology::new();
     t.write_config(&config());
     t.start_daemon();
     assert!(t.xdp_attached());
     let stop = Arc::new(AtomicBool::new(false));
     start_instances(&t, stop.clone());
+    (t, stop)
+}
 
-    let clients: Vec<_> = vips
-        .iter()
+/// Runs `client(vip, expected instance, data)` for both VIPs at once, in the client
+/// namespace, with 1 MiB of distinct data each.
+fn concurrently<T: Send + 'static>(
+    t: &Topology,
+    vips: [&str; 2],
+    client: impl Fn(IpAddr, u8, Vec<u8>) -> T + Send + Copy + 'static,
+) -> Vec<std::thread::JoinHandle<T>> {
+    vips.iter()
         .zip([b'A', b'B'])
         .enumerate()
         .map(|(i, (vip, name))| {
             let vip: IpAddr = vip.parse().unwrap();
             let data = pattern(MIB, 7 + i as u32);
-            spawn_in(&t.cli, move || {
-                let (got, back) = tcp_exchange(vip, data.clone());
-                assert_eq!(got, name, "{vip}:80 answered by the wrong instance");
-                assert_eq!(back.len(), data.len(), "{vip}: bytes lost");
-                assert!(back == data, "{vip}: echoed data differs");
-            })
+            spawn_in(&t.cli, move || client(vip, name, data))
         })
-        .collect();
+        .collect()
+}
+
+fn run_tcp(vips: [&str; 2]) {
+    let (t, stop) = serving_node();
+    let clients = concurrently(&t, vips, |vip, name, data| {
+        let (got, back) = tcp_exchange(vip, data.clone());
+        assert_eq!(got, name, "{vip}:80 answered by the wrong instance");
+        assert_eq!(back.len(), data.len(), "{vip}: bytes lost");
+        assert!(back == data, "{vip}: echoed data differs");
+    });
     for c in clients {
         c.join().expect("client failed");
     }
@@ -149,20 +163,8 @@ fn run_tcp(vips: [&str; 2]) {
 }
 
 fn run_udp(vips: [&str; 2]) {
-    let mut t = Topology::new();
-    t.write_config(&config());
-    t.start_daemon();
-    let stop = Arc::new(AtomicBool::new(false));
-    start_instances(&t, stop.clone());
-    let clients: Vec<_> = vips
-        .iter()
-        .zip([b'A', b'B'])
-        .enumerate()
-        .map(|(i, (vip, name))| {
-            let vip: IpAddr = vip.parse().unwrap();
-            spawn_in(&t.cli, move || udp_exchange(vip, pattern(MIB, 3 + i as u32), name))
-        })
-        .collect();
+    let (t, stop) = serving_node();
+    let clients = concurrently(&t, vips, |vip, name, data| udp_exchange(vip, data, name));
     let results: Vec<(usize, usize)> = clients
         .into_iter()
         .map(|c| c.join().unwrap_or_else(|_| panic!("client failed; checksum errors {}; stats {}", t.checksum_errors(), t.stats())))
