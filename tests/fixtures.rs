@@ -609,3 +609,79 @@ fn udp_probes_are_answered_by_udp_or_by_port_unreachable() {
         .unwrap();
     assert_eq!(fx.ingress(&err).out, err);
 }
+
+// Application classes ------------------------------------------------------------------
+
+/// The two VIPs with classes: the IPv4 VIP in `latency` (its own CPU queue on CPU 0 and
+/// an HTB class), UDP port 5001 of it in `bulk` (an HTB class only); the IPv6 VIP in none.
+fn classed() -> String {
+    TWO_VIPS.replace(
+        "[[vip]]\naddress = \"198.18.100.1\"\n",
+        "[[vip]]\naddress = \"198.18.100.1\"\nclass = \"latency\"\n[[vip.port_class]]\nprotocol = \"udp\"\nport = 5001\nclass = \"bulk\"\n",
+    ) + "[class.latency]\ncpus = [0]\nrate = \"10mbit\"\n[class.bulk]\nrate = \"20mbit\"\n"
+}
+
+const XDP_REDIRECT: u32 = 4;
+
+#[test]
+fn a_classed_vip_goes_to_its_class_cpu_queue_remapped_and_counted() {
+    let mut fx = Fixture::new(&classed());
+    let frame = build(L4::Tcp, ip(CLIENT4), 40000, ip(VIP4), 80, None, b"hello");
+    let r = fx.ingress(&frame);
+    assert_eq!(r.action, XDP_REDIRECT, "to the cpumap");
+    // BPF_PROG_RUN returns the frame with its XDP metadata: the class, for the program on
+    // the queue's CPU.
+    let id = fx.dp.maps.class_ids().unwrap()["latency"];
+    let (meta, out) = r.out.split_at(8);
+    assert_eq!(meta[..4], havip_common::CLASS_META_MAGIC.to_ne_bytes());
+    assert_eq!(meta[4..], id.to_ne_bytes());
+    assert_eq!(inspect(out).dport, 8081, "remapped before it is queued");
+    assert!(inspect(out).checksum_ok);
+    let c = fx.class_counters(VIP4, "latency");
+    assert_eq!((c.rx_packets, c.rx_bytes, c.rx_queued), (1, frame.len() as u64, 1));
+    assert_eq!(fx.class_counters(VIP4, "bulk").rx_packets, 0);
+}
+
+#[test]
+fn a_port_class_overrides_the_vip_class_and_a_class_without_cpus_takes_the_normal_path() {
+    let mut fx = Fixture::new(&classed());
+    let frame = build(L4::Udp, ip(CLIENT4), 40000, ip(VIP4), 5001, None, b"bulk");
+    let r = fx.ingress(&frame);
+    assert_eq!(r.action, XDP_PASS);
+    assert_eq!(r.out, frame, "untouched: 5001 is not remapped");
+    let c = fx.class_counters(VIP4, "bulk");
+    assert_eq!((c.rx_packets, c.rx_queued), (1, 0));
+    assert_eq!(fx.class_counters(VIP4, "latency").rx_packets, 0);
+    // TCP 5001 is not overridden: the VIP's class.
+    let r = fx.ingress(&build(L4::Tcp, ip(CLIENT4), 40000, ip(VIP4), 5001, None, b"x"));
+    assert_eq!(r.action, XDP_REDIRECT);
+}
+
+#[test]
+fn a_vip_without_a_class_passes_as_before() {
+    let mut fx = Fixture::new(&classed());
+    let frame = build(L4::Tcp, ip(CLIENT6), 40000, ip(VIP6), 80, None, b"hello");
+    let r = fx.ingress(&frame);
+    assert_eq!(r.action, XDP_PASS);
+    assert_eq!(inspect(&r.out).dport, 8081);
+    let (r, prio) = fx.egress_priority(&build(L4::Tcp, ip(VIP6), 8081, ip(CLIENT6), 40000, None, b"reply"));
+    assert_eq!((r.action, prio), (TC_ACT_OK, 0), "priority left alone");
+}
+
+#[test]
+fn egress_puts_each_class_into_its_htb_class_by_skb_priority() {
+    use havip_user::{classes::class_minor, qdisc::skb_priority};
+    let mut fx = Fixture::new(&classed());
+    fx.bind(VIP4, TEST_IFINDEX, OWNER_MAC);
+    let ids = fx.dp.maps.class_ids().unwrap();
+    // A reply from the instance port: remapped back to :80, in the VIP's class.
+    let (r, prio) = fx.egress_priority(&build(L4::Tcp, ip(VIP4), 8081, ip(CLIENT4), 40000, None, b"reply"));
+    assert_eq!(r.action, TC_ACT_OK);
+    assert_eq!(inspect(&r.out).sport, 80);
+    assert_eq!(prio, skb_priority(class_minor(ids["latency"])));
+    let (_, prio) = fx.egress_priority(&build(L4::Udp, ip(VIP4), 5001, ip(CLIENT4), 40000, None, b"bulk"));
+    assert_eq!(prio, skb_priority(class_minor(ids["bulk"])));
+    let c = fx.class_counters(VIP4, "latency");
+    assert_eq!(c.tx_packets, 1);
+    assert_eq!(fx.class_counters(VIP4, "bulk").tx_packets, 1);
+}

@@ -4,8 +4,10 @@
 //! size check; the `user` feature adds `aya::Pod` so userspace can read and write them.
 #![no_std]
 
+pub mod classes;
 pub mod csum;
 pub mod maps;
 pub mod types;
 
+pub use classes::*;
 pub use types::*;

@@ -76,10 +76,35 @@ pub const VIP_STATS: &str = "HAVIP_VIP_STATS";
 pub const OUTCOMES: &str = "HAVIP_OUTCOMES";
 pub const OUTCOMES_LEN: u32 = 2 * crate::types::Outcome::COUNT;
 
+/// `class id -> ClassInfo{CPUs, skb priority}`. Written by havipd, read by both programs.
+pub const CLASSES: &str = "HAVIP_CLASSES";
+/// `RemapKey{vip_id, proto, designated port} -> u32 class id`: ports with a class of their
+/// own, consulted only for VIPs flagged `VIP_PORT_CLASSES`. Written by havipd, read by both.
+pub const PORT_CLASSES: &str = "HAVIP_PORT_CLASSES";
+pub const PORT_CLASSES_MAX: u32 = 16384;
+/// Per-CPU `ClassStatsKey{vip_id, class} -> ClassCounters`. Entries are created by havipd
+/// (zeroed) for every (VIP, class) the config can produce, so the programs only look up.
+/// Written by both programs, read by the CLI.
+pub const CLASS_STATS: &str = "HAVIP_CLASS_STATS";
+pub const CLASS_STATS_MAX: u32 = 16384;
+/// Cpumap `cpu -> {queue size, program}`: the classes' ingress CPU queues. Written by
+/// havipd, used by the XDP ingress program's redirect.
+pub const CPUMAP: &str = "HAVIP_CPUMAP";
+/// Per-CPU `class id -> QueueCounters`: packets the cpumap program took off a class's CPU
+/// queue, on that CPU. Written by the cpumap program, read by the CLI and tests.
+pub const QUEUE_STATS: &str = "HAVIP_QUEUE_STATS";
+/// Per-CPU `target cpu -> CpuQueueCounters`, from the kernel's `xdp_cpumap_enqueue`
+/// tracepoint (on the enqueuing CPU). Written by the tracepoint program, read by the CLI.
+pub const CPU_QUEUES: &str = "HAVIP_CPU_QUEUES";
+/// `0 -> id of havip's cpumap`: the tracepoint fires for every cpumap on the host, and
+/// counts only ours. Written by havipd.
+pub const CPUMAP_ID: &str = "HAVIP_CPUMAP_ID";
+
 /// Every map, for pin handling and teardown.
-pub const ALL: [&str; 16] = [
+pub const ALL: [&str; 23] = [
     VIPS, VIP_SLOTS, REMAP_IN, REMAP_OUT, PORT_BITMAP, NICS, BINDINGS, NIC_STATS, VIP_STATS, OUTCOMES, PROBE_SLOTS,
-    PROBE_SENT, PROBE_STATS, TCP_SAMPLE_SEQ, TCP_SAMPLE_TIME, PEER_QUALITY,
+    PROBE_SENT, PROBE_STATS, TCP_SAMPLE_SEQ, TCP_SAMPLE_TIME, PEER_QUALITY, CLASSES, PORT_CLASSES, CLASS_STATS, CPUMAP,
+    QUEUE_STATS, CPU_QUEUES, CPUMAP_ID,
 ];
 
 /// Program names as compiled into the object.
@@ -88,5 +113,11 @@ pub const PROG_EGRESS: &str = "havip_egress";
 /// The same programs with passive TCP measurement compiled in (`[passive] tcp`).
 pub const PROG_INGRESS_PASSIVE: &str = "havip_ingress_p";
 pub const PROG_EGRESS_PASSIVE: &str = "havip_egress_p";
+/// XDP program the cpumap runs on a class's CPU: counts what each CPU queue delivered.
+pub const PROG_CPU_QUEUE: &str = "havip_cpu_queue";
+/// Raw tracepoint program on `xdp_cpumap_enqueue`: the kernel's queue-full drops.
+pub const PROG_QUEUE_DROPS: &str = "havip_queue_drops";
+/// The tracepoint it attaches to.
+pub const QUEUE_DROPS_TRACEPOINT: &str = "xdp_cpumap_enqueue";
 /// Parse-and-pass XDP program: the baseline `cargo xtask bench` compares against.
 pub const PROG_BASELINE: &str = "havip_baseline";

@@ -83,9 +83,11 @@ pub struct VipInfo {
     /// Index into `VIP_STATS` and `BINDINGS`; stable for the VIP's lifetime, also across
     /// controller restarts.
     pub id: u32,
-    /// Reserved for per-VIP settings.
+    /// `VIP_PORT_CLASSES`.
     pub flags: u32,
-    pub _pad: [u32; 2],
+    /// The VIP's default application class (`CLASSES` index, 0: none).
+    pub class: u32,
+    pub _pad: u32,
 }
 
 /// Which NIC owns a VIP on the wire: answers ARP/NDP for it and carries its traffic.

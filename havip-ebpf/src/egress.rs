@@ -5,7 +5,7 @@ use havip_common::{Direction, Outcome, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP
 
 use crate::{
     parse::{self, Packet, Parsed},
-    passive, probe, remap, stats, steer, vips,
+    classes, passive, probe, remap, stats, steer, vips,
 };
 
 /// An skb; direct access covers only its linear part, lengths are checked against skb->len.
@@ -73,6 +73,13 @@ pub fn try_egress<const PASSIVE: bool>(ctx: &TcContext) -> Result<(i32, Outcome)
     if let Some(b) = binding {
         if PASSIVE && meta.proto == IPPROTO_TCP {
             passive::on_egress(&SkbPacket(ctx), &meta, vip.id, b.nic_index, vip_port_be);
+        }
+    }
+    if let Some((class_id, info)) = classes::of(&vip, meta.proto, vip_port_be) {
+        classes::set_priority(ctx, info);
+        if let Some(c) = classes::counters(vip.id, class_id) {
+            c.tx_packets += segs;
+            c.tx_bytes += bytes;
         }
     }
     if let Some(n) = binding.and_then(|b| stats::nic(b.nic_index)) {

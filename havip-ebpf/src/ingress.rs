@@ -6,7 +6,7 @@ use havip_common::{Outcome, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_U
 use crate::{
     neigh,
     parse::{self, Packet, Parsed},
-    passive, probe, remap, stats, steer, vips,
+    classes, passive, probe, remap, stats, steer, vips,
 };
 
 /// An XDP frame seen through the one bounds check.
@@ -75,6 +75,8 @@ pub fn try_ingress<const PASSIVE: bool>(ctx: &XdpContext) -> Result<(u32, Outcom
         }
     }
 
+    // Before the remap: a class is chosen by the designated port.
+    let class = classes::of(&vip, meta.proto, meta.dport_be);
     let outcome = match remap::lookup_ingress(&meta, &vip) {
         Some(instance_be) if remap::rewrite_dport_xdp(&pkt, &meta, instance_be) => Outcome::VipRemapped,
         _ => Outcome::VipPassed,
@@ -90,7 +92,16 @@ pub fn try_ingress<const PASSIVE: bool>(ctx: &XdpContext) -> Result<(u32, Outcom
             _ => rx.passed += 1,
         }
     }
-    Ok((xdp_action::XDP_PASS, outcome))
+    let Some((class_id, info)) = class else { return Ok((xdp_action::XDP_PASS, outcome)) };
+    let queued = classes::to_cpu_queue(ctx, &meta, class_id, info);
+    if let Some(c) = classes::counters(vip.id, class_id) {
+        c.rx_packets += 1;
+        c.rx_bytes += bytes;
+        if queued == Some(xdp_action::XDP_REDIRECT) {
+            c.rx_queued += 1;
+        }
+    }
+    Ok((queued.unwrap_or(xdp_action::XDP_PASS), outcome))
 }
 
 /// The bench baseline: the same parse, then pass. What havip adds is measured against it.

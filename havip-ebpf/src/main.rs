@@ -3,6 +3,7 @@
 #![no_std]
 #![no_main]
 
+mod classes;
 mod egress;
 mod ingress;
 mod maps;
@@ -17,8 +18,8 @@ mod vips;
 
 use aya_ebpf::{
     bindings::{xdp_action::XDP_PASS, TC_ACT_OK},
-    macros::{classifier, xdp},
-    programs::{TcContext, XdpContext},
+    macros::{classifier, raw_tracepoint, xdp},
+    programs::{RawTracePointContext, TcContext, XdpContext},
 };
 use havip_common::Direction;
 
@@ -55,6 +56,20 @@ pub fn havip_ingress_p(ctx: XdpContext) -> u32 {
 #[classifier]
 pub fn havip_egress_p(ctx: TcContext) -> i32 {
     egress::<true>(ctx)
+}
+
+/// Runs on a class's CPU for each frame taken off its queue (attached through the cpumap).
+#[xdp(map = "cpumap")]
+pub fn havip_cpu_queue(ctx: XdpContext) -> u32 {
+    classes::on_cpu_queue(&ctx);
+    XDP_PASS
+}
+
+/// The kernel's report of each bulk enqueue into a CPU queue: counts queue-full drops.
+#[raw_tracepoint(tracepoint = "xdp_cpumap_enqueue")]
+pub fn havip_queue_drops(ctx: RawTracePointContext) -> i32 {
+    classes::on_enqueue(&ctx);
+    0
 }
 
 /// Parse-and-pass: the baseline for the per-packet cost benchmark. Never attached.

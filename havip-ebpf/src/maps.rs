@@ -4,10 +4,10 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, CpuMap, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use havip_common::{
-    maps as m, Binding, NicCounters, NicInfo, PassiveStats, PeerKey, PortValue, ProbeSlot, ProbeStats, RemapKey,
+    maps as m, Binding, ClassCounters, ClassInfo, ClassStatsKey, CpuQueueCounters, QueueCounters, NicCounters, NicInfo, PassiveStats, PeerKey, PortValue, ProbeSlot, ProbeStats, RemapKey,
     VipCounters, VipInfo, VipKey, VipSlot,
 };
 
@@ -74,3 +74,31 @@ pub static TCP_SAMPLE_TIME: Array<u64> = Array::pinned(m::TCP_SAMPLE_SLOTS, 0);
 /// (peer, VIP, NIC) -> passive TCP RTT and retransmissions.
 #[map(name = "HAVIP_PEER_QUALITY")]
 pub static PEER_QUALITY: LruHashMap<PeerKey, PassiveStats> = LruHashMap::pinned(m::PEER_QUALITY_MAX, 0);
+
+/// Class id -> its CPU queues and HTB class.
+#[map(name = "HAVIP_CLASSES")]
+pub static CLASSES: Array<ClassInfo> = Array::pinned(havip_common::CLASSES_MAX, 0);
+
+/// (VIP id, protocol, designated port) -> class id, for ports with a class of their own.
+#[map(name = "HAVIP_PORT_CLASSES")]
+pub static PORT_CLASSES: HashMap<RemapKey, u32> = HashMap::pinned(m::PORT_CLASSES_MAX, 0);
+
+/// (VIP id, class) -> per-CPU counters; entries pre-created by havipd.
+#[map(name = "HAVIP_CLASS_STATS")]
+pub static CLASS_STATS: PerCpuHashMap<ClassStatsKey, ClassCounters> = PerCpuHashMap::pinned(m::CLASS_STATS_MAX, 0);
+
+/// CPU -> the classes' ingress queue on it.
+#[map(name = "HAVIP_CPUMAP")]
+pub static CPUMAP: CpuMap = CpuMap::pinned(havip_common::CPUMAP_MAX, 0);
+
+/// Class id -> per-CPU packets taken off its CPU queues.
+#[map(name = "HAVIP_QUEUE_STATS")]
+pub static QUEUE_STATS: PerCpuArray<QueueCounters> = PerCpuArray::pinned(havip_common::CLASSES_MAX, 0);
+
+/// Target CPU -> per-CPU (enqueuing CPU) queue counters from the kernel's tracepoint.
+#[map(name = "HAVIP_CPU_QUEUES")]
+pub static CPU_QUEUES: PerCpuArray<CpuQueueCounters> = PerCpuArray::pinned(havip_common::CPUMAP_MAX, 0);
+
+/// 0 -> the id of `CPUMAP`.
+#[map(name = "HAVIP_CPUMAP_ID")]
+pub static CPUMAP_ID: Array<u32> = Array::pinned(1, 0);

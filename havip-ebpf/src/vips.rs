@@ -8,6 +8,9 @@ use crate::maps::{VIPS, VIP_SLOTS};
 /// A VIP found for a packet.
 pub struct VipHit {
     pub id: u32,
+    /// `VipInfo::flags` and default class.
+    pub flags: u32,
+    pub class: u32,
     /// The VIP's own slot, whose inline mappings apply; `None` when found through `VIPS`.
     pub slot: Option<*const VipSlot>,
 }
@@ -20,11 +23,12 @@ pub fn lookup(addr: [u64; 2]) -> Option<VipHit> {
     let key = unsafe { &*((&raw const (*slot).key) as *const [u64; 2]) };
     let flags = unsafe { (*slot).flags };
     if flags & SLOT_OWNED != 0 && key[0] == addr[0] && key[1] == addr[1] {
-        return Some(VipHit { id: unsafe { (*slot).info.id }, slot: Some(slot) });
+        let info = unsafe { &(*slot).info };
+        return Some(VipHit { id: info.id, flags: info.flags, class: info.class, slot: Some(slot) });
     }
     if flags & SLOT_SHARED != 0 {
         let info = unsafe { VIPS.get(VipKey::from_words(addr)) }?;
-        return Some(VipHit { id: info.id, slot: None });
+        return Some(VipHit { id: info.id, flags: info.flags, class: info.class, slot: None });
     }
     None
 }

@@ -32,6 +32,9 @@ pub struct ConfigFile {
     pub vip: Vec<VipSection>,
     #[serde(default)]
     pub service: Vec<ServiceSection>,
+    /// Application classes by name (`[class.latency]`), see `classes`.
+    #[serde(default)]
+    pub class: BTreeMap<String, crate::classes::ClassSection>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -132,6 +135,14 @@ pub enum XdpModeSetting {
 #[serde(deny_unknown_fields)]
 pub struct NicSection {
     pub name: String,
+    /// The rate havip's HTB shapes this NIC's egress to when classes have egress rates
+    /// (tc units: "900mbit"). Set it just below the real bottleneck so queues build in
+    /// havip's classes, where priorities apply, not beyond. Default 10gbit.
+    #[serde(default)]
+    pub egress_rate: Option<String>,
+    /// Replace a root qdisc on this NIC that havip did not create (default: refuse).
+    #[serde(default)]
+    pub replace_qdisc: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -143,6 +154,12 @@ pub struct VipSection {
     /// Peers whose path quality matters to this VIP: probed from each candidate NIC.
     #[serde(default)]
     pub targets: Vec<IpAddr>,
+    /// The VIP's application class (a `[class.NAME]`).
+    #[serde(default)]
+    pub class: Option<String>,
+    /// Ports of this VIP with a class of their own.
+    #[serde(default)]
+    pub port_class: Vec<crate::classes::PortClassSection>,
 }
 
 /// How candidates are ranked by path quality (see `rank` for the formula).
@@ -306,6 +323,8 @@ pub struct Config {
     pub nics: Vec<String>,
     pub vips: Vec<Vip>,
     pub remaps: Vec<Remap>,
+    /// Application classes and each NIC's egress settings.
+    pub classes: crate::classes::Classes,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -315,6 +334,13 @@ pub struct Vip {
     pub nics: Vec<String>,
     /// Peers probed from each candidate NIC.
     pub targets: Vec<IpAddr>,
+    /// The VIP's default class.
+    pub class: Option<String>,
+    /// (protocol, designated port) -> class, overriding the default.
+    pub port_classes: BTreeMap<(Protocol, u16), String>,
+    /// Configured candidates the class's `isolate` policy keeps it off (see `classes`);
+    /// already removed from `nics`.
+    pub isolated_from: Vec<String>,
 }
 
 /// One (VIP, protocol, designated port) -> instance port mapping.
@@ -426,8 +452,14 @@ fn check_vip_address(ip: &IpAddr) -> Result<(), String> {
     }
 }
 
-/// Checks everything that can be checked without the system. Returns all problems.
+/// Checks everything that can be checked without changing the system (CPUs are checked
+/// against this machine's online ones). Returns all problems.
 pub fn validate(file: &ConfigFile) -> Result<Config, Vec<FieldError>> {
+    validate_on(file, &crate::classes::online_cpus())
+}
+
+/// [`validate`] against a given set of online CPUs.
+pub fn validate_on(file: &ConfigFile, online_cpus: &BTreeSet<u32>) -> Result<Config, Vec<FieldError>> {
     let mut errs = Vec::new();
     let mut err = |field: String, reason: String| errs.push(FieldError { field, reason });
 
@@ -538,7 +570,14 @@ pub fn validate(file: &ConfigFile) -> Result<Config, Vec<FieldError>> {
                 err(format!("vip[{i}].targets[{j}]"), format!("{t} is listed twice"));
             }
         }
-        vips.push(Vip { address: vip.address, nics, targets: vip.targets.clone() });
+        vips.push(Vip {
+            address: vip.address,
+            nics,
+            targets: vip.targets.clone(),
+            class: vip.class.clone(),
+            port_classes: BTreeMap::new(),
+            isolated_from: Vec::new(),
+        });
     }
 
     // Services and their instances -> remaps
@@ -613,6 +652,8 @@ pub fn validate(file: &ConfigFile) -> Result<Config, Vec<FieldError>> {
         err("service".into(), format!("{} mappings configured, at most {REMAPS_MAX} are supported", remaps.len()));
     }
 
+    let classes = crate::classes::validate(file, &mut vips, online_cpus, &mut err);
+
     if !errs.is_empty() {
         return Err(errs);
     }
@@ -652,6 +693,7 @@ pub fn validate(file: &ConfigFile) -> Result<Config, Vec<FieldError>> {
         nics: file.nic.iter().map(|n| n.name.clone()).collect(),
         vips,
         remaps,
+        classes,
     })
 }
 

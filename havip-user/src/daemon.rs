@@ -33,7 +33,7 @@ use crate::{
     netlink::{LinkInfo, Netlink},
     netns,
     pins::PinLayout,
-    plan::{plan, Desired},
+    plan::Desired,
     state::{ApplyStatus, InstalledAddress, State},
 };
 
@@ -73,6 +73,20 @@ async fn resolve(cfg: &Config, nl: &Netlink) -> anyhow::Result<Resolved> {
         match nl.link(name).await? {
             Some(l) => nics.push(l),
             None => missing.push(format!("field `nic[{i}].name`: interface `{name}` does not exist on this node")),
+        }
+    }
+    // Egress classes need the NICs' root qdisc: never take one havip does not own unasked.
+    if cfg.classes.needs_htb() {
+        for (i, nic) in nics.iter().enumerate() {
+            let replace = cfg.classes.nics.get(&nic.name).is_some_and(|n| n.replace_qdisc);
+            if let crate::qdisc::RootQdisc::Foreign { kind, handle } = crate::qdisc::root_qdisc(nl.handle(), nic.index).await? {
+                if !replace {
+                    missing.push(format!(
+                        "field `nic[{i}]`: {} already has a root qdisc havip did not create ({kind}, handle {:x}:); \
+                         set `replace_qdisc = true` on this [[nic]] to replace it, or remove it (tc qdisc del dev {} root)",
+                        nic.name, handle >> 16, nic.name));
+                }
+            }
         }
     }
     if !missing.is_empty() {
@@ -163,6 +177,7 @@ impl Node {
                 crate::dataplane::detach(&self.dp.pins, &old)?;
                 if let Some(n) = self.nics.remove(&old) {
                     self.dp.remove_nic(n.ifindex)?;
+                    crate::qdisc::remove(self.nl.handle(), n.ifindex).await?;
                 }
                 self.links.remove(&old);
                 notes.push(format!("detached {old}"));
@@ -171,11 +186,29 @@ impl Node {
         self.state.nics = cfg.nics.clone();
 
         // Maps.
-        let changes = plan(&Desired::from_config(cfg), &self.dp.maps.read_actual()?);
+        let changes = self.dp.apply_desired(&Desired::from_config(cfg))?;
         if !changes.is_empty() {
-            self.dp.maps.apply(&changes)?;
             info!(summary = %changes.summary(), "maps updated");
             notes.push(changes.summary());
+        }
+
+        // Egress classes: after the maps, so a new class's packets find... at worst the
+        // unclassified HTB class for a moment; a removed class's were moved off already.
+        let class_ids = self.dp.maps.class_ids()?;
+        for nic in &res.nics {
+            match crate::classes::htb_spec(&cfg.classes, &class_ids, &nic.name) {
+                Some(spec) => {
+                    let replace = cfg.classes.nics.get(&nic.name).is_some_and(|n| n.replace_qdisc);
+                    crate::qdisc::apply(self.nl.handle(), nic.index, &spec, replace)
+                        .await
+                        .with_context(|| format!("setting up the egress classes of {}", nic.name))?;
+                }
+                None => {
+                    if crate::qdisc::remove(self.nl.handle(), nic.index).await? {
+                        info!(nic = %nic.name, "egress classes removed");
+                    }
+                }
+            }
         }
 
         // A VIP on a down interface serves nothing (no local route): the VIP interface is up.
@@ -657,6 +690,9 @@ async fn serve(opts: DaemonOptions) -> anyhow::Result<()> {
     let adopting = pins.exists();
     let mut dp = Dataplane::open_with(&opts.pin_root, cfg.passive_tcp)?;
     dp.pin_programs()?;
+    if let Err(e) = dp.attach_queue_drops() {
+        warn!(error = format!("{e:#}"), "CPU-queue drops will not be counted");
+    }
     let mut state = State::load(&opts.run_dir)?.unwrap_or_default();
     if let Some(pid) = state.live_pid() {
         if pid != std::process::id() {

@@ -2,23 +2,23 @@
 //! (creating them on first start), attaches them to NICs or adopts the links a previous
 //! controller left pinned, and reads and writes the maps.
 
-use std::{collections::BTreeMap, io, path::Path};
+use std::{collections::BTreeMap, io, mem::size_of, path::Path};
 
 use anyhow::{bail, Context};
 use aya::{
-    maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues},
+    maps::{Array, CpuMap, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues},
     programs::{
         links::{FdLink, LinkError, PinnedLink},
         tc::SchedClassifierLink,
         xdp::XdpLink,
-        SchedClassifier, TcAttachType, Xdp, XdpMode,
+        ProgramFd, RawTracePoint, SchedClassifier, TcAttachType, Xdp, XdpMode,
     },
     sys::SyscallError,
     util::nr_cpus,
     Ebpf, EbpfLoader,
 };
 use havip_common::{
-    maps as m, Binding, NicCounters, NicInfo, PassiveStats, PeerKey, PortValue, ProbeSlot, ProbeStats, RemapKey,
+    maps as m, Binding, ClassCounters, ClassInfo, ClassStatsKey, CpuQueueCounters, QueueCounters, NicCounters, NicInfo, PassiveStats, PeerKey, PortValue, ProbeSlot, ProbeStats, RemapKey,
     VipCounters, VipInfo, VipKey, VipSlot,
 };
 use tracing::{info, warn};
@@ -55,6 +55,15 @@ pub struct Maps {
     pub peer_quality: HashMap<MapData, PeerKey, PassiveStats>,
     pub vip_stats: PerCpuArray<MapData, VipCounters>,
     pub outcomes: PerCpuArray<MapData, u64>,
+    pub classes: Array<MapData, ClassInfo>,
+    pub port_classes: HashMap<MapData, RemapKey, u32>,
+    pub class_stats: PerCpuHashMap<MapData, ClassStatsKey, ClassCounters>,
+    pub cpumap: CpuMap<MapData>,
+    /// The same cpumap untyped: its fd for deletes, its id for the tracepoint's filter.
+    cpumap_raw: MapData,
+    pub queue_stats: PerCpuArray<MapData, QueueCounters>,
+    pub cpu_queues: PerCpuArray<MapData, CpuQueueCounters>,
+    pub cpumap_id: Array<MapData, u32>,
 }
 
 fn open_pinned(pins: &PinLayout, name: &str) -> anyhow::Result<Map> {
@@ -81,11 +90,20 @@ impl Maps {
             peer_quality: open_pinned(pins, m::PEER_QUALITY)?.try_into()?,
             vip_stats: open_pinned(pins, m::VIP_STATS)?.try_into()?,
             outcomes: open_pinned(pins, m::OUTCOMES)?.try_into()?,
+            classes: open_pinned(pins, m::CLASSES)?.try_into()?,
+            port_classes: open_pinned(pins, m::PORT_CLASSES)?.try_into()?,
+            class_stats: open_pinned(pins, m::CLASS_STATS)?.try_into()?,
+            cpumap: open_pinned(pins, m::CPUMAP)?.try_into()?,
+            cpumap_raw: MapData::from_pin(pins.map(m::CPUMAP)).context("opening the pinned cpumap")?,
+            queue_stats: open_pinned(pins, m::QUEUE_STATS)?.try_into()?,
+            cpu_queues: open_pinned(pins, m::CPU_QUEUES)?.try_into()?,
+            cpumap_id: open_pinned(pins, m::CPUMAP_ID)?.try_into()?,
         })
     }
 
-    /// Everything `plan` needs to know about the maps.
-    pub fn read_actual(&self) -> anyhow::Result<Actual> {
+    /// Everything `plan` needs to know about the maps. `cpu_prog`: the id of the CPU-queue
+    /// program this process runs; cpumap entries running another count as absent.
+    pub fn read_actual(&self, cpu_prog: Option<u32>) -> anyhow::Result<Actual> {
         let vips = self.vips.iter().collect::<Result<BTreeMap<_, _>, _>>()?;
         let remap_in = self.remap_in.iter().collect::<Result<BTreeMap<_, _>, _>>()?;
         let remap_out = self.remap_out.iter().collect::<Result<BTreeMap<_, _>, _>>()?;
@@ -98,13 +116,58 @@ impl Maps {
                 slots.insert(i as u32, slot);
             }
         }
-        Ok(Actual { vips, remap_in, remap_out, port_bitmap, slots })
+        let mut classes = BTreeMap::new();
+        for (i, c) in self.classes.iter().enumerate() {
+            let c = c?;
+            if c != ClassInfo::default() {
+                classes.insert(i as u32, c);
+            }
+        }
+        let port_classes = self.port_classes.iter().collect::<Result<BTreeMap<_, _>, _>>()?;
+        let class_stats = self.class_stats.keys().collect::<Result<_, _>>()?;
+        let mut cpumap = BTreeMap::new();
+        for cpu in 0..self.cpumap.len() {
+            // Unset entries read back as ENOENT.
+            if let Ok(v) = self.cpumap.get(cpu, 0) {
+                if cpu_prog.is_some() && v.prog_id.map(|p| p.get()) == cpu_prog {
+                    cpumap.insert(cpu, v.queue_size);
+                }
+            }
+        }
+        Ok(Actual { vips, remap_in, remap_out, port_bitmap, slots, classes, port_classes, class_stats, cpumap })
+    }
+
+    /// Class name -> id, as the kernel holds them.
+    pub fn class_ids(&self) -> anyhow::Result<BTreeMap<String, u32>> {
+        let mut out = BTreeMap::new();
+        for (i, c) in self.classes.iter().enumerate() {
+            let c = c?;
+            if c != ClassInfo::default() {
+                out.insert(crate::classes::info_name(&c), i as u32);
+            }
+        }
+        Ok(out)
     }
 
     /// Writes `ch` in the order that keeps every packet consistent (see [`Changes`]).
-    pub fn apply(&mut self, ch: &Changes) -> anyhow::Result<()> {
+    /// `cpu_prog`: the program CPU queues run (needed when `ch` creates queues).
+    pub fn apply(&mut self, ch: &Changes, cpu_prog: Option<&ProgramFd>) -> anyhow::Result<()> {
         for &id in &ch.zero_new_stats {
             self.zero_stats(id)?;
+        }
+        for &(cpu, size) in &ch.cpumap_sets {
+            let prog = cpu_prog.context("creating CPU queues needs the CPU-queue program loaded")?;
+            self.cpumap.set(cpu, size, Some(prog), 0).with_context(|| format!("creating the queue of CPU {cpu}"))?;
+        }
+        let n = nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
+        for k in &ch.class_stats_creates {
+            self.class_stats.insert(k, PerCpuValues::try_from(vec![ClassCounters::default(); n])?, 0)?;
+        }
+        for (i, v) in &ch.class_upserts {
+            self.classes.set(*i, v, 0)?;
+        }
+        for (k, v) in &ch.port_class_upserts {
+            self.port_classes.insert(k, v, 0)?;
         }
         for &(i, w) in &ch.bitmap_grow {
             self.port_bitmap.set(i, w, 0)?;
@@ -135,6 +198,18 @@ impl Maps {
         }
         for &(i, w) in &ch.bitmap_shrink {
             self.port_bitmap.set(i, w, 0)?;
+        }
+        for k in &ch.port_class_deletes {
+            self.port_classes.remove(k)?;
+        }
+        for &i in &ch.class_clears {
+            self.classes.set(i, ClassInfo::default(), 0)?;
+        }
+        for k in &ch.class_stats_deletes {
+            self.class_stats.remove(k)?;
+        }
+        for &cpu in &ch.cpumap_deletes {
+            remove_cpumap_entry(&self.cpumap_raw, cpu)?;
         }
         for &id in &ch.zero_freed_stats {
             self.zero_stats(id)?;
@@ -242,6 +317,29 @@ impl Maps {
     }
 }
 
+/// Deletes a CPU's queue (its kthread stops once drained). aya's `CpuMap` has no remove;
+/// the kernel's BPF_MAP_DELETE_ELEM does it.
+fn remove_cpumap_entry(map: &MapData, cpu: u32) -> anyhow::Result<()> {
+    use std::os::fd::{AsFd, AsRawFd};
+    #[repr(C)]
+    struct DeleteAttr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+    }
+    let fd = map.fd().as_fd().as_raw_fd();
+    let attr = DeleteAttr { map_fd: fd as u32, _pad: 0, key: &cpu as *const u32 as u64 };
+    const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_DELETE_ELEM, &attr as *const DeleteAttr, size_of::<DeleteAttr>() as u32) };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::NotFound {
+            return Err(e).with_context(|| format!("removing the queue of CPU {cpu}"));
+        }
+    }
+    Ok(())
+}
+
 /// CLOCK_MONOTONIC in nanoseconds: the clock of bpf_ktime_get_ns, used for binding ages.
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
@@ -294,7 +392,7 @@ impl Dataplane {
         };
         ensure_bpffs(pin_root)?;
         let pins = PinLayout::new(pin_root);
-        for dir in [pins.maps_dir(), pins.progs_dir(), pins.links_dir()] {
+        for dir in [pins.maps_dir(), pins.progs_dir(), pins.links_dir(), pins.host_links_dir()] {
             std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
         }
         let mut ebpf = EbpfLoader::new()
@@ -307,8 +405,43 @@ impl Dataplane {
         }
         let tc: &mut SchedClassifier = ebpf.program_mut(egress).context("program missing")?.try_into()?;
         tc.load().with_context(|| format!("the kernel refused program {egress}"))?;
-        let maps = Maps::open(&pins)?;
+        let cpu: &mut Xdp = ebpf.program_mut(m::PROG_CPU_QUEUE).context("program missing")?.try_into()?;
+        cpu.load().context("the kernel refused the CPU-queue program")?;
+        let mut maps = Maps::open(&pins)?;
+        let cpumap_id = maps.cpumap_raw.info().context("reading the cpumap's id")?.id();
+        maps.cpumap_id.set(0, cpumap_id, 0)?;
         Ok(Self { pins, ebpf, maps, ingress, egress })
+    }
+
+    /// Counts the kernel's CPU-queue drops from now on (tracepoint `xdp_cpumap_enqueue`),
+    /// replacing a link an earlier havipd pinned.
+    pub fn attach_queue_drops(&mut self) -> anyhow::Result<()> {
+        let path = self.pins.host_link(m::PROG_QUEUE_DROPS);
+        let prog: &mut RawTracePoint = self.ebpf.program_mut(m::PROG_QUEUE_DROPS).context("program missing")?.try_into()?;
+        if prog.fd().is_err() {
+            prog.load().context("the kernel refused the queue-drop tracepoint program")?;
+        }
+        let id = prog.attach(m::QUEUE_DROPS_TRACEPOINT).context("attaching to tracepoint xdp_cpumap_enqueue")?;
+        let link: FdLink = prog.take_link(id)?.into();
+        let _ = std::fs::remove_file(&path);
+        link.pin(&path).with_context(|| format!("pinning {}", path.display()))?;
+        Ok(())
+    }
+
+    /// The program CPU queues run, and its id (see `Maps::read_actual`).
+    pub fn cpu_prog(&self) -> anyhow::Result<(&ProgramFd, u32)> {
+        let prog: &Xdp = self.ebpf.program(m::PROG_CPU_QUEUE).context("program missing")?.try_into()?;
+        let fd = prog.fd()?;
+        Ok((fd, prog.info()?.id()))
+    }
+
+    /// Plans and applies `desired` against the maps.
+    pub fn apply_desired(&mut self, desired: &crate::plan::Desired) -> anyhow::Result<Changes> {
+        let (fd, id) = self.cpu_prog()?;
+        let fd = fd.try_clone()?;
+        let ch = crate::plan::plan(desired, &self.maps.read_actual(Some(id))?);
+        self.maps.apply(&ch, Some(&fd))?;
+        Ok(ch)
     }
 
     /// Pins the loaded programs (replacing pins of an earlier version).
@@ -452,7 +585,7 @@ pub fn remove_all_pins(pins: &PinLayout) -> anyhow::Result<()> {
     for nic in pins.pinned_nics() {
         detach(pins, &nic)?;
     }
-    for dir in [pins.links_dir(), pins.progs_dir(), pins.maps_dir()] {
+    for dir in [pins.host_links_dir(), pins.links_dir(), pins.progs_dir(), pins.maps_dir()] {
         if let Ok(entries) = std::fs::read_dir(&dir) {
             for e in entries.flatten() {
                 std::fs::remove_file(e.path()).with_context(|| format!("removing {}", e.path().display()))?;

@@ -3,6 +3,7 @@
 
 pub mod announce;
 pub mod binder;
+pub mod classes;
 pub mod cli;
 pub mod control;
 pub mod config;
@@ -15,6 +16,7 @@ pub mod pins;
 pub mod plan;
 pub mod rank;
 pub mod prober;
+pub mod qdisc;
 pub mod state;
 pub mod stats;
 pub mod teardown;

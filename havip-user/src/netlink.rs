@@ -78,6 +78,10 @@ impl Netlink {
         Ok(Self { handle })
     }
 
+    pub fn handle(&self) -> &Handle {
+        &self.handle
+    }
+
     /// The interface called `name`, or `None` if there is none.
     pub async fn link(&self, name: &str) -> anyhow::Result<Option<LinkInfo>> {
         let mut links = self.handle.link().get().match_name(name.to_string()).execute();

@@ -44,6 +44,13 @@ impl PinLayout {
     pub fn prog(&self, name: &str) -> PathBuf {
         self.progs_dir().join(name)
     }
+    /// Links not tied to a NIC (the queue-drop tracepoint).
+    pub fn host_links_dir(&self) -> PathBuf {
+        self.root.join("host-links")
+    }
+    pub fn host_link(&self, name: &str) -> PathBuf {
+        self.host_links_dir().join(name)
+    }
     pub fn links_dir(&self) -> PathBuf {
         self.root.join("links")
     }

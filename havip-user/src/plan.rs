@@ -5,11 +5,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use havip_common::{
-    maps::PORT_WORDS, vip_slot, InlineRemap, PortValue, RemapKey, VipInfo, VipKey, VipSlot, INLINE_REMAPS,
-    SLOT_IN_OVERFLOW, SLOT_OUT_OVERFLOW, SLOT_OWNED, SLOT_SHARED,
+    maps::PORT_WORDS, vip_slot, ClassInfo, ClassStatsKey, InlineRemap, PortValue, RemapKey, VipInfo, VipKey, VipSlot,
+    INLINE_REMAPS, SLOT_IN_OVERFLOW, SLOT_OUT_OVERFLOW, SLOT_OWNED, SLOT_SHARED, VIP_PORT_CLASSES,
 };
 
-use crate::config::Config;
+use crate::{
+    classes::{assign_ids, class_info, info_name, Classes},
+    config::Config,
+};
 
 /// The dataplane state a configuration asks for (which NIC owns each VIP is the binder's
 /// business, see `binder`).
@@ -18,6 +21,11 @@ pub struct Desired {
     pub vips: BTreeSet<VipKey>,
     /// (VIP, protocol, designated port) -> instance port, ports in host order.
     pub remaps: BTreeMap<(VipKey, u8, u16), u16>,
+    pub classes: Classes,
+    /// VIP -> its default class.
+    pub vip_classes: BTreeMap<VipKey, String>,
+    /// (VIP, protocol, designated port in host order) -> class.
+    pub port_classes: BTreeMap<(VipKey, u8, u16), String>,
 }
 
 impl Desired {
@@ -28,7 +36,13 @@ impl Desired {
             .iter()
             .map(|r| ((VipKey::from(r.vip), r.protocol.number(), r.designated_port), r.instance_port))
             .collect();
-        Self { vips, remaps }
+        let vip_classes = cfg.vips.iter().filter_map(|v| Some((VipKey::from(v.address), v.class.clone()?))).collect();
+        let port_classes = cfg
+            .vips
+            .iter()
+            .flat_map(|v| v.port_classes.iter().map(move |(&(p, port), c)| ((VipKey::from(v.address), p.number(), port), c.clone())))
+            .collect();
+        Self { vips, remaps, classes: cfg.classes.clone(), vip_classes, port_classes }
     }
 }
 
@@ -42,6 +56,20 @@ pub struct Actual {
     pub port_bitmap: Vec<u64>,
     /// Non-empty slots of `VIP_SLOTS`.
     pub slots: BTreeMap<u32, VipSlot>,
+    /// Non-empty entries of `CLASSES`.
+    pub classes: BTreeMap<u32, ClassInfo>,
+    pub port_classes: BTreeMap<RemapKey, u32>,
+    pub class_stats: BTreeSet<ClassStatsKey>,
+    /// CPU -> queue size of the cpumap entries that run this havipd's CPU-queue program
+    /// (entries of an earlier program count as absent, so they are rewritten).
+    pub cpumap: BTreeMap<u32, u32>,
+}
+
+impl Actual {
+    /// Class id -> name, as the kernel holds them.
+    pub fn class_names(&self) -> BTreeMap<u32, String> {
+        self.classes.iter().map(|(id, info)| (*id, info_name(info))).collect()
+    }
 }
 
 /// Map writes, in the order they must be applied so that no packet ever sees a VIP
@@ -50,6 +78,12 @@ pub struct Actual {
 pub struct Changes {
     /// Counter slots of newly assigned VIP ids, zeroed before the VIP appears.
     pub zero_new_stats: Vec<u32>,
+    /// CPU queues (cpu, size) created or resized before a class points at them.
+    pub cpumap_sets: Vec<(u32, u32)>,
+    /// Zeroed (VIP, class) counters created before packets of that class can occur.
+    pub class_stats_creates: Vec<ClassStatsKey>,
+    pub class_upserts: Vec<(u32, ClassInfo)>,
+    pub port_class_upserts: Vec<(RemapKey, u32)>,
     /// Bitmap words set to the union of old and new bits, before mappings appear.
     pub bitmap_grow: Vec<(u32, u64)>,
     pub remap_in_upserts: Vec<(RemapKey, PortValue)>,
@@ -63,6 +97,10 @@ pub struct Changes {
     pub remap_out_deletes: Vec<RemapKey>,
     /// Bitmap words set to exactly the new bits, after stale mappings are gone.
     pub bitmap_shrink: Vec<(u32, u64)>,
+    pub port_class_deletes: Vec<RemapKey>,
+    pub class_clears: Vec<u32>,
+    pub class_stats_deletes: Vec<ClassStatsKey>,
+    pub cpumap_deletes: Vec<u32>,
     /// Counter slots of freed VIP ids, zeroed last.
     pub zero_freed_stats: Vec<u32>,
 }
@@ -75,11 +113,13 @@ impl Changes {
     /// A one-line summary for logs and the reload status.
     pub fn summary(&self) -> String {
         format!(
-            "{} VIP(s) added or changed, {} removed; {} mapping(s) added or changed, {} removed",
+            "{} VIP(s) added or changed, {} removed; {} mapping(s) added or changed, {} removed; {} class(es) added or changed, {} removed",
             self.vip_upserts.len(),
             self.vip_deletes.len(),
             self.remap_in_upserts.len(),
-            self.remap_in_deletes.len()
+            self.remap_in_deletes.len(),
+            self.class_upserts.len(),
+            self.class_clears.len()
         )
     }
 }
@@ -94,21 +134,43 @@ fn set_bit(words: &mut [u64], base: u32, port: u16) {
 pub fn plan(desired: &Desired, actual: &Actual) -> Changes {
     let mut ch = Changes::default();
 
+    // Classes first: VIPs refer to them by id.
+    let class_ids = assign_ids(&desired.classes, &actual.class_names());
+    let mut want_classes = BTreeMap::new();
+    let mut want_cpumap = BTreeMap::new();
+    for (name, class) in &desired.classes.classes {
+        let id = class_ids[name];
+        want_classes.insert(id, class_info(class, id));
+        for &cpu in &class.cpus {
+            want_cpumap.insert(cpu, class.queue_size);
+        }
+    }
+    ch.cpumap_sets = want_cpumap.iter().filter(|(c, q)| actual.cpumap.get(c) != Some(q)).map(|(c, q)| (*c, *q)).collect();
+    ch.cpumap_deletes = actual.cpumap.keys().filter(|c| !want_cpumap.contains_key(c)).copied().collect();
+    ch.class_upserts = want_classes.iter().filter(|(i, v)| actual.classes.get(i) != Some(v)).map(|(i, v)| (*i, *v)).collect();
+    ch.class_clears = actual.classes.keys().filter(|i| !want_classes.contains_key(i)).copied().collect();
+    let class_of = |vip: &VipKey| desired.vip_classes.get(vip).map_or(0, |c| class_ids[c]);
+    let has_port_classes: BTreeSet<VipKey> = desired.port_classes.keys().map(|(v, _, _)| *v).collect();
+
     // Ids: keep existing ones; allocate new ones outside every id in use now, so a removed
     // VIP's id (whose mappings are deleted later in this round) is not reused yet.
     let used: BTreeSet<u32> = actual.vips.values().map(|v| v.id).collect();
     let mut free_ids = (0u32..).filter(|id| !used.contains(id));
     let mut ids: BTreeMap<VipKey, u32> = BTreeMap::new();
+    let mut infos: BTreeMap<VipKey, VipInfo> = BTreeMap::new();
     for key in &desired.vips {
-        let info = match actual.vips.get(key) {
-            Some(old) => *old,
+        let id = match actual.vips.get(key) {
+            Some(old) => old.id,
             None => {
                 let id = free_ids.next().expect("ids are u32, VIP count is bounded");
                 ch.zero_new_stats.push(id);
-                VipInfo { id, ..Default::default() }
+                id
             }
         };
+        let flags = if has_port_classes.contains(key) { VIP_PORT_CLASSES } else { 0 };
+        let info = VipInfo { id, flags, class: class_of(key), _pad: 0 };
         ids.insert(*key, info.id);
+        infos.insert(*key, info);
         if actual.vips.get(key) != Some(&info) {
             ch.vip_upserts.push((*key, info));
         }
@@ -155,7 +217,7 @@ pub fn plan(desired: &Desired, actual: &Actual) -> Changes {
     let mut want_slots = BTreeMap::new();
     for (&idx, keys) in &groups {
         let owner = keys[0];
-        let info = VipInfo { id: ids[&owner], ..Default::default() };
+        let info = infos[&owner];
         let (remap_in, in_overflow) = inline(&want_in, info.id);
         let (remap_out, out_overflow) = inline(&want_out, info.id);
         let mut flags = SLOT_OWNED;
@@ -172,6 +234,24 @@ pub fn plan(desired: &Desired, actual: &Actual) -> Changes {
     }
     ch.slot_writes = want_slots.iter().filter(|(i, v)| actual.slots.get(i) != Some(v)).map(|(i, v)| (*i, *v)).collect();
     ch.slot_clears = actual.slots.keys().filter(|i| !want_slots.contains_key(i)).copied().collect();
+
+    // Ports with their own class, and the (VIP, class) counters every class of a VIP needs.
+    let mut want_ports = BTreeMap::new();
+    let mut want_stats = BTreeSet::new();
+    for info in infos.values() {
+        if info.class != 0 {
+            want_stats.insert(ClassStatsKey { vip_id: info.id, class: info.class });
+        }
+    }
+    for (&(vip, proto, port), class) in &desired.port_classes {
+        let (Some(&id), Some(&class)) = (ids.get(&vip), class_ids.get(class)) else { continue };
+        want_ports.insert(RemapKey::new(id, proto, port.to_be()), class);
+        want_stats.insert(ClassStatsKey { vip_id: id, class });
+    }
+    ch.port_class_upserts = want_ports.iter().filter(|(k, v)| actual.port_classes.get(k) != Some(v)).map(|(k, v)| (*k, *v)).collect();
+    ch.port_class_deletes = actual.port_classes.keys().filter(|k| !want_ports.contains_key(k)).copied().collect();
+    ch.class_stats_creates = want_stats.difference(&actual.class_stats).copied().collect();
+    ch.class_stats_deletes = actual.class_stats.difference(&want_stats).copied().collect();
 
     for (i, &new) in bitmap.iter().enumerate() {
         let old = actual.port_bitmap.get(i).copied().unwrap_or(0);
@@ -218,6 +298,28 @@ fn apply_to(actual: &mut Actual, ch: &Changes) {
     for k in &ch.remap_out_deletes {
         actual.remap_out.remove(k);
     }
+    for &(c, q) in &ch.cpumap_sets {
+        actual.cpumap.insert(c, q);
+    }
+    for c in &ch.cpumap_deletes {
+        actual.cpumap.remove(c);
+    }
+    for (i, v) in &ch.class_upserts {
+        actual.classes.insert(*i, *v);
+    }
+    for i in &ch.class_clears {
+        actual.classes.remove(i);
+    }
+    for (k, v) in &ch.port_class_upserts {
+        actual.port_classes.insert(*k, *v);
+    }
+    for k in &ch.port_class_deletes {
+        actual.port_classes.remove(k);
+    }
+    actual.class_stats.extend(ch.class_stats_creates.iter().copied());
+    for k in &ch.class_stats_deletes {
+        actual.class_stats.remove(k);
+    }
 }
 
 #[cfg(test)]
@@ -234,6 +336,7 @@ mod tests {
         Desired {
             vips: vips.iter().map(|v| key(v)).collect(),
             remaps: remaps.iter().map(|&(v, d, i)| ((key(v), 6, d), i)).collect(),
+            ..Default::default()
         }
     }
 
@@ -352,4 +455,35 @@ mod tests {
     }
 
 
+    #[test]
+    fn classes_queues_and_counters_follow_the_config_and_reload_removes_them() {
+        let cfg = |classes: &str, vip_extra: &str| {
+            let text = format!("[[nic]]\nname = \"a0\"\n{classes}\n[[vip]]\naddress = \"198.18.0.1\"\n{vip_extra}");
+            let file: crate::config::ConfigFile = toml::from_str(&text).unwrap();
+            Desired::from_config(&crate::config::validate_on(&file, &[0, 1].into_iter().collect()).unwrap())
+        };
+        let classes = "[class.latency]\ncpus = [0]\nqueue_size = 64\n[class.bulk]\ncpus = [1]\nrate = \"10mbit\"\n";
+        let mut a = Actual::default();
+        let ch = converge(&cfg(classes, "class = \"latency\"\n[[vip.port_class]]\nport = 9000\nclass = \"bulk\""), &mut a);
+        assert_eq!(ch.cpumap_sets, vec![(0, 64), (1, 2048)]);
+        let names = a.class_names();
+        assert_eq!(names.values().collect::<Vec<_>>(), ["bulk", "latency"]);
+        let (bulk, latency) = (1, 2);
+        let info = a.vips[&key("198.18.0.1")];
+        assert_eq!((info.class, info.flags), (latency, VIP_PORT_CLASSES));
+        assert_eq!(a.slots[&vip_slot(&key("198.18.0.1"))].info, info, "the fast path carries the class too");
+        assert_eq!(a.port_classes[&RemapKey::new(info.id, 6, 9000u16.to_be())], bulk);
+        let stats: Vec<_> = a.class_stats.iter().map(|k| (k.vip_id, k.class)).collect();
+        assert_eq!(stats, [(info.id, bulk), (info.id, latency)]);
+        assert_eq!(a.classes[&latency].skb_priority, 0, "no rate: no HTB class");
+        assert_ne!(a.classes[&bulk].skb_priority, 0);
+
+        // Reload without classes: everything class-related goes, after the VIP stops
+        // pointing at it.
+        let ch = converge(&cfg("", ""), &mut a);
+        assert_eq!(ch.class_clears, vec![bulk, latency]);
+        assert_eq!(ch.cpumap_deletes, vec![0, 1]);
+        assert_eq!(a.vips[&key("198.18.0.1")].class, 0);
+        assert!(a.classes.is_empty() && a.port_classes.is_empty() && a.class_stats.is_empty() && a.cpumap.is_empty());
+    }
 }

@@ -112,7 +112,7 @@ impl Snapshot {
     pub fn read(pins: &PinLayout, state: Option<&crate::state::State>) -> anyhow::Result<Self> {
         let maps = Maps::open(pins)?;
         let nic_names = maps.nic_names();
-        let actual = maps.read_actual()?;
+        let actual = maps.read_actual(None)?;
         let mut mappings: BTreeMap<u32, Vec<MappingRow>> = BTreeMap::new();
         for (k, v) in &actual.remap_in {
             mappings.entry(k.vip_id).or_default().push(MappingRow {

@@ -35,9 +35,10 @@ pub fn down(pin_root: &Path, run_dir: &Path) -> anyhow::Result<DownReport> {
         report.removed_pins = true;
     }
     if let Some(state) = &state {
-        if !state.addresses.is_empty() || !state.sysctls.is_empty() {
+        if !state.addresses.is_empty() || !state.sysctls.is_empty() || !state.nics.is_empty() {
             let addresses = state.addresses.clone();
             let sysctls = state.sysctls.clone();
+            let nics = state.nics.clone();
             let ns = state.netns.clone();
             report.removed_addresses = addresses.len();
             // Address removal is netns-bound: do it on a thread inside the namespace.
@@ -48,6 +49,12 @@ pub fn down(pin_root: &Path, run_dir: &Path) -> anyhow::Result<DownReport> {
                     for a in &addresses {
                         if let Some(l) = nl.link(&a.interface).await? {
                             nl.del_address(l.index, a.address).await?;
+                        }
+                    }
+                    // havip's egress classes (only its own root qdisc; others stay).
+                    for nic in &nics {
+                        if let Some(l) = nl.link(nic).await? {
+                            crate::qdisc::remove(nl.handle(), l.index).await?;
                         }
                     }
                     // Settings havipd changed go back (the NIC may be gone: fine).

@@ -61,8 +61,7 @@ impl Fixture {
         let mut dp = Dataplane::open_with(root.as_ref(), passive_tcp).expect("loading the programs");
         let cfg = Config::parse(config, "fixture").unwrap_or_else(|e| panic!("{e}"));
         let desired = Desired::from_config(&cfg);
-        let ch = plan(&desired, &dp.maps.read_actual().unwrap());
-        dp.maps.apply(&ch).unwrap();
+        dp.apply_desired(&desired).unwrap();
         Self { dp, pins: PinLayout::new(root) }
     }
 
@@ -105,6 +104,24 @@ impl Fixture {
         Run { action: r.return_value, out, duration_ns: r.duration.as_nanos() }
     }
 
+    /// TC egress returning also the skb priority the program left (BPF_PROG_RUN copies the
+    /// whole `__sk_buff` back; `priority` is at offset 32).
+    pub fn egress_priority(&mut self, input: &[u8]) -> (Run, u32) {
+        const SK_BUFF_SIZE: usize = 192;
+        let ctx = [0u8; SK_BUFF_SIZE];
+        let mut ctx_out = [0u8; SK_BUFF_SIZE];
+        let mut out = vec![0u8; input.len() + 256];
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(input);
+        opts.data_out = Some(&mut out);
+        opts.ctx_in = Some(&ctx);
+        opts.ctx_out = Some(&mut ctx_out);
+        let r = self.dp.tc().unwrap().test_run(opts).expect("BPF_PROG_RUN with a context");
+        out.truncate(r.data_size_out as usize);
+        let prio = u32::from_ne_bytes(ctx_out[32..36].try_into().unwrap());
+        (Run { action: r.return_value, out, duration_ns: r.duration.as_nanos() }, prio)
+    }
+
     pub fn ingress(&mut self, input: &[u8]) -> Run {
         self.run(m::PROG_INGRESS, input, 1)
     }
@@ -129,6 +146,18 @@ impl Fixture {
         let info = self.dp.maps.vips.get(&key, 0).expect("not a VIP");
         let b = havip_common::Binding { ifindex, nic_index: 0, mac, ..Default::default() };
         self.dp.maps.set_binding(info.id, b).unwrap();
+    }
+
+    /// A VIP's counters in class `class`, summed over CPUs.
+    pub fn class_counters(&self, ip: &str, class: &str) -> havip_common::ClassCounters {
+        let key = VipKey::from(ip.parse::<IpAddr>().unwrap());
+        let info = self.dp.maps.vips.get(&key, 0).expect("not a VIP");
+        let class = self.dp.maps.class_ids().unwrap()[class];
+        let mut t = havip_common::ClassCounters::default();
+        for c in self.dp.maps.class_stats.get(&havip_common::ClassStatsKey { vip_id: info.id, class }, 0).unwrap().iter() {
+            t.add(c);
+        }
+        t
     }
 
     pub fn vip(&self, ip: &str) -> VipCounters {
