@@ -17,12 +17,13 @@ use std::{
         atomic::{AtomicBool, Ordering},
         Arc,
     },
+    thread::JoinHandle,
     time::{Duration, Instant},
 };
 
 use havip_tests::{require_root, unique};
 use havip_user::{
-    netns::{in_netns, veth_pair, Netns},
+    netns::{enter, in_netns, veth_pair, Netns},
     qdisc::{self, parse_rate, skb_priority, ClassState, HtbClass, HtbSpec, RootQdisc},
 };
 
@@ -131,9 +132,42 @@ fn udp_socket(minor: u16) -> UdpSocket {
     let s = UdpSocket::bind("0.0.0.0:0").unwrap();
     let prio = skb_priority(minor) as libc::c_int;
     let len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    let rc = unsafe { libc::setsockopt(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_PRIORITY, (&raw const prio).cast(), len) };
+    let (fd, opt) = (s.as_raw_fd(), (&raw const prio).cast());
+    let rc = unsafe { libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_PRIORITY, opt, len) };
     assert_eq!(rc, 0, "SO_PRIORITY: {}", std::io::Error::last_os_error());
     s
+}
+
+/// UDP from namespace a to b in class `minor`, as fast as the socket takes it, until dropped.
+struct Flood {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Flood {
+    fn start(ns: &Netns, minor: u16) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (stop2, ns) = (stop.clone(), ns.name.clone());
+        let thread = std::thread::spawn(move || {
+            enter(&ns).unwrap();
+            let s = udp_socket(minor);
+            let payload = vec![0u8; 1400];
+            while !stop2.load(Ordering::Relaxed) {
+                // A full queue is what the flood is for: drops are not errors here.
+                let _ = s.send_to(&payload, PEER_ADDR);
+            }
+        });
+        Self { stop, thread: Some(thread) }
+    }
+}
+
+impl Drop for Flood {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 fn class(minor: u16, rate: &str, ceil: &str, prio: u8) -> HtbClass {
@@ -174,7 +208,10 @@ fn assert_tc_class(tc_out: &str, minor: u16, prio: u8, rate: &str, ceil: &str) {
 fn apply_creates_htb_on_the_default_root_qdisc() {
     let p = Pair::new();
     assert_eq!(p.root(), RootQdisc::KernelDefault);
-    let s = spec(0x10, vec![class(0x10, "100mbit", "1gbit", 1), class(0x20, "20mbit", "20mbit", 3), class(0x30, "800kbit", "5mbit", 7)]);
+    let s = spec(
+        0x10,
+        vec![class(0x10, "100mbit", "1gbit", 1), class(0x20, "20mbit", "20mbit", 3), class(0x30, "800kbit", "5mbit", 7)],
+    );
     p.apply(&s, false).unwrap();
 
     assert_eq!(p.root(), RootQdisc::Havip);
@@ -182,7 +219,8 @@ fn apply_creates_htb_on_the_default_root_qdisc() {
     let qdiscs = p.tc("qdisc show", &[]);
     assert!(qdiscs.contains("qdisc htb 4856: root") && qdiscs.contains("default 0x10"), "{qdiscs}");
     let tc_classes = p.tc("class show", &[]);
-    assert!(tc_classes.lines().any(|l| l.starts_with("class htb 4856:1 root rate 1Gbit ceil 1Gbit ")), "{tc_classes}");
+    let root = "class htb 4856:1 root rate 1Gbit ceil 1Gbit ";
+    assert!(tc_classes.lines().any(|l| l.starts_with(root)), "{tc_classes}");
     assert_tc_class(&tc_classes, 0x10, 1, "100mbit", "1gbit");
     assert_tc_class(&tc_classes, 0x20, 3, "20mbit", "20mbit");
     assert_tc_class(&tc_classes, 0x30, 7, "800kbit", "5mbit");
@@ -194,26 +232,63 @@ fn apply_creates_htb_on_the_default_root_qdisc() {
 }
 
 #[test]
+fn rates_beyond_32_bits_of_bytes_per_second_round_trip() {
+    let p = Pair::new();
+    let mut s = spec(0x10, vec![class(0x10, "40gbit", "100gbit", 0), class(0x20, "1gbit", "35gbit", 0)]);
+    s.rate_bps = parse_rate("100gbit").unwrap();
+    p.apply(&s, false).unwrap();
+    assert_eq!(shape(&p.classes()), shape_of_spec(&s));
+    let tc_classes = p.tc("class show", &[]);
+    let root = "class htb 4856:1 root rate 100Gbit ceil 100Gbit ";
+    assert!(tc_classes.lines().any(|l| l.starts_with(root)), "{tc_classes}");
+    assert_tc_class(&tc_classes, 0x10, 0, "40gbit", "100gbit");
+    assert_tc_class(&tc_classes, 0x20, 0, "1gbit", "35gbit");
+}
+
+#[test]
 fn apply_changes_classes_in_place() {
     let p = Pair::new();
-    let before = spec(0x10, vec![class(0x10, "100mbit", "1gbit", 0), class(0x20, "50mbit", "1gbit", 2), class(0x30, "10mbit", "100mbit", 4), class(0x40, "5mbit", "5mbit", 5)]);
+    let before = spec(
+        0x10,
+        vec![
+            class(0x10, "100mbit", "1gbit", 0),
+            class(0x20, "50mbit", "1gbit", 2),
+            class(0x30, "10mbit", "100mbit", 4),
+            class(0x40, "5mbit", "5mbit", 5),
+        ],
+    );
     p.apply(&before, false).unwrap();
     p.send(0x20, 40, 1000);
     p.send(0x30, 30, 500);
     let sent = p.classes();
     assert!(sent.iter().all(|c| c.drops == 0), "{sent:?}");
 
-    // 0x20 unchanged, 0x30 slower with a new prio, 0x40 gone, 0x50 new.
-    let after = spec(0x10, vec![class(0x10, "100mbit", "1gbit", 0), class(0x20, "50mbit", "1gbit", 2), class(0x30, "20mbit", "50mbit", 6), class(0x50, "1mbit", "2mbit", 1)]);
+    // 0x20 unchanged, 0x30 faster with a new prio, 0x40 gone, 0x50 new, and a slower root.
+    let mut after = spec(
+        0x10,
+        vec![
+            class(0x10, "100mbit", "1gbit", 0),
+            class(0x20, "50mbit", "1gbit", 2),
+            class(0x30, "20mbit", "50mbit", 6),
+            class(0x50, "1mbit", "2mbit", 1),
+        ],
+    );
+    after.rate_bps = parse_rate("900mbit").unwrap();
     p.apply(&after, false).unwrap();
     let now = p.classes();
     assert_eq!(shape(&now), shape_of_spec(&after));
+    let tc_classes = p.tc("class show", &[]);
+    let root = "class htb 4856:1 root rate 900Mbit ceil 900Mbit ";
+    assert!(tc_classes.lines().any(|l| l.starts_with(root)), "{tc_classes}");
+    assert!(!tc_classes.contains("4856:40 "), "{tc_classes}");
     // Neither the unchanged class nor the changed one was recreated: counters kept.
-    let counters = |cs: &[ClassState], minor| cs.iter().find(|c| c.minor == minor).map(|c| (c.bytes, c.packets)).unwrap();
+    let counters = |cs: &[ClassState], minor| {
+        let c = cs.iter().find(|c| c.minor == minor).unwrap();
+        (c.bytes, c.packets)
+    };
     assert_eq!(counters(&now, 0x20), counters(&sent, 0x20));
     assert_eq!(counters(&now, 0x30), counters(&sent, 0x30));
     assert_eq!(counters(&now, 0x50), (0, 0));
-    assert!(!p.tc("class show", &[]).contains("4856:40 "));
     // Traffic still flows in both.
     p.send(0x20, 10, 1000);
     p.send(0x50, 10, 100);
@@ -272,27 +347,13 @@ fn a_leaf_class_limits_udp_to_its_rate() {
     let rate = parse_rate("20mbit").unwrap();
     p.apply(&spec(0x10, vec![class(0x10, "1gbit", "1gbit", 0), class(0x20, "20mbit", "20mbit", 0)]), false).unwrap();
 
-    // Flood from a in class 0x20 until told to stop.
-    let stop = Arc::new(AtomicBool::new(false));
-    let flood = {
-        let (stop, ns) = (stop.clone(), p.a.name.clone());
-        std::thread::spawn(move || {
-            in_netns(&ns, move || {
-                let s = udp_socket(0x20);
-                let payload = vec![0u8; 1400];
-                while !stop.load(Ordering::Relaxed) {
-                    let _ = s.send_to(&payload, PEER_ADDR);
-                }
-            })
-        })
-    };
+    let flood = Flood::start(&p.a, 0x20);
     // Past the initial burst, into the steady state.
     std::thread::sleep(Duration::from_millis(500));
     let (b0, t0) = (p.peer_rx_bytes(), Instant::now());
     std::thread::sleep(Duration::from_secs(2));
     let (b1, t1) = (p.peer_rx_bytes(), Instant::now());
-    stop.store(true, Ordering::Relaxed);
-    flood.join().unwrap().unwrap();
+    drop(flood);
 
     let measured = (b1 - b0) as f64 * 8.0 / (t1 - t0).as_secs_f64();
     let c = p.class(0x20);

@@ -308,6 +308,8 @@ fn classify_root(msg: Option<&TcMessage>) -> RootQdisc {
     }
 }
 
+/// What holds the NIC's egress now: decides whether `apply` may put havip's HTB there and
+/// whether `remove` has anything to remove.
 pub async fn root_qdisc(handle: &Handle, ifindex: u32) -> anyhow::Result<RootQdisc> {
     Ok(classify_root(root_qdisc_message(handle, ifindex).await?.as_ref()))
 }
@@ -436,12 +438,16 @@ async fn dump_classes(handle: &Handle, ifindex: u32) -> anyhow::Result<Vec<Kerne
                 }
             }
         }
-        out.push(KernelClass { minor: msg.header.handle.minor, parent: msg.header.parent, params, level, bytes, packets, drops });
+        let (minor, parent) = (msg.header.handle.minor, msg.header.parent);
+        out.push(KernelClass { minor, parent, params, level, bytes, packets, drops });
     }
     out.sort_by_key(|c| c.minor);
     Ok(out)
 }
 
+/// The leaf classes of havip's HTB on the NIC as the kernel reports them (TCA_HTB_PARMS,
+/// RATE64/CEIL64, TCA_STATS2), sorted by minor: what is in force, not what was asked for,
+/// for `havip stats` and tests. Empty when havip's qdisc is not there.
 pub async fn classes(handle: &Handle, ifindex: u32) -> anyhow::Result<Vec<ClassState>> {
     Ok(dump_classes(handle, ifindex)
         .await?
@@ -499,7 +505,8 @@ pub async fn apply(handle: &Handle, ifindex: u32, spec: &HtbSpec, replace_foreig
             let current = root.as_ref().and_then(default_minor);
             if current != Some(spec.default_minor) {
                 let nic = nic_name(handle, ifindex).await;
-                tracing::info!(nic, from = ?current, to = spec.default_minor, "the default class changed: recreating the HTB qdisc");
+                let to = spec.default_minor;
+                tracing::info!(nic, from = ?current, to, "the default class changed: recreating the HTB qdisc");
                 del_qdisc(handle, ifindex).await.with_context(|| format!("deleting havip's HTB qdisc on {nic}"))?;
                 add_qdisc(handle, ifindex, spec.default_minor, NLM_F_CREATE | NLM_F_EXCL)
                     .await
@@ -638,7 +645,11 @@ mod tests {
 
     #[test]
     fn rejects_everything_else() {
-        for bad in ["", "mbit", "20", "20mbps", "20MBps", "20kbps", "-5mbit", "5 mbit", "1.mbit", ".5mbit", "1e6bit", "2tbit", "1.0005kbit", "99999999999999999999gbit"] {
+        let bad_rates = [
+            "", "mbit", "20", "20mbps", "20MBps", "20kbps", "-5mbit", "5 mbit", "1.mbit", ".5mbit", "1e6bit", "2tbit",
+            "1.0005kbit", "99999999999999999999gbit",
+        ];
+        for bad in bad_rates {
             let e = parse_rate(bad).expect_err(bad);
             assert!(e.contains(&format!("{bad:?}")), "{bad}: {e}");
         }

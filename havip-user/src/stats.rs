@@ -32,6 +32,35 @@ pub struct VipStats {
     pub paths: Vec<PathStats>,
     /// Peers seen in live TCP traffic (passive RTT), busiest first.
     pub peers: Vec<PeerStats>,
+    /// The VIP's default application class, if any.
+    pub class: Option<String>,
+    /// Its traffic per class (the default class and ports with their own).
+    pub classes: Vec<VipClassStats>,
+}
+
+/// One VIP's traffic in one class.
+#[derive(Debug, Clone, Serialize)]
+pub struct VipClassStats {
+    pub class: String,
+    #[serde(flatten)]
+    pub counters: havip_common::ClassCounters,
+}
+
+/// One class: its CPU queues (what each CPU took off them, and the kernel's queue-full
+/// drops) and its HTB class.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClassStats {
+    pub class: String,
+    pub id: u32,
+    pub cpus: Vec<u32>,
+    /// Frames the class's CPU queues delivered, per CPU (index = CPU).
+    pub processed_per_cpu: Vec<u64>,
+    pub processed_bytes: u64,
+    /// Frames the kernel dropped because a queue of the class's CPUs was full (a CPU's
+    /// queue is shared by the classes on it).
+    pub queue_drops: u64,
+    /// skb priority of its HTB class (0: no egress class).
+    pub skb_priority: u32,
 }
 
 /// A measured path: probes from a NIC's own address to a target.
@@ -101,6 +130,7 @@ pub struct Snapshot {
     pub nics: Vec<NicStats>,
     /// Every measured path.
     pub paths: Vec<PathStats>,
+    pub classes: Vec<ClassStats>,
     /// Packets by outcome, per direction: what the programs did with everything they saw.
     pub outcomes: BTreeMap<String, BTreeMap<String, u64>>,
     #[serde(skip)]
@@ -168,8 +198,19 @@ impl Snapshot {
                 .and_then(|c| c.vips.iter().find(|v| v.address == vip))
                 .map(|v| paths.iter().filter(|p| v.nics.contains(&p.nic) && v.targets.contains(&p.target)).cloned().collect())
                 .unwrap_or_default();
+            let class_name = |id: u32| actual.classes.get(&id).map(crate::classes::info_name).unwrap_or_else(|| format!("#{id}"));
+            let mut vip_classes = Vec::new();
+            for k in actual.class_stats.iter().filter(|k| k.vip_id == info.id) {
+                let mut counters = havip_common::ClassCounters::default();
+                for c in maps.class_stats.get(k, 0)?.iter() {
+                    counters.add(c);
+                }
+                vip_classes.push(VipClassStats { class: class_name(k.class), counters });
+            }
             vips.push(VipStats {
                 vip,
+                class: (info.class != 0).then(|| class_name(info.class)),
+                classes: vip_classes,
                 id: info.id,
                 nic,
                 bound_for_secs,
@@ -196,7 +237,25 @@ impl Snapshot {
                 Outcome::ALL.iter().map(|o| (o.name().to_string(), totals[o.index(dir) as usize])).collect();
             outcomes.insert(name.to_string(), per);
         }
-        Ok(Self { vips, nics, paths, outcomes, taken: Some(Instant::now()) })
+        let mut classes = Vec::new();
+        for (&id, info) in &actual.classes {
+            let per_cpu = maps.queue_stats.get(&id, 0)?;
+            let cpus: Vec<u32> = info.cpus[..(info.ncpus as usize).min(info.cpus.len())].to_vec();
+            let mut queue_drops = 0;
+            for &cpu in &cpus {
+                queue_drops += maps.cpu_queues.get(&cpu, 0)?.iter().map(|q| q.drops).sum::<u64>();
+            }
+            classes.push(ClassStats {
+                class: crate::classes::info_name(info),
+                id,
+                cpus,
+                processed_per_cpu: per_cpu.iter().map(|q| q.packets).collect(),
+                processed_bytes: per_cpu.iter().map(|q| q.bytes).sum(),
+                queue_drops,
+                skb_priority: info.skb_priority,
+            });
+        }
+        Ok(Self { vips, nics, paths, classes, outcomes, taken: Some(Instant::now()) })
     }
 
     pub fn vip(&self, ip: IpAddr) -> Option<&VipStats> {
@@ -279,6 +338,19 @@ pub fn render_table(now: &Snapshot, prev: Option<&Snapshot>) -> String {
         for m in &v.mappings {
             out.push_str(&format!("  {} :{} -> :{}\n", m.protocol, m.designated_port, m.instance_port));
         }
+        for c in &v.classes {
+            let k = &c.counters;
+            out.push_str(&format!(
+                "  class {}{}: in {} pkts / {} ({} to its CPU queue), out {} pkts / {}\n",
+                c.class,
+                if v.class.as_deref() == Some(c.class.as_str()) { " (default)" } else { "" },
+                human(k.rx_packets),
+                human_bytes(k.rx_bytes),
+                human(k.rx_queued),
+                human(k.tx_packets),
+                human_bytes(k.tx_bytes)
+            ));
+        }
         for p in v.peers.iter().take(5) {
             out.push_str(&format!(
                 "  peer {} via {}: tcp rtt {} ms, {} sample(s), {} retransmit(s)\n",
@@ -305,6 +377,15 @@ pub fn render_table(now: &Snapshot, prev: Option<&Snapshot>) -> String {
     }
     if now.vips.is_empty() {
         out.push_str("(no VIPs configured)\n");
+    }
+    if !now.classes.is_empty() {
+        out.push_str(&format!("\n{:<16} {:<10} {:<24} {:>10} {:>11}\n", "CLASS", "CPUS", "PROCESSED PER CPU", "BYTES", "QUEUE DROPS"));
+        for c in &now.classes {
+            let cpus = if c.cpus.is_empty() { "-".into() } else { c.cpus.iter().map(u32::to_string).collect::<Vec<_>>().join(",") };
+            let per_cpu: Vec<String> = c.processed_per_cpu.iter().enumerate().filter(|(_, n)| **n > 0).map(|(i, n)| format!("{i}:{}", human(*n))).collect();
+            let per_cpu = if per_cpu.is_empty() { "-".into() } else { per_cpu.join(" ") };
+            out.push_str(&format!("{:<16} {:<10} {:<24} {:>10} {:>11}\n", c.class, cpus, per_cpu, human_bytes(c.processed_bytes), human(c.queue_drops)));
+        }
     }
     if !now.nics.is_empty() {
         out.push_str(&format!("\n{:<10} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8}\n", "NIC", "VIP IN", "IN BYTES", "VIP OUT", "OUT BYTES", "ARP ANS", "ND ANS"));

@@ -9,7 +9,7 @@ use havip_user::{
     config::Config,
     dataplane::{remove_all_pins, Dataplane},
     pins::PinLayout,
-    plan::{plan, Desired},
+    plan::Desired,
 };
 
 /// Two VIPs (one per family), each reaching an instance on :8081 as :80 over TCP and UDP.
