@@ -32,7 +32,7 @@ fn start(body: &str) -> (Topology, Arc<AtomicBool>) {
     t.write_config(body);
     t.start_daemon();
     let stop = Arc::new(AtomicBool::new(false));
-    udp_echo_instance(&t.srv, 8007, stop.clone());
+    udp_echo_instance(&t.srv, VIP1_V4, 8007, stop.clone());
     bulk_instance(&t.srv, 8082, stop.clone());
     (t, stop)
 }
@@ -87,4 +87,189 @@ fn each_class_is_processed_on_its_own_cpu_whatever_cpu_received_it() {
     assert_eq!((c["class"].as_str(), v["class"].as_str()), (Some("latency"), Some("latency")));
     assert!(c["rx_queued"].as_u64().unwrap() >= 200, "{v}");
     stop.store(true, Ordering::Relaxed);
+}
+
+/// Classes for the egress tests: `latency` served first, `bulk` last, both borrowing up to
+/// `nic_rate`, which is below the path's bottleneck so queues build in havip's classes.
+fn egress_classes(nic_rate: &str) -> String {
+    format!(
+        "[class.latency]\nrate = \"5mbit\"\nceil = \"{nic_rate}\"\npriority = 0\n\
+         [class.bulk]\nrate = \"10mbit\"\nceil = \"{nic_rate}\"\npriority = 7\n"
+    )
+}
+
+#[test]
+fn a_bulk_flow_adds_no_latency_to_the_latency_class_and_does_without_classes() {
+    // The router's link to the client is the bottleneck: 40 Mbit/s with up to 150 ms of
+    // queue, as a real uplink with a deep buffer.
+    let (t, stop) = start(&two_services("", "", ""));
+    t.rtr.exec(&["tc", "qdisc", "add", "dev", "c0", "root", "tbf", "rate", "40mbit", "burst", "16kb", "latency", "150ms"]).unwrap();
+    // Reno fills a queue within milliseconds at this RTT; CUBIC's HyStart would leave it
+    // half-empty for seconds, hiding the interference the test must show.
+    t.srv.exec(&["sysctl", "-qw", "net.ipv4.tcp_congestion_control=reno"]).unwrap();
+    let measure = |t: &Topology| {
+        let idle = udp_round_trips(&t.cli, VIP1_V4, 7000, 100, Duration::from_millis(5), None);
+        let dl_stop = Arc::new(AtomicBool::new(false));
+        let dl = download(&t.cli, VIP2_V4, 80, dl_stop.clone(), None);
+        std::thread::sleep(Duration::from_millis(1000)); // let the bulk flow fill the queue
+        let loaded = udp_round_trips(&t.cli, VIP1_V4, 7000, 200, Duration::from_millis(10), None);
+        dl_stop.store(true, Ordering::Relaxed);
+        let bytes = dl.join().unwrap();
+        assert!(bytes > 1_000_000, "the bulk flow moved only {bytes} bytes");
+        (quantile(&idle, 0.99), quantile(&loaded, 0.99))
+    };
+
+    // Without classes: the latency service's answers queue behind the bulk flow.
+    let (idle, loaded) = measure(&t);
+    eprintln!("without classes: p99 idle {idle:?}, under bulk load {loaded:?}");
+    assert!(loaded > idle + Duration::from_millis(20), "no interference to demonstrate: p99 idle {idle:?}, loaded {loaded:?}");
+
+    // With classes, applied by a reload (no restart): the server's egress is shaped below
+    // the bottleneck and the latency class is served first.
+    // TCP hands the qdisc 64 KiB GSO packets, which leave a shaper as one burst (13 ms at
+    // 40 Mbit/s) and queue at the bottleneck: shape wire-sized packets (see the README).
+    t.srv.ip(&["link", "set", "dev", "eth0", "gso_max_segs", "1"]).unwrap();
+    let links = t.links();
+    t.write_config_raw(&format!(
+        "[[nic]]\nname = \"eth0\"\negress_rate = \"36mbit\"\n{}",
+        two_services("class = \"latency\"", "class = \"bulk\"", &egress_classes("36mbit"))
+    ));
+    let out = t.havip(&["reload"]);
+    assert!(out.status.success(), "reload failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(t.links(), links, "classes are applied without detaching the programs");
+    let (idle_c, loaded_c) = measure(&t);
+    eprintln!("with classes: p99 idle {idle_c:?}, under bulk load {loaded_c:?}");
+    assert!(
+        loaded_c <= idle_c * 2 + Duration::from_millis(3),
+        "the latency class still suffers: p99 idle {idle_c:?}, loaded {loaded_c:?} (without classes: {loaded:?})"
+    );
+    let v = t.vip_stats(VIP2_V4);
+    assert!(v["classes"][0]["tx_bytes"].as_u64().unwrap() > 1_000_000, "bulk egress not counted in its class: {v}");
+    stop.store(true, Ordering::Relaxed);
+}
+
+#[test]
+fn a_class_limited_to_a_rate_delivers_that_rate() {
+    let classes = "[class.bulk]\nrate = \"20mbit\"\n";
+    let (t, stop) = start(&two_services("", "class = \"bulk\"", classes));
+    let dl_stop = Arc::new(AtomicBool::new(false));
+    let dl = download(&t.cli, VIP2_V4, 80, dl_stop.clone(), None);
+    std::thread::sleep(Duration::from_millis(700));
+    let (b0, t0) = (rx_bytes(&t.cli, "eth0"), Instant::now());
+    std::thread::sleep(Duration::from_secs(3));
+    let (b1, t1) = (rx_bytes(&t.cli, "eth0"), Instant::now());
+    dl_stop.store(true, Ordering::Relaxed);
+    dl.join().unwrap();
+    // Link-layer bytes, as HTB counts them.
+    let mbit = (b1 - b0) as f64 * 8.0 / (t1 - t0).as_secs_f64() / 1e6;
+    eprintln!("bulk class at 20mbit delivered {mbit:.2} Mbit/s");
+    assert!((18.0..=22.0).contains(&mbit), "bulk class delivered {mbit:.2} Mbit/s, configured 20");
+    stop.store(true, Ordering::Relaxed);
+}
+
+/// Does vip:80 answer a TCP echo from the client within a second?
+fn reachable(t: &Topology, vip: &str) -> bool {
+    let addr: std::net::SocketAddr = format!("{vip}:80").parse().unwrap();
+    havip_tests::topology::spawn_in(&t.cli, move || {
+        use std::io::{Read, Write};
+        let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)) else { return false };
+        s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        let mut buf = [0u8; 4];
+        s.write_all(b"ping").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"ping"
+    })
+    .join()
+    .unwrap()
+}
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn on_nic_failure_merge_shares_a_surviving_nic_and_isolate_waits_for_its_own() {
+    // latency lives on a0 and isolates; bulk lives on b0 and merges.
+    const LAT: &str = "198.18.20.10";
+    const BULK: &str = "198.18.20.11";
+    let mut t = Topology::switched();
+    t.write_config_raw(&format!(
+        "[failover]\nannounce_interval_ms = 50\nfailback_hold_down_ms = 500\n[[nic]]\nname = \"a0\"\n[[nic]]\nname = \"b0\"\n\
+         [class.latency]\non_nic_failure = \"isolate\"\n[class.bulk]\non_nic_failure = \"merge\"\n\
+         [[vip]]\naddress = \"{LAT}\"\nnics = [\"a0\", \"b0\"]\nclass = \"latency\"\n\
+         [[vip]]\naddress = \"{BULK}\"\nnics = [\"b0\", \"a0\"]\nclass = \"bulk\"\n\
+         [[service]]\nname = \"echo\"\nport = 80\n[[service.instance]]\nvip = \"{LAT}\"\nport = 8081\n[[service.instance]]\nvip = \"{BULK}\"\nport = 8081\n"
+    ));
+    t.start_daemon();
+    let stop = Arc::new(AtomicBool::new(false));
+    havip_tests::traffic::echo_instance(&t.srv, 8081, b"", stop.clone());
+    let nic = |vip: &str| t.vip_stats(vip)["nic"].as_str().unwrap().to_string();
+    assert_eq!((nic(LAT), nic(BULK)), ("a0".into(), "b0".into()));
+    assert!(reachable(&t, LAT) && reachable(&t, BULK));
+
+    // b0 fails: bulk merges onto a0, next to latency, and stays reachable.
+    t.rtr.ip(&["link", "set", "sb", "down"]).unwrap();
+    wait_for("bulk to fail over to a0", Duration::from_secs(3), || nic(BULK) == "a0");
+    assert!(reachable(&t, BULK), "the merged class is unreachable");
+    assert!(reachable(&t, LAT));
+    // b0 returns: bulk goes home.
+    t.rtr.ip(&["link", "set", "sb", "up"]).unwrap();
+    wait_for("bulk to return to b0", Duration::from_secs(5), || nic(BULK) == "b0");
+    assert!(reachable(&t, BULK));
+
+    // a0 fails: latency does not move onto bulk's b0; it is unreachable until a0 returns.
+    t.rtr.ip(&["link", "set", "sa", "down"]).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(nic(LAT), "a0", "the isolated class moved onto another class's NIC");
+    assert!(!reachable(&t, LAT), "the isolated class is reachable through another class's NIC");
+    assert_eq!(nic(BULK), "b0");
+    assert!(reachable(&t, BULK), "the other class was disturbed");
+    t.rtr.ip(&["link", "set", "sa", "up"]).unwrap();
+    wait_for("latency to be reachable again on a0", Duration::from_secs(5), || reachable(&t, LAT));
+    assert_eq!(nic(LAT), "a0");
+    stop.store(true, Ordering::Relaxed);
+}
+
+#[test]
+fn a_root_qdisc_havip_did_not_create_is_kept_unless_replacing_is_asked_for() {
+    let mut t = Topology::new();
+    t.srv.exec(&["tc", "qdisc", "add", "dev", "eth0", "root", "handle", "1:", "tbf", "rate", "1gbit", "burst", "64kb", "latency", "50ms"]).unwrap();
+    let body = two_services("class = \"latency\"", "", &egress_classes("1gbit"));
+    t.write_config(&body);
+    let out = std::process::Command::new(havip_tests::bin("havipd"))
+        .args(["--netns", &t.srv.name, "--config", t.config_path.to_str().unwrap()])
+        .args(["--pin-path", t.pin_root.to_str().unwrap(), "--run-dir", t.run_dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "havipd took over a foreign root qdisc");
+    for needle in ["nic[0]", "tbf", "replace_qdisc", "nothing was applied"] {
+        assert!(err.contains(needle), "the error does not say `{needle}`:\n{err}");
+    }
+    assert!(!t.xdp_attached(), "programs were attached");
+    let qdisc = t.srv.exec(&["tc", "qdisc", "show", "dev", "eth0", "root"]).unwrap();
+    assert!(qdisc.contains("tbf 1:"), "the foreign qdisc was touched: {qdisc}");
+
+    // Asked to, havipd replaces it; `havip down` leaves the kernel's default behind.
+    t.write_config_raw(&format!("[[nic]]\nname = \"eth0\"\nreplace_qdisc = true\n{body}"));
+    t.start_daemon();
+    let qdisc = t.srv.exec(&["tc", "qdisc", "show", "dev", "eth0", "root"]).unwrap();
+    assert!(qdisc.contains("htb 4856:"), "havip's HTB is not in place: {qdisc}");
+
+    // A reload with a bad class is refused whole: the classes stay as they were.
+    let before = t.srv.exec(&["tc", "class", "show", "dev", "eth0"]).unwrap();
+    let classes_before = t.stats()["classes"].clone();
+    t.write_config_raw(&format!("[[nic]]\nname = \"eth0\"\nreplace_qdisc = true\n{}", body.replace("priority = 7", "priority = 9")));
+    let out = t.havip(&["reload"]);
+    assert!(!out.status.success(), "a bad class was accepted");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("class.bulk.priority"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(t.srv.exec(&["tc", "class", "show", "dev", "eth0"]).unwrap(), before);
+    assert_eq!(t.stats()["classes"], classes_before);
+
+    let out = t.havip(&["down"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let qdisc = t.srv.exec(&["tc", "qdisc", "show", "dev", "eth0", "root"]).unwrap();
+    assert!(!qdisc.contains("htb"), "havip down left its HTB: {qdisc}");
 }

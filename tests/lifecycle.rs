@@ -58,6 +58,10 @@ fn invalid_configurations_are_refused_before_anything_is_applied() {
         ("instance on an unknown VIP", good.replace(&format!("vip = \"{VIP1_V4}\""), "vip = \"198.18.100.77\""), "service[0].instance[0].vip"),
         ("port out of range", good.replace("port = 80\n", "port = 99999\n"), "service[0].port"),
         ("NIC missing on this node", good.clone() + "[[nic]]\nname = \"eth9\"\n", "nic[1].name"),
+        ("unknown class", good.replace(&format!("address = \"{VIP1_V4}\""), &format!("address = \"{VIP1_V4}\"\nclass = \"gold\"")), "vip[0].class"),
+        ("CPU that does not exist", good.clone() + "[class.gold]\ncpus = [4096]\n", "class.gold.cpus[0]"),
+        ("rate of zero", good.clone() + "[class.gold]\nrate = \"0kbit\"\n", "class.gold.rate"),
+        ("ceiling below the rate", good.clone() + "[class.gold]\nrate = \"10mbit\"\nceil = \"1mbit\"\n", "class.gold.ceil"),
     ];
     for (what, body, field) in cases {
         t.write_config(&body);

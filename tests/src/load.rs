@@ -16,10 +16,12 @@ use havip_user::netns::Netns;
 
 use crate::topology::spawn_in;
 
-/// A UDP instance in `ns` on `port` (dual-stack) answering each datagram with itself.
-pub fn udp_echo_instance(ns: &Netns, port: u16, stop: Arc<AtomicBool>) {
+/// A UDP instance in `ns` on vip:port answering each datagram with itself. Bound to the
+/// VIP: a wildcard UDP socket would answer from the route's source address, not the VIP.
+pub fn udp_echo_instance(ns: &Netns, vip: &str, port: u16, stop: Arc<AtomicBool>) {
+    let addr: SocketAddr = format!("{vip}:{port}").parse().unwrap();
     spawn_in(ns, move || {
-        let s = UdpSocket::bind(SocketAddr::from(([0u16; 8], port))).unwrap();
+        let s = UdpSocket::bind(addr).unwrap();
         s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
         let mut buf = [0u8; 2048];
         while !stop.load(Ordering::Relaxed) {
