@@ -12,30 +12,12 @@ use std::{
 };
 
 use havip_tests::{
-    load::{bulk_instance, download, quantile, rx_bytes, udp_echo_instance, udp_round_trips},
+    isolation::{egress_classes, start, two_services},
+    load::{download, rx_bytes, udp_round_trips},
     topology::{Topology, VIP1_V4, VIP2_V4},
 };
 
-/// VIP1 answers UDP requests on :7000 (instance :8007); VIP2 serves bulk TCP on :80
-/// (instance :8082). `classes` is appended (class sections), `vip1`/`vip2` go into the
-/// VIP sections (e.g. `class = "latency"`).
-fn two_services(vip1: &str, vip2: &str, classes: &str) -> String {
-    format!(
-        "[[vip]]\naddress = \"{VIP1_V4}\"\n{vip1}\n[[vip]]\naddress = \"{VIP2_V4}\"\n{vip2}\n\
-         [[service]]\nname = \"rr\"\nport = 7000\nprotocols = [\"udp\"]\n[[service.instance]]\nvip = \"{VIP1_V4}\"\nport = 8007\n\
-         [[service]]\nname = \"bulk\"\nport = 80\n[[service.instance]]\nvip = \"{VIP2_V4}\"\nport = 8082\n\n{classes}"
-    )
-}
 
-fn start(body: &str) -> (Topology, Arc<AtomicBool>) {
-    let mut t = Topology::new();
-    t.write_config(body);
-    t.start_daemon();
-    let stop = Arc::new(AtomicBool::new(false));
-    udp_echo_instance(&t.srv, VIP1_V4, 8007, stop.clone());
-    bulk_instance(&t.srv, 8082, stop.clone());
-    (t, stop)
-}
 
 fn class_stats(t: &Topology, class: &str) -> serde_json::Value {
     let s = t.stats();
@@ -44,6 +26,21 @@ fn class_stats(t: &Topology, class: &str) -> serde_json::Value {
 
 fn per_cpu(v: &serde_json::Value) -> Vec<u64> {
     v.as_array().unwrap().iter().map(|n| n.as_u64().unwrap()).collect()
+}
+
+#[test]
+fn a_bulk_flow_adds_no_latency_to_the_latency_class_and_does_without_classes() {
+    let r = havip_tests::isolation::run();
+    let (w, c) = (r.without_classes, r.with_classes);
+    eprintln!("latency p99 without classes: idle {:.2} ms, under bulk {:.2} ms", w.idle_p99_ms, w.loaded_p99_ms);
+    eprintln!("latency p99 with classes:    idle {:.2} ms, under bulk {:.2} ms", c.idle_p99_ms, c.loaded_p99_ms);
+    assert!(w.bulk_mbit_s > 10.0 && c.bulk_mbit_s > 10.0, "the bulk flow did not run: {r:?}");
+    // Without classes the answers queue behind the bulk flow...
+    assert!(w.loaded_p99_ms > w.idle_p99_ms + 20.0, "no interference to demonstrate: {w:?}");
+    // ...with them (applied by a reload that kept the programs) they do not.
+    assert!(r.programs_kept, "classes were applied by detaching the programs");
+    assert!(c.loaded_p99_ms <= 2.0 * c.idle_p99_ms + 3.0, "the latency class still suffers: {r:?}");
+    assert!(r.bulk_class_tx_bytes > 1_000_000, "bulk egress not counted in its class: {r:?}");
 }
 
 /// Runs a download of VIP2's bulk service for `d`; returns the bytes received.
@@ -89,64 +86,7 @@ fn each_class_is_processed_on_its_own_cpu_whatever_cpu_received_it() {
     stop.store(true, Ordering::Relaxed);
 }
 
-/// Classes for the egress tests: `latency` served first, `bulk` last, both borrowing up to
-/// `nic_rate`, which is below the path's bottleneck so queues build in havip's classes.
-fn egress_classes(nic_rate: &str) -> String {
-    format!(
-        "[class.latency]\nrate = \"5mbit\"\nceil = \"{nic_rate}\"\npriority = 0\n\
-         [class.bulk]\nrate = \"10mbit\"\nceil = \"{nic_rate}\"\npriority = 7\n"
-    )
-}
 
-#[test]
-fn a_bulk_flow_adds_no_latency_to_the_latency_class_and_does_without_classes() {
-    // The router's link to the client is the bottleneck: 40 Mbit/s with up to 150 ms of
-    // queue, as a real uplink with a deep buffer.
-    let (t, stop) = start(&two_services("", "", ""));
-    t.rtr.exec(&["tc", "qdisc", "add", "dev", "c0", "root", "tbf", "rate", "40mbit", "burst", "16kb", "latency", "150ms"]).unwrap();
-    // Reno fills a queue within milliseconds at this RTT; CUBIC's HyStart would leave it
-    // half-empty for seconds, hiding the interference the test must show.
-    t.srv.exec(&["sysctl", "-qw", "net.ipv4.tcp_congestion_control=reno"]).unwrap();
-    let measure = |t: &Topology| {
-        let idle = udp_round_trips(&t.cli, VIP1_V4, 7000, 100, Duration::from_millis(5), None);
-        let dl_stop = Arc::new(AtomicBool::new(false));
-        let dl = download(&t.cli, VIP2_V4, 80, dl_stop.clone(), None);
-        std::thread::sleep(Duration::from_millis(1000)); // let the bulk flow fill the queue
-        let loaded = udp_round_trips(&t.cli, VIP1_V4, 7000, 200, Duration::from_millis(10), None);
-        dl_stop.store(true, Ordering::Relaxed);
-        let bytes = dl.join().unwrap();
-        assert!(bytes > 1_000_000, "the bulk flow moved only {bytes} bytes");
-        (quantile(&idle, 0.99), quantile(&loaded, 0.99))
-    };
-
-    // Without classes: the latency service's answers queue behind the bulk flow.
-    let (idle, loaded) = measure(&t);
-    eprintln!("without classes: p99 idle {idle:?}, under bulk load {loaded:?}");
-    assert!(loaded > idle + Duration::from_millis(20), "no interference to demonstrate: p99 idle {idle:?}, loaded {loaded:?}");
-
-    // With classes, applied by a reload (no restart): the server's egress is shaped below
-    // the bottleneck and the latency class is served first.
-    // TCP hands the qdisc 64 KiB GSO packets, which leave a shaper as one burst (13 ms at
-    // 40 Mbit/s) and queue at the bottleneck: shape wire-sized packets (see the README).
-    t.srv.ip(&["link", "set", "dev", "eth0", "gso_max_segs", "1"]).unwrap();
-    let links = t.links();
-    t.write_config_raw(&format!(
-        "[[nic]]\nname = \"eth0\"\negress_rate = \"36mbit\"\n{}",
-        two_services("class = \"latency\"", "class = \"bulk\"", &egress_classes("36mbit"))
-    ));
-    let out = t.havip(&["reload"]);
-    assert!(out.status.success(), "reload failed: {}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(t.links(), links, "classes are applied without detaching the programs");
-    let (idle_c, loaded_c) = measure(&t);
-    eprintln!("with classes: p99 idle {idle_c:?}, under bulk load {loaded_c:?}");
-    assert!(
-        loaded_c <= idle_c * 2 + Duration::from_millis(3),
-        "the latency class still suffers: p99 idle {idle_c:?}, loaded {loaded_c:?} (without classes: {loaded:?})"
-    );
-    let v = t.vip_stats(VIP2_V4);
-    assert!(v["classes"][0]["tx_bytes"].as_u64().unwrap() > 1_000_000, "bulk egress not counted in its class: {v}");
-    stop.store(true, Ordering::Relaxed);
-}
 
 #[test]
 fn a_class_limited_to_a_rate_delivers_that_rate() {

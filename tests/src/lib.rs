@@ -4,6 +4,7 @@
 
 pub mod failover;
 pub mod fixture;
+pub mod isolation;
 pub mod load;
 pub mod packets;
 pub mod paths;
