@@ -213,3 +213,29 @@ fn a_root_qdisc_havip_did_not_create_is_kept_unless_replacing_is_asked_for() {
     let qdisc = t.srv.exec(&["tc", "qdisc", "show", "dev", "eth0", "root"]).unwrap();
     assert!(!qdisc.contains("htb"), "havip down left its HTB: {qdisc}");
 }
+
+#[test]
+fn queue_full_drops_reported_by_the_kernel_are_counted() {
+    // A one-frame queue behind a flood: the kernel drops most of each bulk enqueue.
+    let classes = "[class.tiny]\ncpus = [1]\nqueue_size = 1\n";
+    let (t, stop) = start(&two_services("class = \"tiny\"", "", classes));
+    havip_tests::topology::spawn_in(&t.cli, || {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.connect(format!("{VIP1_V4}:7000")).unwrap();
+        for _ in 0..50_000 {
+            let _ = s.send(&[0u8; 16]);
+        }
+    })
+    .join()
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let c = class_stats(&t, "tiny");
+    let drops = c["queue_drops"].as_u64().unwrap();
+    let processed: u64 = per_cpu(&c["processed_per_cpu"]).iter().sum();
+    let queued = t.vip_stats(VIP1_V4)["classes"][0]["rx_queued"].as_u64().unwrap();
+    eprintln!("queued {queued}, processed {processed}, dropped {drops}");
+    assert!(drops > 0, "no queue-full drops counted: {c}");
+    // Every frame sent to the queue was either processed or dropped by the kernel.
+    assert_eq!(processed + drops, queued, "{c}");
+    stop.store(true, Ordering::Relaxed);
+}

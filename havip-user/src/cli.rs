@@ -47,16 +47,19 @@ pub struct HavipdCli {
     pub loc: Locations,
 }
 
+/// What a valid config holds, for `--check-config`.
+fn summary(cfg: &Config) -> String {
+    let mut s = format!("{} NIC(s), {} VIP(s), {} mapping(s)", cfg.nics.len(), cfg.vips.len(), cfg.remaps.len());
+    if !cfg.classes.classes.is_empty() {
+        s += &format!(", {} class(es)", cfg.classes.classes.len());
+    }
+    s
+}
+
 pub fn havipd_main(cli: HavipdCli) -> anyhow::Result<()> {
     if cli.check_config {
         let cfg = Config::load(&cli.config)?;
-        println!(
-            "{}: valid ({} NIC(s), {} VIP(s), {} mapping(s))",
-            cli.config.display(),
-            cfg.nics.len(),
-            cfg.vips.len(),
-            cfg.remaps.len()
-        );
+        println!("{}: valid ({})", cli.config.display(), summary(&cfg));
         return Ok(());
     }
     daemon::run(DaemonOptions { config: cli.config, pin_root: cli.loc.pin_path, run_dir: cli.loc.run_dir, netns: cli.netns })
@@ -130,7 +133,7 @@ pub fn havip_main(cli: HavipCli) -> anyhow::Result<()> {
         }
         Command::CheckConfig { file } => {
             let cfg = Config::load(&file)?;
-            println!("{}: valid ({} NIC(s), {} VIP(s), {} mapping(s))", file.display(), cfg.nics.len(), cfg.vips.len(), cfg.remaps.len());
+            println!("{}: valid ({})", file.display(), summary(&cfg));
             Ok(())
         }
         Command::Lab(opts) => crate::lab::run(opts),
