@@ -192,8 +192,9 @@ impl Node {
             notes.push(changes.summary());
         }
 
-        // Egress classes: after the maps, so a new class's packets find... at worst the
-        // unclassified HTB class for a moment; a removed class's were moved off already.
+        // Egress classes, after the maps: a new class's first packets may carry a priority
+        // HTB does not know yet and land in the unclassified class for a moment; a removed
+        // class's packets stopped carrying its priority before its HTB class goes.
         let class_ids = self.dp.maps.class_ids()?;
         for nic in &res.nics {
             match crate::classes::htb_spec(&cfg.classes, &class_ids, &nic.name) {

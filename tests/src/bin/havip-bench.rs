@@ -39,8 +39,19 @@ struct Args {
     /// Degradation-to-rebind trials (each takes several seconds at default settings).
     #[arg(long, default_value_t = 10)]
     rebind_trials: usize,
+    /// Run only these sections (default: all).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<Section>,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Section {
+    PerPacket,
+    Isolation,
+    Failover,
+    Rerank,
+    Rebind,
+}
 
 #[derive(Serialize)]
 struct Row {
@@ -79,10 +90,17 @@ fn add_flip_mappings(fx: &mut Fixture) {
     for vip in ["198.18.100.1", "2001:db8:100::1"] {
         let idx = vip_slot(&VipKey::from(ip(vip)));
         let mut slot = fx.dp.maps.vip_slots.get(&idx, 0).unwrap();
-        let free: Vec<usize> = (0..slot.remap_in.len()).filter(|&i| slot.remap_in[i].proto == 0).collect();
+        let free: Vec<usize> = (0..slot.remap_in.len())
+            .filter(|&i| slot.remap_in[i].proto == 0)
+            .collect();
         assert!(free.len() >= 2, "no room for the flip mappings: {slot:?}");
         for (i, proto) in free.into_iter().zip([IPPROTO_TCP, IPPROTO_UDP]) {
-            slot.remap_in[i] = InlineRemap { from_be: 8081u16.to_be(), to_be: 80u16.to_be(), proto, _pad: [0; 3] };
+            slot.remap_in[i] = InlineRemap {
+                from_be: 8081u16.to_be(),
+                to_be: 80u16.to_be(),
+                proto,
+                _pad: [0; 3],
+            };
         }
         fx.dp.maps.vip_slots.set(idx, slot, 0).unwrap();
     }
@@ -90,8 +108,10 @@ fn add_flip_mappings(fx: &mut Fixture) {
 
 /// `TWO_VIPS` with the IPv4 VIP in a class that has a CPU queue and an HTB class.
 fn classed_vips() -> String {
-    TWO_VIPS.replace("[[vip]]\naddress = \"198.18.100.1\"\n", "[[vip]]\naddress = \"198.18.100.1\"\nclass = \"latency\"\n")
-        + "[class.latency]\ncpus = [0]\nrate = \"10mbit\"\n"
+    TWO_VIPS.replace(
+        "[[vip]]\naddress = \"198.18.100.1\"\n",
+        "[[vip]]\naddress = \"198.18.100.1\"\nclass = \"latency\"\n",
+    ) + "[class.latency]\ncpus = [0]\nrate = \"10mbit\"\n"
 }
 
 fn fixture(config: &str, passive_tcp: bool) -> Fixture {
@@ -110,17 +130,54 @@ fn per_packet(args: &Args) -> PerPacket {
     let mut fx = fixture(TWO_VIPS, false);
     let mut fx_passive = fixture(TWO_VIPS, true);
     let mut fx_class = fixture(&classed_vips(), false);
-    let (c4, v4, c6, v6) = (ip("198.18.2.2"), ip("198.18.100.1"), ip("2001:db8:2::2"), ip("2001:db8:100::1"));
+    let (c4, v4, c6, v6) = (
+        ip("198.18.2.2"),
+        ip("198.18.100.1"),
+        ip("2001:db8:2::2"),
+        ip("2001:db8:100::1"),
+    );
     let payload = [0u8; 64];
     let cases: Vec<(&str, &str, Vec<u8>)> = vec![
-        ("baseline: parse and pass (TCP/IPv4)", m::PROG_BASELINE, build(L4::Tcp, c4, 40000, v4, 80, None, &payload)),
-        ("non-VIP destination (TCP/IPv4)", m::PROG_INGRESS, build(L4::Tcp, c4, 40000, ip("198.18.100.9"), 80, None, &payload)),
-        ("VIP, port not mapped (TCP/IPv4)", m::PROG_INGRESS, build(L4::Tcp, c4, 40000, v4, 443, None, &payload)),
-        ("VIP, remapped (TCP/IPv4)", m::PROG_INGRESS, build(L4::Tcp, c4, 40000, v4, 80, None, &payload)),
-        ("VIP, remapped (UDP/IPv4)", m::PROG_INGRESS, build(L4::Udp, c4, 40000, v4, 80, None, &payload)),
-        ("VIP, remapped (TCP/IPv6)", m::PROG_INGRESS, build(L4::Tcp, c6, 40000, v6, 80, None, &payload)),
-        ("VIP, remapped (TCP/IPv4) + passive TCP RTT", m::PROG_INGRESS, build(L4::Tcp, c4, 40000, v4, 80, None, &payload)),
-        ("VIP, remapped (TCP/IPv4) + class CPU queue", m::PROG_INGRESS, build(L4::Tcp, c4, 40000, v4, 80, None, &payload)),
+        (
+            "baseline: parse and pass (TCP/IPv4)",
+            m::PROG_BASELINE,
+            build(L4::Tcp, c4, 40000, v4, 80, None, &payload),
+        ),
+        (
+            "non-VIP destination (TCP/IPv4)",
+            m::PROG_INGRESS,
+            build(L4::Tcp, c4, 40000, ip("198.18.100.9"), 80, None, &payload),
+        ),
+        (
+            "VIP, port not mapped (TCP/IPv4)",
+            m::PROG_INGRESS,
+            build(L4::Tcp, c4, 40000, v4, 443, None, &payload),
+        ),
+        (
+            "VIP, remapped (TCP/IPv4)",
+            m::PROG_INGRESS,
+            build(L4::Tcp, c4, 40000, v4, 80, None, &payload),
+        ),
+        (
+            "VIP, remapped (UDP/IPv4)",
+            m::PROG_INGRESS,
+            build(L4::Udp, c4, 40000, v4, 80, None, &payload),
+        ),
+        (
+            "VIP, remapped (TCP/IPv6)",
+            m::PROG_INGRESS,
+            build(L4::Tcp, c6, 40000, v6, 80, None, &payload),
+        ),
+        (
+            "VIP, remapped (TCP/IPv4) + passive TCP RTT",
+            m::PROG_INGRESS,
+            build(L4::Tcp, c4, 40000, v4, 80, None, &payload),
+        ),
+        (
+            "VIP, remapped (TCP/IPv4) + class CPU queue",
+            m::PROG_INGRESS,
+            build(L4::Tcp, c4, 40000, v4, 80, None, &payload),
+        ),
     ];
     let mut samples: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
     for round in 0..args.rounds {
@@ -157,11 +214,14 @@ fn per_packet(args: &Args) -> PerPacket {
     // shown beside it.
     let worst_remap = rows
         .iter()
-        .filter(|r| r.case.contains("remapped") && !r.case.contains("passive") && !r.case.contains("class"))
+        .filter(|r| {
+            r.case.contains("remapped") && !r.case.contains("passive") && !r.case.contains("class")
+        })
         .map(|r| r.ratio_to_baseline)
         .fold(0.0, f64::max);
     PerPacket {
-        method: "BPF_PROG_RUN, kernel-timed mean over `repeat` runs; median of interleaved rounds".into(),
+        method: "BPF_PROG_RUN, kernel-timed mean over `repeat` runs; median of interleaved rounds"
+            .into(),
         repeat: args.repeat,
         rounds: args.rounds,
         baseline_ns: baseline,
@@ -175,61 +235,121 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     havip_tests::require_root();
     let mut report = BTreeMap::new();
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let run = |s: Section| args.only.is_empty() || args.only.contains(&s);
 
-    eprintln!("[bench] ingress per-packet cost ({} rounds x {} runs per case)", args.rounds, args.repeat);
-    let pp = per_packet(&args);
-    println!("\nIngress XDP per-packet cost (BPF_PROG_RUN), kernel {kernel}");
-    println!("{:<40} {:>10} {:>10}", "case", "ns/packet", "x baseline");
-    for r in &pp.rows {
-        println!("{:<40} {:>10.1} {:>10.2}", r.case, r.ns_per_packet, r.ratio_to_baseline);
+    if run(Section::PerPacket) {
+        eprintln!(
+            "[bench] ingress per-packet cost ({} rounds x {} runs per case)",
+            args.rounds, args.repeat
+        );
+        let pp = per_packet(&args);
+        println!("\nIngress XDP per-packet cost (BPF_PROG_RUN), kernel {kernel}");
+        println!("{:<40} {:>10} {:>10}", "case", "ns/packet", "x baseline");
+        for r in &pp.rows {
+            println!(
+                "{:<40} {:>10.1} {:>10.2}",
+                r.case, r.ns_per_packet, r.ratio_to_baseline
+            );
+        }
+        println!(
+            "target: remapped <= {:.1}x baseline: {}",
+            pp.target_remapped_max_ratio,
+            if pp.target_met { "met" } else { "NOT met" }
+        );
+        println!("(class CPU queue: BPF_PROG_RUN returns XDP_REDIRECT without carrying it out, so this is the program's cost of classifying, counting and choosing the queue)");
+        report.insert("per_packet_ingress", serde_json::to_value(&pp)?);
     }
-    println!(
-        "target: remapped <= {:.1}x baseline: {}",
-        pp.target_remapped_max_ratio,
-        if pp.target_met { "met" } else { "NOT met" }
-    );
-    println!("(class CPU queue: BPF_PROG_RUN returns XDP_REDIRECT without carrying it out, so this is the program's cost of classifying, counting and choosing the queue)");
-    report.insert("per_packet_ingress", serde_json::to_value(&pp)?);
 
-    eprintln!("\n[bench] class isolation (about 30 s)");
-    let iso = havip_tests::isolation::run();
-    println!("\nLatency-class p99 round trip behind a 40 Mbit/s bottleneck, idle vs under a bulk download (ms)");
-    println!("{:<24} {:>10} {:>12} {:>10} {:>12}", "", "idle p99", "loaded p99", "x idle", "bulk Mbit/s");
-    for (name, l) in [("without classes", iso.without_classes), ("with classes", iso.with_classes)] {
-        println!("{:<24} {:>10.2} {:>12.2} {:>10.1} {:>12.1}", name, l.idle_p99_ms, l.loaded_p99_ms, l.loaded_p99_ms / l.idle_p99_ms, l.bulk_mbit_s);
+    if run(Section::Isolation) {
+        eprintln!("\n[bench] class isolation (about 30 s)");
+        let iso = havip_tests::isolation::run();
+        println!("\nLatency-class p99 round trip behind a 40 Mbit/s bottleneck, idle vs under a bulk download (ms)");
+        println!(
+            "{:<24} {:>10} {:>12} {:>10} {:>12}",
+            "", "idle p99", "loaded p99", "x idle", "bulk Mbit/s"
+        );
+        for (name, l) in [
+            ("without classes", iso.without_classes),
+            ("with classes", iso.with_classes),
+        ] {
+            println!(
+                "{:<24} {:>10.2} {:>12.2} {:>10.1} {:>12.1}",
+                name,
+                l.idle_p99_ms,
+                l.loaded_p99_ms,
+                l.loaded_p99_ms / l.idle_p99_ms,
+                l.bulk_mbit_s
+            );
+        }
+        report.insert("class_isolation", serde_json::to_value(&iso)?);
     }
-    report.insert("class_isolation", serde_json::to_value(&iso)?);
 
-    eprintln!("\n[bench] failover ({} trials)", args.failover_trials);
-    let fo = havip_tests::failover::run(args.failover_trials);
-    println!("\nFailover: owning NIC down -> ... (µs, from the SIOCSIFFLAGS call)");
-    println!("{:<44} {:>10} {:>10}", "", "p50", "p99");
-    println!("{:<44} {:>10.0} {:>10.0}", "link event heard (baseline)", fo.link_event_p50_us, fo.link_event_p99_us);
-    println!("{:<44} {:>10.0} {:>10.0}", "VIP rebound in the pinned map", fo.rebind_p50_us, fo.rebind_p99_us);
-    println!("{:<44} {:>10.0} {:>10.0}", "first stream byte through the new NIC", fo.first_byte_p50_us, fo.first_byte_p99_us);
-    println!(
-        "rebind p99 = {:.1}x the link-event p99; target: rebind p99 <= {} ms: {}",
-        fo.rebind_p99_ratio_to_link_event,
-        fo.target_rebind_p99_ms,
-        if fo.target_met { "met" } else { "NOT met" }
-    );
-    report.insert("failover", serde_json::to_value(&fo)?);
+    if run(Section::Failover) {
+        eprintln!("\n[bench] failover ({} trials)", args.failover_trials);
+        let fo = havip_tests::failover::run(args.failover_trials);
+        println!("\nFailover: owning NIC down -> ... (µs, from the SIOCSIFFLAGS call)");
+        println!("{:<44} {:>10} {:>10}", "", "p50", "p99");
+        println!(
+            "{:<44} {:>10.0} {:>10.0}",
+            "link event heard (baseline)", fo.link_event_p50_us, fo.link_event_p99_us
+        );
+        println!(
+            "{:<44} {:>10.0} {:>10.0}",
+            "VIP rebound in the pinned map", fo.rebind_p50_us, fo.rebind_p99_us
+        );
+        println!(
+            "{:<44} {:>10.0} {:>10.0}",
+            "first stream byte through the new NIC", fo.first_byte_p50_us, fo.first_byte_p99_us
+        );
+        println!(
+            "rebind p99 = {:.1}x the link-event p99; target: rebind p99 <= {} ms: {}",
+            fo.rebind_p99_ratio_to_link_event,
+            fo.target_rebind_p99_ms,
+            if fo.target_met { "met" } else { "NOT met" }
+        );
+        report.insert("failover", serde_json::to_value(&fo)?);
+    }
 
-    eprintln!("\n[bench] controller: ranking 10,000 VIPs over 4 NICs");
-    let rr = havip_tests::quality_bench::rerank_cost();
-    println!("\nRe-ranking {} VIPs over {} NICs ({} targets each), median of 7 rounds", rr.vips, rr.nics, rr.targets_per_vip);
-    println!("{:<44} {:>10.2} ms", "link-state binder round (baseline)", rr.binder_round_ms);
-    println!("{:<44} {:>10.2} ms  ({:.1}x)", "quality ranking + binder round", rr.ranking_round_ms, rr.ratio_to_binder_round);
-    println!("{:<44} {:>10.2} MB", "peak heap of a ranking round", rr.ranking_peak_heap_mb);
-    report.insert("rerank", serde_json::to_value(&rr)?);
+    if run(Section::Rerank) {
+        eprintln!("\n[bench] controller: ranking 10,000 VIPs over 4 NICs");
+        let rr = havip_tests::quality_bench::rerank_cost();
+        println!(
+            "\nRe-ranking {} VIPs over {} NICs ({} targets each), median of 7 rounds",
+            rr.vips, rr.nics, rr.targets_per_vip
+        );
+        println!(
+            "{:<44} {:>10.2} ms",
+            "link-state binder round (baseline)", rr.binder_round_ms
+        );
+        println!(
+            "{:<44} {:>10.2} ms  ({:.1}x)",
+            "quality ranking + binder round", rr.ranking_round_ms, rr.ratio_to_binder_round
+        );
+        println!(
+            "{:<44} {:>10.2} MB",
+            "peak heap of a ranking round", rr.ranking_peak_heap_mb
+        );
+        report.insert("rerank", serde_json::to_value(&rr)?);
+    }
 
-    eprintln!("\n[bench] degradation to rebind ({} trials at default settings)", args.rebind_trials);
-    let rb = havip_tests::quality_bench::degradation_to_rebind(args.rebind_trials);
-    println!("\nDegradation (20 ms on the owning NIC's path) -> VIP rebound, default settings");
-    println!("{:<44} {:>10.2} {:>10.2}", "seconds", rb.p50_s, rb.p99_s);
-    println!("p50 = {:.2}x the {:.1} s ranking hold-down (the designed floor)", rb.p50_ratio_to_hold_down, rb.hold_down_s);
-    report.insert("degradation_to_rebind", serde_json::to_value(&rb)?);
+    if run(Section::Rebind) {
+        eprintln!(
+            "\n[bench] degradation to rebind ({} trials at default settings)",
+            args.rebind_trials
+        );
+        let rb = havip_tests::quality_bench::degradation_to_rebind(args.rebind_trials);
+        println!("\nDegradation (20 ms on the owning NIC's path) -> VIP rebound, default settings");
+        println!("{:<44} {:>10.2} {:>10.2}", "seconds", rb.p50_s, rb.p99_s);
+        println!(
+            "p50 = {:.2}x the {:.1} s ranking hold-down (the designed floor)",
+            rb.p50_ratio_to_hold_down, rb.hold_down_s
+        );
+        report.insert("degradation_to_rebind", serde_json::to_value(&rb)?);
+    }
     report.insert("kernel", serde_json::Value::String(kernel));
 
     if let Some(dir) = args.out.parent() {
