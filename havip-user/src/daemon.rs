@@ -514,6 +514,10 @@ impl Node {
         self.dp.maps.set_binding(id, b)?;
         let links: Vec<String> = self.links.iter().map(|(k, l)| format!("{k}={}", if l.up { "up" } else { "down" })).collect();
         info!(%vip, from = from.as_deref().unwrap_or("-"), to = nic, %reason, links = %links.join(","), moves = b.moves, "VIP bound");
+        let event = crate::events::Move { at_ms: crate::events::now_ms(), vip, from, to: nic.to_string(), reason: reason.to_string(), moves: b.moves };
+        if let Err(e) = crate::events::record(&self.opts.run_dir, &event) {
+            warn!(error = %e, "cannot record the move in the event log");
+        }
         let (count, interval) = (self.cfg.failover.announce_count, self.cfg.failover.announce_interval);
         tokio::task::spawn_blocking(move || {
             if let Err(e) = announce::announce(n.ifindex, n.mac, vip, count, interval) {

@@ -9,6 +9,7 @@ pub mod control;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;
+pub mod events;
 pub mod lab;
 pub mod netlink;
 pub mod netns;

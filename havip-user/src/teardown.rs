@@ -75,6 +75,7 @@ pub fn down(pin_root: &Path, run_dir: &Path) -> anyhow::Result<DownReport> {
             }
         }
         std::fs::remove_file(crate::state::state_path(run_dir)).context("removing the state file")?;
+        let _ = std::fs::remove_file(crate::events::path(run_dir));
         let _ = std::fs::remove_dir(run_dir);
     }
     Ok(report)
