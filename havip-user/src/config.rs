@@ -35,6 +35,36 @@ pub struct ConfigFile {
     /// Application classes by name (`[class.latency]`), see `classes`.
     #[serde(default)]
     pub class: BTreeMap<String, crate::classes::ClassSection>,
+    /// VIPs handed out to applications through the API (`[[vip]] pool = true`).
+    #[serde(default)]
+    pub pool: PoolSection,
+    /// The application API (see `api`).
+    #[serde(default)]
+    pub api: ApiSection,
+}
+
+/// `[pool]`: how the API hands out pool VIPs.
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct PoolSection {
+    /// Free pool VIPs kept back: a request that would leave fewer is refused (409).
+    #[serde(default)]
+    pub reserve: usize,
+}
+
+/// `[api]`: where havipd serves its HTTP API. Always on `<run dir>/control.sock`.
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ApiSection {
+    /// Group that owns the socket (mode 0660), so its members may call the API.
+    #[serde(default)]
+    pub socket_group: Option<String>,
+    /// Also listen on this TCP address (e.g. "127.0.0.1:7946"); requires `token_file`.
+    #[serde(default)]
+    pub listen: Option<String>,
+    /// File holding the bearer token TCP clients must send.
+    #[serde(default)]
+    pub token_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -160,6 +190,10 @@ pub struct VipSection {
     /// Ports of this VIP with a class of their own.
     #[serde(default)]
     pub port_class: Vec<crate::classes::PortClassSection>,
+    /// Handed out to applications by the API instead of served by `[[service]]`s: not in
+    /// the dataplane until an application holds it.
+    #[serde(default)]
+    pub pool: bool,
 }
 
 /// How candidates are ranked by path quality (see `rank` for the formula).
@@ -325,6 +359,18 @@ pub struct Config {
     pub remaps: Vec<Remap>,
     /// Application classes and each NIC's egress settings.
     pub classes: crate::classes::Classes,
+    /// Pool VIPs, in file order (see `pool`); not in `vips`.
+    pub pool: Vec<Vip>,
+    pub pool_reserve: usize,
+    pub api: Api,
+}
+
+/// Validated `[api]`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Api {
+    pub socket_group: Option<String>,
+    pub listen: Option<std::net::SocketAddr>,
+    pub token_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -613,6 +659,10 @@ pub fn validate_on(file: &ConfigFile, online_cpus: &BTreeSet<u32>) -> Result<Con
                 err(at("vip"), format!("{} is not a configured VIP; add it as a [[vip]] first", inst.vip));
                 continue;
             }
+            if file.vip.iter().any(|v| v.pool && v.address == inst.vip) {
+                err(at("vip"), format!("{} is a pool VIP: the API assigns its mappings; remove `pool = true` or this instance", inst.vip));
+                continue;
+            }
             if inst.port == 0 {
                 err(at("port"), "0 is not a port; give the port this instance listens on".into());
                 continue;
@@ -653,6 +703,25 @@ pub fn validate_on(file: &ConfigFile, online_cpus: &BTreeSet<u32>) -> Result<Con
     }
 
     let classes = crate::classes::validate(file, &mut vips, online_cpus, &mut err);
+    let pool_size = file.vip.iter().filter(|v| v.pool).count();
+    if file.pool.reserve > pool_size {
+        err("pool.reserve".into(), format!("{} is more than the {pool_size} pool VIP(s) (`[[vip]] pool = true`)", file.pool.reserve));
+    }
+    let mut api = Api { socket_group: file.api.socket_group.clone(), listen: None, token_file: file.api.token_file.clone() };
+    if let Some(l) = &file.api.listen {
+        match l.parse::<std::net::SocketAddr>() {
+            Ok(a) => api.listen = Some(a),
+            Err(_) => err("api.listen".into(), format!("`{l}` is not an address:port such as 127.0.0.1:7946")),
+        }
+        if file.api.token_file.is_none() {
+            err("api.token_file".into(), "is required with api.listen: TCP clients must present a bearer token".into());
+        }
+    }
+    if let Some(g) = &file.api.socket_group {
+        if g.is_empty() || g.contains(|c: char| c.is_whitespace() || c == ':') {
+            err("api.socket_group".into(), format!("`{g}` is not a group name"));
+        }
+    }
 
     if !errs.is_empty() {
         return Err(errs);
@@ -691,7 +760,10 @@ pub fn validate_on(file: &ConfigFile, online_cpus: &BTreeSet<u32>) -> Result<Con
             failback_hold_down: std::time::Duration::from_millis(f.failback_hold_down_ms),
         },
         nics: file.nic.iter().map(|n| n.name.clone()).collect(),
-        vips,
+        vips: vips.iter().zip(&file.vip).filter(|(_, f)| !f.pool).map(|(v, _)| v.clone()).collect(),
+        pool: vips.iter().zip(&file.vip).filter(|(_, f)| f.pool).map(|(v, _)| v.clone()).collect(),
+        pool_reserve: file.pool.reserve,
+        api,
         remaps,
         classes,
     })

@@ -15,6 +15,7 @@ pub mod netlink;
 pub mod netns;
 pub mod pins;
 pub mod plan;
+pub mod pool;
 pub mod rank;
 pub mod prober;
 pub mod qdisc;
