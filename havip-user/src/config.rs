@@ -35,6 +35,9 @@ pub struct ConfigFile {
     /// Application classes by name (`[class.latency]`), see `classes`.
     #[serde(default)]
     pub class: BTreeMap<String, crate::classes::ClassSection>,
+    /// The Prometheus endpoint (`[metrics]`), see `metrics`.
+    #[serde(default)]
+    pub metrics: crate::metrics::MetricsSection,
     /// VIPs handed out to applications through the API (`[[vip]] pool = true`).
     #[serde(default)]
     pub pool: PoolSection,
@@ -359,6 +362,8 @@ pub struct Config {
     pub remaps: Vec<Remap>,
     /// Application classes and each NIC's egress settings.
     pub classes: crate::classes::Classes,
+    /// Where the Prometheus endpoint listens (`None`: disabled).
+    pub metrics: Option<std::net::SocketAddr>,
     /// Pool VIPs, in file order (see `pool`); not in `vips`.
     pub pool: Vec<Vip>,
     pub pool_reserve: usize,
@@ -702,6 +707,7 @@ pub fn validate_on(file: &ConfigFile, online_cpus: &BTreeSet<u32>) -> Result<Con
         err("service".into(), format!("{} mappings configured, at most {REMAPS_MAX} are supported", remaps.len()));
     }
 
+    let metrics = crate::metrics::validate(&file.metrics, &mut err);
     let classes = crate::classes::validate(file, &mut vips, online_cpus, &mut err);
     let pool_size = file.vip.iter().filter(|v| v.pool).count();
     if file.pool.reserve > pool_size {
@@ -766,6 +772,7 @@ pub fn validate_on(file: &ConfigFile, online_cpus: &BTreeSet<u32>) -> Result<Con
         api,
         remaps,
         classes,
+        metrics,
     })
 }
 

@@ -1,31 +1,10 @@
-//! havipd's local control socket: one JSON request per line, one JSON response per line,
-//! on `<run dir>/control.sock` (mode 0600). Used by `havip bind` and `havip unbind`.
+//! Where havipd's API socket lives, and the verdict type of its operator calls (bind,
+//! unbind, explain, rerank). The HTTP API itself is `api`.
 
-use std::{
-    io::{BufRead, BufReader, Write},
-    net::IpAddr,
-    os::unix::net::UnixStream,
-    path::{Path, PathBuf},
-    time::Duration,
-};
+use std::path::{Path, PathBuf};
 
-use anyhow::Context;
-use serde::{Deserialize, Serialize};
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
-pub enum Request {
-    /// Pin a VIP to a NIC (moving it there now).
-    Bind { vip: IpAddr, nic: String },
-    /// Drop the pin: the VIP returns to automatic placement.
-    Unbind { vip: IpAddr },
-    /// The VIP's candidates, their measured quality, and why it is where it is.
-    Explain { vip: IpAddr },
-    /// Run a ranking round now.
-    Rerank,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+/// The outcome of an operator call: done, or refused with the reason (nothing changed).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Response {
     pub ok: bool,
     pub message: String,
@@ -38,22 +17,12 @@ impl Response {
     pub fn refused(message: impl Into<String>) -> Self {
         Self { ok: false, message: message.into() }
     }
+    /// As an API reply: 200, or 409 for a refusal.
+    pub fn reply(self) -> crate::api::Reply {
+        if self.ok { crate::api::Reply::message(self.message) } else { crate::api::Reply::error(409, self.message) }
+    }
 }
 
 pub fn socket_path(run_dir: &Path) -> PathBuf {
     run_dir.join("control.sock")
-}
-
-/// Sends one request to the havipd of `run_dir` and returns its answer.
-pub fn call(run_dir: &Path, req: &Request) -> anyhow::Result<Response> {
-    let path = socket_path(run_dir);
-    let mut s = UnixStream::connect(&path)
-        .with_context(|| format!("cannot reach havipd at {} (is it running? pass --run-dir)", path.display()))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let mut line = serde_json::to_string(req)?;
-    line.push('\n');
-    s.write_all(line.as_bytes())?;
-    let mut answer = String::new();
-    BufReader::new(s).read_line(&mut answer).context("no answer from havipd")?;
-    serde_json::from_str(&answer).with_context(|| format!("unreadable answer from havipd: {answer:?}"))
 }

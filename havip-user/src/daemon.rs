@@ -17,10 +17,8 @@ use std::{
 use anyhow::Context;
 use havip_common::{Binding, VipKey};
 use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
-    net::UnixListener,
     signal::unix::{signal, SignalKind},
-    sync::{mpsc, oneshot},
+    sync::mpsc,
 };
 use tracing::{error, info, warn};
 
@@ -28,7 +26,8 @@ use crate::{
     announce,
     binder::{decide, LinkState, Placement, Reason},
     config::Config,
-    control::{self, Request, Response},
+    api::{Call, Reply},
+    control::{self, Response},
     dataplane::{monotonic_ns, Dataplane},
     netlink::{LinkInfo, Netlink},
     netns,
@@ -104,9 +103,6 @@ struct Nic {
     index: u32,
 }
 
-enum Event {
-    Control(Request, oneshot::Sender<Response>),
-}
 
 /// What the ranking knows about one VIP.
 #[derive(Default)]
@@ -129,9 +125,14 @@ struct Node {
     nl: Netlink,
     dp: Dataplane,
     state: State,
+    /// The configuration in force: the file's plus the held pool VIPs (`pool::overlay`).
     cfg: Config,
+    /// The file's configuration alone.
+    file_cfg: Config,
     nics: BTreeMap<String, Nic>,
     links: BTreeMap<String, LinkState>,
+    /// Controller health for the metrics endpoint (rebinds, applies).
+    metrics: std::sync::Arc<crate::metrics::DaemonMetrics>,
 }
 
 impl Node {
@@ -514,6 +515,7 @@ impl Node {
         self.dp.maps.set_binding(id, b)?;
         let links: Vec<String> = self.links.iter().map(|(k, l)| format!("{k}={}", if l.up { "up" } else { "down" })).collect();
         info!(%vip, from = from.as_deref().unwrap_or("-"), to = nic, %reason, links = %links.join(","), moves = b.moves, "VIP bound");
+        self.metrics.rebound(reason);
         let event = crate::events::Move { at_ms: crate::events::now_ms(), vip, from, to: nic.to_string(), reason: reason.to_string(), moves: b.moves };
         if let Err(e) = crate::events::record(&self.opts.run_dir, &event) {
             warn!(error = %e, "cannot record the move in the event log");
@@ -564,75 +566,193 @@ impl Node {
         });
     }
 
-    fn on_control(&mut self, req: Request) -> Response {
-        match req {
-            Request::Bind { vip, nic } => {
-                let Some(v) = self.cfg.vips.iter().find(|v| v.address == vip) else {
-                    return Response::refused(format!("{vip} is not a VIP of this node"));
-                };
-                if !self.nics.contains_key(&nic) {
-                    return Response::refused(format!("unknown NIC `{nic}`; this node's NICs: {}", self.cfg.nics.join(", ")));
-                }
-                if !v.nics.contains(&nic) {
-                    return Response::refused(format!("NIC `{nic}` is not a candidate for {vip} (candidates: {})", v.nics.join(", ")));
-                }
-                if !self.links.get(&nic).is_some_and(|l| l.up) {
-                    return Response::refused(format!("NIC `{nic}` is down; refusing to bind {vip} to it"));
-                }
-                let Ok(info) = self.dp.maps.vips.get(&VipKey::from(vip), 0) else {
-                    return Response::refused(format!("{vip} is not in the dataplane yet"));
-                };
-                self.state.pins.insert(vip, nic.clone());
-                let current = self.current(info.id).ok().and_then(|(c, _)| c);
-                let msg = if current.as_deref() == Some(nic.as_str()) {
-                    format!("{vip} is on {nic}; pinned there")
-                } else if let Err(e) = self.bind(vip, info.id, &nic, Reason::Operator) {
-                    self.state.pins.remove(&vip);
-                    return Response::refused(format!("binding failed: {e:#}"));
-                } else {
-                    format!("{vip} moved from {} to {nic}; pinned there", current.as_deref().unwrap_or("-"))
-                };
-                match self.save() {
-                    Ok(()) => Response::ok(msg),
-                    Err(e) => Response::refused(format!("{msg}, but saving the pin failed: {e:#}")),
-                }
-            }
-            Request::Explain { vip } => self.explain(vip),
-            Request::Rerank => {
+    /// One API call, decided here on the node's task so calls never race each other.
+    async fn on_api(&mut self, call: Call) -> Reply {
+        match call {
+            Call::Request(r) => self.pool_request(r).await,
+            Call::Release { app, vip } => self.pool_release(&app, vip).await,
+            Call::List => self.pool_list(),
+            Call::Bind { vip, nic } => self.operator_bind(vip, nic).reply(),
+            Call::Unbind { vip } => self.operator_unbind(vip).reply(),
+            Call::Explain { vip } => self.explain(vip).reply(),
+            Call::Rerank => {
                 self.rank_round();
-                Response::ok(format!("ranked {} VIP(s) with targets", self.quality.len()))
-            }
-            Request::Unbind { vip } => {
-                if self.state.pins.remove(&vip).is_none() {
-                    return Response::refused(format!("{vip} is not pinned (nothing to unbind)"));
-                }
-                self.place_all(Some(vip));
-                let now = self
-                    .dp
-                    .maps
-                    .vips
-                    .get(&VipKey::from(vip), 0)
-                    .ok()
-                    .and_then(|i| self.current(i.id).ok())
-                    .and_then(|(c, _)| c)
-                    .unwrap_or_else(|| "-".into());
-                if let Err(e) = self.save() {
-                    return Response::refused(format!("saving state failed: {e:#}"));
-                }
-                Response::ok(format!("{vip} unpinned; automatic placement keeps it on {now}"))
+                Reply::message(format!("ranked {} VIP(s) with targets", self.quality.len()))
             }
         }
+    }
+
+    /// `POST /v1/vips`: the best-ranked usable pool VIP, bound and remapped in one apply;
+    /// on any failure the allocation is undone and the reply says why.
+    async fn pool_request(&mut self, r: crate::pool::VipRequest) -> Reply {
+        use crate::pool::{check, choose, Allocation, Refusal};
+        let refused = |e: Refusal| match e {
+            Refusal::Bad { field, reason } => Reply::error(400, format!("field `{field}`: {reason}")),
+            Refusal::Conflict(m) => Reply::error(409, m),
+            Refusal::NotFound(m) => Reply::error(404, m),
+        };
+        if let Err(e) = check(&self.file_cfg, &r, &self.state.allocations) {
+            return refused(e);
+        }
+        let samples = self.samples(Instant::now());
+        let weights = self.cfg.ranking.clone();
+        let cost = |v: &crate::config::Vip| {
+            if r.targets.is_empty() {
+                return None;
+            }
+            let (ranked, _) = crate::rank::rank(&v.nics, &r.targets, &samples, &weights);
+            let best = ranked.first()?;
+            Some((best.cost?, best.nic.clone()))
+        };
+        let (vip, why) = match choose(&self.file_cfg, &self.state.allocations, &r, cost) {
+            Ok(c) => c,
+            Err(e) => return refused(e),
+        };
+        let a = Allocation {
+            app: r.app.clone(),
+            vip,
+            exclusive: r.exclusive,
+            protocol: r.protocol,
+            service_port: r.service_port,
+            instance_port: r.instance_port,
+            targets: r.targets.clone(),
+            class: r.class.clone(),
+            at_ms: crate::events::now_ms(),
+        };
+        self.state.allocations.push(a.clone());
+        if let Err(e) = self.apply_allocations().await {
+            self.state.allocations.pop();
+            let undo = self.apply_allocations().await;
+            error!(app = %r.app, %vip, error = %format!("{e:#}"), undone = undo.is_ok(), "VIP request failed; undone");
+            return Reply::error(500, format!("applying {vip} failed: {e:#}; nothing is held"));
+        }
+        let nic = self.nic_of(vip);
+        info!(app = %a.app, %vip, nic = nic.as_deref().unwrap_or("-"), exclusive = a.exclusive, service_port = a.service_port, instance_port = a.instance_port, %why, "VIP granted");
+        Reply::json(201, serde_json::json!({ "vip": vip, "nic": nic, "why": why, "allocation": a }))
+    }
+
+    /// `DELETE /v1/vips/{app}`: drops the app's allocations (or the one on `vip`); a pool
+    /// VIP nobody holds leaves the dataplane with its address and mappings.
+    async fn pool_release(&mut self, app: &str, vip: Option<IpAddr>) -> Reply {
+        let before = self.state.allocations.clone();
+        self.state.allocations.retain(|a| !(a.app == app && vip.is_none_or(|v| v == a.vip)));
+        let released: Vec<_> = before.iter().filter(|a| !self.state.allocations.contains(a)).cloned().collect();
+        if released.is_empty() {
+            return Reply::error(404, format!("`{app}` holds no VIP{}", vip.map(|v| format!(" {v}")).unwrap_or_default()));
+        }
+        if let Err(e) = self.apply_allocations().await {
+            self.state.allocations = before;
+            let _ = self.apply_allocations().await;
+            return Reply::error(500, format!("releasing failed: {e:#}; nothing changed"));
+        }
+        info!(%app, released = released.len(), "VIP(s) released");
+        Reply::json(200, serde_json::json!({ "released": released }))
+    }
+
+    /// `GET /v1/vips`: the pool, what is held, by whom, and where each VIP is.
+    fn pool_list(&self) -> Reply {
+        let held: Vec<serde_json::Value> = self
+            .state
+            .allocations
+            .iter()
+            .map(|a| serde_json::json!({ "allocation": a, "nic": self.nic_of(a.vip) }))
+            .collect();
+        let free: Vec<IpAddr> = self.file_cfg.pool.iter().map(|v| v.address).filter(|v| !self.state.allocations.iter().any(|a| a.vip == *v)).collect();
+        Reply::json(200, serde_json::json!({
+            "pool": self.file_cfg.pool.iter().map(|v| v.address).collect::<Vec<_>>(),
+            "free": free,
+            "reserve": self.file_cfg.pool_reserve,
+            "held": held,
+        }))
+    }
+
+    /// The NIC a VIP is bound to now, if any.
+    fn nic_of(&self, vip: IpAddr) -> Option<String> {
+        let info = self.dp.maps.vips.get(&VipKey::from(vip), 0).ok()?;
+        self.current(info.id).ok().and_then(|(c, _)| c)
+    }
+
+    /// Applies the file's configuration plus the held pool VIPs, and saves the state.
+    async fn apply_allocations(&mut self) -> anyhow::Result<String> {
+        let cfg = crate::pool::overlay(&self.file_cfg, &self.state.allocations);
+        let res = resolve(&cfg, &self.nl).await?;
+        let summary = self.apply(&cfg, &res).await?;
+        self.save()?;
+        Ok(summary)
+    }
+
+    fn operator_bind(&mut self, vip: IpAddr, nic: String) -> Response {
+        let Some(v) = self.cfg.vips.iter().find(|v| v.address == vip) else {
+            return Response::refused(format!("{vip} is not a VIP of this node"));
+        };
+        if !self.nics.contains_key(&nic) {
+            return Response::refused(format!("unknown NIC `{nic}`; this node's NICs: {}", self.cfg.nics.join(", ")));
+        }
+        if !v.nics.contains(&nic) {
+            return Response::refused(format!("NIC `{nic}` is not a candidate for {vip} (candidates: {})", v.nics.join(", ")));
+        }
+        if !self.links.get(&nic).is_some_and(|l| l.up) {
+            return Response::refused(format!("NIC `{nic}` is down; refusing to bind {vip} to it"));
+        }
+        let Ok(info) = self.dp.maps.vips.get(&VipKey::from(vip), 0) else {
+            return Response::refused(format!("{vip} is not in the dataplane yet"));
+        };
+        self.state.pins.insert(vip, nic.clone());
+        let current = self.current(info.id).ok().and_then(|(c, _)| c);
+        let msg = if current.as_deref() == Some(nic.as_str()) {
+            format!("{vip} is on {nic}; pinned there")
+        } else if let Err(e) = self.bind(vip, info.id, &nic, Reason::Operator) {
+            self.state.pins.remove(&vip);
+            return Response::refused(format!("binding failed: {e:#}"));
+        } else {
+            format!("{vip} moved from {} to {nic}; pinned there", current.as_deref().unwrap_or("-"))
+        };
+        match self.save() {
+            Ok(()) => Response::ok(msg),
+            Err(e) => Response::refused(format!("{msg}, but saving the pin failed: {e:#}")),
+        }
+    }
+
+    fn operator_unbind(&mut self, vip: IpAddr) -> Response {
+        if self.state.pins.remove(&vip).is_none() {
+            return Response::refused(format!("{vip} is not pinned (nothing to unbind)"));
+        }
+        self.place_all(Some(vip));
+        let now = self
+            .dp
+            .maps
+            .vips
+            .get(&VipKey::from(vip), 0)
+            .ok()
+            .and_then(|i| self.current(i.id).ok())
+            .and_then(|(c, _)| c)
+            .unwrap_or_else(|| "-".into());
+        if let Err(e) = self.save() {
+            return Response::refused(format!("saving state failed: {e:#}"));
+        }
+        Response::ok(format!("{vip} unpinned; automatic placement keeps it on {now}"))
     }
 
     async fn reload(&mut self) {
         self.state.generation += 1;
         let result = async {
-            let cfg = Config::load(&self.opts.config)?;
-            if cfg.passive_tcp != self.cfg.passive_tcp {
-                warn!(passive_tcp = cfg.passive_tcp, "passive.tcp changes when the programs load: restart havipd to apply it");
+            let file = Config::load(&self.opts.config)?;
+            if file.passive_tcp != self.cfg.passive_tcp {
+                warn!(passive_tcp = file.passive_tcp, "passive.tcp changes when the programs load: restart havipd to apply it");
             }
+            if file.metrics != self.cfg.metrics {
+                warn!(listen = ?file.metrics, "metrics.listen changes when havipd starts: restart havipd to apply it");
+            }
+            let (kept, dropped) = held_that_fit(&file, &self.state.allocations);
+            let cfg = crate::pool::overlay(&file, &kept);
             let res = resolve(&cfg, &self.nl).await?;
-            self.apply(&cfg, &res).await
+            let summary = self.apply(&cfg, &res).await?;
+            for a in &dropped {
+                warn!(app = %a.app, vip = %a.vip, "released: its pool VIP or class is no longer configured");
+            }
+            self.state.allocations = kept;
+            self.file_cfg = file;
+            anyhow::Ok(summary)
         }
         .await;
         let status = match result {
@@ -647,6 +767,7 @@ impl Node {
                 ApplyStatus::now(false, format!("{e:#}"))
             }
         };
+        self.metrics.applied(status.ok, self.state.generation);
         self.state.last_apply = Some(status);
         if let Err(e) = self.save() {
             error!(error = %e, "cannot write the state file");
@@ -654,33 +775,9 @@ impl Node {
     }
 }
 
-/// Accepts control connections and forwards each request to the node's task.
-fn serve_control(listener: UnixListener, tx: mpsc::Sender<Event>) {
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let (r, mut w) = stream.into_split();
-                let mut line = String::new();
-                if BufReader::new(r).read_line(&mut line).await.is_err() {
-                    return;
-                }
-                let resp = match serde_json::from_str::<Request>(&line) {
-                    Ok(req) => {
-                        let (otx, orx) = oneshot::channel();
-                        if tx.send(Event::Control(req, otx)).await.is_err() {
-                            return;
-                        }
-                        orx.await.unwrap_or_else(|_| Response::refused("havipd is stopping"))
-                    }
-                    Err(e) => Response::refused(format!("bad request: {e}")),
-                };
-                let mut out = serde_json::to_string(&resp).unwrap_or_default();
-                out.push('\n');
-                let _ = w.write_all(out.as_bytes()).await;
-            });
-        }
-    });
+/// Allocations whose pool VIP (and class) `cfg` still has, and those it does not.
+fn held_that_fit(cfg: &Config, held: &[crate::pool::Allocation]) -> (Vec<crate::pool::Allocation>, Vec<crate::pool::Allocation>) {
+    held.iter().cloned().partition(|a| crate::pool::still_valid(cfg, a))
 }
 
 async fn serve(opts: DaemonOptions) -> anyhow::Result<()> {
@@ -690,6 +787,9 @@ async fn serve(opts: DaemonOptions) -> anyhow::Result<()> {
     // Subscribe to link events before reading link states, so no change falls in between.
     let mut link_events = crate::netlink::watch_links()?;
     let res = resolve(&cfg, &nl).await?;
+    // Before anything is applied: a metrics address already taken changes nothing.
+    let metrics = crate::metrics::DaemonMetrics::new();
+    crate::metrics::serve(cfg.metrics, &opts.pin_root, &opts.run_dir, metrics.clone()).await?;
 
     let pins = PinLayout::new(&opts.pin_root);
     let adopting = pins.exists();
@@ -708,6 +808,14 @@ async fn serve(opts: DaemonOptions) -> anyhow::Result<()> {
     state.config_path = Some(std::fs::canonicalize(&opts.config).unwrap_or(opts.config.clone()));
     state.netns = opts.netns.clone();
     std::fs::create_dir_all(&opts.run_dir)?;
+    // Pool VIPs applications held before a restart are held again.
+    let (kept, dropped) = held_that_fit(&cfg, &state.allocations);
+    for a in &dropped {
+        warn!(app = %a.app, vip = %a.vip, "released: its pool VIP or class is no longer configured");
+    }
+    state.allocations = kept;
+    let file_cfg = cfg;
+    let cfg = crate::pool::overlay(&file_cfg, &state.allocations);
     let mut node = Node {
         history: BTreeMap::new(),
         quality: BTreeMap::new(),
@@ -719,8 +827,10 @@ async fn serve(opts: DaemonOptions) -> anyhow::Result<()> {
         dp,
         state,
         cfg: cfg.clone(),
+        file_cfg,
         nics: BTreeMap::new(),
         links: BTreeMap::new(),
+        metrics,
     };
     if adopting {
         info!(pins = %node.opts.pin_root.display(), "adopting the pinned dataplane");
@@ -728,13 +838,15 @@ async fn serve(opts: DaemonOptions) -> anyhow::Result<()> {
     node.state.generation += 1;
     let summary = node.apply(&cfg, &res).await.context("applying the configuration")?;
     node.state.last_apply = Some(ApplyStatus::now(true, summary.clone()));
+    node.metrics.applied(true, node.state.generation);
 
     let sock = control::socket_path(&node.opts.run_dir);
-    let _ = std::fs::remove_file(&sock);
-    let listener = UnixListener::bind(&sock).with_context(|| format!("binding {}", sock.display()))?;
-    std::fs::set_permissions(&sock, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
     let (tx, mut rx) = mpsc::channel(256);
-    serve_control(listener, tx);
+    crate::api::serve_unix(&sock, node.file_cfg.api.socket_group.as_deref(), tx.clone())?;
+    if let (Some(addr), Some(token_file)) = (node.file_cfg.api.listen, node.file_cfg.api.token_file.clone()) {
+        crate::api::serve_tcp(addr, crate::api::read_token(&token_file)?, tx.clone()).await?;
+        info!(%addr, "API also on TCP (bearer token)");
+    }
     node.save()?;
     info!(config = %node.opts.config.display(), vips = cfg.vips.len(), mappings = cfg.remaps.len(), %summary, "havipd ready");
 
@@ -752,7 +864,7 @@ async fn serve(opts: DaemonOptions) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             Some((link, deleted)) = link_events.recv() => node.on_link(link, deleted),
-            Some(Event::Control(req, reply)) = rx.recv() => { let _ = reply.send(node.on_control(req)); }
+            Some((call, reply)) = rx.recv() => { let r = node.on_api(call).await; let _ = reply.send(r); }
             _ = tick.tick() => {
                 if node.failback_pending() {
                     node.place_all(None);

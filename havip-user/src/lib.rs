@@ -2,6 +2,7 @@
 //! live stats and the lab. `havipd` and `havip` are thin binaries over it.
 
 pub mod announce;
+pub mod api;
 pub mod binder;
 pub mod classes;
 pub mod cli;
@@ -11,6 +12,7 @@ pub mod daemon;
 pub mod dataplane;
 pub mod events;
 pub mod lab;
+pub mod metrics;
 pub mod netlink;
 pub mod netns;
 pub mod pins;
@@ -22,6 +24,7 @@ pub mod qdisc;
 pub mod state;
 pub mod stats;
 pub mod teardown;
+pub mod top;
 
 /// Logs to stderr, filtered by RUST_LOG (default: info).
 pub fn init_logging() {

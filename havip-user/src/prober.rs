@@ -29,8 +29,10 @@ pub struct Path {
 
 /// The paths a configuration asks for: every candidate NIC of a VIP to each of its targets.
 pub fn wanted_paths(cfg: &Config) -> BTreeSet<Path> {
+    // Free pool VIPs' paths too: the API ranks them for a request before one is held.
     cfg.vips
         .iter()
+        .chain(&cfg.pool)
         .flat_map(|v| v.nics.iter().flat_map(|n| v.targets.iter().map(|t| Path { nic: n.clone(), target: *t })))
         .collect()
 }

@@ -29,6 +29,9 @@ pub struct State {
     /// sysctls havipd changed, with the value to restore on `havip down`.
     #[serde(default)]
     pub sysctls: Vec<(PathBuf, String)>,
+    /// Pool VIPs held by applications (the API), re-applied on restart.
+    #[serde(default)]
+    pub allocations: Vec<crate::pool::Allocation>,
     /// Bumped on every apply attempt; `havip reload` waits for it to move.
     pub generation: u64,
     pub last_apply: Option<ApplyStatus>,
