@@ -1,0 +1,201 @@
+//! The application API with a real havipd: pool VIPs requested, served (real TCP through
+//! the remap to an unmodified application), listed and released over HTTP on the control
+//! socket; bad requests and conflicts refused with a clear 4xx and nothing changed; 100
+//! concurrent requests never share an exclusive VIP; allocations survive a restart.
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    sync::{atomic::AtomicBool, Arc},
+    time::Duration,
+};
+
+use havip_tests::{
+    topology::{spawn_in, Topology},
+    traffic::echo_instance,
+};
+use havip_user::api::call;
+use serde_json::{json, Value};
+
+/// `n` pool VIPs 198.18.100.10.. on eth0 (routed to the server by the router).
+fn pool(n: u8, reserve: usize) -> String {
+    let mut s = format!("[pool]\nreserve = {reserve}\n");
+    for i in 0..n {
+        s += &format!("[[vip]]\naddress = \"198.18.100.{}\"\npool = true\n", 10 + i);
+    }
+    s
+}
+
+fn start(body: &str) -> Topology {
+    let mut t = Topology::new();
+    t.write_config(body);
+    t.start_daemon();
+    t
+}
+
+fn request(t: &Topology, body: Value) -> (u16, Value) {
+    call(&t.run_dir, "POST", "/v1/vips", Some(body)).unwrap()
+}
+
+fn list(t: &Topology) -> Value {
+    let (status, v) = call(&t.run_dir, "GET", "/v1/vips", None).unwrap();
+    assert_eq!(status, 200, "{v}");
+    v
+}
+
+/// Does vip:port answer a TCP echo from the client?
+fn echoes(t: &Topology, vip: &str, port: u16) -> bool {
+    let addr: SocketAddr = format!("{vip}:{port}").parse().unwrap();
+    spawn_in(&t.cli, move || {
+        let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(1)) else { return false };
+        s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        let mut buf = [0u8; 5];
+        s.write_all(b"hello").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"hello"
+    })
+    .join()
+    .unwrap()
+}
+
+#[test]
+fn a_requested_vip_serves_the_unmodified_application_until_released() {
+    let t = start(&pool(3, 0));
+    // The application listens on its own port and is never touched.
+    echo_instance(&t.srv, 9000, b"", Arc::new(AtomicBool::new(false)));
+    let (status, v) = request(&t, json!({ "app": "shop", "service_port": 80, "instance_port": 9000, "targets": ["198.18.2.2"] }));
+    assert_eq!(status, 201, "{v}");
+    let vip = v["vip"].as_str().unwrap().to_string();
+    assert_eq!(v["nic"], "eth0");
+    assert!(v["why"].as_str().unwrap().contains("pool VIP"), "{v}");
+    assert!(echoes(&t, &vip, 80), "clients do not reach the application at {vip}:80");
+    assert!(t.server_lo_addresses().contains(&vip));
+    let l = list(&t);
+    assert_eq!(l["held"][0]["allocation"]["app"], "shop");
+    assert_eq!(l["free"].as_array().unwrap().len(), 2);
+
+    // The CLI speaks the same API.
+    let out = t.havip(&["vip", "list"]);
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("shop"), "{out:?}");
+
+    // Release: the address and every map entry go; the application is unreachable there.
+    let (status, v) = call(&t.run_dir, "DELETE", "/v1/vips/shop", None).unwrap();
+    assert_eq!(status, 200, "{v}");
+    assert!(!t.server_lo_addresses().contains(&vip), "the address stayed");
+    let stats = t.stats();
+    assert!(stats["vips"].as_array().unwrap().iter().all(|x| x["vip"] != vip.as_str()), "the VIP stayed in the maps: {stats}");
+    assert!(!echoes(&t, &vip, 80));
+    assert_eq!(list(&t)["free"].as_array().unwrap().len(), 3);
+    let (status, _) = call(&t.run_dir, "DELETE", "/v1/vips/shop", None).unwrap();
+    assert_eq!(status, 404, "releasing twice");
+}
+
+#[test]
+fn bad_requests_and_conflicts_get_a_clear_4xx_and_change_nothing() {
+    let t = start(&(pool(2, 1) + "[class.gold]\n"));
+    let ok = json!({ "app": "a", "service_port": 80, "instance_port": 9000 });
+    assert_eq!(request(&t, ok.clone()).0, 201);
+    let before = list(&t);
+    let stats_before = t.stats()["vips"].as_array().unwrap().len();
+    let cases: Vec<(Value, u16, &str)> = vec![
+        (json!({ "app": "b", "service_port": 80, "instance_port": 9000, "colour": "red" }), 400, "colour"),
+        (json!({ "app": "b", "service_port": 80, "instance_port": 9000, "targets": ["198.18.2.300"] }), 400, "targets[0]"),
+        (json!({ "app": "b", "service_port": 80, "instance_port": 9000, "targets": ["224.0.0.1"] }), 400, "targets[0]"),
+        (json!({ "app": "b", "service_port": 0, "instance_port": 9000 }), 400, "service_port"),
+        (json!({ "app": "b", "service_port": 80, "instance_port": 80 }), 400, "instance_port"),
+        (json!({ "app": "b c", "service_port": 80, "instance_port": 9000 }), 400, "app"),
+        (json!({ "app": "b", "service_port": 80, "instance_port": 9000, "class": "silver" }), 400, "class"),
+        (json!({ "service_port": 80, "instance_port": 9000 }), 400, "app"),
+        // The same app and port again.
+        (ok.clone(), 409, "already holds"),
+        // One free VIP left and a reserve of 1.
+        (json!({ "app": "b", "service_port": 80, "instance_port": 9000 }), 409, "reserve"),
+    ];
+    for (body, status, needle) in cases {
+        let (got, v) = request(&t, body.clone());
+        assert_eq!(got, status, "{body}: {v}");
+        let err = v["error"].as_str().unwrap_or_default();
+        assert!(err.contains(needle), "{body}: the error does not name `{needle}`: {err}");
+    }
+    let (got, v) = call(&t.run_dir, "POST", "/v1/vips", None).unwrap();
+    assert_eq!(got, 400, "empty body: {v}");
+    assert_eq!(list(&t), before, "a refused request changed the pool");
+    assert_eq!(t.stats()["vips"].as_array().unwrap().len(), stats_before);
+    let out = t.havip(&["vip", "request", "--app", "b", "--service-port", "80", "--instance-port", "9000"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("409"), "{out:?}");
+}
+
+#[test]
+fn a_hundred_concurrent_requests_never_share_an_exclusive_vip() {
+    let t = Arc::new(start(&pool(20, 0)));
+    let handles: Vec<_> = (0..100)
+        .map(|i| {
+            let run_dir = t.run_dir.clone();
+            std::thread::spawn(move || {
+                call(&run_dir, "POST", "/v1/vips", Some(json!({ "app": format!("app{i}"), "service_port": 80, "instance_port": 9000 }))).unwrap()
+            })
+        })
+        .collect();
+    let results: Vec<(u16, Value)> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let granted: Vec<String> = results.iter().filter(|(s, _)| *s == 201).map(|(_, v)| v["vip"].as_str().unwrap().to_string()).collect();
+    let refused = results.iter().filter(|(s, v)| *s == 409 && v["error"].as_str().unwrap().contains("exhausted")).count();
+    assert_eq!(granted.len(), 20, "every pool VIP is granted once");
+    assert_eq!(refused, 80, "the rest are refused with the reason: {:?}", results.iter().find(|(s, _)| *s != 201));
+    let distinct: std::collections::BTreeSet<&String> = granted.iter().collect();
+    assert_eq!(distinct.len(), 20, "an exclusive VIP was handed out twice");
+    assert_eq!(list(&t)["held"].as_array().unwrap().len(), 20);
+}
+
+#[test]
+fn allocations_survive_a_controller_crash_and_restart() {
+    let mut t = start(&pool(3, 0));
+    echo_instance(&t.srv, 9000, b"", Arc::new(AtomicBool::new(false)));
+    let (status, v) = request(&t, json!({ "app": "shop", "exclusive": false, "service_port": 80, "instance_port": 9000 }));
+    assert_eq!(status, 201, "{v}");
+    let vip = v["vip"].as_str().unwrap().to_string();
+    let before = list(&t);
+    t.stop_daemon(libc::SIGKILL);
+    assert!(echoes(&t, &vip, 80), "traffic stopped with the controller");
+    t.start_daemon();
+    assert_eq!(list(&t)["held"], before["held"], "allocations lost on restart");
+    assert!(echoes(&t, &vip, 80));
+    // A second shared request joins the same VIP on other ports (its own instance port:
+    // one instance port on a VIP maps back to one service port).
+    echo_instance(&t.srv, 9001, b"", Arc::new(AtomicBool::new(false)));
+    let (status, v) = request(&t, json!({ "app": "blog", "exclusive": false, "service_port": 81, "instance_port": 9001 }));
+    assert_eq!((status, v["vip"].as_str()), (201, Some(vip.as_str())), "{v}");
+    let (status, _) = call(&t.run_dir, "DELETE", &format!("/v1/vips/shop?vip={vip}"), None).unwrap();
+    assert_eq!(status, 200);
+    assert!(t.server_lo_addresses().contains(&vip), "still held by blog");
+    assert!(echoes(&t, &vip, 81) && !echoes(&t, &vip, 80));
+}
+
+#[test]
+fn the_socket_is_group_accessible_and_tcp_needs_the_bearer_token() {
+    let token_file = std::env::temp_dir().join(havip_tests::unique("havip-token"));
+    std::fs::write(&token_file, "s3cret-token\n").unwrap();
+    // `daemon` (gid 1) is a group every Debian-like system has.
+    let t = start(&format!(
+        "[api]\nsocket_group = \"daemon\"\nlisten = \"127.0.0.1:7946\"\ntoken_file = \"{}\"\n{}",
+        token_file.display(),
+        pool(1, 0)
+    ));
+    let meta = std::fs::metadata(havip_user::control::socket_path(&t.run_dir)).unwrap();
+    assert_eq!(std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777, 0o660);
+    assert_eq!(std::os::unix::fs::MetadataExt::gid(&meta), 1, "the socket is not the configured group's");
+    let get = |auth: Option<&'static str>| {
+        spawn_in(&t.srv, move || {
+            let mut s = TcpStream::connect("127.0.0.1:7946").unwrap();
+            let auth = auth.map(|a| format!("Authorization: Bearer {a}\r\n")).unwrap_or_default();
+            write!(s, "GET /v1/vips HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n").unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).unwrap();
+            out
+        })
+        .join()
+        .unwrap()
+    };
+    assert!(get(None).starts_with("HTTP/1.1 401"), "{}", get(None));
+    assert!(get(Some("wrong")).starts_with("HTTP/1.1 401"));
+    let ok = get(Some("s3cret-token"));
+    assert!(ok.starts_with("HTTP/1.1 200") && ok.contains("198.18.100.10"), "{ok}");
+    let _ = std::fs::remove_file(token_file);
+}
