@@ -57,6 +57,10 @@ fn summary(cfg: &Config) -> String {
     if !cfg.classes.classes.is_empty() {
         s += &format!(", {} class(es)", cfg.classes.classes.len());
     }
+    match cfg.metrics {
+        Some(addr) => s += &format!(", metrics on {addr}"),
+        None => s += ", metrics off",
+    }
     s
 }
 

@@ -191,7 +191,7 @@ pub fn render(snap: Option<&Snapshot>, daemon: &DaemonMetrics) -> String {
 
     // The controller.
     x.gauge1("havip_controller_up", "1 while havipd runs and serves this endpoint", None, 1.0);
-    x.gauge1("havip_controller_start_time_seconds", "When this havipd started, Unix time", Some(Unit::Seconds), unix_secs(daemon.started));
+    x.gauge1("havip_controller_start_time", "When this havipd started, Unix time", Some(Unit::Seconds), unix_secs(daemon.started));
     x.gauge(
         "havip_build_info",
         "havipd's version (value 1)",
@@ -206,7 +206,7 @@ pub fn render(snap: Option<&Snapshot>, daemon: &DaemonMetrics) -> String {
         h.last_apply.map_or(0.0, |(ok, _)| if ok { 1.0 } else { 0.0 }),
     );
     x.gauge1(
-        "havip_config_last_apply_timestamp_seconds",
+        "havip_config_last_apply_timestamp",
         "When the last configuration apply was attempted, Unix time (0: not yet)",
         Some(Unit::Seconds),
         h.last_apply.map_or(0.0, |(_, t)| unix_secs(t)),
@@ -436,9 +436,7 @@ mod tests {
     }
 
     fn snapshot() -> Snapshot {
-        let mut rx = havip_common::DirCounters::default();
-        rx.packets = 10;
-        rx.bytes = 1000;
+        let rx = havip_common::DirCounters { packets: 10, bytes: 1000, ..Default::default() };
         let vip = |ip: &str, nic: &str| VipStats {
             vip: ip.parse().unwrap(),
             id: 0,
