@@ -7,7 +7,7 @@ use std::{
     io::{Read, Write},
     num::NonZeroU16,
     os::{
-        fd::{FromRawFd, OwnedFd},
+        fd::{AsRawFd, FromRawFd, OwnedFd},
         unix::process::CommandExt,
     },
     path::Path,
@@ -55,6 +55,8 @@ fn openpty(rows: u16, cols: u16) -> (File, OwnedFd) {
     let ws = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
     let rc = unsafe { libc::openpty(&mut master, &mut slave, std::ptr::null_mut(), std::ptr::null(), &ws) };
     assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+    // Only the slave goes to havip top.
+    assert_eq!(unsafe { libc::fcntl(master, libc::F_SETFD, libc::FD_CLOEXEC) }, 0);
     unsafe { (File::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) }
 }
 
@@ -128,7 +130,11 @@ fn top_shows_the_labs_vips_and_moves_in_a_pty() {
             }
         })
     };
-    let screen = || parser.lock().unwrap().screen().contents();
+    // Every row, blank ones too: line i is row i.
+    let screen = || {
+        let p = parser.lock().unwrap();
+        p.screen().rows(0, p.screen().size().1.get()).collect::<Vec<_>>().join("\n")
+    };
 
     // Let it run a few seconds, until every VIP has a row with a measured RTT and a move
     // caused by the injected failure is listed.
@@ -149,6 +155,29 @@ fn top_shows_the_labs_vips_and_moves_in_a_pty() {
     };
     let ran_for = started.elapsed();
 
+    // A resize (the kernel signals it): the screen is laid out again for the new size.
+    let (big_rows, big_cols) = (30u16, 100u16);
+    {
+        let mut p = parser.lock().unwrap();
+        p.set_size(NonZeroU16::new(big_rows).unwrap(), NonZeroU16::new(big_cols).unwrap());
+        let ws = libc::winsize { ws_row: big_rows, ws_col: big_cols, ws_xpixel: 0, ws_ypixel: 0 };
+        assert_eq!(unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) }, 0, "TIOCSWINSZ");
+    }
+    let resized_at = Instant::now();
+    let resized = loop {
+        std::thread::sleep(Duration::from_millis(100));
+        let s = screen();
+        let lines: Vec<&str> = s.lines().collect();
+        let laid_out = lines.len() == big_rows as usize
+            && lines[big_rows as usize - 1].contains("q quit")
+            && lines[big_rows as usize - 7].contains("Recent moves")
+            && lines[0].chars().count() == big_cols as usize
+            && lines[0].ends_with('─');
+        if laid_out || resized_at.elapsed() > Duration::from_secs(5) {
+            break laid_out.then_some(()).ok_or(s);
+        }
+    };
+
     master.try_clone().unwrap().write_all(b"q").unwrap();
     let quit_at = Instant::now();
     let status = loop {
@@ -167,6 +196,9 @@ fn top_shows_the_labs_vips_and_moves_in_a_pty() {
 
     let context = format!("after {ran_for:?}, the screen was:\n{shown}\nlab output: {}", log.display());
     assert!(status.success(), "havip top exited with {status}; {context}");
+    if let Err(s) = resized {
+        panic!("not laid out again for {big_cols}x{big_rows} after a resize; the screen was:\n{s}");
+    }
     assert!(!alternate && !cursor_hidden, "the terminal was not restored (alternate screen {alternate}, cursor hidden {cursor_hidden})");
     let lines: Vec<&str> = shown.lines().collect();
     assert!(lines.first().is_some_and(|l| l.contains("havip top") && l.contains("4 VIP(s)") && l.contains("havipd ")), "title: {context}");

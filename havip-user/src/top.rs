@@ -151,6 +151,9 @@ pub struct VipRow {
     pub class: Option<String>,
 }
 
+/// A path's probe counters at each refresh: (when, sent, received).
+type Window = VecDeque<(Instant, u64, u64)>;
+
 /// Turns successive snapshots into rows: rates, windowed samples for the ranking, RTT
 /// trends.
 #[derive(Debug, Default)]
@@ -158,7 +161,7 @@ pub struct Model {
     prev: Option<Snapshot>,
     /// Probe counters per path over the ranking window: (when, sent, received), as havipd
     /// keeps them.
-    windows: BTreeMap<(String, IpAddr), VecDeque<(Instant, u64, u64)>>,
+    windows: BTreeMap<(String, IpAddr), Window>,
     trends: BTreeMap<IpAddr, VecDeque<Option<f64>>>,
     rows: Vec<VipRow>,
 }
@@ -320,6 +323,7 @@ pub fn clock(at_ms: u64) -> String {
 fn ms(x: Option<f64>) -> String {
     match x {
         None => "-".into(),
+        Some(v) if v < 0.9995 => format!("{v:.3}"),
         Some(v) if v < 10.0 => format!("{v:.2}"),
         Some(v) if v < 100.0 => format!("{v:.1}"),
         Some(v) if v < 99_999.5 => format!("{v:.0}"),
@@ -436,21 +440,16 @@ fn draw_table(f: &mut Frame, area: Rect, v: &View) {
     }
     let vip_w = v.rows.iter().filter_map(|r| r.vip).map(|ip| ip.to_string().len()).max().unwrap_or(3).clamp(7, 24);
     let nic_w = v.rows.iter().map(|r| r.nic.len() + r.pinned as usize).max().unwrap_or(3).clamp(3, 10);
-    let widths = [
-        Constraint::Length(vip_w as u16),
-        Constraint::Length(nic_w as u16),
-        Constraint::Length(5),
-        Constraint::Length(5),
-        Constraint::Length(5),
-        Constraint::Length(SPARK_LEN as u16),
-        Constraint::Length(5),
-        Constraint::Length(5),
-        Constraint::Length(5),
-        Constraint::Min(5),
-    ];
+    // Column widths; CLASS takes what is left (at least 5).
+    let widths: [u16; 10] = [vip_w as u16, nic_w as u16, 5, 5, 5, SPARK_LEN as u16, 5, 5, 5, 5];
+    let keep = kept_columns(&widths, area.width);
+    let constraints: Vec<Constraint> = (0..10)
+        .filter(|i| keep[*i])
+        .map(|i| if i == 9 { Constraint::Min(widths[i]) } else { Constraint::Length(widths[i]) })
+        .collect();
     let names = ["VIP", "NIC", "SCORE", "P50ms", "P99ms", "RTT~", "LOSS%", "IN/s", "OUT/s", "CLASS"];
     let sorted = v.sort.key.column();
-    let header = Row::new(names.iter().enumerate().map(|(i, n)| {
+    let header = Row::new(names.iter().enumerate().filter(|(i, _)| keep[*i]).map(|(i, n)| {
         let style = if i == sorted { Style::new().add_modifier(Modifier::REVERSED) } else { Style::new() };
         let line = Line::from(*n).style(style);
         Cell::new(if (2..=8).contains(&i) && i != 5 { line.alignment(Alignment::Right) } else { line })
@@ -468,7 +467,7 @@ fn draw_table(f: &mut Frame, area: Rect, v: &View) {
             Some(l) if l > 0.0 => Style::new().fg(Color::Yellow),
             _ => Style::new(),
         };
-        Row::new([
+        let cells = [
             Cell::new(fit(&r.vip.map(|ip| ip.to_string()).unwrap_or_default(), vip_w)),
             Cell::new(nic).style(nic_style),
             right(score_text(r.score)).style(score_style),
@@ -479,9 +478,28 @@ fn draw_table(f: &mut Frame, area: Rect, v: &View) {
             right(rate(r.in_pps)),
             right(rate(r.out_pps)),
             Cell::new(r.class.clone().unwrap_or_else(|| "-".into())),
-        ])
+        ];
+        Row::new(cells.into_iter().enumerate().filter(|(i, _)| keep[*i]).map(|(_, c)| c))
     });
-    f.render_widget(Table::new(rows, widths).header(header).column_spacing(1).block(block), area);
+    f.render_widget(Table::new(rows, constraints).header(header).column_spacing(1).block(block), area);
+}
+
+/// Which columns fit `width` (one space between columns): narrower terminals lose CLASS,
+/// then P99, the trend, SCORE, OUT/s, IN/s and LOSS, in that order.
+fn kept_columns(widths: &[u16; 10], width: u16) -> [bool; 10] {
+    const DROP_ORDER: [usize; 7] = [9, 4, 5, 2, 8, 7, 6];
+    let mut keep = [true; 10];
+    let need = |keep: &[bool; 10]| -> u16 {
+        let cols: Vec<u16> = (0..10).filter(|i| keep[*i]).map(|i| widths[i]).collect();
+        cols.iter().sum::<u16>() + cols.len().saturating_sub(1) as u16
+    };
+    for i in DROP_ORDER {
+        if need(&keep) <= width {
+            break;
+        }
+        keep[i] = false;
+    }
+    keep
 }
 
 fn draw_events(f: &mut Frame, area: Rect, v: &View) {
@@ -519,17 +537,31 @@ fn draw_events(f: &mut Frame, area: Rect, v: &View) {
 fn draw_footer(f: &mut Frame, area: Rect, v: &View) {
     let key = |k: &'static str| Span::styled(k, Style::new().add_modifier(Modifier::BOLD | Modifier::REVERSED));
     let updated = v.updated_ms.map(clock).unwrap_or_else(|| "--:--:--".into());
-    let line = Line::from(vec![
+    let arrow = if v.sort.reverse { "▼" } else { "▲" };
+    let full = Line::from(vec![
         key("q"),
-        Span::raw(" quit "),
+        Span::raw(" quit  "),
         key("s"),
-        Span::raw(format!(" sort: {} {} ", v.sort.key.name(), if v.sort.reverse { "▼" } else { "▲" })),
+        Span::raw(format!(" sort: {} {arrow}  ", v.sort.key.name())),
         key("r"),
-        Span::raw(" reverse "),
+        Span::raw(" reverse  "),
         key("↑↓"),
         Span::raw(" scroll"),
-        Span::raw(format!("  every {:.1}s, at {updated}", v.every.as_secs_f64())),
+        Span::raw(format!("  │ every {:.1}s, at {updated}", v.every.as_secs_f64())),
     ]);
+    // Narrow terminals: the same, shorter.
+    let line = if full.width() <= area.width as usize {
+        full
+    } else {
+        Line::from(vec![
+            key("q"),
+            Span::raw(" quit "),
+            key("s"),
+            Span::raw(format!(" {}{arrow} ", v.sort.key.name())),
+            key("r"),
+            Span::raw(format!(" rev │ {updated}")),
+        ])
+    };
     f.render_widget(Paragraph::new(line), area);
 }
 
@@ -575,7 +607,7 @@ pub fn run(pin_path: &Path, run_dir: &Path, opts: TopOptions) -> anyhow::Result<
     if !pins.exists() {
         bail!("no havip dataplane pinned at {}; start havipd first (or pass --pin-path)", pins.root.display());
     }
-    if !std::io::stdout().is_terminal() || !std::io::stdin().is_terminal() {
+    if !std::io::stdout().is_terminal() {
         bail!("havip top needs a terminal; `havip stats --watch` prints plain text");
     }
     let every = Duration::from_millis(opts.every.max(100));
@@ -793,6 +825,11 @@ mod tests {
         let s = screen(&view, 80, 24);
         assert!(s[0].contains("(6-20 of 40)"), "{}", s.join("\n"));
         assert!(s[2].contains("198.18.0.5 "), "{}", s.join("\n"));
+        // 60 columns: whole addresses, fewer columns, a shorter footer.
+        let narrow = View { rows: m.rows(Sort::default()), loaded: true, ..Default::default() };
+        let s = screen(&narrow, 60, 15);
+        assert!(s[1].split_whitespace().eq(["VIP", "NIC", "SCORE", "P50ms", "RTT~", "LOSS%", "IN/s", "OUT/s"]), "{}", s.join("\n"));
+        assert!(s[3].starts_with("2001:db8:20::11 b0") && s[14].contains("q quit") && s[14].contains("rev"), "{}", s.join("\n"));
         for (w, h) in [(20, 5), (80, 3), (1, 1)] {
             screen(&view, w, h);
         }
