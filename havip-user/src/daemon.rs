@@ -595,7 +595,7 @@ impl Node {
             return refused(e);
         }
         let samples = self.samples(Instant::now());
-        let weights = self.cfg.ranking.clone();
+        let weights = self.cfg.ranking;
         let cost = |v: &crate::config::Vip| {
             if r.targets.is_empty() {
                 return None;

@@ -162,27 +162,34 @@ pub fn choose(cfg: &Config, held: &[Allocation], r: &VipRequest, cost: impl Fn(&
     }
     // Best first: measured before unmeasured, then cost, then a VIP already shared (it
     // uses up nothing), then configured order.
-    let order = |v: &Vip| cfg.pool.iter().position(|p| p.address == v.address).unwrap_or(usize::MAX);
-    let mut ranked: Vec<(&Vip, bool, Option<(f64, String)>)> = candidates.into_iter().map(|(v, s)| (v, s, cost(v))).collect();
+    struct Ranked<'a> {
+        vip: &'a Vip,
+        shared: bool,
+        cost: Option<(f64, String)>,
+        order: usize,
+    }
+    let mut ranked: Vec<Ranked> = candidates
+        .into_iter()
+        .map(|(vip, shared)| Ranked { vip, shared, cost: cost(vip), order: cfg.pool.iter().position(|p| p.address == vip.address).unwrap_or(usize::MAX) })
+        .collect();
     ranked.sort_by(|a, b| {
-        let key = |x: &(&Vip, bool, Option<(f64, String)>)| (x.2.is_none(), x.2.as_ref().map_or(0.0, |c| c.0), !x.1, order(x.0));
-        let (ka, kb) = (key(a), key(b));
-        ka.0.cmp(&kb.0).then(ka.1.total_cmp(&kb.1)).then(ka.2.cmp(&kb.2)).then(ka.3.cmp(&kb.3))
+        let c = |x: &Ranked| x.cost.as_ref().map_or(0.0, |c| c.0);
+        a.cost.is_none().cmp(&b.cost.is_none()).then_with(|| c(a).total_cmp(&c(b))).then_with(|| (!a.shared, a.order).cmp(&(!b.shared, b.order)))
     });
-    let (vip, is_shared, c) = &ranked[0];
-    let kind = if *is_shared { "shared" } else { "free" };
-    let why = match c {
+    let best = &ranked[0];
+    let kind = if best.shared { "shared" } else { "free" };
+    let why = match &best.cost {
         Some((cost, nic)) => {
-            let next = ranked.get(1).map(|(v, _, c)| match c {
-                Some((cost, nic)) => format!("; next: {} at cost {cost:.2} via {nic}", v.address),
-                None => format!("; next: {} (unmeasured)", v.address),
+            let next = ranked.get(1).map(|n| match &n.cost {
+                Some((cost, nic)) => format!("; next: {} at cost {cost:.2} via {nic}", n.vip.address),
+                None => format!("; next: {} (unmeasured)", n.vip.address),
             });
             format!("best-ranked {kind} pool VIP for the targets: cost {cost:.2} via {nic}{}", next.unwrap_or_default())
         }
         None if r.targets.is_empty() => format!("first {kind} pool VIP in configured order (no targets given to rank by)"),
         None => format!("first {kind} pool VIP in configured order (no path measurements for these targets yet)"),
     };
-    Ok((vip.address, why))
+    Ok((best.vip.address, why))
 }
 
 /// The configuration in force: the file's, plus each held pool VIP with its mappings, the
