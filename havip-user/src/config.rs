@@ -715,9 +715,11 @@ pub fn validate_on(file: &ConfigFile, online_cpus: &BTreeSet<u32>) -> Result<Con
     }
     let mut api = Api { socket_group: file.api.socket_group.clone(), listen: None, token_file: file.api.token_file.clone() };
     if let Some(l) = &file.api.listen {
-        match l.parse::<std::net::SocketAddr>() {
-            Ok(a) => api.listen = Some(a),
-            Err(_) => err("api.listen".into(), format!("`{l}` is not an address:port such as 127.0.0.1:7946")),
+        // A bare port listens on loopback: the API is local unless an address says otherwise.
+        let parsed = l.parse::<std::net::SocketAddr>().ok().or_else(|| l.trim_start_matches(':').parse::<u16>().ok().map(|p| ([127, 0, 0, 1], p).into()));
+        match parsed {
+            Some(a) if a.port() != 0 => api.listen = Some(a),
+            _ => err("api.listen".into(), format!("`{l}` is not a port or an address:port such as 127.0.0.1:7946")),
         }
         if file.api.token_file.is_none() {
             err("api.token_file".into(), "is required with api.listen: TCP clients must present a bearer token".into());

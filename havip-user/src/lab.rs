@@ -121,10 +121,11 @@ impl Drop for LabGuard {
 
 /// An instance of the demo service: greets with who it is and where it was reached (after
 /// havip's remapping), then echoes.
-fn serve_instance(name: &'static str, port: u16, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
+fn serve_instance(name: &'static str, port: u16, stop: Arc<AtomicBool>, ready: std::sync::mpsc::Sender<()>) -> anyhow::Result<()> {
     enter(SRV)?;
     let l = TcpListener::bind(SocketAddr::from(([0u16; 8], port)))?;
     l.set_nonblocking(true)?;
+    let _ = ready.send(());
     while !stop.load(Ordering::Relaxed) {
         match l.accept() {
             Ok((mut s, _)) => {
@@ -244,13 +245,18 @@ pub fn run(opts: LabOptions) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(100));
     }
 
+    // Clients start once both instances listen: a connection racing a bind would be reset.
+    let (ready_tx, ready) = std::sync::mpsc::channel();
     for (name, _, port) in INSTANCES {
-        let stop = stop.clone();
+        let (stop, ready_tx) = (stop.clone(), ready_tx.clone());
         std::thread::spawn(move || {
-            if let Err(e) = serve_instance(name, port, stop) {
+            if let Err(e) = serve_instance(name, port, stop, ready_tx) {
                 eprintln!("[lab] instance {name}: {e:#}");
             }
         });
+    }
+    for _ in INSTANCES {
+        ready.recv_timeout(Duration::from_secs(5)).context("a lab instance did not start listening")?;
     }
     println!("[lab] instances A (:8081) and B (:8082) listen in {SRV}; clients use VIP:80 only");
     println!("[lab] every {}s the NIC owning the VIPs goes down for a while; watch them move", opts.fail_every);

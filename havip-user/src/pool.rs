@@ -351,4 +351,15 @@ pool = true
         assert_eq!(o.vips.len(), 2, "only the held pool VIP joins");
         assert_eq!(overlay(&c, &[]), c);
     }
+
+    #[test]
+    fn the_api_listens_on_loopback_unless_told_otherwise() {
+        let with = |listen: &str| Config::parse(&format!("[api]\nlisten = \"{listen}\"\ntoken_file = \"/t\"\n{POOL}"), "t");
+        assert_eq!(with("7946").unwrap().api.listen, Some("127.0.0.1:7946".parse().unwrap()));
+        assert_eq!(with("[::1]:7946").unwrap().api.listen, Some("[::1]:7946".parse().unwrap()));
+        let e = with("localhost:x").unwrap_err();
+        assert!(e.errors.iter().any(|f| f.field == "api.listen"), "{e}");
+        let e = Config::parse(&format!("[api]\nlisten = \"7946\"\n{POOL}"), "t").unwrap_err();
+        assert!(e.errors.iter().any(|f| f.field == "api.token_file"), "{e}");
+    }
 }
