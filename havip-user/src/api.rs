@@ -130,61 +130,47 @@ struct ReleaseQuery {
 }
 
 fn router(ctx: Ctx) -> Router {
-    async fn request(State(ctx): State<Ctx>, headers: HeaderMap, body: Bytes) -> Reply {
-        if let Err(r) = authorized(&ctx, &headers) {
-            return r;
-        }
+    async fn request(State(ctx): State<Ctx>, body: Bytes) -> Reply {
         match parse::<VipRequest>(&body) {
             Ok(req) => forward(&ctx, Call::Request(req)).await,
             Err(r) => r,
         }
     }
-    async fn list(State(ctx): State<Ctx>, headers: HeaderMap) -> Reply {
-        match authorized(&ctx, &headers) {
-            Ok(()) => forward(&ctx, Call::List).await,
-            Err(r) => r,
-        }
+    async fn list(State(ctx): State<Ctx>) -> Reply {
+        forward(&ctx, Call::List).await
     }
-    async fn release(State(ctx): State<Ctx>, headers: HeaderMap, UrlPath(app): UrlPath<String>, q: Result<Query<ReleaseQuery>, axum::extract::rejection::QueryRejection>) -> Reply {
-        if let Err(r) = authorized(&ctx, &headers) {
-            return r;
-        }
+    async fn release(State(ctx): State<Ctx>, UrlPath(app): UrlPath<String>, q: Result<Query<ReleaseQuery>, axum::extract::rejection::QueryRejection>) -> Reply {
         match q {
             Ok(Query(q)) => forward(&ctx, Call::Release { app, vip: q.vip }).await,
             Err(e) => Reply::error(400, format!("query: {e}; the only parameter is vip=ADDRESS")),
         }
     }
-    async fn bind(State(ctx): State<Ctx>, headers: HeaderMap, body: Bytes) -> Reply {
-        if let Err(r) = authorized(&ctx, &headers) {
-            return r;
-        }
+    async fn bind(State(ctx): State<Ctx>, body: Bytes) -> Reply {
         match parse::<BindBody>(&body) {
             Ok(b) => forward(&ctx, Call::Bind { vip: b.vip, nic: b.nic }).await,
             Err(r) => r,
         }
     }
-    async fn unbind(State(ctx): State<Ctx>, headers: HeaderMap, body: Bytes) -> Reply {
-        if let Err(r) = authorized(&ctx, &headers) {
-            return r;
-        }
+    async fn unbind(State(ctx): State<Ctx>, body: Bytes) -> Reply {
         match parse::<UnbindBody>(&body) {
             Ok(b) => forward(&ctx, Call::Unbind { vip: b.vip }).await,
             Err(r) => r,
         }
     }
-    async fn explain(State(ctx): State<Ctx>, headers: HeaderMap, UrlPath(vip): UrlPath<String>) -> Reply {
-        if let Err(r) = authorized(&ctx, &headers) {
-            return r;
-        }
+    async fn explain(State(ctx): State<Ctx>, UrlPath(vip): UrlPath<String>) -> Reply {
         match vip.parse() {
             Ok(vip) => forward(&ctx, Call::Explain { vip }).await,
             Err(_) => Reply::error(400, format!("`{vip}` is not an IP address")),
         }
     }
-    async fn rerank(State(ctx): State<Ctx>, headers: HeaderMap) -> Reply {
-        match authorized(&ctx, &headers) {
-            Ok(()) => forward(&ctx, Call::Rerank).await,
-            Err(r) => r,
+    async fn rerank(State(ctx): State<Ctx>) -> Reply {
+        forward(&ctx, Call::Rerank).await
+    }
+    // Every route, and the fallback, behind the token check (a no-op on the socket).
+    async fn auth(State(ctx): State<Ctx>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+        match authorized(&ctx, req.headers()) {
+            Ok(()) => next.run(req).await,
+            Err(r) => r.into_response(),
         }
     }
     Router::new()
@@ -195,6 +181,7 @@ fn router(ctx: Ctx) -> Router {
         .route("/v1/explain/{vip}", get(explain))
         .route("/v1/rerank", post(rerank))
         .fallback(|| async { Reply::error(404, "no such endpoint; see the API table in the README (/v1/vips, /v1/bind, ...)") })
+        .layer(axum::middleware::from_fn_with_state(ctx.clone(), auth))
         .with_state(ctx)
 }
 

@@ -3,7 +3,7 @@
 
 use std::{
     io::{Read, Write},
-    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{SocketAddr, TcpStream, UdpSocket},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -35,24 +35,11 @@ pub fn udp_echo_instance(ns: &Netns, vip: &str, port: u16, stop: Arc<AtomicBool>
 
 /// A TCP instance in `ns` on `port` that sends zeros to each client as fast as it can.
 pub fn bulk_instance(ns: &Netns, port: u16, stop: Arc<AtomicBool>) {
-    spawn_in(ns, move || {
-        let l = TcpListener::bind(SocketAddr::from(([0u16; 8], port))).unwrap();
-        l.set_nonblocking(true).unwrap();
-        while !stop.load(Ordering::Relaxed) {
-            match l.accept() {
-                Ok((mut s, _)) => {
-                    s.set_nonblocking(false).unwrap();
-                    let stop = stop.clone();
-                    std::thread::spawn(move || {
-                        let chunk = vec![0u8; 64 * 1024];
-                        while !stop.load(Ordering::Relaxed) && s.write_all(&chunk).is_ok() {}
-                    });
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(5)),
-            }
-        }
+    let until = stop.clone();
+    crate::traffic::tcp_instance(ns, port, stop, move |mut s| {
+        let chunk = vec![0u8; 64 * 1024];
+        while !until.load(Ordering::Relaxed) && s.write_all(&chunk).is_ok() {}
     });
-    std::thread::sleep(Duration::from_millis(50));
 }
 
 /// Downloads from vip:port in `ns` until `stop`, from a thread pinned to `cpu` (if

@@ -16,34 +16,40 @@ use havip_user::netns::Netns;
 
 use crate::topology::{pattern, spawn_in};
 
-/// A TCP service instance in `ns` on `port` (dual-stack, never port 80): sends `greeting`
-/// to each client, then echoes. Stops accepting when `stop` is set.
-pub fn echo_instance(ns: &Netns, port: u16, greeting: &'static [u8], stop: Arc<AtomicBool>) {
+/// A TCP service instance in `ns` on `port` (dual-stack): each accepted connection goes to
+/// `serve` on a thread of its own. Stops accepting when `stop` is set.
+pub fn tcp_instance(ns: &Netns, port: u16, stop: Arc<AtomicBool>, serve: impl Fn(TcpStream) + Clone + Send + 'static) {
     spawn_in(ns, move || {
         let l = TcpListener::bind(SocketAddr::from(([0u16; 8], port))).unwrap();
         l.set_nonblocking(true).unwrap();
         while !stop.load(Ordering::Relaxed) {
             match l.accept() {
-                Ok((mut s, _)) => {
+                Ok((s, _)) => {
                     s.set_nonblocking(false).unwrap();
-                    std::thread::spawn(move || {
-                        assert_eq!(s.local_addr().unwrap().port(), port);
-                        if s.write_all(greeting).is_err() {
-                            return;
-                        }
-                        let mut buf = vec![0u8; 64 * 1024];
-                        while let Ok(n) = s.read(&mut buf) {
-                            if n == 0 || s.write_all(&buf[..n]).is_err() {
-                                break;
-                            }
-                        }
-                    });
+                    let serve = serve.clone();
+                    std::thread::spawn(move || serve(s));
                 }
                 Err(_) => std::thread::sleep(Duration::from_millis(5)),
             }
         }
     });
     std::thread::sleep(Duration::from_millis(50));
+}
+
+/// An echo instance (never port 80): sends `greeting` to each client, then echoes.
+pub fn echo_instance(ns: &Netns, port: u16, greeting: &'static [u8], stop: Arc<AtomicBool>) {
+    tcp_instance(ns, port, stop, move |mut s| {
+        assert_eq!(s.local_addr().unwrap().port(), port);
+        if s.write_all(greeting).is_err() {
+            return;
+        }
+        let mut buf = vec![0u8; 64 * 1024];
+        while let Ok(n) = s.read(&mut buf) {
+            if n == 0 || s.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+    });
 }
 
 /// A long-lived TCP stream from `ns` to vip:80: 4 KiB every 2 ms, each chunk echoed and
