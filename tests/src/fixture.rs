@@ -58,11 +58,16 @@ impl Fixture {
     pub fn new_with(config: &str, passive_tcp: bool) -> Self {
         crate::require_root();
         let root = format!("/sys/fs/bpf/{}", crate::unique("havip-fx"));
-        let mut dp = Dataplane::open_with(root.as_ref(), passive_tcp).expect("loading the programs");
-        let cfg = Config::parse(config, "fixture").unwrap_or_else(|e| panic!("{e}"));
-        let desired = Desired::from_config(&cfg);
-        dp.apply_desired(&desired).unwrap();
-        Self { dp, pins: PinLayout::new(root) }
+        let pins = PinLayout::new(&root);
+        // A load the verifier refuses still leaves maps pinned: remove them before failing.
+        let fail = |what: &str, e: anyhow::Error| -> ! {
+            let _ = remove_all_pins(&pins);
+            panic!("{what}: {e:#}")
+        };
+        let mut dp = Dataplane::open_with(root.as_ref(), passive_tcp).unwrap_or_else(|e| fail("loading the programs", e));
+        let cfg = Config::parse(config, "fixture").unwrap_or_else(|e| fail("the fixture's config", e.into()));
+        dp.apply_desired(&Desired::from_config(&cfg)).unwrap_or_else(|e| fail("applying the fixture's config", e));
+        Self { dp, pins }
     }
 
     fn run(&mut self, prog: &str, input: &[u8], repeat: u32) -> Run {
