@@ -338,20 +338,17 @@ pub fn assign_ids(classes: &Classes, current: &BTreeMap<u32, String>) -> BTreeMa
 
 /// The kernel's view of a class.
 pub fn class_info(class: &Class, id: u32) -> ClassInfo {
-    let mut info = ClassInfo { skb_priority: 0, ncpus: class.cpus.len() as u32, ..Default::default() };
+    let mut info = ClassInfo { ncpus: class.cpus.len() as u32, name: crate::dataplane::padded(&class.name), ..Default::default() };
     info.cpus[..class.cpus.len()].copy_from_slice(&class.cpus);
     if class.egress.is_some() {
         info.skb_priority = skb_priority(class_minor(id));
     }
-    let n = class.name.len().min(info.name.len());
-    info.name[..n].copy_from_slice(&class.name.as_bytes()[..n]);
     info
 }
 
 /// A class's name as the kernel map holds it.
 pub fn info_name(info: &ClassInfo) -> String {
-    let end = info.name.iter().position(|&b| b == 0).unwrap_or(info.name.len());
-    String::from_utf8_lossy(&info.name[..end]).into_owned()
+    crate::dataplane::from_padded(&info.name)
 }
 
 /// The HTB havip keeps on `nic`, or `None` when no class has an egress rate.

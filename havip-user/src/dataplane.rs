@@ -348,8 +348,22 @@ pub fn monotonic_ns() -> u64 {
 }
 
 pub fn nic_name(info: &NicInfo) -> String {
-    let end = info.name.iter().position(|&b| b == 0).unwrap_or(info.name.len());
-    String::from_utf8_lossy(&info.name[..end]).into_owned()
+    from_padded(&info.name)
+}
+
+/// A name as the kernel's maps hold names (NIC and class): NUL-padded to 16 bytes, at most
+/// 15 of them used, so it stays a C string.
+pub fn padded(name: &str) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    let n = name.len().min(15);
+    out[..n].copy_from_slice(&name.as_bytes()[..n]);
+    out
+}
+
+/// The name in a NUL-padded field (see [`padded`]).
+pub fn from_padded(field: &[u8; 16]) -> String {
+    let end = field.iter().position(|&b| b == 0).unwrap_or(field.len());
+    String::from_utf8_lossy(&field[..end]).into_owned()
 }
 
 /// How a NIC ended up attached.
@@ -544,9 +558,7 @@ impl Dataplane {
 
     /// Records a NIC's identity for the CLI and the programs; `index` is its `NIC_STATS` slot.
     pub fn set_nic(&mut self, ifindex: u32, name: &str, mac: [u8; 6], index: u32) -> anyhow::Result<()> {
-        let mut info = NicInfo { mac, index, ..Default::default() };
-        let n = name.len().min(15);
-        info.name[..n].copy_from_slice(&name.as_bytes()[..n]);
+        let info = NicInfo { mac, index, name: padded(name), ..Default::default() };
         self.maps.nics.insert(ifindex, info, 0)?;
         Ok(())
     }
