@@ -14,7 +14,7 @@ use havip_tests::{
     topology::{spawn_in, Topology},
     traffic::echo_instance,
 };
-use havip_user::api::call;
+use havip_user::api::client::call;
 use serde_json::{json, Value};
 
 /// `n` pool VIPs 198.18.100.10.. on eth0 (routed to the server by the router).
@@ -178,7 +178,7 @@ fn the_socket_is_group_accessible_and_tcp_needs_the_bearer_token() {
         token_file.display(),
         pool(1, 0)
     ));
-    let meta = std::fs::metadata(havip_user::control::socket_path(&t.run_dir)).unwrap();
+    let meta = std::fs::metadata(havip_user::api::socket_path(&t.run_dir)).unwrap();
     assert_eq!(std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777, 0o660);
     assert_eq!(std::os::unix::fs::MetadataExt::gid(&meta), 1, "the socket is not the configured group's");
     let get = |auth: Option<&'static str>| {

@@ -54,7 +54,7 @@ fn download_for(t: &Topology, d: Duration, cpu: Option<usize>) -> u64 {
 
 #[test]
 fn each_class_is_processed_on_its_own_cpu_whatever_cpu_received_it() {
-    let cpus = havip_user::classes::online_cpus();
+    let cpus = havip_user::config::classes::online_cpus();
     assert!(cpus.contains(&0) && cpus.contains(&1), "this test needs CPUs 0 and 1");
     let classes = "[class.latency]\ncpus = [0]\n[class.bulk]\ncpus = [1]\n";
     let (t, stop) = start(&two_services("class = \"latency\"", "class = \"bulk\"", classes));
@@ -75,7 +75,7 @@ fn each_class_is_processed_on_its_own_cpu_whatever_cpu_received_it() {
     assert_eq!(b[0], 0, "bulk traffic was processed on CPU 0: {bulk}");
 
     // The XDP program saw the latency requests arrive on CPU 1 and queued them all.
-    let maps = havip_user::dataplane::Maps::open(&havip_user::pins::PinLayout::new(&t.pin_root)).unwrap();
+    let maps = havip_user::kernel::dataplane::Maps::open(&havip_user::kernel::pins::PinLayout::new(&t.pin_root)).unwrap();
     let id = t.vip_stats(VIP1_V4)["id"].as_u64().unwrap() as u32;
     let rx_per_cpu: Vec<u64> = maps.vip_counters_per_cpu(id).unwrap().iter().map(|c| c.rx.packets).collect();
     assert!(rx_per_cpu[1] >= 200, "the requests did not arrive on CPU 1: {rx_per_cpu:?}");

@@ -420,7 +420,7 @@ fn probe_replies_are_measured_in_the_kernel_and_consumed() {
     let mut fx = Fixture::new(TWO_VIPS);
     for (nic_addr, target) in [("198.18.40.1", "198.18.50.1"), ("2001:db8:40::1", "2001:db8:50::1")] {
         let slot = if target.contains(':') { 7 } else { 3 };
-        fx.dp.maps.set_probe_slot(slot, Some((TEST_IFINDEX, ip(target))), (havip_common::PROBE_KIND_ICMP, None)).unwrap();
+        fx.maps.set_probe_slot(slot, Some((TEST_IFINDEX, ip(target))), (havip_common::PROBE_KIND_ICMP, None)).unwrap();
         let id = PROBE_ID_BASE | slot as u16;
         let request = icmp_echo_with(ip(nic_addr), ip(target), false, id, 1, 64);
         // Without havipd's mark it is somebody else's ping: not timestamped.
@@ -434,14 +434,14 @@ fn probe_replies_are_measured_in_the_kernel_and_consumed() {
         assert_eq!(fx.ingress(&spoofed).action, XDP_PASS);
         let r = fx.ingress(&reply);
         assert_eq!(r.action, XDP_DROP, "{target}: the probe reply is consumed");
-        let st = fx.dp.maps.probe_stats.get(&slot, 0).unwrap();
+        let st = fx.maps.probe_stats.get(&slot, 0).unwrap();
         assert_eq!((st.sent, st.received, st.last_ttl), (1, 1, 62), "{target}");
         assert!(st.last_rtt_ns >= 5_000_000 && st.last_rtt_ns < 1_000_000_000, "{target}: rtt {} ns", st.last_rtt_ns);
         assert_eq!(st.rtt_ewma_ns, st.last_rtt_ns, "first sample");
         assert_eq!(st.rtt_hist.iter().sum::<u64>(), 1);
         // The same reply again (a duplicate) is consumed but not measured twice.
         assert_eq!(fx.ingress(&reply).action, XDP_DROP);
-        assert_eq!(fx.dp.maps.probe_stats.get(&slot, 0).unwrap().received, 1);
+        assert_eq!(fx.maps.probe_stats.get(&slot, 0).unwrap().received, 1);
         // Echo replies that are not probes (other identifiers) go to the kernel.
         let other = icmp_echo_with(ip(target), ip(nic_addr), true, 0x1234, 1, 62);
         assert_eq!(fx.ingress(&other).out, other);
@@ -458,7 +458,7 @@ fn tcp_round_trips_are_sampled_from_live_traffic() {
     use etherparse::PacketBuilder;
     let mut fx = Fixture::new(TWO_VIPS);
     fx.bind(VIP4, TEST_IFINDEX, OWNER_MAC);
-    let vip_id = fx.dp.maps.vips.get(&VipKey::from(ip(VIP4)), 0).unwrap().id;
+    let vip_id = fx.maps.vips.get(&VipKey::from(ip(VIP4)), 0).unwrap().id;
     let key = PeerKey { peer: VipKey::from(ip(CLIENT4)), vip_id, nic_index: 0 };
     let seg = |from_vip: bool, seq: u32, ack: u32, syn: bool, payload: &[u8]| {
         let (src, dst, sp, dp) = if from_vip { (VIP4, CLIENT4, 8081, 40000) } else { (CLIENT4, VIP4, 40000, 80) };
@@ -479,23 +479,23 @@ fn tcp_round_trips_are_sampled_from_live_traffic() {
     fx.egress(&seg(true, 1000, 5001, true, b""));
     std::thread::sleep(std::time::Duration::from_millis(3));
     fx.ingress(&seg(false, 5001, 1001, false, b""));
-    let st = fx.dp.maps.peer_quality.get(&key, 0).expect("no sample from the handshake");
+    let st = fx.maps.peer_quality.get(&key, 0).expect("no sample from the handshake");
     assert_eq!(st.samples, 1);
     assert!(st.last_rtt_ns >= 3_000_000, "{st:?}");
     // Data: 100 bytes out at 1001, an ACK of 1050 does not cover it, 1101 does.
     fx.egress(&seg(true, 1001, 5001, false, &[7; 100]));
     fx.ingress(&seg(false, 5001, 1050, false, b""));
-    assert_eq!(fx.dp.maps.peer_quality.get(&key, 0).unwrap().samples, 1, "a partial ACK ends no sample");
+    assert_eq!(fx.maps.peer_quality.get(&key, 0).unwrap().samples, 1, "a partial ACK ends no sample");
     fx.ingress(&seg(false, 5001, 1101, false, b""));
-    assert_eq!(fx.dp.maps.peer_quality.get(&key, 0).unwrap().samples, 2);
+    assert_eq!(fx.maps.peer_quality.get(&key, 0).unwrap().samples, 2);
     // Retransmission: 1101..1201 sampled, then sent again before any ACK.
     fx.egress(&seg(true, 1101, 5001, false, &[7; 100]));
     fx.egress(&seg(true, 1101, 5001, false, &[7; 100]));
-    let st = fx.dp.maps.peer_quality.get(&key, 0).unwrap();
+    let st = fx.maps.peer_quality.get(&key, 0).unwrap();
     assert_eq!((st.samples, st.retransmits), (2, 1));
     // Karn: the ACK that follows is ambiguous and gives no sample.
     fx.ingress(&seg(false, 5001, 1201, false, b""));
-    assert_eq!(fx.dp.maps.peer_quality.get(&key, 0).unwrap().samples, 2);
+    assert_eq!(fx.maps.peer_quality.get(&key, 0).unwrap().samples, 2);
 }
 
 /// havipd loads the variant without passive TCP measurement when `[passive] tcp = false`:
@@ -514,7 +514,7 @@ fn the_variant_without_passive_measurement_remaps_the_same() {
         let r = fx.egress(&build(l4, vip, 8081, client, 40000, vlan, b"y"));
         assert_eq!(inspect(&r.out).sport, 80, "{fam} {l4:?}");
     }
-    assert_eq!(fx.dp.maps.peer_quality.iter().count(), 0, "nothing sampled");
+    assert_eq!(fx.maps.peer_quality.iter().count(), 0, "nothing sampled");
 }
 
 /// TCP SYN probes: the SYN leaves from the slot's port (timestamped when marked), and the
@@ -525,7 +525,7 @@ fn tcp_syn_probes_are_measured_and_their_answers_consumed() {
     use havip_common::{PROBE_MARK, PROBE_PORT_BASE};
     let mut fx = Fixture::new(TWO_VIPS);
     let (nic, target, slot) = ("198.18.40.1", "198.18.50.1", 5u32);
-    fx.dp.maps.set_probe_slot(slot, Some((TEST_IFINDEX, ip(target))), (havip_common::PROBE_KIND_TCP, Some(443))).unwrap();
+    fx.maps.set_probe_slot(slot, Some((TEST_IFINDEX, ip(target))), (havip_common::PROBE_KIND_TCP, Some(443))).unwrap();
     let seg = |src: &str, dst: &str, sport: u16, dport: u16, seq: u32, ack: Option<u32>, syn: bool, rst: bool| {
         let v4 = |a: &str| match ip(a) { IpAddr::V4(a) => a.octets(), _ => unreachable!() };
         let mut t = PacketBuilder::ethernet2(CLIENT_MAC, CLIENT_MAC).ipv4(v4(src), v4(dst), 60).tcp(sport, dport, seq, 1024);
@@ -553,12 +553,12 @@ fn tcp_syn_probes_are_measured_and_their_answers_consumed() {
         let answer = seg(target, nic, 443, port, 9, Some(seq + 1), !rst, rst);
         assert_eq!(fx.ingress(&answer).action, XDP_DROP, "the answer is consumed (rst={rst})");
     }
-    let st = fx.dp.maps.probe_stats.get(&slot, 0).unwrap();
+    let st = fx.maps.probe_stats.get(&slot, 0).unwrap();
     assert_eq!((st.sent, st.received), (2, 2));
     assert!(st.last_rtt_ns >= 2_000_000, "{st:?}");
     // A SYN without havipd's mark is somebody's connection: not timestamped.
     fx.egress(&seg(nic, target, port, 443, 102, None, true, false));
-    assert_eq!(fx.dp.maps.probe_stats.get(&slot, 0).unwrap().sent, 2);
+    assert_eq!(fx.maps.probe_stats.get(&slot, 0).unwrap().sent, 2);
 }
 
 /// UDP probes: the probe leaves from the slot's port with its sequence in the payload;
@@ -570,7 +570,7 @@ fn udp_probes_are_answered_by_udp_or_by_port_unreachable() {
     use havip_common::{PROBE_KIND_UDP, PROBE_MARK, PROBE_PORT_BASE};
     let mut fx = Fixture::new(TWO_VIPS);
     let (nic, target, slot) = ([198, 18, 40, 1], [198, 18, 50, 1], 9u32);
-    fx.dp.maps.set_probe_slot(slot, Some((TEST_IFINDEX, ip("198.18.50.1"))), (PROBE_KIND_UDP, Some(33434))).unwrap();
+    fx.maps.set_probe_slot(slot, Some((TEST_IFINDEX, ip("198.18.50.1"))), (PROBE_KIND_UDP, Some(33434))).unwrap();
     let port = PROBE_PORT_BASE + slot as u16;
     let udp = |src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, seq: u32| {
         let mut payload = seq.to_be_bytes().to_vec();
@@ -596,7 +596,7 @@ fn udp_probes_are_answered_by_udp_or_by_port_unreachable() {
         .write(&mut err, &probe[14..])
         .unwrap();
     assert_eq!(fx.ingress(&err).action, XDP_DROP, "the port unreachable is the answer");
-    let st = fx.dp.maps.probe_stats.get(&slot, 0).unwrap();
+    let st = fx.maps.probe_stats.get(&slot, 0).unwrap();
     assert_eq!((st.sent, st.received), (2, 2), "{st:?}");
     assert!(st.last_rtt_ns >= 2_000_000);
     // A port unreachable quoting something else passes to the kernel.
@@ -631,7 +631,7 @@ fn a_classed_vip_goes_to_its_class_cpu_queue_remapped_and_counted() {
     assert_eq!(r.action, XDP_REDIRECT, "to the cpumap");
     // BPF_PROG_RUN returns the frame with its XDP metadata: the class, for the program on
     // the queue's CPU.
-    let id = fx.dp.maps.class_ids().unwrap()["latency"];
+    let id = fx.maps.class_ids().unwrap()["latency"];
     let (meta, out) = r.out.split_at(8);
     assert_eq!(meta[..4], havip_common::CLASS_META_MAGIC.to_ne_bytes());
     assert_eq!(meta[4..], id.to_ne_bytes());
@@ -670,10 +670,10 @@ fn a_vip_without_a_class_passes_as_before() {
 
 #[test]
 fn egress_puts_each_class_into_its_htb_class_by_skb_priority() {
-    use havip_user::{classes::class_minor, qdisc::skb_priority};
+    use havip_user::kernel::{classes::class_minor, qdisc::skb_priority};
     let mut fx = Fixture::new(&classed());
     fx.bind(VIP4, TEST_IFINDEX, OWNER_MAC);
-    let ids = fx.dp.maps.class_ids().unwrap();
+    let ids = fx.maps.class_ids().unwrap();
     // A reply from the instance port: remapped back to :80, in the VIP's class.
     let (r, prio) = fx.egress_priority(&build(L4::Tcp, ip(VIP4), 8081, ip(CLIENT4), 40000, None, b"reply"));
     assert_eq!(r.action, TC_ACT_OK);

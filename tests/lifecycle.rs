@@ -118,12 +118,12 @@ fn reload_applies_the_difference_without_detaching_and_refuses_bad_files() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("vip[0].address"), "{}", String::from_utf8_lossy(&out.stderr));
     // The daemon refuses it too (a SIGHUP behind the CLI's back).
-    let pid = havip_user::state::State::load(&t.run_dir).unwrap().unwrap().pid.unwrap();
-    let gen = havip_user::state::State::load(&t.run_dir).unwrap().unwrap().generation;
+    let pid = havip_user::node::state::State::load(&t.run_dir).unwrap().unwrap().pid.unwrap();
+    let gen = havip_user::node::state::State::load(&t.run_dir).unwrap().unwrap().generation;
     unsafe { libc::kill(pid as i32, libc::SIGHUP) };
     let deadline = Instant::now() + Duration::from_secs(5);
     let state = loop {
-        let s = havip_user::state::State::load(&t.run_dir).unwrap().unwrap();
+        let s = havip_user::node::state::State::load(&t.run_dir).unwrap().unwrap();
         if s.generation > gen {
             break s;
         }
@@ -209,7 +209,7 @@ fn down_removes_everything_havip_installed() {
     }
     let lo = t.server_lo_addresses();
     assert!(!lo.contains(VIP1_V4) && !lo.contains(VIP1_V6), "VIP addresses left: {lo}");
-    assert!(havip_user::state::State::load(&t.run_dir).unwrap().is_none(), "state file left");
+    assert!(havip_user::node::state::State::load(&t.run_dir).unwrap().is_none(), "state file left");
     // The CLI now says clearly that nothing is there.
     let out = t.havip(&["stats"]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("start havipd first"));

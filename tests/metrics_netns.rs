@@ -19,7 +19,7 @@ use havip_tests::{
     topology::{pattern, spawn_in, Topology, VIP1_V4, VIP2_V4},
     traffic::echo_instance,
 };
-use havip_user::state::State;
+use havip_user::node::state::State;
 use prometheus_parse::{LineInfo, SampleType, Scrape, Value};
 
 const DATAGRAMS: u64 = 40;

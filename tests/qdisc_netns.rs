@@ -1,4 +1,4 @@
-//! havip's HTB egress classes (`havip_user::qdisc`) against the real kernel, on a veth pair
+//! havip's HTB egress classes (`havip_user::kernel::qdisc`) against the real kernel, on a veth pair
 //! between two fresh namespaces:
 //!
 //! ```text
@@ -23,8 +23,9 @@ use std::{
 
 use havip_tests::{require_root, unique};
 use havip_user::{
-    netns::{enter, in_netns, veth_pair, Netns},
-    qdisc::{self, parse_rate, skb_priority, ClassState, HtbClass, HtbSpec, RootQdisc},
+    kernel::netns::{enter, in_netns, veth_pair, Netns},
+    config::rate::parse_rate,
+    kernel::qdisc::{self, skb_priority, ClassState, HtbClass, HtbSpec, RootQdisc},
 };
 
 const NIC: &str = "hq0";

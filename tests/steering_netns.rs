@@ -226,10 +226,10 @@ fn a_flapping_link_settles_with_one_owner_and_never_two_answers() {
 #[test]
 fn bad_bind_requests_are_refused_and_change_nothing() {
     let mut t = Topology::switched();
-    havip_user::netns::veth_pair(&t.srv, "c0", &t.rtr, "sd").unwrap();
+    havip_user::kernel::netns::veth_pair(&t.srv, "c0", &t.rtr, "sd").unwrap();
     t.write_config_raw(&config(0, &["c0"]));
     t.start_daemon();
-    let state = || havip_user::state::State::load(&t.run_dir).unwrap().unwrap();
+    let state = || havip_user::node::state::State::load(&t.run_dir).unwrap().unwrap();
     t.srv.ip(&["link", "set", "b0", "down"]).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let cases: [(&[&str], &str); 5] = [

@@ -61,8 +61,8 @@ fn openpty(rows: u16, cols: u16) -> (File, OwnedFd) {
 }
 
 fn lab_is_serving() -> bool {
-    havip_user::pins::PinLayout::new(PIN).exists()
-        && havip_user::state::State::load(Path::new(RUN)).ok().flatten().is_some_and(|s| s.last_apply.is_some_and(|a| a.ok))
+    havip_user::kernel::pins::PinLayout::new(PIN).exists()
+        && havip_user::node::state::State::load(Path::new(RUN)).ok().flatten().is_some_and(|s| s.last_apply.is_some_and(|a| a.ok))
 }
 
 /// The screen line that is the table row of `vip`.

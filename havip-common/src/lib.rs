@@ -7,6 +7,7 @@
 pub mod classes;
 pub mod csum;
 pub mod maps;
+pub mod names;
 pub mod types;
 
 pub use classes::*;

@@ -1,30 +1,27 @@
-//! havip's controller library: configuration, planning, the dataplane handle, the daemon,
-//! live stats and the lab. `havipd` and `havip` are thin binaries over it.
+//! havip's controller library. `havipd` and `havip` are thin binaries over it. The folders
+//! are layers; each imports only from the layers listed before it:
+//!
+//! - `config`: the TOML file, validated whole into typed values (no I/O beyond reading it);
+//! - `kernel`: everything that touches the kernel: the pinned dataplane and its maps, the
+//!   map plan, qdiscs, rtnetlink, announcements, probe sockets, namespaces;
+//! - `api`: the HTTP API's types, server and client (the server only parses and forwards);
+//! - `node`: the controller: pure decisions (binder, rank, placer, pool) and the parts
+//!   that carry them out (reconciler, prober, mover), driven by one event loop;
+//! - `observe`: reading what runs: stats, Prometheus metrics, `havip top`;
+//! - `cli`: the two binaries' verbs, the lab and teardown.
+//!
+//! `faults` (test-only fault points) stands outside the layers: any of them may use it.
 
-pub mod announce;
 pub mod api;
-pub mod binder;
-pub mod classes;
 pub mod cli;
-pub mod control;
 pub mod config;
-pub mod daemon;
-pub mod dataplane;
-pub mod events;
-pub mod lab;
-pub mod metrics;
-pub mod netlink;
-pub mod netns;
-pub mod pins;
-pub mod plan;
-pub mod pool;
-pub mod rank;
-pub mod prober;
-pub mod qdisc;
-pub mod state;
-pub mod stats;
-pub mod teardown;
-pub mod top;
+pub mod faults;
+pub mod kernel;
+pub mod node;
+pub mod observe;
+
+#[cfg(test)]
+mod layers;
 
 /// Logs to stderr, filtered by RUST_LOG (default: info).
 pub fn init_logging() {
@@ -35,10 +32,5 @@ pub fn init_logging() {
         .add_directive("netlink_packet_route=error".parse().expect("static directive"));
     // Colour only on a terminal: logs in files and journals stay greppable.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .with_ansi(ansi)
-        .try_init();
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).with_ansi(ansi).try_init();
 }

@@ -17,7 +17,7 @@ use std::{
 };
 
 use havip_common::VipKey;
-use havip_user::{dataplane::Maps, pins::PinLayout};
+use havip_user::{kernel::dataplane::Maps, kernel::pins::PinLayout};
 use serde::Serialize;
 
 use crate::topology::{spawn_in, Topology};
@@ -110,8 +110,8 @@ pub fn run(trials: usize) -> FailoverReport {
     let maps = Maps::open(&PinLayout::new(&t.pin_root)).unwrap();
     let vip_id = maps.vips.get(&VipKey::from(VIP.parse::<std::net::IpAddr>().unwrap()), 0).unwrap().id;
     let nics = maps.nic_infos();
-    let index_of = |name: &str| nics.values().find(|i| havip_user::dataplane::nic_name(i) == name).unwrap().index;
-    let ifindex_of = |name: &str| *nics.iter().find(|(_, i)| havip_user::dataplane::nic_name(i) == name).unwrap().0;
+    let index_of = |name: &str| nics.values().find(|i| i.name() == name).unwrap().index;
+    let ifindex_of = |name: &str| *nics.iter().find(|(_, i)| i.name() == name).unwrap().0;
 
     let stop = Arc::new(AtomicBool::new(false));
     let events = link_event_clock(&t, stop.clone());

@@ -7,9 +7,9 @@ use aya::programs::{TestRun, TestRunOptions};
 use havip_common::{maps as m, Direction, Outcome, VipCounters, VipKey};
 use havip_user::{
     config::Config,
-    dataplane::{remove_all_pins, Dataplane},
-    pins::PinLayout,
-    plan::Desired,
+    kernel::dataplane::{remove_all_pins, Dataplane, Maps},
+    kernel::pins::PinLayout,
+    kernel::plan::Desired,
 };
 
 /// Two VIPs (one per family), each reaching an instance on :8081 as :80 over TCP and UDP.
@@ -37,6 +37,9 @@ pub const TC_ACT_OK: u32 = 0;
 
 pub struct Fixture {
     pub dp: Dataplane,
+    /// The same pinned maps, opened directly: fixtures set up and read map state that the
+    /// controller only changes through the dataplane's verbs.
+    pub maps: Maps,
     pins: PinLayout,
 }
 
@@ -67,7 +70,8 @@ impl Fixture {
         let mut dp = Dataplane::open_with(root.as_ref(), passive_tcp).unwrap_or_else(|e| fail("loading the programs", e));
         let cfg = Config::parse(config, "fixture").unwrap_or_else(|e| fail("the fixture's config", e.into()));
         dp.apply_desired(&Desired::from_config(&cfg)).unwrap_or_else(|e| fail("applying the fixture's config", e));
-        Self { dp, pins }
+        let maps = Maps::open(&pins).unwrap_or_else(|e| fail("opening the pinned maps", e));
+        Self { dp, maps, pins }
     }
 
     fn run(&mut self, prog: &str, input: &[u8], repeat: u32) -> Run {
@@ -141,25 +145,25 @@ impl Fixture {
     }
 
     pub fn outcome(&self, dir: Direction, o: Outcome) -> u64 {
-        self.dp.maps.outcome_totals().unwrap()[o.index(dir) as usize]
+        self.maps.outcome_totals().unwrap()[o.index(dir) as usize]
     }
 
     /// Binds a VIP to `ifindex` with `mac` (BPF_PROG_RUN runs XDP as if received on the
     /// test's loopback, ifindex 1; TC as if sent by it).
     pub fn bind(&mut self, ip: &str, ifindex: u32, mac: [u8; 6]) {
         let key = VipKey::from(ip.parse::<IpAddr>().unwrap());
-        let info = self.dp.maps.vips.get(&key, 0).expect("not a VIP");
+        let info = self.maps.vips.get(&key, 0).expect("not a VIP");
         let b = havip_common::Binding { ifindex, nic_index: 0, mac, ..Default::default() };
-        self.dp.maps.set_binding(info.id, b).unwrap();
+        self.maps.set_binding(info.id, b).unwrap();
     }
 
     /// A VIP's counters in class `class`, summed over CPUs.
     pub fn class_counters(&self, ip: &str, class: &str) -> havip_common::ClassCounters {
         let key = VipKey::from(ip.parse::<IpAddr>().unwrap());
-        let info = self.dp.maps.vips.get(&key, 0).expect("not a VIP");
-        let class = self.dp.maps.class_ids().unwrap()[class];
+        let info = self.maps.vips.get(&key, 0).expect("not a VIP");
+        let class = self.maps.class_ids().unwrap()[class];
         let mut t = havip_common::ClassCounters::default();
-        for c in self.dp.maps.class_stats.get(&havip_common::ClassStatsKey { vip_id: info.id, class }, 0).unwrap().iter() {
+        for c in self.maps.class_stats.get(&havip_common::ClassStatsKey { vip_id: info.id, class }, 0).unwrap().iter() {
             t.add(c);
         }
         t
@@ -167,8 +171,8 @@ impl Fixture {
 
     pub fn vip(&self, ip: &str) -> VipCounters {
         let key = VipKey::from(ip.parse::<IpAddr>().unwrap());
-        let info = self.dp.maps.vips.get(&key, 0).expect("not a VIP");
-        self.dp.maps.vip_counters(info.id).unwrap()
+        let info = self.maps.vips.get(&key, 0).expect("not a VIP");
+        self.maps.vip_counters(info.id).unwrap()
     }
 }
 

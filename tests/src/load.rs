@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use havip_user::netns::Netns;
+use havip_user::kernel::netns::Netns;
 
 use crate::topology::spawn_in;
 

@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use havip_user::netns::{veth_pair, Netns};
+use havip_user::kernel::netns::{veth_pair, Netns};
 
 use crate::{
     relay::{Impairment, Relay},

@@ -13,8 +13,9 @@ use std::{
 };
 
 use havip_user::{
-    binder::{self, LinkState, Placement},
-    rank::{self, Sample, Settings, VipMemory},
+    node::binder::{self, LinkState, Placement},
+    node::rank::{self, Sample, VipMemory},
+    config::ranking::Settings,
 };
 use serde::Serialize;
 

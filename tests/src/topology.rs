@@ -20,8 +20,8 @@ use std::{
 };
 
 use havip_user::{
-    netns::{enter, veth_pair, Netns},
-    state::State,
+    kernel::netns::{enter, veth_pair, Netns},
+    node::state::State,
 };
 
 pub const VIP1_V4: &str = "198.18.100.1";
@@ -124,7 +124,7 @@ impl Topology {
         let mut t = t;
         let peer_pins = t.peer_pin_dir();
         for port in ["sa", "sb"] {
-            t.peer_xdp.push(havip_user::lab::pass_through_xdp(&t.rtr.name, port, &peer_pins).unwrap());
+            t.peer_xdp.push(havip_user::cli::lab::pass_through_xdp(&t.rtr.name, port, &peer_pins).unwrap());
         }
         let cmds: [(&Netns, &[&str]); 6] = [
             (&t.srv, &["addr", "add", "198.18.20.1/24", "dev", "a0"]),
@@ -281,8 +281,8 @@ impl Topology {
     /// (link id, program id) of the pinned XDP and TC links on eth0.
     pub fn links(&self) -> Vec<(u32, u32)> {
         use aya::programs::links::{FdLink, PinnedLink};
-        let pins = havip_user::pins::PinLayout::new(&self.pin_root);
-        [havip_user::pins::Hook::Xdp, havip_user::pins::Hook::TcEgress]
+        let pins = havip_user::kernel::pins::PinLayout::new(&self.pin_root);
+        [havip_user::kernel::pins::Hook::Xdp, havip_user::kernel::pins::Hook::TcEgress]
             .into_iter()
             .map(|hook| {
                 let link = FdLink::from(PinnedLink::from_pin(pins.link("eth0", hook)).expect("link pinned"));
@@ -312,7 +312,7 @@ impl Drop for Topology {
         if std::thread::panicking() {
             eprintln!("havipd log:\n{}", self.daemon_log());
         }
-        if let Err(e) = havip_user::teardown::down(&self.pin_root, &self.run_dir) {
+        if let Err(e) = havip_user::cli::teardown::down(&self.pin_root, &self.run_dir) {
             eprintln!("teardown: {e:#}");
         }
         self.peer_xdp.clear();

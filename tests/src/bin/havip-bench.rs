@@ -89,7 +89,7 @@ fn ip(s: &str) -> IpAddr {
 fn add_flip_mappings(fx: &mut Fixture) {
     for vip in ["198.18.100.1", "2001:db8:100::1"] {
         let idx = vip_slot(&VipKey::from(ip(vip)));
-        let mut slot = fx.dp.maps.vip_slots.get(&idx, 0).unwrap();
+        let mut slot = fx.maps.vip_slots.get(&idx, 0).unwrap();
         let free: Vec<usize> = (0..slot.remap_in.len())
             .filter(|&i| slot.remap_in[i].proto == 0)
             .collect();
@@ -102,7 +102,7 @@ fn add_flip_mappings(fx: &mut Fixture) {
                 _pad: [0; 3],
             };
         }
-        fx.dp.maps.vip_slots.set(idx, slot, 0).unwrap();
+        fx.maps.vip_slots.set(idx, slot, 0).unwrap();
     }
 }
 

@@ -1,0 +1,50 @@
+//! `[ranking]` as validated: how path quality orders a VIP's candidate NICs. The ranking
+//! itself is `node::rank`.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Combine {
+    #[default]
+    Mean,
+    Sum,
+}
+
+/// Validated `[ranking]` settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Settings {
+    pub interval: Duration,
+    pub window: Duration,
+    pub weight_latency: f64,
+    pub weight_loss: f64,
+    pub weight_hops: f64,
+    pub combine: Combine,
+    pub margin: f64,
+    pub min_gain: f64,
+    pub hold_down: Duration,
+    pub max_rtt_ms: Option<f64>,
+    pub max_loss_pct: Option<f64>,
+    pub top_k: Option<usize>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_millis(1000),
+            window: Duration::from_millis(5000),
+            weight_latency: 1.0,
+            weight_loss: 2.0,
+            weight_hops: 1.0,
+            combine: Combine::Mean,
+            margin: 0.2,
+            min_gain: 1.0,
+            hold_down: Duration::from_millis(3000),
+            max_rtt_ms: None,
+            max_loss_pct: None,
+            top_k: None,
+        }
+    }
+}

@@ -1,0 +1,12 @@
+//! Everything that touches the kernel. Nothing here decides anything: the node layer says
+//! what to do, these modules do it.
+
+pub mod announce;
+pub mod classes;
+pub mod dataplane;
+pub mod netlink;
+pub mod netns;
+pub mod pins;
+pub mod plan;
+pub mod probe_socket;
+pub mod qdisc;

@@ -1,0 +1,329 @@
+//! The node's pool of VIPs that applications (or their orchestrators) request through the
+//! API: which VIP a request gets, and the configuration that results. Pure functions; the
+//! daemon applies the result in one step and keeps the allocations in its state file.
+//!
+//! - A request gets the best-ranked usable pool VIP for its targets (the same quality
+//!   ranking that places VIPs on NICs), bound and remapped at once.
+//! - An exclusive VIP is never given to two applications. A shared request may join a VIP
+//!   other shared requests hold, if its ports do not collide there.
+//! - Taking a free VIP must leave at least `[pool] reserve` free ones; otherwise, or with
+//!   none usable, the request is refused with the reason (409) and nothing changes.
+//! - The application is never modified: it keeps listening on its instance port, and
+//!   clients reach it as VIP:service_port.
+
+use std::{collections::BTreeSet, net::IpAddr};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    api::{ApiError, VipRequest},
+    config::{Config, Protocol, Remap, Vip},
+};
+
+/// One granted request, kept in the state file.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+pub struct Allocation {
+    pub app: String,
+    pub vip: IpAddr,
+    pub exclusive: bool,
+    pub protocol: Protocol,
+    pub service_port: u16,
+    pub instance_port: u16,
+    pub targets: Vec<IpAddr>,
+    pub class: Option<String>,
+    /// When it was granted, ms since the Unix epoch.
+    pub at_ms: u64,
+}
+
+/// The checks that need no pool state.
+pub fn check(cfg: &Config, r: &VipRequest, held: &[Allocation]) -> Result<(), ApiError> {
+    let ok_app = !r.app.is_empty() && r.app.len() <= 64 && r.app.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':'));
+    if !ok_app {
+        return Err(ApiError::bad("app", format!("`{}` is not an application id: use 1-64 of A-Z a-z 0-9 . _ - :", r.app)));
+    }
+    if r.service_port == 0 {
+        return Err(ApiError::bad("service_port", "0 is not a port; give the port clients address (1-65535)"));
+    }
+    if r.instance_port == 0 {
+        return Err(ApiError::bad("instance_port", "0 is not a port; give the port the application listens on"));
+    }
+    if r.instance_port == r.service_port {
+        return Err(ApiError::bad("instance_port", "equals service_port; nothing to remap (the application needs its own port)"));
+    }
+    if r.targets.len() > 16 {
+        return Err(ApiError::bad("targets", format!("{} targets given, at most 16", r.targets.len())));
+    }
+    for (i, t) in r.targets.iter().enumerate() {
+        if t.is_unspecified() || t.is_multicast() || t.is_loopback() {
+            return Err(ApiError::bad(&format!("targets[{i}]"), format!("{t} cannot be probed; give a unicast address of a peer")));
+        }
+    }
+    if let Some(c) = &r.class {
+        if !cfg.classes.classes.contains_key(c) {
+            let known: Vec<&str> = cfg.classes.classes.keys().map(String::as_str).collect();
+            return Err(ApiError::bad(
+                "class",
+                format!("class `{c}` is not defined on this node (defined: {})", if known.is_empty() { "none".into() } else { known.join(", ") }),
+            ));
+        }
+    }
+    if let Some(a) = held.iter().find(|a| a.app == r.app && a.protocol == r.protocol && a.service_port == r.service_port) {
+        return Err(ApiError::Conflict(format!("`{}` already holds {}:{} ({}); release it first", r.app, a.vip, a.service_port, a.protocol)));
+    }
+    Ok(())
+}
+
+/// The ports (designated and instance) allocations use on `vip` for `proto`.
+fn used_ports(held: &[Allocation], vip: IpAddr, proto: Protocol) -> BTreeSet<u16> {
+    held.iter().filter(|a| a.vip == vip && a.protocol == proto).flat_map(|a| [a.service_port, a.instance_port]).collect()
+}
+
+/// The pool VIP for `r`. `cost` ranks a VIP for the request's targets: `Some((cost, nic))`
+/// of its best candidate NIC, `None` while unmeasured.
+pub fn choose(cfg: &Config, held: &[Allocation], r: &VipRequest, cost: impl Fn(&Vip) -> Option<(f64, String)>) -> Result<(IpAddr, String), ApiError> {
+    if cfg.pool.is_empty() {
+        return Err(ApiError::Conflict("this node has no pool VIPs (`[[vip]] pool = true`)".into()));
+    }
+    let free: Vec<&Vip> = cfg.pool.iter().filter(|v| !held.iter().any(|a| a.vip == v.address)).collect();
+    let shared: Vec<&Vip> = if r.exclusive {
+        Vec::new()
+    } else {
+        cfg.pool
+            .iter()
+            .filter(|v| {
+                let on: Vec<&Allocation> = held.iter().filter(|a| a.vip == v.address).collect();
+                !on.is_empty() && on.iter().all(|a| !a.exclusive) && {
+                    let used = used_ports(held, v.address, r.protocol);
+                    !used.contains(&r.service_port) && !used.contains(&r.instance_port)
+                }
+            })
+            .collect()
+    };
+    let at_reserve = free.len() <= cfg.pool_reserve;
+    let mut candidates: Vec<(&Vip, bool)> = shared.iter().map(|v| (*v, true)).collect();
+    if !at_reserve {
+        candidates.extend(free.iter().map(|v| (*v, false)));
+    }
+    if candidates.is_empty() {
+        let holders: BTreeSet<&str> = held.iter().map(|a| a.app.as_str()).collect();
+        return Err(ApiError::Conflict(if free.is_empty() {
+            format!(
+                "the pool is exhausted: all {} pool VIP(s) are held{} (by {})",
+                cfg.pool.len(),
+                if r.exclusive { "" } else { ", none shareable for these ports" },
+                holders.into_iter().collect::<Vec<_>>().join(", ")
+            )
+        } else {
+            format!("the pool is at its reserve: {} free pool VIP(s), reserve {} (`[pool] reserve`)", free.len(), cfg.pool_reserve)
+        }));
+    }
+    // Best first: measured before unmeasured, then cost, then a VIP already shared (it
+    // uses up nothing), then configured order.
+    struct Ranked<'a> {
+        vip: &'a Vip,
+        shared: bool,
+        cost: Option<(f64, String)>,
+        order: usize,
+    }
+    let mut ranked: Vec<Ranked> = candidates
+        .into_iter()
+        .map(|(vip, shared)| Ranked { vip, shared, cost: cost(vip), order: cfg.pool.iter().position(|p| p.address == vip.address).unwrap_or(usize::MAX) })
+        .collect();
+    ranked.sort_by(|a, b| {
+        let c = |x: &Ranked| x.cost.as_ref().map_or(0.0, |c| c.0);
+        a.cost.is_none().cmp(&b.cost.is_none()).then_with(|| c(a).total_cmp(&c(b))).then_with(|| (!a.shared, a.order).cmp(&(!b.shared, b.order)))
+    });
+    let best = &ranked[0];
+    let kind = if best.shared { "shared" } else { "free" };
+    let why = match &best.cost {
+        Some((cost, nic)) => {
+            let next = ranked.get(1).map(|n| match &n.cost {
+                Some((cost, nic)) => format!("; next: {} at cost {cost:.2} via {nic}", n.vip.address),
+                None => format!("; next: {} (unmeasured)", n.vip.address),
+            });
+            format!("best-ranked {kind} pool VIP for the targets: cost {cost:.2} via {nic}{}", next.unwrap_or_default())
+        }
+        None if r.targets.is_empty() => format!("first {kind} pool VIP in configured order (no targets given to rank by)"),
+        None => format!("first {kind} pool VIP in configured order (no path measurements for these targets yet)"),
+    };
+    Ok((best.vip.address, why))
+}
+
+/// The configuration in force: the file's, plus each held pool VIP with its mappings, the
+/// union of its holders' targets and the first holder's class (else its configured one).
+pub fn overlay(cfg: &Config, held: &[Allocation]) -> Config {
+    let mut out = cfg.clone();
+    for v in &cfg.pool {
+        let on: Vec<&Allocation> = held.iter().filter(|a| a.vip == v.address).collect();
+        if on.is_empty() {
+            continue;
+        }
+        let mut vip = v.clone();
+        for a in &on {
+            for t in &a.targets {
+                if !vip.targets.contains(t) {
+                    vip.targets.push(*t);
+                }
+            }
+            out.remaps.push(Remap {
+                vip: v.address,
+                protocol: a.protocol,
+                designated_port: a.service_port,
+                instance_port: a.instance_port,
+                service: format!("app:{}", a.app),
+            });
+        }
+        if let Some(c) = on.iter().find_map(|a| a.class.clone()) {
+            vip.class = Some(c);
+        }
+        out.vips.push(vip);
+    }
+    out.remaps.sort();
+    out
+}
+
+/// Allocations that still fit `cfg` (after a reload): their VIP is still in the pool, and
+/// their class still exists.
+pub fn still_valid(cfg: &Config, a: &Allocation) -> bool {
+    cfg.pool.iter().any(|v| v.address == a.vip) && a.class.as_ref().is_none_or(|c| cfg.classes.classes.contains_key(c))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POOL: &str = r#"
+[pool]
+reserve = 1
+[[nic]]
+name = "a0"
+[[nic]]
+name = "b0"
+[[vip]]
+address = "198.18.0.1"
+[[vip]]
+address = "198.18.0.11"
+pool = true
+[[vip]]
+address = "198.18.0.12"
+pool = true
+nics = ["b0"]
+[[vip]]
+address = "198.18.0.13"
+pool = true
+[class.gold]
+"#;
+
+    fn cfg() -> Config {
+        Config::parse(POOL, "test").unwrap()
+    }
+
+    fn req(app: &str, exclusive: bool, port: u16) -> VipRequest {
+        VipRequest { app: app.into(), exclusive, targets: vec![], class: None, protocol: Protocol::Tcp, service_port: port, instance_port: port + 8000 }
+    }
+
+    fn grant(c: &Config, held: &mut Vec<Allocation>, r: &VipRequest, cost: impl Fn(&Vip) -> Option<(f64, String)>) -> Result<IpAddr, ApiError> {
+        check(c, r, held)?;
+        let (vip, _) = choose(c, held, r, cost)?;
+        held.push(Allocation {
+            app: r.app.clone(),
+            vip,
+            exclusive: r.exclusive,
+            protocol: r.protocol,
+            service_port: r.service_port,
+            instance_port: r.instance_port,
+            targets: r.targets.clone(),
+            class: r.class.clone(),
+            at_ms: 0,
+        });
+        Ok(vip)
+    }
+
+    #[test]
+    fn pool_vips_are_apart_from_configured_ones() {
+        let c = cfg();
+        assert_eq!(c.vips.len(), 1);
+        assert_eq!(c.pool.iter().map(|v| v.address.to_string()).collect::<Vec<_>>(), ["198.18.0.11", "198.18.0.12", "198.18.0.13"]);
+    }
+
+    #[test]
+    fn the_best_ranked_free_vip_is_chosen_and_the_reserve_is_kept() {
+        let c = cfg();
+        let mut held = Vec::new();
+        // .12 (via b0) is the cheapest for the targets.
+        let cost = |v: &Vip| Some(if v.address.to_string() == "198.18.0.12" { (1.0, "b0".into()) } else { (5.0, "a0".into()) });
+        assert_eq!(grant(&c, &mut held, &req("web", true, 80), cost).unwrap().to_string(), "198.18.0.12");
+        // Unmeasured: configured order.
+        assert_eq!(grant(&c, &mut held, &req("db", true, 5432), |_| None).unwrap().to_string(), "198.18.0.11");
+        // One free VIP left, reserve 1: refused, nothing held.
+        let e = grant(&c, &mut held, &req("cache", true, 6379), |_| None).unwrap_err();
+        assert!(matches!(&e, ApiError::Conflict(m) if m.contains("reserve")), "{e:?}");
+        assert_eq!(held.len(), 2);
+    }
+
+    #[test]
+    fn exclusive_vips_are_never_shared_and_shared_ones_pack_without_port_clashes() {
+        let c = cfg();
+        let mut held = Vec::new();
+        let a = grant(&c, &mut held, &req("a", false, 80), |_| None).unwrap();
+        // Another shared request joins `a`'s VIP rather than using up a free one.
+        assert_eq!(grant(&c, &mut held, &req("b", false, 443), |_| None).unwrap(), a);
+        // Same port on that VIP: it gets another one.
+        let c2 = grant(&c, &mut held, &req("c", false, 80), |_| None).unwrap();
+        assert_ne!(c2, a);
+        // An exclusive request never lands on a held VIP: only one free left = reserve.
+        assert!(matches!(grant(&c, &mut held, &req("x", true, 22), |_| None), Err(ApiError::Conflict(_))));
+        // And nobody joins an exclusive holder.
+        let mut held2 = Vec::new();
+        let x = grant(&c, &mut held2, &req("x", true, 22), |_| None).unwrap();
+        let s = grant(&c, &mut held2, &req("s", false, 80), |_| None).unwrap();
+        assert_ne!(x, s);
+    }
+
+    #[test]
+    fn bad_requests_name_their_field() {
+        let c = cfg();
+        let cases: Vec<(VipRequest, &str)> = vec![
+            (VipRequest { app: "".into(), ..req("a", true, 80) }, "app"),
+            (VipRequest { app: "a b".into(), ..req("a", true, 80) }, "app"),
+            (VipRequest { service_port: 0, ..req("a", true, 80) }, "service_port"),
+            (VipRequest { instance_port: 80, ..req("a", true, 80) }, "instance_port"),
+            (VipRequest { targets: vec!["224.0.0.1".parse().unwrap()], ..req("a", true, 80) }, "targets[0]"),
+            (VipRequest { class: Some("silver".into()), ..req("a", true, 80) }, "class"),
+        ];
+        for (r, field) in cases {
+            match check(&c, &r, &[]) {
+                Err(ApiError::Bad { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("{field}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn the_overlay_adds_held_vips_with_their_mappings_targets_and_class() {
+        let c = cfg();
+        let mut held = Vec::new();
+        let mut r = req("web", true, 80);
+        r.targets = vec!["198.18.9.9".parse().unwrap()];
+        r.class = Some("gold".into());
+        let vip = grant(&c, &mut held, &r, |_| None).unwrap();
+        let o = overlay(&c, &held);
+        let v = o.vips.iter().find(|v| v.address == vip).unwrap();
+        assert_eq!(v.targets, r.targets);
+        assert_eq!(v.class.as_deref(), Some("gold"));
+        assert!(o.remaps.iter().any(|m| m.vip == vip && m.designated_port == 80 && m.instance_port == 8080));
+        assert_eq!(o.vips.len(), 2, "only the held pool VIP joins");
+        assert_eq!(overlay(&c, &[]), c);
+    }
+
+    #[test]
+    fn the_api_listens_on_loopback_unless_told_otherwise() {
+        let with = |listen: &str| Config::parse(&format!("[api]\nlisten = \"{listen}\"\ntoken_file = \"/t\"\n{POOL}"), "t");
+        assert_eq!(with("7946").unwrap().api.listen, Some("127.0.0.1:7946".parse().unwrap()));
+        assert_eq!(with("[::1]:7946").unwrap().api.listen, Some("[::1]:7946".parse().unwrap()));
+        let e = with("localhost:x").unwrap_err();
+        assert!(e.errors.iter().any(|f| f.field == "api.listen"), "{e}");
+        let e = Config::parse(&format!("[api]\nlisten = \"7946\"\n{POOL}"), "t").unwrap_err();
+        assert!(e.errors.iter().any(|f| f.field == "api.token_file"), "{e}");
+    }
+}

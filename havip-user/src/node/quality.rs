@@ -1,0 +1,45 @@
+//! Ranking rounds: the prober's samples through `rank` for every VIP with targets, then
+//! the placer acts on the new preference orders.
+
+use std::time::Instant;
+
+use crate::node::{
+    rank::{self, Decision, NicScore, VipMemory},
+    Node,
+};
+
+/// What the ranking knows about one VIP.
+#[derive(Default)]
+pub struct Quality {
+    pub memory: VipMemory,
+    pub ranked: Vec<NicScore>,
+    pub decision: Option<Decision>,
+}
+
+impl Node {
+    /// A ranking round: rank every VIP with targets, then place.
+    pub(super) fn rank_round(&mut self) {
+        let now = Instant::now();
+        let samples = self.prober.samples(&self.dp, now, self.cfg.ranking.window, self.cfg.probe_interval);
+        let w = self.cfg.ranking;
+        let links = &self.links;
+        let up = |n: &str| links.get(n).is_some_and(|l| l.up);
+        for vip in self.cfg.vips.iter().filter(|v| !v.targets.is_empty()) {
+            let Some(id) = self.dp.vip_id(vip.address) else {
+                continue;
+            };
+            let current = self.dp.binding_of(id).ok().and_then(|b| self.nics.name_of(b.ifindex));
+            let (ranked, complete) = rank::rank(&vip.nics, &vip.targets, &samples, &w);
+            let q = self.quality.entry(vip.address).or_default();
+            let d = rank::decide(&ranked, complete, current, &up, &mut q.memory, now, &w);
+            if q.decision.as_ref().map(|o| &o.why) != Some(&d.why) {
+                tracing::debug!(vip = %vip.address, why = %d.why, "ranking");
+            }
+            q.ranked = ranked;
+            q.decision = Some(d);
+        }
+        let cfg = &self.cfg;
+        self.quality.retain(|ip, _| cfg.vips.iter().any(|v| v.address == *ip && !v.targets.is_empty()));
+        self.place_all(None);
+    }
+}

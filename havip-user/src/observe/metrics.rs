@@ -1,0 +1,491 @@
+//! Prometheus metrics: havipd serves the kernel's counters and its own health as
+//! OpenMetrics text on `[metrics] listen` (default `127.0.0.1:9469`), `GET /metrics`.
+//!
+//! The registry is built afresh at each scrape from the pinned maps, the same
+//! [`Snapshot`] `havip stats` reads, so the numbers are the kernel's own and survive
+//! havipd restarts (counters are never reset by the controller). Only the controller's
+//! health ([`DaemonMetrics`]: rebinds, applies) lives in this process.
+//!
+//! Traffic counters are labelled by VIP only, never by the NIC that owns it: a counter
+//! whose label set changes on every failover would restart from zero in Prometheus'
+//! eyes. The owner is its own gauge, `havip_vip_bound{vip,nic}`.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{atomic::AtomicU64, Arc},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use prometheus_client::{
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::{Registry, Unit},
+};
+use tracing::{debug, error, info};
+
+use crate::{
+    kernel::pins::PinLayout,
+    node::{health::DaemonMetrics, state::State},
+    observe::stats::Snapshot,
+};
+
+/// What Prometheus gets: OpenMetrics 1.0 text (Prometheus asks for it first).
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+fn unix_secs(t: SystemTime) -> f64 {
+    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+/// A registry filled with values read at scrape time.
+struct Exposition {
+    registry: Registry,
+}
+
+impl Exposition {
+    fn counter(&mut self, name: &str, help: &str, unit: Option<Unit>, samples: impl IntoIterator<Item = (Labels, u64)>) {
+        let family = Family::<Labels, Counter>::default();
+        for (labels, v) in samples {
+            family.get_or_create(&labels).inc_by(v);
+        }
+        self.register(name, help, unit, family);
+    }
+
+    fn gauge(&mut self, name: &str, help: &str, unit: Option<Unit>, samples: impl IntoIterator<Item = (Labels, f64)>) {
+        let family = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+        for (labels, v) in samples {
+            family.get_or_create(&labels).set(v);
+        }
+        self.register(name, help, unit, family);
+    }
+
+    /// An unlabelled gauge (written without `{}`, which some parsers reject).
+    fn gauge1(&mut self, name: &str, help: &str, unit: Option<Unit>, v: f64) {
+        let g = Gauge::<f64, AtomicU64>::default();
+        g.set(v);
+        self.register(name, help, unit, g);
+    }
+
+    fn register(&mut self, name: &str, help: &str, unit: Option<Unit>, metric: impl prometheus_client::registry::Metric) {
+        match unit {
+            Some(u) => self.registry.register_with_unit(name, help, u, metric),
+            None => self.registry.register(name, help, metric),
+        }
+    }
+}
+
+fn l1(k: &'static str, v: impl ToString) -> Labels {
+    vec![(k, v.to_string())]
+}
+
+fn l2(k1: &'static str, v1: impl ToString, k2: &'static str, v2: impl ToString) -> Labels {
+    vec![(k1, v1.to_string()), (k2, v2.to_string())]
+}
+
+fn ms_to_secs(ms: Option<f64>) -> Option<f64> {
+    ms.map(|m| m / 1000.0)
+}
+
+/// The exposition: the dataplane's counters (`snap`; `None` when the pinned maps cannot
+/// be read) and the controller's health.
+pub fn render(snap: Option<&Snapshot>, daemon: &DaemonMetrics) -> String {
+    let mut x = Exposition { registry: Registry::default() };
+    let h = daemon.health();
+
+    // The controller.
+    x.gauge1("havip_controller_up", "1 while havipd runs and serves this endpoint", None, 1.0);
+    x.gauge1("havip_controller_start_time", "When this havipd started, Unix time", Some(Unit::Seconds), unix_secs(daemon.started));
+    x.gauge("havip_build_info", "havipd's version (value 1)", None, [(l1("version", env!("CARGO_PKG_VERSION")), 1.0)]);
+    x.gauge1("havip_dataplane_up", "1 if the pinned maps could be read for this scrape", None, if snap.is_some() { 1.0 } else { 0.0 });
+    x.gauge1(
+        "havip_config_last_apply_success",
+        "1 if the last configuration apply (start or reload) succeeded, 0 if it was refused",
+        None,
+        h.last_apply.map_or(0.0, |(ok, _)| if ok { 1.0 } else { 0.0 }),
+    );
+    x.gauge1(
+        "havip_config_last_apply_timestamp",
+        "When the last configuration apply was attempted, Unix time (0: not yet)",
+        Some(Unit::Seconds),
+        h.last_apply.map_or(0.0, |(_, t)| unix_secs(t)),
+    );
+    x.gauge1("havip_config_generation", "Apply attempts on this node so far (kept across restarts)", None, h.generation as f64);
+    x.counter(
+        "havip_config_applies",
+        "Configuration applies by this havipd (start and reloads), by result",
+        None,
+        [(l1("result", "success"), h.applies_ok), (l1("result", "failure"), h.applies_failed)],
+    );
+    x.counter(
+        "havip_rebinds",
+        "VIPs bound to a NIC by this havipd, by reason (initial, link_down, not_candidate, failback, operator, quality)",
+        None,
+        h.rebinds.iter().map(|(r, n)| (l1("reason", r), *n)),
+    );
+
+    let Some(s) = snap else {
+        return encode(&x.registry);
+    };
+
+    // Per VIP. Labelled by VIP only: see the module's doc.
+    let vip = |v: &crate::observe::stats::VipStats| v.vip.to_string();
+    let per_vip = |f: fn(&crate::observe::stats::VipStats) -> u64| s.vips.iter().map(move |v| (l1("vip", vip(v)), f(v)));
+    let per_dir = |f: fn(&havip_common::DirCounters) -> u64| {
+        s.vips.iter().flat_map(move |v| [(l2("vip", vip(v), "direction", "rx"), f(&v.rx)), (l2("vip", vip(v), "direction", "tx"), f(&v.tx))])
+    };
+    x.counter("havip_vip_rx_packets", "Packets to the VIP seen by XDP", None, per_vip(|v| v.rx.packets));
+    x.counter("havip_vip_rx", "Bytes to the VIP seen by XDP (frames, L2 header included)", Some(Unit::Bytes), per_vip(|v| v.rx.bytes));
+    x.counter("havip_vip_tx_packets", "Packets from the VIP seen by TC (a GSO packet counts as its segments)", None, per_vip(|v| v.tx.packets));
+    x.counter("havip_vip_tx", "Bytes from the VIP seen by TC (frames, L2 header included)", Some(Unit::Bytes), per_vip(|v| v.tx.bytes));
+    x.counter("havip_vip_remapped_packets", "VIP packets whose port was rewritten, by direction (rx: XDP, tx: TC)", None, per_dir(|d| d.remapped));
+    x.counter("havip_vip_passed_packets", "VIP packets left as they were (no mapping for the port, or not TCP/UDP)", None, per_dir(|d| d.passed));
+    x.counter("havip_vip_dropped_packets", "VIP packets dropped by havip", None, per_dir(|d| d.dropped));
+    x.counter(
+        "havip_vip_protocol_packets",
+        "VIP packets by direction and protocol (tcp, udp, icmp, other)",
+        None,
+        s.vips.iter().flat_map(|v| {
+            [("rx", &v.rx), ("tx", &v.tx)].into_iter().flat_map(move |(dir, d)| {
+                [("tcp", d.tcp), ("udp", d.udp), ("icmp", d.icmp), ("other", d.other)]
+                    .map(|(p, n)| (vec![("vip", vip(v)), ("direction", dir.to_string()), ("protocol", p.to_string())], n))
+            })
+        }),
+    );
+    x.counter("havip_vip_misdirected_packets", "Packets for the VIP that arrived on a NIC not owning it (accepted)", None, per_vip(|v| v.wire.misdirected));
+    x.counter("havip_vip_steered_packets", "Packets from the VIP redirected to the owning NIC", None, per_vip(|v| v.wire.steered));
+    x.counter(
+        "havip_vip_neighbour_replies",
+        "ARP requests (kind=arp) and neighbour solicitations (kind=nd) for the VIP answered by its owner",
+        None,
+        s.vips.iter().flat_map(|v| [(l2("vip", vip(v), "kind", "arp"), v.wire.arp_replies), (l2("vip", vip(v), "kind", "nd"), v.wire.nd_replies)]),
+    );
+    x.counter(
+        "havip_vip_neighbour_dropped",
+        "ARP requests / neighbour solicitations for the VIP dropped on non-owning NICs",
+        None,
+        per_vip(|v| v.wire.neigh_dropped),
+    );
+    x.counter("havip_vip_moves", "Moves of the VIP between NICs (kept in the kernel across havipd restarts)", None, per_vip(|v| v.moves));
+    x.gauge(
+        "havip_vip_bound",
+        "1 for the NIC that owns the VIP; an unbound VIP has a single series without nic, value 0",
+        None,
+        s.vips.iter().map(|v| if v.nic == "-" { (l1("vip", vip(v)), 0.0) } else { (l2("vip", vip(v), "nic", &v.nic), 1.0) }),
+    );
+    x.gauge(
+        "havip_vip_bound_duration",
+        "Time since the VIP was bound to its NIC",
+        Some(Unit::Seconds),
+        s.vips.iter().filter_map(|v| Some((l1("vip", vip(v)), v.bound_for_secs?))),
+    );
+    x.gauge(
+        "havip_vip_pinned",
+        "1 for a VIP the operator pinned to a NIC (havip bind)",
+        None,
+        s.vips.iter().filter_map(|v| Some((l2("vip", vip(v), "nic", v.pinned.as_ref()?), 1.0))),
+    );
+
+    // Per NIC: the VIP traffic each carried.
+    let per_nic = |f: fn(&havip_common::NicCounters) -> u64| s.nics.iter().map(move |n| (l1("nic", &n.nic), f(&n.counters)));
+    x.counter("havip_nic_rx_packets", "VIP packets received while this NIC owned the VIP", None, per_nic(|c| c.rx_packets));
+    x.counter("havip_nic_rx", "VIP bytes received while this NIC owned the VIP", Some(Unit::Bytes), per_nic(|c| c.rx_bytes));
+    x.counter("havip_nic_tx_packets", "VIP packets that left through this NIC (steered ones included)", None, per_nic(|c| c.tx_packets));
+    x.counter("havip_nic_tx", "VIP bytes that left through this NIC", Some(Unit::Bytes), per_nic(|c| c.tx_bytes));
+    x.counter(
+        "havip_nic_neighbour_replies",
+        "ARP replies (kind=arp) and neighbour advertisements (kind=nd) this NIC sent for VIPs",
+        None,
+        s.nics.iter().flat_map(|n| [(l2("nic", &n.nic, "kind", "arp"), n.counters.arp_replies), (l2("nic", &n.nic, "kind", "nd"), n.counters.nd_replies)]),
+    );
+
+    // Per (VIP, class), and per class: its CPU queues.
+    let per_class = |f: fn(&havip_common::ClassCounters) -> u64| {
+        s.vips.iter().flat_map(move |v| v.classes.iter().map(move |c| (l2("vip", vip(v), "class", &c.class), f(&c.counters))))
+    };
+    x.counter("havip_vip_class_rx_packets", "Packets to the VIP in this class", None, per_class(|c| c.rx_packets));
+    x.counter("havip_vip_class_rx", "Bytes to the VIP in this class", Some(Unit::Bytes), per_class(|c| c.rx_bytes));
+    x.counter("havip_vip_class_rx_queued_packets", "Packets to the VIP in this class sent to the class's CPU queue", None, per_class(|c| c.rx_queued));
+    x.counter("havip_vip_class_tx_packets", "Packets from the VIP in this class", None, per_class(|c| c.tx_packets));
+    x.counter("havip_vip_class_tx", "Bytes from the VIP in this class", Some(Unit::Bytes), per_class(|c| c.tx_bytes));
+    x.counter(
+        "havip_class_processed_packets",
+        "Frames of the class its CPU queues delivered, by the CPU that processed them",
+        None,
+        s.classes.iter().flat_map(|c| {
+            c.processed_per_cpu.iter().enumerate().filter(|(i, n)| **n > 0 || c.cpus.contains(&(*i as u32))).map(|(i, n)| (l2("class", &c.class, "cpu", i), *n))
+        }),
+    );
+    x.counter(
+        "havip_class_processed",
+        "Bytes of the class its CPU queues delivered",
+        Some(Unit::Bytes),
+        s.classes.iter().map(|c| (l1("class", &c.class), c.processed_bytes)),
+    );
+    x.counter(
+        "havip_class_queue_dropped_packets",
+        "Frames the kernel dropped because a CPU queue of the class was full (a CPU's queue is shared by its classes)",
+        None,
+        s.classes.iter().map(|c| (l1("class", &c.class), c.queue_drops)),
+    );
+
+    // Per path (probes from a NIC's own address to a target).
+    let path = |p: &crate::observe::stats::PathStats| l2("nic", &p.nic, "target", p.target);
+    x.counter("havip_path_probes_sent", "Probes sent on the path", None, s.paths.iter().map(|p| (path(p), p.sent)));
+    x.counter("havip_path_probes_received", "Probe replies received on the path", None, s.paths.iter().map(|p| (path(p), p.received)));
+    x.gauge(
+        "havip_path_rtt_ewma",
+        "Moving average (weight 1/8) of the path's kernel-measured RTT",
+        Some(Unit::Seconds),
+        s.paths.iter().filter_map(|p| Some((path(p), ms_to_secs(p.rtt_ewma_ms)?))),
+    );
+    x.gauge(
+        "havip_path_rtt_p50",
+        "Median RTT of the path (upper edge of its log2 histogram bucket)",
+        Some(Unit::Seconds),
+        s.paths.iter().filter_map(|p| Some((path(p), ms_to_secs(p.rtt_p50_ms)?))),
+    );
+    x.gauge(
+        "havip_path_rtt_p99",
+        "99th percentile RTT of the path (upper edge of its log2 histogram bucket)",
+        Some(Unit::Seconds),
+        s.paths.iter().filter_map(|p| Some((path(p), ms_to_secs(p.rtt_p99_ms)?))),
+    );
+    x.gauge(
+        "havip_path_loss",
+        "Probes without a reply since the path was set up, 0 to 1 (rate() of the probe counters gives recent loss)",
+        Some(Unit::Other("ratio".into())),
+        s.paths.iter().filter_map(|p| Some((path(p), p.loss_pct? / 100.0))),
+    );
+    x.gauge(
+        "havip_path_hops",
+        "Routers on the way back, from the last reply's TTL / hop limit",
+        None,
+        s.paths.iter().filter_map(|p| Some((path(p), p.hops? as f64))),
+    );
+
+    // Everything the programs saw, by what they did with it.
+    x.counter(
+        "havip_packets",
+        "Packets the programs handled, by direction (ingress: XDP, egress: TC) and outcome",
+        None,
+        s.outcomes.iter().flat_map(|(dir, per)| per.iter().map(move |(o, n)| (l2("direction", dir, "outcome", o), *n))),
+    );
+    encode(&x.registry)
+}
+
+fn encode(r: &Registry) -> String {
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut out, r);
+    out
+}
+
+/// What a scrape needs: where the node's maps and state are, and the controller's health.
+struct Scraper {
+    pins: PinLayout,
+    run_dir: PathBuf,
+    daemon: Arc<DaemonMetrics>,
+}
+
+impl Scraper {
+    fn scrape(&self) -> String {
+        // The state file adds operator pins. Its config path is dropped: the snapshot would
+        // re-read and validate the file at every scrape only to assign paths to VIPs.
+        let state = State::load(&self.run_dir).ok().flatten().map(|s| State { config_path: None, ..s });
+        match Snapshot::read(&self.pins, state.as_ref()) {
+            Ok(snap) => render(Some(&snap), &self.daemon),
+            Err(e) => {
+                debug!(error = %format!("{e:#}"), "metrics: cannot read the pinned maps");
+                render(None, &self.daemon)
+            }
+        }
+    }
+}
+
+/// Listens on `listen` (nothing when `None`) and serves `/metrics` in the background.
+/// Call before applying anything: a taken address fails the start with nothing changed.
+/// The socket belongs to the network namespace havipd runs in (`--netns`).
+pub async fn serve(listen: Option<SocketAddr>, pin_root: &Path, run_dir: &Path, daemon: Arc<DaemonMetrics>) -> anyhow::Result<()> {
+    let Some(addr) = listen else {
+        info!("metrics disabled ([metrics] enabled = false)");
+        return Ok(());
+    };
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        let hint = match e.kind() {
+            std::io::ErrorKind::AddrInUse => {
+                " (another havipd in this network namespace, or another program, has it: give this node its own address, or set `enabled = false`)"
+            }
+            std::io::ErrorKind::AddrNotAvailable => " (no interface of this node has that address)",
+            _ => "",
+        };
+        anyhow::anyhow!("field `metrics.listen`: cannot listen on {addr}: {e}{hint}; nothing was applied")
+    })?;
+    let scraper = Arc::new(Scraper { pins: PinLayout::new(pin_root), run_dir: run_dir.to_path_buf(), daemon });
+    let app = axum::Router::new()
+        .route("/metrics", axum::routing::get(metrics_handler))
+        .route("/", axum::routing::get(|| async { "havipd: metrics at /metrics\n" }))
+        .with_state(scraper);
+    info!(listen = %addr, "serving metrics at http://{addr}/metrics");
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            error!(error = %e, "the metrics endpoint stopped");
+        }
+    });
+    Ok(())
+}
+
+async fn metrics_handler(axum::extract::State(scraper): axum::extract::State<Arc<Scraper>>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    // Reading the maps is a few hundred syscalls: off the runtime's worker threads.
+    match tokio::task::spawn_blocking(move || scraper.scrape()).await {
+        Ok(body) => ([(axum::http::header::CONTENT_TYPE, CONTENT_TYPE)], body).into_response(),
+        Err(e) => (axum::http::StatusCode::INTERNAL_SERVER_ERROR, format!("scrape failed: {e}\n")).into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::{
+        config::metrics::DEFAULT_LISTEN,
+        node::binder::Reason,
+        observe::stats::{ClassStats, NicStats, PathStats, VipClassStats, VipStats},
+    };
+
+    fn cfg(metrics: &str) -> Result<crate::config::Config, crate::config::ConfigError> {
+        crate::config::Config::parse(&format!("[[nic]]\nname = \"eth0\"\n{metrics}"), "metrics")
+    }
+
+    #[test]
+    fn the_listen_address_is_validated_and_named() {
+        assert_eq!(cfg("").unwrap().metrics, Some(DEFAULT_LISTEN.parse().unwrap()));
+        assert_eq!(cfg("[metrics]\nlisten = \"[::1]:9100\"").unwrap().metrics, Some("[::1]:9100".parse().unwrap()));
+        assert_eq!(cfg("[metrics]\nenabled = false").unwrap().metrics, None);
+        for bad in ["localhost:9469", "127.0.0.1", "", "127.0.0.1:0", "1.2.3.4:99999"] {
+            let e = cfg(&format!("[metrics]\nlisten = \"{bad}\"")).expect_err(bad);
+            assert!(e.to_string().contains("metrics.listen"), "{bad}: {e}");
+        }
+        let e = cfg("[metrics]\nport = 1").unwrap_err();
+        assert!(e.to_string().contains("metrics"), "{e}");
+    }
+
+    fn snapshot() -> Snapshot {
+        let rx = havip_common::DirCounters { packets: 10, bytes: 1000, ..Default::default() };
+        let vip = |ip: &str, nic: &str| VipStats {
+            vip: ip.parse().unwrap(),
+            id: 0,
+            nic: nic.into(),
+            bound_for_secs: (nic != "-").then_some(2.5),
+            moves: 1,
+            pinned: None,
+            mappings: vec![],
+            rx,
+            tx: Default::default(),
+            wire: Default::default(),
+            paths: vec![],
+            peers: vec![],
+            class: Some("gold".into()),
+            classes: vec![VipClassStats { class: "gold".into(), counters: Default::default() }],
+        };
+        Snapshot {
+            vips: vec![vip("198.18.0.1", "eth0"), vip("2001:db8::1", "-")],
+            nics: vec![NicStats { nic: "eth0".into(), ifindex: 2, counters: Default::default() }],
+            paths: vec![PathStats {
+                nic: "eth0".into(),
+                target: "198.18.0.9".parse().unwrap(),
+                sent: 10,
+                received: 9,
+                loss_pct: Some(10.0),
+                rtt_ewma_ms: Some(20.0),
+                rtt_p50_ms: Some(16.384),
+                rtt_p99_ms: Some(32.768),
+                hops: Some(1),
+            }],
+            classes: vec![ClassStats {
+                class: "gold".into(),
+                id: 1,
+                cpus: vec![0],
+                processed_per_cpu: vec![5, 0],
+                processed_bytes: 500,
+                queue_drops: 0,
+                skb_priority: 0,
+            }],
+            outcomes: [("ingress".to_string(), [("not_vip".to_string(), 3u64)].into())].into(),
+            taken: None,
+        }
+    }
+
+    #[test]
+    fn the_exposition_follows_prometheus_conventions() {
+        let d = DaemonMetrics::new();
+        d.rebound(Reason::Initial);
+        d.applied(true, 3);
+        let text = render(Some(&snapshot()), &d);
+        for line in [
+            "havip_vip_rx_packets_total{vip=\"198.18.0.1\"} 10",
+            "havip_vip_rx_bytes_total{vip=\"198.18.0.1\"} 1000",
+            "havip_vip_bound{vip=\"198.18.0.1\",nic=\"eth0\"} 1.0",
+            "havip_vip_bound{vip=\"2001:db8::1\"} 0.0",
+            "havip_rebinds_total{reason=\"initial\"} 1",
+            "havip_rebinds_total{reason=\"quality\"} 0",
+            "havip_controller_up 1.0",
+            "havip_config_last_apply_success 1.0",
+            "havip_config_generation 3.0",
+            "havip_path_rtt_ewma_seconds{nic=\"eth0\",target=\"198.18.0.9\"} 0.02",
+            "havip_path_loss_ratio{nic=\"eth0\",target=\"198.18.0.9\"} 0.1",
+            "havip_class_processed_packets_total{class=\"gold\",cpu=\"0\"} 5",
+            "havip_packets_total{direction=\"ingress\",outcome=\"not_vip\"} 3",
+            "# UNIT havip_path_rtt_p99_seconds seconds",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing `{line}` in:\n{text}");
+        }
+        let mut types = BTreeMap::new();
+        for l in text.lines() {
+            if let Some(rest) = l.strip_prefix("# TYPE ") {
+                let (name, ty) = rest.split_once(' ').unwrap();
+                types.insert(name.to_string(), ty.to_string());
+            }
+        }
+        for (name, ty) in &types {
+            assert!(name.starts_with("havip_"), "{name}");
+            assert!(["counter", "gauge"].contains(&ty.as_str()), "{name}: {ty}");
+            assert!(!name.ends_with("_total"), "{name}: the encoder adds _total to the samples");
+        }
+        for l in text.lines().filter(|l| !l.starts_with('#')) {
+            let name = l.split(['{', ' ']).next().unwrap();
+            let family = name.strip_suffix("_total").filter(|f| types.get(*f).map(String::as_str) == Some("counter"));
+            assert!(family.is_some() || types.get(name).map(String::as_str) == Some("gauge"), "{name} is neither a counter sample nor a gauge");
+        }
+        assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn without_the_maps_the_controller_is_still_reported() {
+        let text = render(None, &DaemonMetrics::new());
+        assert!(text.contains("havip_dataplane_up 0.0"), "{text}");
+        assert!(text.contains("havip_controller_up 1.0"), "{text}");
+        assert!(!text.contains("havip_vip_rx"), "{text}");
+    }
+
+    #[test]
+    fn the_grafana_dashboard_is_valid_json_over_these_metrics() {
+        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/grafana-havip.json")).unwrap();
+        let d: serde_json::Value = serde_json::from_str(&text).expect("the dashboard is not JSON");
+        assert_eq!(d["__inputs"][0]["name"], "DS_PROMETHEUS");
+        let panels = d["panels"].as_array().expect("panels");
+        assert!(panels.len() >= 6);
+        let exposed = render(Some(&snapshot()), &DaemonMetrics::new());
+        for p in panels {
+            for t in p["targets"].as_array().into_iter().flatten() {
+                let expr = t["expr"].as_str().expect("expr");
+                // Every havip_ name a query uses is one the endpoint exposes.
+                for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).filter(|w| w.starts_with("havip_")) {
+                    assert!(exposed.lines().any(|l| l.split(['{', ' ']).next() == Some(word)), "panel {}: {word} is not exposed", p["title"]);
+                }
+            }
+        }
+    }
+}
