@@ -20,7 +20,10 @@ use havip_common::VipKey;
 use havip_user::{kernel::dataplane::Maps, kernel::pins::PinLayout};
 use serde::Serialize;
 
-use crate::topology::{spawn_in, Topology};
+use crate::{
+    api_load::{pool_config, ApiLoad, LoadReport},
+    topology::{spawn_in, Topology},
+};
 
 const VIP: &str = "198.18.20.10";
 
@@ -47,6 +50,16 @@ pub struct FailoverReport {
     pub rebind_p99_ratio_to_link_event: f64,
     pub target_rebind_p99_ms: f64,
     pub target_met: bool,
+    /// The API load the trials ran under, if any: what it achieved.
+    pub api_load: Option<LoadReport>,
+}
+
+/// API load to fail over under: `apps` applications making `calls_per_sec` pool
+/// request/release calls per second between them.
+#[derive(Debug, Clone, Copy)]
+pub struct Load {
+    pub apps: usize,
+    pub calls_per_sec: f64,
 }
 
 fn percentile(v: &[f64], p: f64) -> f64 {
@@ -100,13 +113,22 @@ fn link_event_clock(t: &Topology, stop: Arc<AtomicBool>) -> mpsc::Receiver<Insta
 }
 
 pub fn run(trials: usize) -> FailoverReport {
+    run_with(trials, None)
+}
+
+/// Like `run`, optionally under API load (which starts before the first trial and runs
+/// until the last has ended). Panics if the load did not run as asked: a figure "under
+/// load" measured without it would be a lie.
+pub fn run_with(trials: usize, load: Option<Load>) -> FailoverReport {
     let mut t = Topology::switched();
     // Default announcement settings; failback is held off so each trial fails the NIC
-    // that owns the VIP now.
+    // that owns the VIP now. The pool exists in both runs, so they differ only in the load.
     t.write_config_raw(&format!(
-        "[failover]\nfailback_hold_down_ms = 3600000\n[[nic]]\nname = \"a0\"\n[[nic]]\nname = \"b0\"\n[[vip]]\naddress = \"{VIP}\"\n"
+        "[failover]\nfailback_hold_down_ms = 3600000\n[[nic]]\nname = \"a0\"\n[[nic]]\nname = \"b0\"\n[[vip]]\naddress = \"{VIP}\"\n{}",
+        pool_config(50, 32)
     ));
     t.start_daemon();
+    let api = load.map(|l| ApiLoad::start(&t.run_dir, l.apps, l.calls_per_sec));
     let maps = Maps::open(&PinLayout::new(&t.pin_root)).unwrap();
     let vip_id = maps.vips.get(&VipKey::from(VIP.parse::<std::net::IpAddr>().unwrap()), 0).unwrap().id;
     let nics = maps.nic_infos();
@@ -173,6 +195,11 @@ pub fn run(trials: usize) -> FailoverReport {
     }
     eprintln!();
     stop.store(true, Ordering::Relaxed);
+    let api_load = api.map(|a| a.finish());
+    if let (Some(l), Some(r)) = (load, &api_load) {
+        assert_eq!(r.failed, 0, "API calls failed under load: {r:?}");
+        assert!(r.rate() >= 0.9 * l.calls_per_sec, "the API load reached {:.0} calls/s of {} asked: {r:?}", r.rate(), l.calls_per_sec);
+    }
     let col = |f: fn(&Trial) -> f64| results.iter().map(f).collect::<Vec<_>>();
     let (ev, rb, fb) = (col(|t| t.link_event_us), col(|t| t.rebind_us), col(|t| t.first_byte_us));
     let target_ms = 20.0;
@@ -188,5 +215,6 @@ pub fn run(trials: usize) -> FailoverReport {
         target_rebind_p99_ms: target_ms,
         target_met: percentile(&rb, 0.99) / 1000.0 <= target_ms,
         trials: results,
+        api_load,
     }
 }

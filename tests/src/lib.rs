@@ -2,6 +2,7 @@
 //! that loads the programs for BPF_PROG_RUN, and network-namespace topologies with a real
 //! havipd, all cleaned up on drop (also when a test panics).
 
+pub mod api_load;
 pub mod failover;
 pub mod fixture;
 pub mod isolation;

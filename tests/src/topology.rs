@@ -41,6 +41,12 @@ pub struct Topology {
     peer_xdp: Vec<aya::Ebpf>,
 }
 
+/// The file havipd reads its armed fault points from (`HAVIP_FAULTS`, see
+/// `havip_user::faults`); every daemon a topology starts gets it.
+pub fn fault_file(run_dir: &std::path::Path) -> PathBuf {
+    run_dir.join("faults")
+}
+
 impl Topology {
     /// Three fresh namespaces (server, middle, client) and this node's pin and run
     /// directories; nothing connected yet.
@@ -188,6 +194,7 @@ impl Topology {
             .arg(&self.pin_root)
             .arg("--run-dir")
             .arg(&self.run_dir)
+            .env("HAVIP_FAULTS", fault_file(&self.run_dir))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -214,6 +221,33 @@ impl Topology {
         let mut child = self.daemon.take().expect("havipd not running");
         unsafe { libc::kill(child.id() as i32, signal) };
         child.wait().unwrap();
+    }
+
+    /// Arms fault point `name` in the running havipd: it fails once, the next time it is
+    /// reached (see `havip_user::faults`).
+    pub fn arm_fault(&self, name: &str) {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(fault_file(&self.run_dir)).unwrap();
+        writeln!(f, "{name}").unwrap();
+    }
+
+    /// Whether every armed fault has fired.
+    pub fn faults_fired(&self) -> bool {
+        std::fs::read_to_string(fault_file(&self.run_dir)).unwrap_or_default().trim().is_empty()
+    }
+
+    /// havipd's pid, while it runs.
+    pub fn daemon_pid(&self) -> Option<u32> {
+        self.daemon.as_ref().map(|c| c.id())
+    }
+
+    /// Connects a new server NIC `nic` to the bridge of a `switched` topology through
+    /// switch port `port`, with the pass-through program the port needs (see `switched`).
+    pub fn plug_switched(&mut self, nic: &str, port: &str) {
+        veth_pair(&self.srv, nic, &self.rtr, port).unwrap();
+        self.rtr.ip(&["link", "set", port, "master", "br0"]).unwrap();
+        let peer_pins = self.peer_pin_dir();
+        self.peer_xdp.push(havip_user::cli::lab::pass_through_xdp(&self.rtr.name, port, &peer_pins).unwrap());
     }
 
     pub fn daemon_log(&self) -> String {

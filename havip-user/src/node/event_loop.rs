@@ -288,6 +288,12 @@ impl Node {
                 self.file_cfg = file;
                 // NICs or targets may have changed: rank now, not at the next round.
                 self.rank_round();
+                // Test-only: holds the verdict back while the state file already shows the
+                // new generation (saved by the apply's last stage), the window in which
+                // `havip reload` once read the previous reload's verdict.
+                if crate::faults::take("reload:slow_verdict") {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
                 self.finish_reload(generation, true, summary);
             }
             Err(failed) => {

@@ -88,6 +88,9 @@ impl Node {
     /// Moves a VIP: one map write, then announcements from the new NIC.
     pub(super) fn execute(&mut self, m: &Move) -> anyhow::Result<()> {
         let n = self.nics.get(&m.to).context("unknown NIC")?.clone();
+        if let Some(why) = &m.why {
+            info!(vip = %m.vip, decision = %why, "quality decision");
+        }
         let old = self.dp.binding_of(m.id)?;
         let b = Binding {
             ifindex: n.ifindex,
@@ -102,7 +105,7 @@ impl Node {
         info!(
             vip = %m.vip, from = m.from.as_deref().unwrap_or("-"), to = %m.to, reason = %m.reason,
             links = %links.join(","), pinned = self.state.pins.get(&m.vip).map(String::as_str).unwrap_or("-"),
-            quality = m.why.as_deref().unwrap_or("-"), moves = b.moves, "VIP bound"
+            moves = b.moves, "VIP bound"
         );
         self.metrics.rebound(m.reason);
         let event = events::Move { at_ms: events::now_ms(), vip: m.vip, from: m.from.clone(), to: m.to.clone(), reason: m.reason.to_string(), moves: b.moves };
