@@ -1,20 +1,34 @@
 //! The application API with a real havipd: pool VIPs requested, served (real TCP through
 //! the remap to an unmodified application), listed and released over HTTP on the control
 //! socket; bad requests and conflicts refused with a clear 4xx and nothing changed; 100
-//! concurrent requests never share an exclusive VIP; allocations survive a restart.
+//! concurrent requests never share an exclusive VIP; allocations survive a restart. Its
+//! security: the socket never exists with a wider mode than 0660 (even under umask 000), a
+//! token file others may read is refused before anything is applied, TCP needs the bearer
+//! token, and a non-loopback TCP address is served with a warning.
 
 use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpStream},
+    os::unix::{
+        ffi::OsStrExt,
+        fs::{MetadataExt, PermissionsExt},
+        process::CommandExt,
+    },
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
     sync::{atomic::AtomicBool, Arc},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use havip_tests::{
     topology::{spawn_in, Topology},
     traffic::echo_instance,
 };
-use havip_user::api::client::call;
+use havip_user::{
+    api::{client::call, socket_path},
+    kernel::netns::Netns,
+    node::state::State,
+};
 use serde_json::{json, Value};
 
 /// `n` pool VIPs 198.18.100.10.. on eth0 (routed to the server by the router).
@@ -168,34 +182,218 @@ fn allocations_survive_a_controller_crash_and_restart() {
     assert!(echoes(&t, &vip, 81) && !echoes(&t, &vip, 80));
 }
 
+/// `GET /v1/vips` over TCP to `addr` from namespace `ns`, with `Authorization: Bearer
+/// <auth>` if given: the raw response.
+fn get_tcp(ns: &Netns, addr: &'static str, auth: Option<&'static str>) -> String {
+    spawn_in(ns, move || {
+        let mut s = TcpStream::connect(addr).unwrap();
+        let auth = auth.map(|a| format!("Authorization: Bearer {a}\r\n")).unwrap_or_default();
+        write!(s, "GET /v1/vips HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    })
+    .join()
+    .unwrap()
+}
+
+/// The token file `s3cret-token` with `mode`, in the run directory (removed with it).
+fn token_file(t: &Topology, mode: u32) -> PathBuf {
+    let p = t.run_dir.join("api.token");
+    std::fs::write(&p, "s3cret-token\n").unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+    p
+}
+
+fn api_tcp(listen: &str, token: &Path) -> String {
+    format!("[api]\nlisten = \"{listen}\"\ntoken_file = \"{}\"\n", token.display())
+}
+
 #[test]
 fn the_socket_is_group_accessible_and_tcp_needs_the_bearer_token() {
-    let token_file = std::env::temp_dir().join(havip_tests::unique("havip-token"));
-    std::fs::write(&token_file, "s3cret-token\n").unwrap();
+    let mut t = Topology::new();
+    let token = token_file(&t, 0o600);
     // `daemon` (gid 1) is a group every Debian-like system has.
-    let t = start(&format!(
-        "[api]\nsocket_group = \"daemon\"\nlisten = \"127.0.0.1:7946\"\ntoken_file = \"{}\"\n{}",
-        token_file.display(),
-        pool(1, 0)
-    ));
-    let meta = std::fs::metadata(havip_user::api::socket_path(&t.run_dir)).unwrap();
-    assert_eq!(std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777, 0o660);
-    assert_eq!(std::os::unix::fs::MetadataExt::gid(&meta), 1, "the socket is not the configured group's");
-    let get = |auth: Option<&'static str>| {
-        spawn_in(&t.srv, move || {
-            let mut s = TcpStream::connect("127.0.0.1:7946").unwrap();
-            let auth = auth.map(|a| format!("Authorization: Bearer {a}\r\n")).unwrap_or_default();
-            write!(s, "GET /v1/vips HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n").unwrap();
-            let mut out = String::new();
-            s.read_to_string(&mut out).unwrap();
-            out
-        })
-        .join()
-        .unwrap()
-    };
+    t.write_config(&format!("{}socket_group = \"daemon\"\n{}", api_tcp("127.0.0.1:7946", &token), pool(1, 0)));
+    t.start_daemon();
+    let meta = std::fs::metadata(socket_path(&t.run_dir)).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    assert_eq!(meta.gid(), 1, "the socket is not the configured group's");
+    let get = |auth| get_tcp(&t.srv, "127.0.0.1:7946", auth);
     assert!(get(None).starts_with("HTTP/1.1 401"), "{}", get(None));
     assert!(get(Some("wrong")).starts_with("HTTP/1.1 401"));
+    assert!(get(Some("s3cret-toke")).starts_with("HTTP/1.1 401"), "a prefix of the token was accepted");
     let ok = get(Some("s3cret-token"));
     assert!(ok.starts_with("HTTP/1.1 200") && ok.contains("198.18.100.10"), "{ok}");
-    let _ = std::fs::remove_file(token_file);
+    assert!(!t.daemon_log().contains("not a loopback"), "a loopback address was warned about:\n{}", t.daemon_log());
+}
+
+/// Events on the entries of one directory, from inotify: (name, mask), in order.
+struct DirEvents(i32);
+
+impl DirEvents {
+    fn watch(dir: &Path) -> Self {
+        let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+        assert!(fd >= 0, "inotify_init1: {}", std::io::Error::last_os_error());
+        let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).unwrap();
+        let wd = unsafe { libc::inotify_add_watch(fd, c.as_ptr(), libc::IN_CREATE | libc::IN_MOVED_TO | libc::IN_ATTRIB) };
+        assert!(wd >= 0, "inotify_add_watch {}: {}", dir.display(), std::io::Error::last_os_error());
+        DirEvents(fd)
+    }
+
+    /// Every event queued so far.
+    fn drain(&self) -> Vec<(String, u32)> {
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            let n = unsafe { libc::read(self.0, buf.as_mut_ptr().cast(), buf.len()) };
+            if n <= 0 {
+                return out;
+            }
+            // struct inotify_event: wd, mask, cookie, len (4 bytes each), then len bytes of
+            // NUL-padded name.
+            let mut at = 0;
+            while at < n as usize {
+                let word = |i: usize| u32::from_ne_bytes(buf[at + i..at + i + 4].try_into().unwrap());
+                let (mask, len) = (word(4), word(12) as usize);
+                assert_eq!(mask & libc::IN_Q_OVERFLOW, 0, "inotify queue overflow: events lost");
+                let name = String::from_utf8_lossy(&buf[at + 16..at + 16 + len]).trim_end_matches('\0').to_string();
+                out.push((name, mask));
+                at += 16 + len;
+            }
+        }
+    }
+}
+
+impl Drop for DirEvents {
+    fn drop(&mut self) {
+        unsafe { libc::close(self.0) };
+    }
+}
+
+#[test]
+fn the_socket_never_exists_with_a_wider_mode_even_under_umask_000() {
+    let mut t = Topology::new();
+    t.write_config(&format!("[api]\nsocket_group = \"daemon\"\n{}", pool(1, 0)));
+    let events = DirEvents::watch(&t.run_dir);
+    // bind(2) under umask 000 creates the socket file with mode 0777.
+    t.start_daemon_with(|cmd| {
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::umask(0);
+                Ok(())
+            })
+        };
+    });
+    let pid = State::load(&t.run_dir).unwrap().unwrap().pid.unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(status.contains("Umask:\t0000"), "havipd does not run under umask 000:\n{status}");
+    let sock = socket_path(&t.run_dir);
+    let meta = std::fs::metadata(&sock).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o7777, 0o660, "{}", sock.display());
+    assert_eq!(meta.gid(), 1, "the socket is not the configured group's");
+    // What happened at its path: it appeared (created or moved in) and its mode and owner
+    // never changed after (no IN_ATTRIB), so from its first moment it had the mode and
+    // group checked above. Bind-then-chmod shows as IN_CREATE followed by IN_ATTRIB: a
+    // window in which any local user may connect.
+    let seen: Vec<u32> = events.drain().into_iter().filter(|(name, _)| name == "control.sock").map(|(_, mask)| mask).collect();
+    assert!(seen.first().is_some_and(|m| m & (libc::IN_CREATE | libc::IN_MOVED_TO) != 0), "control.sock never appeared: {seen:x?}");
+    assert!(
+        seen.iter().all(|m| m & libc::IN_ATTRIB == 0),
+        "control.sock's mode or owner was changed after it appeared (IN_ATTRIB = {:x}): {seen:x?}",
+        libc::IN_ATTRIB
+    );
+    // Nothing is left of the staging, and the socket serves.
+    let left: Vec<_> = std::fs::read_dir(&t.run_dir).unwrap().map(|e| e.unwrap().file_name()).filter(|n| n.to_string_lossy().contains(".new")).collect();
+    assert!(left.is_empty(), "left in the run directory: {left:?}");
+    assert_eq!(list(&t)["free"].as_array().unwrap().len(), 1);
+}
+
+/// Runs havipd with `args` (plus this node's pin and run directories) and waits for it to
+/// exit; one that keeps running (it started instead of refusing) is killed and fails the
+/// test.
+fn havipd(t: &Topology, args: &[&str]) -> std::process::Output {
+    let mut child = Command::new(havip_tests::bin("havipd"))
+        .args(args)
+        .args(["--pin-path", t.pin_root.to_str().unwrap(), "--run-dir", t.run_dir.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!("havipd {args:?} did not exit: it runs instead of refusing:\n{}", String::from_utf8_lossy(&out.stderr));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn a_token_file_others_may_read_or_write_is_refused_before_anything_is_applied() {
+    let mut t = Topology::new();
+    let token = token_file(&t, 0o600);
+    t.write_config(&(api_tcp("127.0.0.1:7946", &token) + &pool(1, 0)));
+    let config = t.config_path.to_str().unwrap().to_string();
+    let fix = format!("chmod 600 {}", token.display());
+    for mode in [0o644, 0o640, 0o620, 0o604, 0o602] {
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(mode)).unwrap();
+        let out = havipd(&t, &["--netns", &t.srv.name, "--config", &config]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "mode {mode:o}: havipd started");
+        for needle in ["api.token_file", &format!("{mode:04o}"), &fix, "nothing was applied"] {
+            assert!(err.contains(needle), "mode {mode:o}: the refusal does not say `{needle}`:\n{err}");
+        }
+        assert!(!t.pin_root.exists(), "mode {mode:o}: pins were created");
+        assert!(!t.xdp_attached(), "mode {mode:o}: XDP was attached");
+        assert!(!t.server_lo_addresses().contains("198.18.100"), "mode {mode:o}: an address was installed");
+        assert!(!socket_path(&t.run_dir).exists(), "mode {mode:o}: the API socket was created");
+        // --check-config gives the same verdict.
+        let out = havipd(&t, &["--check-config", &config]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("api.token_file") && err.contains(&fix), "mode {mode:o}: --check-config:\n{err}");
+    }
+    // Private again: havipd starts and TCP serves with the token.
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    t.start_daemon();
+    assert!(get_tcp(&t.srv, "127.0.0.1:7946", Some("s3cret-token")).starts_with("HTTP/1.1 200"));
+    // A reload with the file opened up again is refused, naming the field; nothing changes.
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = t.havip(&["reload"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("api.token_file") && err.contains(&fix), "havip reload:\n{err}");
+    let pid = State::load(&t.run_dir).unwrap().unwrap().pid.unwrap();
+    let before = State::load(&t.run_dir).unwrap().unwrap().last_apply.unwrap().generation;
+    unsafe { libc::kill(pid as i32, libc::SIGHUP) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let verdict = loop {
+        let a = State::load(&t.run_dir).unwrap().unwrap().last_apply.unwrap();
+        if a.generation > before {
+            break a;
+        }
+        assert!(Instant::now() < deadline, "no verdict on the reload");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!verdict.ok && verdict.message.contains("api.token_file") && verdict.message.contains("nothing was applied"), "{verdict:?}");
+    assert!(get_tcp(&t.srv, "127.0.0.1:7946", Some("s3cret-token")).starts_with("HTTP/1.1 200"), "the API stopped serving");
+}
+
+#[test]
+fn a_non_loopback_listen_address_is_served_with_a_warning() {
+    let mut t = Topology::new();
+    let token = token_file(&t, 0o600);
+    // The server's own address on eth0: reachable from the client through the router.
+    t.write_config(&(api_tcp("198.18.1.2:7946", &token) + &pool(1, 0)));
+    t.start_daemon();
+    let log = t.daemon_log();
+    let warnings: Vec<&str> = log.lines().filter(|l| l.contains("not a loopback")).collect();
+    assert_eq!(warnings.len(), 1, "one warning expected:\n{log}");
+    for needle in ["WARN", "api.listen", "198.18.1.2:7946", "clear text", "127.0.0.1"] {
+        assert!(warnings[0].contains(needle), "the warning does not say `{needle}`: {}", warnings[0]);
+    }
+    assert!(get_tcp(&t.cli, "198.18.1.2:7946", None).starts_with("HTTP/1.1 401"));
+    assert!(get_tcp(&t.cli, "198.18.1.2:7946", Some("s3cret-token")).starts_with("HTTP/1.1 200"));
 }

@@ -183,9 +183,17 @@ impl Topology {
 
     /// Starts havipd and waits until it has applied its configuration.
     pub fn start_daemon(&mut self) {
+        self.start_daemon_with(|_| {});
+    }
+
+    /// [`Self::start_daemon`] with `adjust` applied to havipd's command first (to set its
+    /// umask, for example).
+    pub fn start_daemon_with(&mut self, adjust: impl FnOnce(&mut Command)) {
         assert!(self.daemon.is_none(), "havipd already started");
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.run_dir.join("havipd.log")).unwrap();
-        let child = Command::new(crate::bin("havipd"))
+        let mut cmd = Command::new(crate::bin("havipd"));
+        adjust(&mut cmd);
+        let child = cmd
             .arg("--netns")
             .arg(&self.srv.name)
             .arg("--config")

@@ -54,7 +54,7 @@ pub fn havipd_main(cli: HavipdCli) -> anyhow::Result<()> {
     }
     if let Some(file) = cli.check_config {
         let file = file.or(cli.config).context("--check-config needs a file: havipd --check-config FILE")?;
-        let cfg = Config::load(&file)?;
+        let cfg = Config::load_for_apply(&file)?;
         println!("{}: valid ({})", file.display(), summary(&cfg));
         return Ok(());
     }
@@ -67,7 +67,7 @@ pub fn havipd_main(cli: HavipdCli) -> anyhow::Result<()> {
 
 /// `havip check-config FILE` and `havipd --check-config FILE`.
 pub fn check_config(file: &Path) -> anyhow::Result<()> {
-    let cfg = Config::load(file)?;
+    let cfg = Config::load_for_apply(file)?;
     println!("{}: valid ({})", file.display(), summary(&cfg));
     Ok(())
 }

@@ -12,7 +12,7 @@ pub fn run(loc: &Locations, timeout: Duration) -> anyhow::Result<()> {
     let pid = state.live_pid().with_context(|| "havipd is not running; start it with `havipd --config FILE`")?;
     let config = state.config_path.clone().context("the state file names no configuration")?;
     // Check here first so the operator sees the errors directly.
-    Config::load(&config)?;
+    Config::load_for_apply(&config)?;
     let before = state.generation;
     if unsafe { libc::kill(pid as i32, libc::SIGHUP) } != 0 {
         bail!("signalling havipd (pid {pid}) failed: {}", std::io::Error::last_os_error());

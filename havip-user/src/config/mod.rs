@@ -15,6 +15,7 @@ pub mod classes;
 pub mod metrics;
 pub mod ranking;
 pub mod rate;
+pub mod token;
 use serde::{Deserialize, Serialize};
 
 /// The file as written. Unknown fields are errors: a typo must not silently do nothing.
@@ -68,9 +69,11 @@ pub struct ApiSection {
     #[serde(default)]
     pub socket_group: Option<String>,
     /// Also listen on this TCP address (e.g. "127.0.0.1:7946"); requires `token_file`.
+    /// havipd warns if it is not a loopback address (plain HTTP: the token crosses the wire).
     #[serde(default)]
     pub listen: Option<String>,
-    /// File holding the bearer token TCP clients must send.
+    /// File holding the bearer token TCP clients must send. It must be private (no mode bit
+    /// for group or others, e.g. `chmod 600`), or the configuration is refused.
     #[serde(default)]
     pub token_file: Option<std::path::PathBuf>,
 }
@@ -447,6 +450,37 @@ impl Config {
             errors: vec![FieldError { field: "(file)".into(), reason: format!("cannot read it: {e}") }],
         })?;
         Self::parse(&text, &name)
+    }
+
+    /// [`Config::load`], then the checks of the files the configuration names on this host
+    /// ([`Config::check_files`]): what havipd starts and reloads with, and what
+    /// `--check-config` and `havip reload` check.
+    pub fn load_for_apply(path: &Path) -> Result<Config, ConfigError> {
+        let cfg = Self::load(path)?;
+        cfg.check_files(&path.display().to_string())?;
+        Ok(cfg)
+    }
+
+    /// Checks the files the configuration names, as they are on this host: today the API
+    /// token file, which must be private (see `token`).
+    ///
+    /// Why here: a config error is refused whole, naming the field, before havipd touches
+    /// the dataplane (startup loads the config first) or changes anything on a reload, and
+    /// `--check-config` gives the same verdict. Why not in `validate` (text only, so
+    /// unit-testable) or `load`: `havip stats` and `havip top` load the file to label what
+    /// they show, may run as a user who cannot see the secret, and must not fail on it.
+    pub fn check_files(&self, source_name: &str) -> Result<(), ConfigError> {
+        let mut errors = Vec::new();
+        if let Some(path) = &self.api.token_file {
+            if let Err(reason) = token::check(path) {
+                errors.push(FieldError { field: "api.token_file".into(), reason });
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError { source_name: source_name.into(), errors })
+        }
     }
 
     /// Parses and validates TOML text; `source_name` only labels errors.

@@ -79,8 +79,15 @@ async fn subscribe_links() -> anyhow::Result<mpsc::UnboundedReceiver<(LinkInfo, 
 }
 
 async fn serve(opts: DaemonOptions, exporter: StartExporter) -> anyhow::Result<()> {
-    // Validate before touching anything.
-    let cfg = Config::load(&opts.config)?;
+    // Validate before touching anything, the files the config names too (a token file that
+    // others may read is refused here, naming `api.token_file`).
+    let cfg = Config::load_for_apply(&opts.config)?;
+    // The API token is read now, not where the TCP listener starts after the apply: a file
+    // that cannot be used must change nothing. (Re-read on restart only; a reload keeps it.)
+    let api_token = match (cfg.api.listen, &cfg.api.token_file) {
+        (Some(_), Some(f)) => Some(api::server::read_token(f)?),
+        _ => None,
+    };
     let nl = Netlink::new()?;
     // Subscribe to link events before reading link states, so no change falls in between.
     let mut link_events = subscribe_links().await?;
@@ -150,8 +157,8 @@ async fn serve(opts: DaemonOptions, exporter: StartExporter) -> anyhow::Result<(
     let sock = api::socket_path(&node.opts.run_dir);
     let (tx, mut rx) = mpsc::channel(256);
     api::server::serve_unix(&sock, node.file_cfg.api.socket_group.as_deref(), tx.clone())?;
-    if let (Some(addr), Some(token_file)) = (node.file_cfg.api.listen, node.file_cfg.api.token_file.clone()) {
-        api::server::serve_tcp(addr, api::server::read_token(&token_file)?, tx.clone()).await?;
+    if let (Some(addr), Some(token)) = (node.file_cfg.api.listen, api_token) {
+        api::server::serve_tcp(addr, token, tx.clone()).await?;
         info!(%addr, "API also on TCP (bearer token)");
     }
     node.save()?;
@@ -263,7 +270,7 @@ impl Node {
         self.state.generation += 1;
         let generation = self.state.generation;
         let previous = self.cfg.clone();
-        let file = match Config::load(&self.opts.config) {
+        let file = match Config::load_for_apply(&self.opts.config) {
             Ok(f) => f,
             Err(e) => return self.finish_reload(generation, false, format!("{e:#}; nothing was applied")),
         };
