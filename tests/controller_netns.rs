@@ -335,3 +335,17 @@ fn a_newer_move_cancels_the_announcements_of_the_one_it_supersedes() {
     assert!(t.daemon_log().contains("earlier announcements cancelled"), "{}", t.daemon_log());
     stop.store(true, Ordering::Relaxed);
 }
+
+#[test]
+fn link_failover_stays_fast_while_applications_hammer_the_api() {
+    // The bench measures this at 1,000 calls/s against its 20 ms p99 target; here the debug
+    // build (on a machine that may be busy) runs a lighter load with a looser bound, and the load must really have run
+    // (`run_with` checks that every call succeeded at the asked rate).
+    let load = havip_tests::failover::Load { apps: 4, calls_per_sec: 100.0 };
+    let r = havip_tests::failover::run_with(10, Some(load));
+    let l = r.api_load.as_ref().unwrap();
+    assert!(l.rate() >= 0.9 * load.calls_per_sec, "the API load reached only {:.0} calls/s: {l:?}", l.rate());
+    assert!(l.granted >= 100 && l.released >= 100, "the API load did not run: {l:?}");
+    let worst = r.trials.iter().map(|t| t.rebind_us).fold(0.0, f64::max);
+    assert!(worst < 100_000.0, "a failover under API load took {:.1} ms: {:?}", worst / 1000.0, r.trials);
+}

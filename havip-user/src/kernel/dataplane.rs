@@ -356,6 +356,13 @@ pub struct Dataplane {
     pub pins: PinLayout,
     ebpf: Ebpf,
     maps: Maps,
+    /// What the configuration maps (VIPs, mappings, slots, bitmap, classes, CPU queues)
+    /// hold, as of the last plan applied in full. Only this process writes them (the pin
+    /// lock makes sure of that; the programs only read them), so after the first read the
+    /// view is kept current from the changes written instead of reading ~20,000 entries
+    /// back before every plan. `None`: read them afresh (first use, or a write failed
+    /// half-way).
+    actual: Option<Actual>,
     /// The program variants loaded (with or without passive TCP measurement).
     pub ingress: &'static str,
     pub egress: &'static str,
@@ -393,7 +400,7 @@ impl Dataplane {
         let mut maps = Maps::open(&pins)?;
         let cpumap_id = maps.cpumap_raw.info().context("reading the cpumap's id")?.id();
         maps.cpumap_id.set(0, cpumap_id, 0)?;
-        Ok(Self { pins, ebpf, maps, ingress, egress })
+        Ok(Self { pins, ebpf, maps, actual: None, ingress, egress })
     }
 
     /// Counts the kernel's CPU-queue drops from now on (tracepoint `xdp_cpumap_enqueue`),
@@ -422,8 +429,15 @@ impl Dataplane {
     pub fn apply_desired(&mut self, desired: &crate::kernel::plan::Desired) -> anyhow::Result<Changes> {
         let (fd, id) = self.cpu_prog()?;
         let fd = fd.try_clone()?;
-        let ch = crate::kernel::plan::plan(desired, &self.maps.read_actual(Some(id))?);
+        let mut actual = match self.actual.take() {
+            Some(a) => a,
+            None => self.maps.read_actual(Some(id))?,
+        };
+        let ch = crate::kernel::plan::plan(desired, &actual);
+        // On failure the view stays `None`: the maps are in between, read them next time.
         self.maps.apply(&ch, Some(&fd))?;
+        crate::kernel::plan::apply_to(&mut actual, &ch);
+        self.actual = Some(actual);
         Ok(ch)
     }
 
@@ -452,9 +466,9 @@ impl Dataplane {
         self.maps.set_probe_slot(slot, path, kind)
     }
 
-    /// Active probe slots with what was measured.
-    pub fn probe_paths(&self) -> anyhow::Result<Vec<(u32, ProbeSlot, ProbeStats)>> {
-        self.maps.probe_paths()
+    /// What probe slot `slot` measured so far.
+    pub fn probe_stats(&self, slot: u32) -> anyhow::Result<ProbeStats> {
+        Ok(self.maps.probe_stats.get(&slot, 0)?)
     }
 
     /// ifindex -> NIC info, for every NIC in the NICS map.

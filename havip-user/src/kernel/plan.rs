@@ -261,10 +261,10 @@ pub fn plan(desired: &Desired, actual: &Actual) -> Changes {
     ch
 }
 
-/// Applies `changes` to `actual` as the kernel maps would end up: lets tests check that
-/// planning again after applying yields nothing.
-#[cfg(test)]
-fn apply_to(actual: &mut Actual, ch: &Changes) {
+/// Applies `changes` to `actual` as the kernel maps end up once they are written: the
+/// dataplane keeps its view of the maps current this way instead of reading them all back
+/// before every plan, and tests check that planning again after applying yields nothing.
+pub fn apply_to(actual: &mut Actual, ch: &Changes) {
     let words = actual.port_bitmap.len().max(2 * PORT_WORDS as usize);
     actual.port_bitmap.resize(words, 0);
     for &(i, w) in ch.bitmap_grow.iter().chain(&ch.bitmap_shrink) {

@@ -23,7 +23,12 @@ impl Node {
     /// on any failure the allocation is undone and the reply says why.
     pub(super) async fn pool_request(&mut self, r: VipRequest) -> Reply {
         pool::check(&self.file_cfg, &r, &self.state.allocations)?;
-        let samples = self.prober.samples(&self.dp, Instant::now(), self.cfg.ranking.window, self.cfg.probe_interval);
+        // Measured paths matter only for a request that names its targets.
+        let samples = if r.targets.is_empty() {
+            Default::default()
+        } else {
+            self.prober.samples(&self.dp, Instant::now(), self.cfg.ranking.window, self.cfg.probe_interval)
+        };
         let weights = self.cfg.ranking;
         let cost = |v: &Vip| {
             if r.targets.is_empty() {

@@ -151,15 +151,10 @@ impl Prober {
     /// Windowed samples of every probed path, from the kernel's counters. `probe_interval`
     /// tells how many probes can still be in flight (sent within the last RTT).
     pub fn samples(&mut self, dp: &Dataplane, now: Instant, window: Duration, probe_interval: Duration) -> Samples {
-        let by_slot: BTreeMap<u32, Path> = self.slots.iter().map(|(p, s)| (*s, p.clone())).collect();
         let mut out = BTreeMap::new();
-        let Ok(paths) = dp.probe_paths() else {
-            return out;
-        };
-        for (slot, _, st) in paths {
-            let Some(path) = by_slot.get(&slot) else {
-                continue;
-            };
+        // Only the slots this prober assigned: one lookup each, not a scan of all slots.
+        for (path, &slot) in &self.slots {
+            let Ok(st) = dp.probe_stats(slot) else { continue };
             let h = self.history.entry(path.clone()).or_default();
             h.push_back((now, st.sent, st.received));
             // Keep one entry older than the window as its base.
