@@ -5,7 +5,7 @@
 use std::{
     io::{BufRead, BufReader},
     net::{IpAddr, SocketAddr, TcpStream},
-    process::Command,
+    process::{Command, Stdio},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -17,6 +17,7 @@ use havip_tests::{
     topology::{spawn_in, Topology, VIP1_V4, VIP1_V6, VIP2_V4},
     traffic::{echo_instance, Stream},
 };
+use havip_user::kernel::pins::PinLayout;
 
 fn vip_block(vips: &[&str]) -> String {
     vips.iter().map(|v| format!("[[vip]]\naddress = \"{v}\"\n")).collect()
@@ -213,6 +214,172 @@ fn down_removes_everything_havip_installed() {
     // The CLI now says clearly that nothing is there.
     let out = t.havip(&["stats"]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("start havipd first"));
+}
+
+/// What `stop, alter, start` leaves: each check below must read the same before and after a
+/// refused start. Ids tell a map or program that was replaced from one that was kept.
+#[derive(Debug, PartialEq)]
+struct PinnedState {
+    links: Vec<(u32, u32)>,
+    /// (file, map id) of every pinned map, and (file, program id) of every pinned program.
+    maps: Vec<(String, u32)>,
+    progs: Vec<(String, u32)>,
+    layout_version: Option<u32>,
+    cpumap_id: u32,
+    bindings: Vec<havip_common::Binding>,
+    vips: Vec<(havip_common::VipKey, havip_common::VipInfo)>,
+    nics: Vec<(u32, havip_common::NicInfo)>,
+    lo: String,
+    state: (Option<u32>, u64),
+}
+
+fn pinned_state(t: &Topology) -> PinnedState {
+    use aya::maps::{Array, HashMap, Map, MapData, MapInfo};
+    use havip_common::maps as m;
+    let pins = PinLayout::new(&t.pin_root);
+    let ids = |dir: std::path::PathBuf, id: &dyn Fn(&std::path::Path) -> u32| {
+        let mut v: Vec<(String, u32)> =
+            std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), id(&p))).collect();
+        v.sort();
+        v
+    };
+    let open = |name: &str| Map::from_map_data(MapData::from_pin(pins.map(name)).unwrap()).unwrap();
+    // As the test left it: maybe removed.
+    let layout_version = pins.map(m::LAYOUT).exists().then(|| Array::<_, u32>::try_from(open(m::LAYOUT)).unwrap().get(&0, 0).unwrap());
+    let cpumap_id: Array<_, u32> = open(m::CPUMAP_ID).try_into().unwrap();
+    let bindings: Array<_, havip_common::Binding> = open(m::BINDINGS).try_into().unwrap();
+    let vips: HashMap<_, havip_common::VipKey, havip_common::VipInfo> = open(m::VIPS).try_into().unwrap();
+    let state = havip_user::node::state::State::load(&t.run_dir).unwrap().unwrap();
+    PinnedState {
+        links: t.links(),
+        maps: ids(pins.maps_dir(), &|p| MapInfo::from_pin(p).unwrap().id()),
+        progs: ids(pins.progs_dir(), &|p| aya::programs::ProgramInfo::from_pin(p).unwrap().id()),
+        layout_version,
+        cpumap_id: cpumap_id.get(&0, 0).unwrap(),
+        bindings: (0..8).map(|i| bindings.get(&i, 0).unwrap()).collect(),
+        vips: vips.iter().map(Result::unwrap).collect(),
+        nics: HashMap::<_, u32, havip_common::NicInfo>::try_from(open(m::NICS)).unwrap().iter().map(Result::unwrap).collect(),
+        lo: t.server_lo_addresses(),
+        state: (state.pid, state.generation),
+    }
+}
+
+/// Runs havipd until it exits. One still running after 10 s has accepted what it was
+/// given: it is stopped and its log returned as the error, so that a havipd which wrongly
+/// starts fails the test instead of hanging it.
+fn havipd_until_exit(args: &[&str]) -> Result<std::process::Output, String> {
+    let mut child = Command::new(havip_tests::bin("havipd")).args(args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let out = child.wait_with_output().unwrap();
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(child.wait_with_output().unwrap())
+}
+
+/// A new map shaped like `like` but with `max_entries`, through BPF_MAP_CREATE: a pin
+/// made by a havip whose map had another capacity.
+fn map_with_capacity(like: &aya::maps::MapInfo, max_entries: u32) -> aya::maps::MapData {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    #[repr(C)]
+    struct CreateAttr {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        map_flags: u32,
+    }
+    let attr = CreateAttr {
+        map_type: like.map_type().unwrap() as u32,
+        key_size: like.key_size(),
+        value_size: like.value_size(),
+        max_entries,
+        map_flags: like.map_flags(),
+    };
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_CREATE, &attr as *const CreateAttr, std::mem::size_of::<CreateAttr>() as u32) };
+    assert!(fd >= 0, "BPF_MAP_CREATE: {}", std::io::Error::last_os_error());
+    aya::maps::MapData::from_fd(unsafe { OwnedFd::from_raw_fd(fd as i32) }).unwrap()
+}
+
+/// Pins of another layout (another layout version, a map of another capacity, maps from
+/// before versioning) make havipd refuse to start and `havip stats` refuse to read, naming
+/// the mismatch and `havip down`, with nothing changed and traffic still served by the
+/// running programs. Put back as they were, the pins are adopted again.
+#[test]
+fn pins_of_another_layout_are_refused_with_nothing_changed() {
+    use aya::maps::{Array, Map, MapData, MapInfo};
+    use havip_common::maps as m;
+    let mut t = Topology::new();
+    let stop = Arc::new(AtomicBool::new(false));
+    echo_instance(&t.srv, 8081, b"A\n", stop.clone());
+    t.write_config(&(vip_block(&[VIP1_V4]) + &service("web", 80, &[(VIP1_V4, 8081)])));
+    t.start_daemon();
+    t.stop_daemon(libc::SIGTERM);
+    let pins = PinLayout::new(&t.pin_root);
+    let links = t.links();
+    let path = |name: &str| pins.map(name);
+    let set_version = |v: u32| {
+        let mut a: Array<_, u32> = Map::from_map_data(MapData::from_pin(path(m::LAYOUT)).unwrap()).unwrap().try_into().unwrap();
+        a.set(0, v, 0).unwrap();
+    };
+    let refused = |what: &str, names: &[&str]| {
+        let before = pinned_state(&t);
+        let out = havipd_until_exit(&[
+            "--netns", &t.srv.name, "--config", t.config_path.to_str().unwrap(),
+            "--pin-path", t.pin_root.to_str().unwrap(), "--run-dir", t.run_dir.to_str().unwrap(),
+        ])
+        .unwrap_or_else(|log| panic!("{what}: havipd started on them:\n{log}"));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{what}: havipd exited 0:\n{err}");
+        for name in names.iter().chain(&["nothing was changed", "Run `havip down` to remove the old dataplane (this interrupts traffic), then start havipd again"]) {
+            assert!(err.contains(name), "{what}: the error does not say `{name}`:\n{err}");
+        }
+        assert_eq!(pinned_state(&t), before, "{what}: the refused havipd changed the dataplane");
+        // The CLI refuses to read them too, with the same advice.
+        let out = t.havip(&["stats"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && names.iter().all(|n| err.contains(n)) && err.contains("havip down"), "{what}: havip stats:\n{err}");
+        assert_eq!(who_answers(&t, VIP1_V4).unwrap(), "A", "{what}: traffic stopped");
+    };
+
+    // Another version (a layout change of the same size: only the version tells).
+    set_version(m::LAYOUT_VERSION + 1);
+    refused("another version", &[&format!("HAVIP_LAYOUT: pinned layout version {}, this build expects {}", m::LAYOUT_VERSION + 1, m::LAYOUT_VERSION)]);
+    set_version(m::LAYOUT_VERSION);
+
+    // A map of another capacity, pinned in the original's place (which this test keeps open).
+    let original = MapData::from_pin(path(m::NICS)).unwrap();
+    let info = MapInfo::from_pin(path(m::NICS)).unwrap();
+    let other = map_with_capacity(&info, m::NICS_MAX * 2);
+    std::fs::remove_file(path(m::NICS)).unwrap();
+    other.pin(path(m::NICS)).unwrap();
+    let shape = |n: u32| format!("hash, key 4 B, value {} B, {n} entries", info.value_size());
+    let pinned_vs_expected = format!("map HAVIP_NICS: pinned {}; this build expects {}", shape(m::NICS_MAX * 2), shape(m::NICS_MAX));
+    refused("a map of another capacity", &[&pinned_vs_expected]);
+    assert_eq!(MapInfo::from_pin(path(m::NICS)).unwrap().id(), other.info().unwrap().id(), "the altered pin was replaced");
+    std::fs::remove_file(path(m::NICS)).unwrap();
+    original.pin(path(m::NICS)).unwrap();
+
+    // Maps pinned by a havipd from before layout versioning (no HAVIP_LAYOUT).
+    let layout = MapData::from_pin(path(m::LAYOUT)).unwrap();
+    std::fs::remove_file(path(m::LAYOUT)).unwrap();
+    refused("maps from before versioning", &["are pinned but HAVIP_LAYOUT is not"]);
+    assert!(!path(m::LAYOUT).exists(), "a refused havipd created HAVIP_LAYOUT");
+    layout.pin(path(m::LAYOUT)).unwrap();
+
+    // As they were: adopted, links kept, programs swapped.
+    t.start_daemon();
+    for ((old_link, old_prog), (new_link, new_prog)) in links.iter().zip(&t.links()) {
+        assert_eq!(old_link, new_link, "the pinned link was replaced instead of adopted");
+        assert_ne!(old_prog, new_prog, "the restarted controller did not swap in its programs");
+    }
+    assert_eq!(who_answers(&t, VIP1_V4).unwrap(), "A");
+    stop.store(true, Ordering::Relaxed);
 }
 
 /// What `cargo xtask run` shows: the lab serves every VIP, fails a NIC over, keeps its

@@ -2,6 +2,23 @@
 //!
 //! Each constant's doc says: key -> value, who writes, who reads.
 
+/// The version of the dataplane's layout: every map below and every `#[repr(C)]` type in
+/// this crate. havipd records it in [`LAYOUT`] when it creates the pins and refuses to
+/// adopt pins that carry another one (or none), because its programs would read the old
+/// maps' bytes as the new types.
+///
+/// Bump it on any change to a map's key, value or capacity, or to a `#[repr(C)]` type's
+/// meaning (a field added, removed, reordered or reinterpreted), even one that keeps the
+/// size: havipd also compares each pinned map's type, key size, value size and capacity
+/// with the programs' own, but only the version catches a change of meaning.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// `0 -> u32`: the [`LAYOUT_VERSION`] the pinned maps were created with. Written by havipd
+/// when it creates fresh pins, read by havipd and the CLI before they trust any other map.
+/// The programs never read it.
+pub const LAYOUT: &str = "HAVIP_LAYOUT";
+pub const LAYOUT_LEN: u32 = 1;
+
 /// `VipKey -> VipInfo`. Written by havipd, read by both programs to recognise a VIP.
 pub const VIPS: &str = "HAVIP_VIPS";
 pub const VIPS_MAX: u32 = 4096;
@@ -101,8 +118,8 @@ pub const CPU_QUEUES: &str = "HAVIP_CPU_QUEUES";
 pub const CPUMAP_ID: &str = "HAVIP_CPUMAP_ID";
 
 /// Every map, for pin handling and teardown.
-pub const ALL: [&str; 23] = [
-    VIPS, VIP_SLOTS, REMAP_IN, REMAP_OUT, PORT_BITMAP, NICS, BINDINGS, NIC_STATS, VIP_STATS, OUTCOMES, PROBE_SLOTS,
+pub const ALL: [&str; 24] = [
+    LAYOUT, VIPS, VIP_SLOTS, REMAP_IN, REMAP_OUT, PORT_BITMAP, NICS, BINDINGS, NIC_STATS, VIP_STATS, OUTCOMES, PROBE_SLOTS,
     PROBE_SENT, PROBE_STATS, TCP_SAMPLE_SEQ, TCP_SAMPLE_TIME, PEER_QUALITY, CLASSES, PORT_CLASSES, CLASS_STATS, CPUMAP,
     QUEUE_STATS, CPU_QUEUES, CPUMAP_ID,
 ];

@@ -11,6 +11,12 @@ use havip_common::{
     VipCounters, VipInfo, VipKey, VipSlot,
 };
 
+/// 0 -> the layout version the pins were created with (see `havip_common::maps::LAYOUT`).
+/// Only userspace reads it; no program refers to it, and a unit test
+/// (`kernel::map_layout`) checks that the object still carries it.
+#[map(name = "HAVIP_LAYOUT")]
+pub static LAYOUT: Array<u32> = Array::pinned(m::LAYOUT_LEN, 0);
+
 /// VIP address -> VIP id and settings.
 #[map(name = "HAVIP_VIPS")]
 pub static VIPS: HashMap<VipKey, VipInfo> = HashMap::pinned(m::VIPS_MAX, 0);

@@ -2,7 +2,7 @@
 //! (creating them on first start), attaches them to NICs or adopts the links a previous
 //! controller left pinned, and reads and writes the maps.
 
-use std::{collections::BTreeMap, io, mem::size_of, path::Path};
+use std::{collections::BTreeMap, io, mem::size_of, path::Path, sync::OnceLock};
 
 use anyhow::{bail, Context};
 use aya::{
@@ -25,6 +25,7 @@ use tracing::{info, warn};
 
 use crate::{
     config::XdpModeSetting,
+    kernel::map_layout::{self, MapShape},
     kernel::pins::{ensure_bpffs, Hook, PinLayout},
     kernel::plan::{Actual, Changes},
 };
@@ -37,6 +38,17 @@ pub fn ebpf_object() -> anyhow::Result<&'static [u8]> {
         bail!("this build has no eBPF object embedded; build with `cargo xtask build` (it compiles havip-ebpf first)");
     }
     Ok(EBPF_OBJECT)
+}
+
+/// The shapes of the object's pinned maps, parsed once per process: readers open the maps
+/// on every refresh (`havip stats --watch`, `top`), and parsing takes milliseconds.
+fn object_map_shapes() -> anyhow::Result<&'static BTreeMap<String, MapShape>> {
+    static SHAPES: OnceLock<BTreeMap<String, MapShape>> = OnceLock::new();
+    if let Some(shapes) = SHAPES.get() {
+        return Ok(shapes);
+    }
+    let shapes = map_layout::expected_shapes(ebpf_object()?)?;
+    Ok(SHAPES.get_or_init(|| shapes))
 }
 
 /// Typed handles on the pinned maps. Usable without any program loaded, so the CLI reads
@@ -74,7 +86,10 @@ fn open_pinned(pins: &PinLayout, name: &str) -> anyhow::Result<Map> {
 }
 
 impl Maps {
+    /// Opens the pinned maps, refusing (with what to do) pins of another layout than this
+    /// build's: reading them as this build's types would show garbage.
     pub fn open(pins: &PinLayout) -> anyhow::Result<Self> {
+        map_layout::check(pins, object_map_shapes()?)?;
         Ok(Self {
             vips: open_pinned(pins, m::VIPS)?.try_into()?,
             vip_slots: open_pinned(pins, m::VIP_SLOTS)?.try_into()?,
@@ -374,9 +389,17 @@ fn is_not_found(e: &LinkError) -> bool {
 
 impl Dataplane {
     /// Loads the programs; maps already pinned under `pin_root` are reused, missing ones are
-    /// created and pinned. Nothing is attached yet.
+    /// created and pinned. Nothing is attached yet. Pins of another layout (see
+    /// [`map_layout`]) are refused before anything is created, loaded or written.
     pub fn open(pin_root: &Path) -> anyhow::Result<Self> {
         Self::open_with(pin_root, true)
+    }
+
+    /// Refuses pins of another layout than this build's (see [`map_layout`]), reading only.
+    /// `open_with` checks too; havipd calls this first so that it refuses before it starts
+    /// anything else.
+    pub fn check_pins(pins: &PinLayout) -> anyhow::Result<()> {
+        map_layout::check(pins, object_map_shapes()?)
     }
 
     /// Like `open`; `passive_tcp` switches passive TCP RTT measurement (a load-time
@@ -385,10 +408,16 @@ impl Dataplane {
         let (ingress, egress) = if passive_tcp { (m::PROG_INGRESS_PASSIVE, m::PROG_EGRESS_PASSIVE) } else { (m::PROG_INGRESS, m::PROG_EGRESS) };
         ensure_bpffs(pin_root)?;
         let pins = PinLayout::new(pin_root);
+        // The loader adopts any pinned map of the right name, whatever its shape: check first.
+        Self::check_pins(&pins)?;
         for dir in [pins.maps_dir(), pins.progs_dir(), pins.links_dir(), pins.host_links_dir()] {
             std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
         }
         let mut ebpf = EbpfLoader::new().default_map_pin_directory(pins.maps_dir()).load(ebpf_object()?).context("loading the eBPF object (maps) failed")?;
+        // Fresh pins get their version now, before any program can use them; adopted ones
+        // passed the check, so this rewrites the same value.
+        let mut layout: Array<&mut MapData, u32> = ebpf.map_mut(m::LAYOUT).context("map HAVIP_LAYOUT missing from the eBPF object")?.try_into()?;
+        layout.set(0, m::LAYOUT_VERSION, 0).context("recording the layout version in HAVIP_LAYOUT")?;
         for name in [ingress, m::PROG_BASELINE] {
             let prog: &mut Xdp = ebpf.program_mut(name).context("program missing from object")?.try_into()?;
             prog.load().with_context(|| format!("the kernel refused program {name}"))?;

@@ -4,6 +4,7 @@
 pub mod announce;
 pub mod classes;
 pub mod dataplane;
+pub mod map_layout;
 pub mod netlink;
 pub mod netns;
 pub mod pins;

@@ -98,6 +98,8 @@ async fn serve(opts: DaemonOptions, exporter: StartExporter) -> anyhow::Result<(
     let created_pin_root = !opts.pin_root.exists();
     std::fs::create_dir_all(&opts.pin_root).with_context(|| format!("creating {}", opts.pin_root.display()))?;
     let _lock = lock_pin_root(&opts.pin_root)?;
+    // Pins this build cannot use are refused before anything starts (the check reads only).
+    Dataplane::check_pins(&PinLayout::new(&opts.pin_root))?;
     // Before anything is applied: a metrics address already taken changes nothing.
     let metrics = DaemonMetrics::new();
     if let Err(e) = exporter(cfg.metrics, metrics.clone()).await {
