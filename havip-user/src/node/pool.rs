@@ -35,6 +35,23 @@ pub struct Allocation {
     pub at_ms: u64,
 }
 
+impl Allocation {
+    /// Request `r` granted on `vip` at `at_ms`.
+    pub fn granted(r: &VipRequest, vip: IpAddr, at_ms: u64) -> Self {
+        Allocation {
+            app: r.app.clone(),
+            vip,
+            exclusive: r.exclusive,
+            protocol: r.protocol,
+            service_port: r.service_port,
+            instance_port: r.instance_port,
+            targets: r.targets.clone(),
+            class: r.class.clone(),
+            at_ms,
+        }
+    }
+}
+
 /// The checks that need no pool state.
 pub fn check(cfg: &Config, r: &VipRequest, held: &[Allocation]) -> Result<(), ApiError> {
     let ok_app = !r.app.is_empty() && r.app.len() <= 64 && r.app.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':'));
@@ -225,17 +242,7 @@ pool = true
     fn grant(c: &Config, held: &mut Vec<Allocation>, r: &VipRequest, cost: impl Fn(&Vip) -> Option<(f64, String)>) -> Result<IpAddr, ApiError> {
         check(c, r, held)?;
         let (vip, _) = choose(c, held, r, cost)?;
-        held.push(Allocation {
-            app: r.app.clone(),
-            vip,
-            exclusive: r.exclusive,
-            protocol: r.protocol,
-            service_port: r.service_port,
-            instance_port: r.instance_port,
-            targets: r.targets.clone(),
-            class: r.class.clone(),
-            at_ms: 0,
-        });
+        held.push(Allocation::granted(r, vip, 0));
         Ok(vip)
     }
 
