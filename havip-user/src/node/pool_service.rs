@@ -34,17 +34,7 @@ impl Node {
             Some((best.cost?, best.nic.clone()))
         };
         let (vip, why) = pool::choose(&self.file_cfg, &self.state.allocations, &r, cost)?;
-        let a = Allocation {
-            app: r.app.clone(),
-            vip,
-            exclusive: r.exclusive,
-            protocol: r.protocol,
-            service_port: r.service_port,
-            instance_port: r.instance_port,
-            targets: r.targets.clone(),
-            class: r.class.clone(),
-            at_ms: events::now_ms(),
-        };
+        let a = pool::allocation(&r, vip, events::now_ms());
         self.state.allocations.push(a.clone());
         if let Err(e) = self.apply_allocations().await {
             self.state.allocations.pop();
