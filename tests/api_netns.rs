@@ -4,7 +4,8 @@
 //! concurrent requests never share an exclusive VIP; allocations survive a restart. Its
 //! security: the socket never exists with a wider mode than 0660 (even under umask 000), a
 //! token file others may read is refused before anything is applied, TCP needs the bearer
-//! token, and a non-loopback TCP address is served with a warning.
+//! token, and a non-loopback TCP address is served with a warning. A request past a map's capacity
+//! is refused (409) naming the limit, with nothing changed.
 
 use std::{
     io::{Read, Write},
@@ -396,4 +397,76 @@ fn a_non_loopback_listen_address_is_served_with_a_warning() {
     }
     assert!(get_tcp(&t.cli, "198.18.1.2:7946", None).starts_with("HTTP/1.1 401"));
     assert!(get_tcp(&t.cli, "198.18.1.2:7946", Some("s3cret-token")).starts_with("HTTP/1.1 200"));
+}
+
+/// Mappings in the kernel's remap table, as `havip stats` reads them.
+fn mappings_in_kernel(t: &Topology) -> usize {
+    t.stats()["vips"].as_array().unwrap().iter().map(|v| v["mappings"].as_array().map_or(0, Vec::len)).sum()
+}
+
+/// `n` mappings on the configured VIP 198.18.100.9 (designated ports 1-8192 to instance
+/// ports 10001-18192, TCP, then UDP from the first), and two pool VIPs.
+fn with_mappings(n: u32) -> String {
+    let mut body = String::from("[[vip]]\naddress = \"198.18.100.9\"\n");
+    for p in 1..=n.div_ceil(2) {
+        let protocols = if p + 8192 <= n { r#"["tcp", "udp"]"# } else { r#"["tcp"]"# };
+        body +=
+            &format!("[[service]]\nname = \"s{p}\"\nport = {p}\nprotocols = {protocols}\ninstance = [{{ vip = \"198.18.100.9\", port = {} }}]\n", 10000 + p);
+    }
+    body + &pool(2, 0)
+}
+
+#[test]
+fn a_request_past_the_mapping_capacity_gets_409_naming_the_limit_and_changes_nothing() {
+    // The remap tables hold 16384 mappings. The file configures 16383, so one grant fits
+    // exactly and the next would not.
+    let mut t = start(&with_mappings(16383));
+    assert_eq!(mappings_in_kernel(&t), 16383);
+
+    // The 16384th mapping: granted, and it serves (the kernel's table really holds it).
+    echo_instance(&t.srv, 9000, b"", Arc::new(AtomicBool::new(false)));
+    let (status, v) = request(&t, json!({ "app": "shop", "service_port": 80, "instance_port": 9000 }));
+    assert_eq!(status, 201, "{v}");
+    let vip = v["vip"].as_str().unwrap().to_string();
+    assert!(echoes(&t, &vip, 80), "the mapping at the limit does not serve");
+    assert_eq!(mappings_in_kernel(&t), 16384);
+
+    // One more would not fit: refused up front, naming the limit, and nothing changes.
+    let before = list(&t);
+    let addresses = t.server_lo_addresses();
+    let (status, v) = request(&t, json!({ "app": "blog", "service_port": 80, "instance_port": 9001 }));
+    assert_eq!(status, 409, "{v}");
+    let err = v["error"].as_str().unwrap_or_default();
+    assert!(err.contains("16385 mappings") && err.contains("at most 16384") && err.contains("release"), "{err}");
+    assert_eq!(list(&t), before, "a refused request changed the pool");
+    assert_eq!(t.server_lo_addresses(), addresses, "a refused request changed the addresses");
+    assert_eq!(mappings_in_kernel(&t), 16384, "a refused request changed the maps");
+    assert!(echoes(&t, &vip, 80));
+
+    // A file that fits alone but not with what `shop` holds: the reload is refused naming
+    // the limit, and `shop` keeps its VIP.
+    t.write_config(&with_mappings(16384));
+    let out = t.havip(&["reload"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("16385 mappings") && err.contains("at most 16384"), "{out:?}");
+    assert_eq!(list(&t), before, "a refused reload changed the pool");
+    assert_eq!(mappings_in_kernel(&t), 16384);
+    assert!(echoes(&t, &vip, 80));
+
+    // Nor does havipd start with that file: refused before anything is applied, while the
+    // pinned dataplane keeps serving `shop`.
+    t.stop_daemon(libc::SIGTERM);
+    let out = std::process::Command::new(havip_tests::bin("havipd"))
+        .args(["--netns", &t.srv.name, "--config", t.config_path.to_str().unwrap()])
+        .args(["--pin-path", t.pin_root.to_str().unwrap(), "--run-dir", t.run_dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("16385 mappings") && err.contains("nothing was applied"), "{err}");
+    assert_eq!(mappings_in_kernel(&t), 16384);
+    assert!(echoes(&t, &vip, 80));
+    // With the file it had, it starts and `shop` still holds its VIP.
+    t.write_config(&with_mappings(16383));
+    t.start_daemon();
+    assert_eq!(list(&t)["held"], before["held"]);
 }

@@ -45,6 +45,11 @@ fn who_answers(t: &Topology, vip: &str) -> Result<String, String> {
     .unwrap()
 }
 
+/// `n` distinct peer addresses, as a TOML array's items.
+fn targets(n: u32) -> String {
+    (0..n).map(|i| format!("\"198.19.{}.{}\"", i >> 8, i & 0xff)).collect::<Vec<_>>().join(", ")
+}
+
 fn havipd(args: &[&str]) -> std::process::Output {
     Command::new(havip_tests::bin("havipd")).args(args).output().unwrap()
 }
@@ -63,9 +68,23 @@ fn invalid_configurations_are_refused_before_anything_is_applied() {
         ("CPU that does not exist", good.clone() + "[class.gold]\ncpus = [4096]\n", "class.gold.cpus[0]"),
         ("rate of zero", good.clone() + "[class.gold]\nrate = \"0kbit\"\n", "class.gold.rate"),
         ("ceiling below the rate", good.clone() + "[class.gold]\nrate = \"10mbit\"\nceil = \"1mbit\"\n", "class.gold.ceil"),
+        // Three probe intervals of this overflow u64.
+        ("probe interval beyond any sense", good.clone() + "[probe]\ninterval_ms = 9223372036854775807\n", "probe.interval_ms"),
+        // One NIC and 4097 targets: one probe path more than the kernel has probe slots.
+        (
+            "more probe paths than probe slots",
+            good.replace(&format!("address = \"{VIP1_V4}\""), &format!("address = \"{VIP1_V4}\"\ntargets = [{}]", targets(4097))),
+            "vip[*].targets",
+        ),
     ];
     for (what, body, field) in cases {
         t.write_config(&body);
+        // --check-config gives the same verdict without a node (first: a daemon that
+        // accepted the file would not return).
+        let out = havipd(&["--check-config", "--config", t.config_path.to_str().unwrap()]);
+        if field != "nic[1].name" {
+            assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains(field), "{what}: --check-config");
+        }
         let out = havipd(&[
             "--netns", &t.srv.name, "--config", t.config_path.to_str().unwrap(),
             "--pin-path", t.pin_root.to_str().unwrap(), "--run-dir", t.run_dir.to_str().unwrap(),
@@ -77,11 +96,6 @@ fn invalid_configurations_are_refused_before_anything_is_applied() {
         assert!(!t.pin_root.exists(), "{what}: pins were created");
         assert!(!t.xdp_attached(), "{what}: XDP was attached");
         assert!(!t.server_lo_addresses().contains("198.18.100"), "{what}: an address was installed");
-        // --check-config gives the same verdict without a node.
-        let out = havipd(&["--check-config", "--config", t.config_path.to_str().unwrap()]);
-        if field != "nic[1].name" {
-            assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains(field), "{what}: --check-config");
-        }
     }
     // And the good one is accepted.
     t.write_config(&good);

@@ -16,7 +16,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use havip_common::{CLASSES_MAX, CLASS_CPUS_MAX};
+use havip_common::CLASS_CPUS_MAX;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{
@@ -119,6 +119,18 @@ impl Classes {
 
 pub const DEFAULT_EGRESS_RATE_BPS: u64 = 10_000_000_000;
 
+/// The highest rate havip shapes to: 10 Tbit/s, above any NIC's, and low enough that the
+/// rates of every class add up without overflowing.
+pub const MAX_RATE_BPS: u64 = 10_000_000_000_000;
+
+/// `parse_rate`, refusing rates above [`MAX_RATE_BPS`].
+fn parse_bounded_rate(s: &str) -> Result<u64, String> {
+    match parse_rate(s)? {
+        r if r > MAX_RATE_BPS => Err(format!("{s:?} is more than {}, the highest rate havip shapes to", format_rate(MAX_RATE_BPS))),
+        r => Ok(r),
+    }
+}
+
 /// Class names label stats and metrics, and are stored in the kernel's `ClassInfo`.
 fn check_name(name: &str) -> Result<(), String> {
     let ok = !name.is_empty() && name.len() <= 15 && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
@@ -154,9 +166,6 @@ pub fn online_cpus() -> BTreeSet<u32> {
 /// classes and applies `isolate` to its candidates. Problems go to `err`.
 pub fn validate(file: &ConfigFile, vips: &mut [Vip], online: &BTreeSet<u32>, err: &mut impl FnMut(String, String)) -> Classes {
     let mut out = Classes::default();
-    if file.class.len() >= CLASSES_MAX as usize {
-        err("class".into(), format!("{} classes configured, at most {} are supported", file.class.len(), CLASSES_MAX - 1));
-    }
     // A CPU's queue is one queue: the classes sharing it must agree on its size.
     let mut queue_sizes: BTreeMap<u32, (u32, &str)> = BTreeMap::new();
     for (name, c) in &file.class {
@@ -194,7 +203,7 @@ pub fn validate(file: &ConfigFile, vips: &mut [Vip], online: &BTreeSet<u32>, err
                 None
             }
             (Some(rate), ceil) => {
-                let rate = match parse_rate(rate) {
+                let rate = match parse_bounded_rate(rate) {
                     Ok(0) => {
                         err(at("rate"), "is zero; a class needs a rate above zero (leave it out for no egress class)".into());
                         None
@@ -205,7 +214,7 @@ pub fn validate(file: &ConfigFile, vips: &mut [Vip], online: &BTreeSet<u32>, err
                         None
                     }
                 };
-                let ceil = match ceil.as_deref().map(parse_rate) {
+                let ceil = match ceil.as_deref().map(parse_bounded_rate) {
                     None => rate,
                     Some(Ok(c)) => Some(c),
                     Some(Err(e)) => {
@@ -229,10 +238,11 @@ pub fn validate(file: &ConfigFile, vips: &mut [Vip], online: &BTreeSet<u32>, err
         out.classes.insert(name.clone(), Class { name: name.clone(), cpus, queue_size: c.queue_size, egress, on_nic_failure: c.on_nic_failure });
     }
 
-    // NIC egress: the HTB root each classed NIC gets.
-    let sum_rates: u64 = out.classes.values().filter_map(|c| c.egress).map(|e| e.rate_bps).sum();
+    // NIC egress: the HTB root each classed NIC gets. Rates are bounded, so the sum of 63
+    // cannot overflow; it is formed checked all the same (`None`: more than any NIC has).
+    let sum_rates: Option<u64> = out.classes.values().filter_map(|c| c.egress).try_fold(0u64, |sum, e| sum.checked_add(e.rate_bps));
     for (i, nic) in file.nic.iter().enumerate() {
-        let rate = match nic.egress_rate.as_deref().map(parse_rate) {
+        let rate = match nic.egress_rate.as_deref().map(parse_bounded_rate) {
             None => DEFAULT_EGRESS_RATE_BPS,
             Some(Ok(0)) => {
                 err(format!("nic[{i}].egress_rate"), "is zero; give the NIC's usable egress rate (or leave it out)".into());
@@ -244,10 +254,11 @@ pub fn validate(file: &ConfigFile, vips: &mut [Vip], online: &BTreeSet<u32>, err
                 continue;
             }
         };
-        if sum_rates > rate {
+        if sum_rates.is_none_or(|sum| sum > rate) {
+            let sum = sum_rates.map_or_else(|| "beyond any rate".to_string(), format_rate);
             err(
                 format!("nic[{i}].egress_rate"),
-                format!("{} is below the sum of the classes' rates ({}); lower the rates or raise egress_rate", format_rate(rate), format_rate(sum_rates)),
+                format!("{} is below the sum of the classes' rates ({sum}); lower the rates or raise egress_rate", format_rate(rate)),
             );
         }
         for c in out.classes.values() {
@@ -409,6 +420,16 @@ class = "bulk"
             ("queue size zero", "cpus = [1]", "cpus = [1]\nqueue_size = 0", "class.bulk.queue_size"),
             ("shared CPU, other queue size", "cpus = [1]", "cpus = [0]\nqueue_size = 64", "class.latency.queue_size"),
             ("bad class name", "[class.bulk]", "[class.Bulk]", "class.Bulk"),
+            ("rate above the maximum", "rate = \"20mbit\"", "rate = \"10001gbit\"", "class.bulk.rate"),
+            ("ceiling above the maximum", "ceil = \"50mbit\"", "ceil = \"18446744073gbit\"", "class.bulk.ceil"),
+            ("NIC rate above the maximum", "egress_rate = \"100mbit\"", "egress_rate = \"10000.001gbit\"", "nic[0].egress_rate"),
+            // Two rates whose sum overflows u64 (each below u64::MAX): checked, not wrapped.
+            (
+                "rates summing past u64",
+                "egress_rate = \"100mbit\"",
+                "egress_rate = \"10000gbit\"\n[class.huge1]\nrate = \"9300000000gbit\"\n[class.huge2]\nrate = \"9300000000gbit\"",
+                "class.huge1.rate",
+            ),
         ];
         for (what, from, to, field) in cases {
             assert!(CLASSED.contains(from), "{what}: fixture does not contain {from:?}");
@@ -420,5 +441,14 @@ class = "bulk"
             };
             assert!(err.errors.iter().any(|e| e.field.starts_with(field)), "{what}: expected an error at {field}, got {err}");
         }
+    }
+
+    #[test]
+    fn cpus_beyond_the_cpu_queue_map_are_refused_even_when_online() {
+        // A machine with more CPUs online than the cpumap has entries.
+        let file: ConfigFile = toml::from_str(&CLASSED.replacen("cpus = [1]", "cpus = [255, 256]", 1)).unwrap();
+        let errs = crate::config::validate_on(&file, &(0..300).collect()).unwrap_err();
+        assert_eq!(errs.iter().map(|e| e.field.as_str()).collect::<Vec<_>>(), ["class.bulk.cpus[1]"], "{errs:?}");
+        assert!(errs[0].reason.contains("CPU 256") && errs[0].reason.contains("0 to 255"), "{}", errs[0].reason);
     }
 }

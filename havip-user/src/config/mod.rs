@@ -9,8 +9,7 @@ use std::{
     path::Path,
 };
 
-use havip_common::maps::{NICS_MAX, REMAPS_MAX, VIPS_MAX};
-
+pub mod capacity;
 pub mod classes;
 pub mod metrics;
 pub mod ranking;
@@ -493,19 +492,56 @@ impl Config {
 fn parse_file(text: &str) -> Result<ConfigFile, FieldError> {
     let de = toml::Deserializer::new(text);
     serde_path_to_error::deserialize::<_, ConfigFile>(de).map_err(|e| {
-        let field = match e.path().to_string() {
-            p if p == "." || p.is_empty() => "(top level)".to_string(),
-            p => p,
-        };
+        let path = e.path().to_string();
         // toml's message carries the line and column; keep it, minus the quoted source.
         let inner = e.into_inner();
         let mut reason = inner.message().trim().to_string();
+        let mut field = (path != "." && !path.is_empty()).then_some(path);
         if let Some(span) = inner.span() {
             let line = text[..span.start].matches('\n').count() + 1;
             reason = format!("{reason} (line {line})");
+            // Errors of the TOML syntax itself (a number beyond 64 bits) come before any
+            // field is known: name the one written at that line.
+            field = field.or_else(|| field_at_line(text, line));
         }
-        FieldError { field, reason }
+        FieldError { field: field.unwrap_or_else(|| "(top level)".into()), reason }
     })
+}
+
+/// The field path of the `key = value` at 1-based `line`, from the table headers above it
+/// (`[probe]` gives `probe.interval_ms`, the second `[[vip]]` gives `vip[1].address`).
+fn field_at_line(text: &str, line: usize) -> Option<String> {
+    let mut table: Vec<String> = Vec::new();
+    // Elements seen of each array of tables, by its full name; a new element of an array
+    // restarts the counts of the arrays inside it.
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    let lines: Vec<&str> = text.lines().collect();
+    for l in lines.iter().take(line.saturating_sub(1)) {
+        let l = l.trim();
+        if let Some(name) = l.strip_prefix("[[").and_then(|r| r.split("]]").next()) {
+            let name = name.trim().to_string();
+            counts.retain(|k, _| !k.starts_with(&format!("{name}.")));
+            *counts.entry(name.clone()).or_default() += 1;
+            let parts: Vec<&str> = name.split('.').collect();
+            table = (0..parts.len())
+                .map(|i| {
+                    let full = parts[..=i].join(".");
+                    match counts.get(&full) {
+                        Some(n) => format!("{}[{}]", parts[i], n - 1),
+                        None => parts[i].to_string(),
+                    }
+                })
+                .collect();
+        } else if let Some(name) = l.strip_prefix('[').and_then(|r| r.split(']').next()) {
+            table = name.trim().split('.').map(|p| p.trim().to_string()).collect();
+        }
+    }
+    let key = lines.get(line.checked_sub(1)?)?.split_once('=')?.0.trim().trim_matches('"');
+    if key.is_empty() || key.starts_with('[') {
+        return None;
+    }
+    table.push(key.to_string());
+    Some(table.join("."))
 }
 
 /// Linux interface names: 1..=15 bytes, no '/', ':' or whitespace, not "." or "..".
@@ -559,6 +595,10 @@ fn check_vip_address(ip: &IpAddr) -> Result<(), String> {
     }
 }
 
+/// The longest window and hold-down (and the bound that keeps every derived duration far
+/// from overflowing).
+const HOUR_MS: u64 = 3_600_000;
+
 /// Checks everything that can be checked without changing the system (CPUs are checked
 /// against this machine's online ones). Returns all problems.
 pub fn validate(file: &ConfigFile) -> Result<Config, Vec<FieldError>> {
@@ -580,7 +620,8 @@ pub fn validate_on(file: &ConfigFile, online_cpus: &BTreeSet<u32>) -> Result<Con
     if !(1..=60_000).contains(&f.announce_interval_ms) {
         err("failover.announce_interval_ms".into(), format!("{} is out of range; use 1 to 60000 ms", f.announce_interval_ms));
     }
-    if !(10..=60_000).contains(&file.probe.interval_ms) {
+    let probe_interval_ok = (10..=60_000).contains(&file.probe.interval_ms);
+    if !probe_interval_ok {
         err("probe.interval_ms".into(), format!("{} is out of range; probe every 10 to 60000 ms", file.probe.interval_ms));
     }
     if file.probe.tcp_port == Some(0) {
@@ -596,11 +637,13 @@ pub fn validate_on(file: &ConfigFile, online_cpus: &BTreeSet<u32>) -> Result<Con
     if !(100..=600_000).contains(&r.interval_ms) {
         err("ranking.interval_ms".into(), format!("{} is out of range; rank every 100 to 600000 ms", r.interval_ms));
     }
-    if r.window_ms < file.probe.interval_ms * 3 || r.window_ms > 3_600_000 {
-        err(
-            "ranking.window_ms".into(),
-            format!("{} ms must cover at least 3 probe intervals ({} ms) and at most an hour", r.window_ms, file.probe.interval_ms * 3),
-        );
+    // The window's floor is three probe intervals, formed only from a valid interval: an
+    // invalid one is reported at its own field, and its product could overflow.
+    let min_window = if probe_interval_ok { file.probe.interval_ms.checked_mul(3) } else { None };
+    if r.window_ms > HOUR_MS {
+        err("ranking.window_ms".into(), format!("{} ms is more than an hour; use at most {HOUR_MS} ms (and at least 3 probe intervals)", r.window_ms));
+    } else if let Some(min) = min_window.filter(|&min| r.window_ms < min) {
+        err("ranking.window_ms".into(), format!("{} ms must cover at least 3 probe intervals ({min} ms) and at most an hour", r.window_ms));
     }
     for (name, v) in [("weight_latency", r.weight_latency), ("weight_loss", r.weight_loss), ("weight_hops", r.weight_hops), ("min_gain", r.min_gain)] {
         if !v.is_finite() || v < 0.0 {
@@ -610,8 +653,8 @@ pub fn validate_on(file: &ConfigFile, online_cpus: &BTreeSet<u32>) -> Result<Con
     if !(0.0..1.0).contains(&r.margin) {
         err("ranking.margin".into(), format!("{} must be in [0, 1): a fraction of the current cost", r.margin));
     }
-    if r.hold_down_ms > 3_600_000 {
-        err("ranking.hold_down_ms".into(), format!("{} ms is more than an hour", r.hold_down_ms));
+    if r.hold_down_ms > HOUR_MS {
+        err("ranking.hold_down_ms".into(), format!("{} ms is more than an hour; use 0 to {HOUR_MS} ms", r.hold_down_ms));
     }
     for (name, v) in [("max_rtt_ms", r.max_rtt_ms), ("max_loss_pct", r.max_loss_pct)] {
         if v.is_some_and(|v| !v.is_finite() || v <= 0.0) {
@@ -629,9 +672,6 @@ pub fn validate_on(file: &ConfigFile, online_cpus: &BTreeSet<u32>) -> Result<Con
     if file.nic.is_empty() {
         err("nic".into(), "no NIC configured; add at least one [[nic]] with a name".into());
     }
-    if file.nic.len() > NICS_MAX as usize {
-        err("nic".into(), format!("{} NICs configured, at most {NICS_MAX} are supported", file.nic.len()));
-    }
     let mut nic_names = BTreeSet::new();
     for (i, nic) in file.nic.iter().enumerate() {
         if let Err(r) = check_ifname(&nic.name) {
@@ -644,9 +684,6 @@ pub fn validate_on(file: &ConfigFile, online_cpus: &BTreeSet<u32>) -> Result<Con
     }
 
     // VIPs
-    if file.vip.len() > VIPS_MAX as usize {
-        err("vip".into(), format!("{} VIPs configured, at most {VIPS_MAX} are supported", file.vip.len()));
-    }
     let mut vip_set = BTreeSet::new();
     let mut vips = Vec::new();
     for (i, vip) in file.vip.iter().enumerate() {
@@ -758,9 +795,6 @@ pub fn validate_on(file: &ConfigFile, online_cpus: &BTreeSet<u32>) -> Result<Con
             );
         }
     }
-    if remaps.len() > REMAPS_MAX as usize {
-        err("service".into(), format!("{} mappings configured, at most {REMAPS_MAX} are supported", remaps.len()));
-    }
 
     let metrics = metrics::validate(&file.metrics, &mut err);
     let classes = classes::validate(file, &mut vips, online_cpus, &mut err);
@@ -786,11 +820,8 @@ pub fn validate_on(file: &ConfigFile, online_cpus: &BTreeSet<u32>) -> Result<Con
         }
     }
 
-    if !errs.is_empty() {
-        return Err(errs);
-    }
     remaps.sort();
-    Ok(Config {
+    let cfg = Config {
         vip_interface: file.node.vip_interface.clone(),
         xdp_mode: file.node.xdp_mode,
         probe_interval: std::time::Duration::from_millis(file.probe.interval_ms),
@@ -830,7 +861,16 @@ pub fn validate_on(file: &ConfigFile, online_cpus: &BTreeSet<u32>) -> Result<Con
         remaps,
         classes,
         metrics,
-    })
+    };
+    // Capacities are counted on the validated shape (pool VIPs as held, isolation applied),
+    // by the same function the pool asks before it grants a request.
+    for e in capacity::check(&cfg) {
+        err(e.field.clone(), e.reason());
+    }
+    if !errs.is_empty() {
+        return Err(errs);
+    }
+    Ok(cfg)
 }
 
 #[cfg(test)]
@@ -907,6 +947,10 @@ port = 8082
             ("unknown combine", "[node]", "[ranking]\ncombine = \"max\"\n[node]", "ranking.combine"),
             ("tcp and udp probes", "[node]", "[probe]\ntcp_port = 1\nudp_port = 2\n[node]", "probe.udp_port"),
             ("multicast target", "nics = [\"eth1\"]", "nics = [\"eth1\"]\ntargets = [\"ff02::1\"]", "vip[1].targets[0]"),
+            ("probe interval whose triple overflows", "[node]", "[probe]\ninterval_ms = 9223372036854775807\n[node]", "probe.interval_ms"),
+            ("probe interval beyond u64", "[node]", "[probe]\ninterval_ms = 18446744073709551615\n[node]", "probe.interval_ms"),
+            ("window beyond an hour", "[node]", "[ranking]\nwindow_ms = 3600001\n[node]", "ranking.window_ms"),
+            ("hold-down beyond an hour", "[node]", "[ranking]\nhold_down_ms = 9223372036854775807\n[node]", "ranking.hold_down_ms"),
         ];
         for (what, from, to, field) in cases {
             assert!(GOOD.contains(from), "{what}: fixture does not contain {from:?}");
@@ -915,6 +959,63 @@ port = 8082
             assert!(err.errors.iter().any(|e| e.field.starts_with(field)), "{what}: expected an error at {field}, got {err}");
             assert!(err.to_string().contains(field), "{what}: message does not name {field}: {err}");
         }
+    }
+
+    /// Validation forms products and sums of user numbers (three probe intervals, the
+    /// classes' rates): at their type's maximum they are refused at their field, stating
+    /// the maximum, and nothing overflows.
+    #[test]
+    fn the_largest_numbers_are_refused_at_their_field_without_overflow() {
+        let mut file: ConfigFile = toml::from_str(GOOD).unwrap();
+        file.probe.interval_ms = u64::MAX;
+        let errs = validate_on(&file, &[0, 1].into_iter().collect()).unwrap_err();
+        // Only the interval: the window's floor is not formed from an invalid interval.
+        assert_eq!(errs.iter().map(|e| e.field.as_str()).collect::<Vec<_>>(), ["probe.interval_ms"], "{errs:?}");
+        assert!(errs[0].reason.contains("10 to 60000 ms"), "{}", errs[0].reason);
+
+        file.ranking.interval_ms = u64::MAX;
+        file.ranking.window_ms = u64::MAX;
+        file.ranking.hold_down_ms = u64::MAX;
+        file.failover.announce_count = u32::MAX;
+        file.failover.announce_interval_ms = u64::MAX;
+        file.failover.failback_hold_down_ms = u64::MAX;
+        let errs = validate_on(&file, &[0, 1].into_iter().collect()).unwrap_err();
+        for (field, max) in [
+            ("probe.interval_ms", "60000"),
+            ("ranking.interval_ms", "600000"),
+            ("ranking.window_ms", "3600000"),
+            ("ranking.hold_down_ms", "3600000"),
+            ("failover.announce_count", "50"),
+            ("failover.announce_interval_ms", "60000"),
+            ("failover.failback_hold_down_ms", "86400000"),
+        ] {
+            let e = errs.iter().find(|e| e.field == field).unwrap_or_else(|| panic!("no error at {field}: {errs:?}"));
+            assert!(e.reason.contains(max), "{field} does not state its maximum {max}: {}", e.reason);
+        }
+    }
+
+    /// `validate` counts what the file puts in the dataplane (`capacity::check`): here one
+    /// probe path more than there are probe slots, which the prober would silently skip.
+    #[test]
+    fn a_file_beyond_a_dataplane_capacity_is_refused_naming_the_limit() {
+        let targets = |n: u32| (0..n).map(|i| format!("\"198.19.{}.{}\"", i >> 8, i & 0xff)).collect::<Vec<_>>().join(", ");
+        let file = |n| format!("[[nic]]\nname = \"eth0\"\n[[vip]]\naddress = \"198.18.0.10\"\ntargets = [{}]\n", targets(n));
+        Config::parse(&file(4096), "at the limit").unwrap();
+        let err = Config::parse(&file(4097), "over").unwrap_err();
+        assert_eq!(err.errors.len(), 1, "{err}");
+        assert_eq!(err.errors[0].field, "vip[*].targets");
+        assert!(err.to_string().contains("4097 probe paths") && err.to_string().contains("at most 4096"), "{err}");
+    }
+
+    #[test]
+    fn syntax_errors_name_the_field_written_at_their_line() {
+        let text = "[[nic]]\nname = \"a0\"\n[[vip]]\naddress = \"198.18.0.1\"\n[[service]]\nname = \"a\"\nport = 1\n[[service]]\nname = \"b\"\n\
+                    port = 2\n[[service.instance]]\nvip = \"198.18.0.1\"\nport = 3\n[[service.instance]]\nvip = \"198.18.0.1\"\n\
+                    port = 18446744073709551616\n";
+        let err = Config::parse(text, "t").unwrap_err();
+        assert_eq!(err.errors[0].field, "service[1].instance[1].port", "{err}");
+        assert_eq!(field_at_line("[probe]\n interval_ms = 1\n", 2).as_deref(), Some("probe.interval_ms"));
+        assert_eq!(field_at_line("[probe]\n", 1), None);
     }
 
     #[test]

@@ -24,7 +24,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     api::{self, Call, Reply},
-    config::Config,
+    config::{capacity, Config},
     kernel::{
         dataplane::Dataplane,
         netlink::{self, LinkInfo, Netlink},
@@ -92,6 +92,15 @@ async fn serve(opts: DaemonOptions, exporter: StartExporter) -> anyhow::Result<(
     // Subscribe to link events before reading link states, so no change falls in between.
     let mut link_events = subscribe_links().await?;
     let res = resolve(&cfg, &nl).await?;
+    // Pool VIPs applications held before a restart are held again: the file must fit the
+    // maps together with them, checked before anything is applied (as a reload is). An
+    // application's VIP is not dropped to make room for a file that grew.
+    let mut state = State::load(&opts.run_dir)?.unwrap_or_default();
+    let (kept, dropped) = held_that_fit(&cfg, &state.allocations);
+    if let Some(e) = capacity::check(&pool::overlay(&cfg, &kept)).first() {
+        let why = pool::over_capacity(e, "the file with the VIPs applications hold");
+        anyhow::bail!("{}: {why}; nothing was applied. To release them, start with the previous file first", opts.config.display());
+    }
     // One controller per dataplane, whatever its run directory: the lock comes before
     // anything is written.
     ensure_bpffs(&opts.pin_root)?;
@@ -115,7 +124,6 @@ async fn serve(opts: DaemonOptions, exporter: StartExporter) -> anyhow::Result<(
     if let Err(e) = dp.attach_queue_drops() {
         warn!(error = format!("{e:#}"), "CPU-queue drops will not be counted");
     }
-    let mut state = State::load(&opts.run_dir)?.unwrap_or_default();
     if let Some(pid) = state.live_pid() {
         if pid != std::process::id() {
             anyhow::bail!("another havipd (pid {pid}) is running with run directory {}; stop it first", opts.run_dir.display());
@@ -125,8 +133,6 @@ async fn serve(opts: DaemonOptions, exporter: StartExporter) -> anyhow::Result<(
     state.config_path = Some(std::fs::canonicalize(&opts.config).unwrap_or(opts.config.clone()));
     state.netns = opts.netns.clone();
     std::fs::create_dir_all(&opts.run_dir)?;
-    // Pool VIPs applications held before a restart are held again.
-    let (kept, dropped) = held_that_fit(&cfg, &state.allocations);
     for a in &dropped {
         warn!(app = %a.app, vip = %a.vip, "released: its pool VIP or class is no longer configured");
     }
@@ -284,6 +290,12 @@ impl Node {
         }
         let (kept, dropped) = held_that_fit(&file, &self.state.allocations);
         let cfg = pool::overlay(&file, &kept);
+        // The file fits on its own (validated); with what applications hold it may not. An
+        // application's VIP is not dropped to make room: the reload is refused.
+        if let Some(e) = capacity::check(&cfg).first() {
+            let why = pool::over_capacity(e, "the file with the VIPs applications hold");
+            return self.finish_reload(generation, false, format!("{}: {why}; nothing was applied", self.opts.config.display()));
+        }
         let res = match resolve(&cfg, &self.nl).await {
             Ok(r) => r,
             Err(e) => return self.finish_reload(generation, false, format!("{e:#}")),

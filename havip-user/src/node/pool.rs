@@ -8,6 +8,9 @@
 //!   other shared requests hold, if its ports do not collide there.
 //! - Taking a free VIP must leave at least `[pool] reserve` free ones; otherwise, or with
 //!   none usable, the request is refused with the reason (409) and nothing changes.
+//! - A grant must fit the dataplane's maps (`config::capacity`, the check a file passes):
+//!   a VIP whose grant would not fit is passed over, and with none left the request is
+//!   refused (409) naming the limit, so an apply never runs out of map space half-way.
 //! - The application is never modified: it keeps listening on its instance port, and
 //!   clients reach it as VIP:service_port.
 
@@ -17,7 +20,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     api::{ApiError, VipRequest},
-    config::{Config, Protocol, Remap, Vip},
+    config::{
+        capacity::{self, Exceeded, Limit},
+        Config, Protocol, Remap, Vip,
+    },
 };
 
 /// One granted request, kept in the state file.
@@ -35,21 +41,39 @@ pub struct Allocation {
     pub at_ms: u64,
 }
 
-impl Allocation {
-    /// Request `r` granted on `vip` at `at_ms`.
-    pub fn granted(r: &VipRequest, vip: IpAddr, at_ms: u64) -> Self {
-        Allocation {
-            app: r.app.clone(),
-            vip,
-            exclusive: r.exclusive,
-            protocol: r.protocol,
-            service_port: r.service_port,
-            instance_port: r.instance_port,
-            targets: r.targets.clone(),
-            class: r.class.clone(),
-            at_ms,
-        }
+/// The allocation granting `r` on `vip` makes.
+pub fn allocation(r: &VipRequest, vip: IpAddr, at_ms: u64) -> Allocation {
+    Allocation {
+        app: r.app.clone(),
+        vip,
+        exclusive: r.exclusive,
+        protocol: r.protocol,
+        service_port: r.service_port,
+        instance_port: r.instance_port,
+        targets: r.targets.clone(),
+        class: r.class.clone(),
+        at_ms,
     }
+}
+
+/// The capacities granting `r` on `vip` would exceed (empty: it fits): the configuration
+/// it would put in force, checked as a file is.
+pub fn exceeded_by(cfg: &Config, held: &[Allocation], r: &VipRequest, vip: IpAddr) -> Vec<Exceeded> {
+    let mut with = held.to_vec();
+    with.push(allocation(r, vip, 0));
+    capacity::check(&overlay(cfg, &with))
+}
+
+/// Says which capacity the file together with the allocations exceeds, and what to do.
+pub fn over_capacity(e: &Exceeded, what: &str) -> String {
+    format!(
+        "{what} would need {} {}, the dataplane holds at most {} (field `{}` of the file plus what applications hold); \
+         release VIPs applications hold (havip vip release) or lower the file's use",
+        e.count,
+        e.limit.noun(),
+        e.limit.max(),
+        e.field
+    )
 }
 
 /// The checks that need no pool state.
@@ -94,6 +118,9 @@ pub fn check(cfg: &Config, r: &VipRequest, held: &[Allocation]) -> Result<(), Ap
 fn used_ports(held: &[Allocation], vip: IpAddr, proto: Protocol) -> BTreeSet<u16> {
     held.iter().filter(|a| a.vip == vip && a.protocol == proto).flat_map(|a| [a.service_port, a.instance_port]).collect()
 }
+
+/// How many candidates a request's capacity check tries before it is refused.
+const MAX_CAPACITY_TRIES: usize = 8;
 
 /// The pool VIP for `r`. `cost` ranks a VIP for the request's targets: `Some((cost, nic))`
 /// of its best candidate NIC, `None` while unmeasured.
@@ -150,11 +177,38 @@ pub fn choose(cfg: &Config, held: &[Allocation], r: &VipRequest, cost: impl Fn(&
         let c = |x: &Ranked| x.cost.as_ref().map_or(0.0, |c| c.0);
         a.cost.is_none().cmp(&b.cost.is_none()).then_with(|| c(a).total_cmp(&c(b))).then_with(|| (!a.shared, a.order).cmp(&(!b.shared, b.order)))
     });
-    let best = &ranked[0];
+    // The best-ranked candidate whose grant fits. A mapping is added whichever VIP is
+    // chosen (and VIPs and port classes are counted for the whole pool already), so when
+    // any other limit is hit no candidate would fit; probe paths (its NICs) and class
+    // counters (its class) depend on the VIP, so the next one may. Each try checks the
+    // whole configuration (about 9 ms at full maps, release build) on the event loop that
+    // also fails VIPs over, hence the bound on tries.
+    let mut refused: Option<Vec<Exceeded>> = None;
+    let mut skipped = 0;
+    let mut chosen = None;
+    for (i, c) in ranked.iter().enumerate().take(MAX_CAPACITY_TRIES) {
+        let exceeded = exceeded_by(cfg, held, r, c.vip.address);
+        if exceeded.is_empty() {
+            chosen = Some(i);
+            break;
+        }
+        skipped += 1;
+        let every_vip = exceeded.iter().any(|e| !matches!(e.limit, Limit::ProbePaths | Limit::ClassCounters));
+        refused.get_or_insert(exceeded);
+        if every_vip {
+            break;
+        }
+    }
+    let Some(chosen) = chosen else {
+        let first = &refused.expect("a candidate was refused")[0];
+        let tried = if skipped < ranked.len() { format!(" (the {skipped} best-ranked VIPs were tried)") } else { String::new() };
+        return Err(ApiError::Conflict(format!("{}{tried}", over_capacity(first, "granting it"))));
+    };
+    let best = &ranked[chosen];
     let kind = if best.shared { "shared" } else { "free" };
     let why = match &best.cost {
         Some((cost, nic)) => {
-            let next = ranked.get(1).map(|n| match &n.cost {
+            let next = ranked.get(chosen + 1).map(|n| match &n.cost {
                 Some((cost, nic)) => format!("; next: {} at cost {cost:.2} via {nic}", n.vip.address),
                 None => format!("; next: {} (unmeasured)", n.vip.address),
             });
@@ -162,6 +216,10 @@ pub fn choose(cfg: &Config, held: &[Allocation], r: &VipRequest, cost: impl Fn(&
         }
         None if r.targets.is_empty() => format!("first {kind} pool VIP in configured order (no targets given to rank by)"),
         None => format!("first {kind} pool VIP in configured order (no path measurements for these targets yet)"),
+    };
+    let why = match &refused {
+        Some(e) => format!("{why}; {skipped} better-ranked VIP(s) passed over: granting them would exceed the dataplane's {}", e[0].limit.noun()),
+        None => why,
     };
     Ok((best.vip.address, why))
 }
@@ -242,7 +300,7 @@ pool = true
     fn grant(c: &Config, held: &mut Vec<Allocation>, r: &VipRequest, cost: impl Fn(&Vip) -> Option<(f64, String)>) -> Result<IpAddr, ApiError> {
         check(c, r, held)?;
         let (vip, _) = choose(c, held, r, cost)?;
-        held.push(Allocation::granted(r, vip, 0));
+        held.push(allocation(r, vip, 0));
         Ok(vip)
     }
 
@@ -321,6 +379,60 @@ pool = true
         assert!(o.remaps.iter().any(|m| m.vip == vip && m.designated_port == 80 && m.instance_port == 8080));
         assert_eq!(o.vips.len(), 2, "only the held pool VIP joins");
         assert_eq!(overlay(&c, &[]), c);
+    }
+
+    /// `n` configured mappings on the configured VIP (only their number matters here).
+    fn with_mappings(mut c: Config, n: usize) -> Config {
+        let vip = c.vips[0].address;
+        c.remaps.extend((0..n).map(|i| Remap { vip, protocol: Protocol::Udp, designated_port: i as u16 + 1, instance_port: 1, service: "s".into() }));
+        c
+    }
+
+    #[test]
+    fn a_grant_past_the_mapping_capacity_is_refused_naming_it_and_nothing_is_held() {
+        let c = with_mappings(cfg(), 16384 - 2);
+        let mut held = Vec::new();
+        // Two more mappings fit exactly.
+        grant(&c, &mut held, &req("a", false, 80), |_| None).unwrap();
+        grant(&c, &mut held, &req("b", false, 443), |_| None).unwrap();
+        let e = grant(&c, &mut held, &req("c", false, 22), |_| None).unwrap_err();
+        let ApiError::Conflict(m) = &e else { panic!("{e:?}") };
+        assert!(m.contains("16385 mappings") && m.contains("at most 16384") && m.contains("field `service`"), "{m}");
+        assert_eq!(held.len(), 2);
+    }
+
+    #[test]
+    fn a_vip_whose_grant_would_not_fit_is_passed_over_for_one_that_does() {
+        // 2047 targets from a0 and b0, and one from .12's only NIC b0: 4095 probe paths.
+        let mut c = cfg();
+        let target = |i: u32| IpAddr::from([198, 19, (i >> 8) as u8, i as u8]);
+        c.vips[0].targets = (0..2047).map(target).collect();
+        c.pool[1].targets = vec![target(5000)];
+        assert!(capacity::check(&c).is_empty());
+        let cost = |v: &Vip| Some(if v.address.to_string() == "198.18.0.11" { (1.0, "a0".into()) } else { (5.0, "b0".into()) });
+        let mut r = req("web", true, 80);
+        r.targets = vec![target(6000)];
+        // .11, the best, would probe the new target from two NICs (4097); .12 from one.
+        let (vip, why) = choose(&c, &[], &r, cost).unwrap();
+        assert_eq!(vip.to_string(), "198.18.0.12", "{why}");
+        assert!(why.contains("1 better-ranked VIP(s) passed over") && why.contains("probe paths"), "{why}");
+        // Two new targets fit nowhere.
+        r.targets.push(target(6001));
+        let e = choose(&c, &[], &r, cost).unwrap_err();
+        assert!(matches!(&e, ApiError::Conflict(m) if m.contains("4099 probe paths") && m.contains("at most 4096")), "{e:?}");
+
+        // With the paths full, no VIP fits; only the best few are tried (each try checks
+        // the whole configuration on the event loop).
+        c.pool[1].targets.push(target(7000));
+        for i in 0..7 {
+            let mut v = c.pool[0].clone();
+            v.address = IpAddr::from([198, 18, 1, i]);
+            c.pool.push(v);
+        }
+        r.targets.truncate(1);
+        assert!(capacity::check(&c).is_empty(), "4096 paths fit");
+        let e = choose(&c, &[], &r, cost).unwrap_err();
+        assert!(matches!(&e, ApiError::Conflict(m) if m.contains("probe paths") && m.ends_with("(the 8 best-ranked VIPs were tried)")), "{e:?}");
     }
 
     #[test]

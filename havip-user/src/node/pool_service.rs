@@ -39,7 +39,7 @@ impl Node {
             Some((best.cost?, best.nic.clone()))
         };
         let (vip, why) = pool::choose(&self.file_cfg, &self.state.allocations, &r, cost)?;
-        let a = Allocation::granted(&r, vip, events::now_ms());
+        let a = pool::allocation(&r, vip, events::now_ms());
         self.state.allocations.push(a.clone());
         if let Err(e) = self.apply_allocations().await {
             self.state.allocations.pop();
