@@ -181,10 +181,12 @@ impl Node {
     pub(super) async fn apply(&mut self, cfg: &Config, res: &Resolved, scope: Scope) -> Result<String, ApplyError> {
         let mut applied = Applied::default();
         for stage in Stage::ALL.into_iter().filter(|s| scope.runs(*s)) {
+            let started = Instant::now();
             let r = match faults::check(&format!("apply:{stage}")) {
                 Err(e) => Err(e),
                 Ok(()) => self.run_stage(stage, cfg, res, &mut applied).await,
             };
+            tracing::debug!(%stage, ?scope, took_us = started.elapsed().as_micros() as u64, ok = r.is_ok(), "apply stage");
             if let Err(source) = r {
                 return Err(ApplyError { stage, applied: applied.notes, source });
             }
