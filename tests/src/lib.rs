@@ -10,6 +10,7 @@ pub mod packets;
 pub mod paths;
 pub mod quality_bench;
 pub mod relay;
+pub mod scrape;
 pub mod topology;
 pub mod traffic;
 pub mod wire;
