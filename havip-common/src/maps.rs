@@ -21,7 +21,9 @@ pub const LAYOUT_LEN: u32 = 1;
 
 /// `VipKey -> VipInfo`. Written by havipd, read by both programs to recognise a VIP.
 pub const VIPS: &str = "HAVIP_VIPS";
-pub const VIPS_MAX: u32 = 4096;
+/// Also the length of `BINDINGS` and `VIP_STATS` (indexed by VIP id). 16384 holds a node
+/// of 10,000 VIPs; `VIP_STATS` takes 184 bytes per VIP per possible CPU (3 MB per CPU).
+pub const VIPS_MAX: u32 = 16384;
 
 /// `u32 slot -> VipSlot`: the fast path. A direct-mapped array indexed by
 /// [`crate::vip_slot`] of the address, holding the VIP and its first mappings inline, so a

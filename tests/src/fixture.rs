@@ -74,6 +74,11 @@ impl Fixture {
         Self { dp, maps, pins }
     }
 
+    /// Where this fixture's maps are pinned.
+    pub fn pins(&self) -> &PinLayout {
+        &self.pins
+    }
+
     fn run(&mut self, prog: &str, input: &[u8], repeat: u32) -> Run {
         self.try_run(prog, input, repeat)
             .unwrap_or_else(|e| panic!("BPF_PROG_RUN of {prog} on {} bytes failed: {e}", input.len()))

@@ -11,6 +11,7 @@ pub mod packets;
 pub mod paths;
 pub mod quality_bench;
 pub mod relay;
+pub mod scrape;
 pub mod topology;
 pub mod traffic;
 pub mod wire;

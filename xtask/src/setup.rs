@@ -81,7 +81,8 @@ pub fn ensure_toolchain() -> anyhow::Result<()> {
 /// The tools the lab and the tests call, and a mounted bpffs.
 pub fn ensure_runtime() -> anyhow::Result<()> {
     // ethtool: the namespace tests turn checksum offload off so checksums are really verified.
-    let missing: Vec<&str> = [("ip", "iproute2"), ("ethtool", "ethtool")]
+    // strace: the stats-cost test and benchmark count `havip stats`' bpf() calls with it.
+    let missing: Vec<&str> = [("ip", "iproute2"), ("ethtool", "ethtool"), ("strace", "strace")]
         .into_iter()
         .filter(|(bin, _)| !succeeds(Command::new("sh").args(["-c", &format!("command -v {bin}")])))
         .map(|(_, pkg)| pkg)
@@ -89,7 +90,7 @@ pub fn ensure_runtime() -> anyhow::Result<()> {
     if !missing.is_empty() {
         apt_install(&missing)?;
     } else {
-        step("iproute2, ethtool: present");
+        step("iproute2, ethtool, strace: present");
     }
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
     if mounts.lines().any(|l| l.split_whitespace().nth(2) == Some("bpf")) {

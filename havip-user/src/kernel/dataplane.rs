@@ -316,10 +316,6 @@ impl Maps {
         Ok(out)
     }
 
-    pub fn nic_names(&self) -> BTreeMap<u32, String> {
-        self.nics.iter().flatten().map(|(ifindex, info)| (ifindex, info.name().to_string())).collect()
-    }
-
     /// ifindex -> NIC info, for every NIC havip runs on.
     pub fn nic_infos(&self) -> BTreeMap<u32, NicInfo> {
         self.nics.iter().flatten().collect()

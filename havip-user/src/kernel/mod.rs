@@ -2,6 +2,7 @@
 //! what to do, these modules do it.
 
 pub mod announce;
+pub mod bpf_read;
 pub mod classes;
 pub mod dataplane;
 pub mod map_layout;

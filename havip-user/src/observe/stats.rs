@@ -1,15 +1,97 @@
 //! Live statistics read straight from the pinned maps: works whether havipd runs or not.
 
-use std::{collections::BTreeMap, net::IpAddr, time::Instant};
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::{Instant, SystemTime},
+};
 
-use havip_common::{DirCounters, Direction, NicCounters, Outcome, VipCounters, WireCounters};
+use anyhow::Context;
+use aya::util::nr_cpus;
+use havip_common::{
+    maps as m, Binding, ClassCounters, ClassInfo, ClassStatsKey, CpuQueueCounters, DirCounters, Direction, NicCounters, NicInfo, Outcome, PassiveStats,
+    PeerKey, PortValue, ProbeSlot, ProbeStats, QueueCounters, RemapKey, VipCounters, VipInfo, VipKey, WireCounters,
+};
 use serde::Serialize;
 
 use crate::{
     config::Protocol,
-    kernel::dataplane::{monotonic_ns, Maps},
+    kernel::bpf_read::{self, PinnedMap},
+    kernel::dataplane::monotonic_ns,
     kernel::pins::PinLayout,
 };
+
+/// Array elements this far apart are read in one batch call: a few unused elements cost
+/// less than another call.
+const RUN_GAP: u32 = 64;
+
+/// Each VIP's candidate NICs and targets, from the config file havipd runs: all a snapshot
+/// needs of it, to say which measured paths are a VIP's.
+type VipPaths = BTreeMap<IpAddr, (Vec<String>, Vec<IpAddr>)>;
+
+/// The file's identity and last change: a different value means the file may differ.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FileStamp {
+    path: PathBuf,
+    modified: SystemTime,
+    len: u64,
+    inode: u64,
+}
+
+impl FileStamp {
+    fn of(path: &Path) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let md = std::fs::metadata(path).ok()?;
+        Some(Self { path: path.to_path_buf(), modified: md.modified().ok()?, len: md.len(), inode: md.ino() })
+    }
+}
+
+/// The config's VIP paths, parsed again only when the file changed (its path, mtime, size
+/// or inode). Loading validates the whole file, which costs more than all the map reads of
+/// a snapshot and would be repeated at every `havip top` refresh and `--watch` tick for an
+/// answer that only changes when the file does. A file that does not load gives no paths,
+/// and that verdict too is kept until the file changes.
+struct ConfigPathsCache {
+    entry: Mutex<Option<(FileStamp, Option<Arc<VipPaths>>)>>,
+    parses: std::sync::atomic::AtomicU64,
+}
+
+static VIP_PATHS: ConfigPathsCache = ConfigPathsCache::new();
+
+impl ConfigPathsCache {
+    const fn new() -> Self {
+        Self { entry: Mutex::new(None), parses: std::sync::atomic::AtomicU64::new(0) }
+    }
+
+    /// The VIP paths of the config at `path` (`None` if it does not load).
+    fn get(&self, path: &Path) -> Option<Arc<VipPaths>> {
+        let stamp = FileStamp::of(path)?;
+        let mut entry = self.entry.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((cached, paths)) = entry.as_ref() {
+            if *cached == stamp {
+                return paths.clone();
+            }
+        }
+        self.parses.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let paths = crate::config::Config::load(path).ok().map(|c| {
+            let mut out = VipPaths::new();
+            for v in c.vips {
+                out.entry(v.address).or_insert((v.nics, v.targets));
+            }
+            Arc::new(out)
+        });
+        *entry = Some((stamp, paths.clone()));
+        paths
+    }
+
+    /// How many times a file was parsed.
+    #[cfg(test)]
+    fn parses(&self) -> u64 {
+        self.parses.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
 
 #[derive(Debug, Clone, Serialize)]
 pub struct VipStats {
@@ -135,35 +217,58 @@ pub struct Snapshot {
     pub outcomes: BTreeMap<String, BTreeMap<String, u64>>,
     #[serde(skip)]
     pub taken: Option<Instant>,
+    /// bpf() calls the read made (all of them: it reads the maps only through `bpf_read`).
+    #[serde(skip)]
+    pub bpf_calls: u64,
 }
 
 impl Snapshot {
-    /// Reads the pinned maps; `state` (havipd's state file, if any) adds operator pins.
+    /// Reads the pinned maps; `state` (havipd's state file, if any) adds operator pins and,
+    /// through its config path, which probe paths belong to which VIP.
+    ///
+    /// Only what is in use is read: the VIP ids from `VIPS`, the NIC slots from `NICS`, the
+    /// active probe slots and the defined classes, then the counters of exactly those, each
+    /// map in one or a few batch calls (see [`bpf_read`]). The read makes all its bpf()
+    /// calls through `bpf_read`, so `bpf_calls` counts every one of them.
     pub fn read(pins: &PinLayout, state: Option<&crate::node::state::State>) -> anyhow::Result<Self> {
-        let maps = Maps::open(pins)?;
-        let nic_names = maps.nic_names();
-        let actual = maps.read_actual(None)?;
+        let calls_before = bpf_read::calls();
+        let ncpus = nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
+        let open = |name: &str| PinnedMap::open(&pins.map(name));
+
+        let nic_infos: BTreeMap<u32, NicInfo> = open(m::NICS)?.hash::<u32, NicInfo>()?.into_iter().collect();
+        let nic_names: BTreeMap<u32, String> = nic_infos.iter().map(|(ifindex, info)| (*ifindex, info.name().to_string())).collect();
+        let index_names: BTreeMap<u32, String> = nic_infos.values().map(|i| (i.index, i.name().to_string())).collect();
+        let vip_infos: BTreeMap<VipKey, VipInfo> = open(m::VIPS)?.hash::<VipKey, VipInfo>()?.into_iter().collect();
+        let vip_ids = bpf_read::runs(vip_infos.values().map(|i| i.id), RUN_GAP);
+
         let mut mappings: BTreeMap<u32, Vec<MappingRow>> = BTreeMap::new();
-        for (k, v) in &actual.remap_in {
+        for (k, v) in open(m::REMAP_IN)?.hash::<RemapKey, PortValue>()? {
             mappings.entry(k.vip_id).or_default().push(MappingRow {
                 protocol: Protocol::from_number(k.proto).map(|p| p.to_string()).unwrap_or_else(|| k.proto.to_string()),
                 designated_port: u16::from_be(k.port_be),
                 instance_port: u16::from_be(v.port_be),
             });
         }
-        let mut vips = Vec::new();
+
+        // Probe slots say themselves whether they are in use (`active`): the whole array
+        // comes back in one call, then the stats of the active ones.
+        let active: Vec<(u32, ProbeSlot)> = open(m::PROBE_SLOTS)?.array_all::<ProbeSlot>()?.into_iter().filter(|(_, s)| s.active != 0).collect();
         let mut paths = Vec::new();
-        for (_, slot, st) in maps.probe_paths()? {
-            let nic = nic_names.get(&slot.ifindex).cloned().unwrap_or_else(|| format!("if{}", slot.ifindex));
-            paths.push(PathStats::from_kernel(nic, slot.target.to_ip(), &st));
+        if !active.is_empty() {
+            let stats: BTreeMap<u32, ProbeStats> =
+                open(m::PROBE_STATS)?.array::<ProbeStats>(&bpf_read::runs(active.iter().map(|(i, _)| *i), RUN_GAP))?.into_iter().collect();
+            for (i, slot) in &active {
+                let st = stats.get(i).with_context(|| format!("probe slot {i} has no stats entry"))?;
+                let nic = nic_names.get(&slot.ifindex).cloned().unwrap_or_else(|| format!("if{}", slot.ifindex));
+                paths.push(PathStats::from_kernel(nic, slot.target.to_ip(), st));
+            }
         }
         paths.sort_by(|a, b| (&a.nic, a.target).cmp(&(&b.nic, b.target)));
         // Which paths belong to which VIP is in the configuration havipd runs.
-        let cfg = state.and_then(|s| s.config_path.as_ref()).and_then(|p| crate::config::Config::load(p).ok());
+        let cfg = state.and_then(|s| s.config_path.as_deref()).and_then(|p| VIP_PATHS.get(p));
 
-        let index_names: BTreeMap<u32, String> = maps.nic_infos().values().map(|i| (i.index, i.name().to_string())).collect();
         let mut peers: BTreeMap<u32, Vec<PeerStats>> = BTreeMap::new();
-        for (k, st) in maps.peer_quality.iter().flatten() {
+        for (k, st) in open(m::PEER_QUALITY)?.hash::<PeerKey, PassiveStats>()? {
             let q = |p: f64| havip_common::hist_quantile_us(&st.rtt_hist, p).map(|u| u / 1000.0);
             peers.entry(k.vip_id).or_default().push(PeerStats {
                 peer: k.peer.to_ip(),
@@ -179,10 +284,43 @@ impl Snapshot {
             v.sort_by_key(|p| std::cmp::Reverse(p.samples));
         }
 
+        let class_infos: BTreeMap<u32, ClassInfo> =
+            open(m::CLASSES)?.array_all::<ClassInfo>()?.into_iter().filter(|(_, c)| *c != ClassInfo::default()).collect();
+        let class_name = |id: u32| class_infos.get(&id).map(|c| c.name().to_string()).unwrap_or_else(|| format!("#{id}"));
+        // In key order: each VIP's classes by class id.
+        let class_stats: BTreeMap<ClassStatsKey, ClassCounters> = open(m::CLASS_STATS)?
+            .percpu_hash::<ClassStatsKey, ClassCounters>(ncpus)?
+            .into_iter()
+            .map(|(k, per_cpu)| {
+                let mut counters = ClassCounters::default();
+                per_cpu.iter().for_each(|c| counters.add(c));
+                (k, counters)
+            })
+            .collect();
+        let mut vip_class_stats: BTreeMap<u32, Vec<VipClassStats>> = BTreeMap::new();
+        for (k, counters) in &class_stats {
+            vip_class_stats.entry(k.vip_id).or_default().push(VipClassStats { class: class_name(k.class), counters: *counters });
+        }
+
+        let (mut bindings, mut counters) = (BTreeMap::new(), BTreeMap::new());
+        if !vip_ids.is_empty() {
+            bindings = open(m::BINDINGS)?.array::<Binding>(&vip_ids)?.into_iter().collect();
+            for (id, per_cpu) in open(m::VIP_STATS)?.percpu_array::<VipCounters>(&vip_ids, ncpus)? {
+                let mut total = VipCounters::default();
+                for c in &per_cpu {
+                    total.rx.add(&c.rx);
+                    total.tx.add(&c.tx);
+                    total.wire.add(&c.wire);
+                }
+                counters.insert(id, total);
+            }
+        }
         let now = monotonic_ns();
-        for (key, info) in &actual.vips {
-            let VipCounters { rx, tx, wire } = maps.vip_counters(info.id)?;
-            let b = maps.binding(info.id)?;
+        let mut vips = Vec::new();
+        for (key, info) in &vip_infos {
+            let missing = || anyhow::anyhow!("VIP id {} is beyond the counter arrays", info.id);
+            let VipCounters { rx, tx, wire } = *counters.get(&info.id).ok_or_else(missing)?;
+            let b = *bindings.get(&info.id).ok_or_else(missing)?;
             let nic = match b.ifindex {
                 0 => "-".to_string(),
                 i => nic_names.get(&i).cloned().unwrap_or_else(|| format!("if{i}")),
@@ -194,22 +332,13 @@ impl Snapshot {
             let pinned = state.and_then(|s| s.pins.get(&vip).cloned());
             let vip_paths = cfg
                 .as_ref()
-                .and_then(|c| c.vips.iter().find(|v| v.address == vip))
-                .map(|v| paths.iter().filter(|p| v.nics.contains(&p.nic) && v.targets.contains(&p.target)).cloned().collect())
+                .and_then(|c| c.get(&vip))
+                .map(|(nics, targets)| paths.iter().filter(|p| nics.contains(&p.nic) && targets.contains(&p.target)).cloned().collect())
                 .unwrap_or_default();
-            let class_name = |id: u32| actual.classes.get(&id).map(|c| c.name().to_string()).unwrap_or_else(|| format!("#{id}"));
-            let mut vip_classes = Vec::new();
-            for k in actual.class_stats.iter().filter(|k| k.vip_id == info.id) {
-                let mut counters = havip_common::ClassCounters::default();
-                for c in maps.class_stats.get(k, 0)?.iter() {
-                    counters.add(c);
-                }
-                vip_classes.push(VipClassStats { class: class_name(k.class), counters });
-            }
             vips.push(VipStats {
                 vip,
                 class: (info.class != 0).then(|| class_name(info.class)),
-                classes: vip_classes,
+                classes: vip_class_stats.remove(&info.id).unwrap_or_default(),
                 id: info.id,
                 nic,
                 bound_for_secs,
@@ -223,37 +352,68 @@ impl Snapshot {
                 peers: peers.remove(&info.id).unwrap_or_default(),
             });
         }
+
         let mut nics = Vec::new();
-        for (ifindex, info) in maps.nic_infos() {
-            nics.push(NicStats { nic: info.name().to_string(), ifindex, counters: maps.nic_counters(info.index)? });
+        if !nic_infos.is_empty() {
+            let per_index: BTreeMap<u32, Vec<NicCounters>> =
+                open(m::NIC_STATS)?.percpu_array::<NicCounters>(&bpf_read::runs(nic_infos.values().map(|i| i.index), RUN_GAP), ncpus)?.into_iter().collect();
+            for (ifindex, info) in &nic_infos {
+                let per_cpu = per_index.get(&info.index).with_context(|| format!("NIC slot {} is beyond the NIC counters", info.index))?;
+                let mut c = NicCounters::default();
+                per_cpu.iter().for_each(|x| c.add(x));
+                nics.push(NicStats { nic: info.name().to_string(), ifindex: *ifindex, counters: c });
+            }
         }
         nics.sort_by(|a, b| a.nic.cmp(&b.nic));
         vips.sort_by_key(|v| (v.vip.is_ipv6(), v.vip));
-        let totals = maps.outcome_totals()?;
+
+        let mut totals = vec![0u64; m::OUTCOMES_LEN as usize];
+        for (i, per_cpu) in open(m::OUTCOMES)?.percpu_array_all::<u64>(ncpus)? {
+            if let Some(t) = totals.get_mut(i as usize) {
+                *t = per_cpu.iter().sum();
+            }
+        }
         let mut outcomes = BTreeMap::new();
         for (dir, name) in [(Direction::Ingress, "ingress"), (Direction::Egress, "egress")] {
             let per: BTreeMap<String, u64> = Outcome::ALL.iter().map(|o| (o.name().to_string(), totals[o.index(dir) as usize])).collect();
             outcomes.insert(name.to_string(), per);
         }
+
         let mut classes = Vec::new();
-        for (&id, info) in &actual.classes {
-            let per_cpu = maps.queue_stats.get(&id, 0)?;
-            let cpus: Vec<u32> = info.cpus[..(info.ncpus as usize).min(info.cpus.len())].to_vec();
-            let mut queue_drops = 0;
-            for &cpu in &cpus {
-                queue_drops += maps.cpu_queues.get(&cpu, 0)?.iter().map(|q| q.drops).sum::<u64>();
+        if !class_infos.is_empty() {
+            let cpus_of = |info: &ClassInfo| info.cpus[..(info.ncpus as usize).min(info.cpus.len())].to_vec();
+            let processed: BTreeMap<u32, Vec<QueueCounters>> =
+                open(m::QUEUE_STATS)?.percpu_array::<QueueCounters>(&bpf_read::runs(class_infos.keys().copied(), RUN_GAP), ncpus)?.into_iter().collect();
+            let all_cpus = bpf_read::runs(class_infos.values().flat_map(cpus_of), RUN_GAP);
+            let queue_drops: BTreeMap<u32, u64> = if all_cpus.is_empty() {
+                BTreeMap::new()
+            } else {
+                open(m::CPU_QUEUES)?
+                    .percpu_array::<CpuQueueCounters>(&all_cpus, ncpus)?
+                    .into_iter()
+                    .map(|(cpu, per_cpu)| (cpu, per_cpu.iter().map(|q| q.drops).sum()))
+                    .collect()
+            };
+            for (&id, info) in &class_infos {
+                let per_cpu = processed.get(&id).with_context(|| format!("class {id} is beyond the queue counters"))?;
+                let cpus = cpus_of(info);
+                let mut drops = 0;
+                for cpu in &cpus {
+                    drops += queue_drops.get(cpu).with_context(|| format!("CPU {cpu} is beyond the CPU-queue counters"))?;
+                }
+                classes.push(ClassStats {
+                    class: info.name().to_string(),
+                    id,
+                    cpus,
+                    processed_per_cpu: per_cpu.iter().map(|q| q.packets).collect(),
+                    processed_bytes: per_cpu.iter().map(|q| q.bytes).sum(),
+                    queue_drops: drops,
+                    skb_priority: info.skb_priority,
+                });
             }
-            classes.push(ClassStats {
-                class: info.name().to_string(),
-                id,
-                cpus,
-                processed_per_cpu: per_cpu.iter().map(|q| q.packets).collect(),
-                processed_bytes: per_cpu.iter().map(|q| q.bytes).sum(),
-                queue_drops,
-                skb_priority: info.skb_priority,
-            });
         }
-        Ok(Self { vips, nics, paths, classes, outcomes, taken: Some(Instant::now()) })
+        let bpf_calls = bpf_read::calls() - calls_before;
+        Ok(Self { vips, nics, paths, classes, outcomes, taken: Some(Instant::now()), bpf_calls })
     }
 
     pub fn vip(&self, ip: IpAddr) -> Option<&VipStats> {
@@ -414,4 +574,53 @@ pub fn render_table(now: &Snapshot, prev: Option<&Snapshot>) -> String {
         out.push_str(&format!("other packets: {}\n", interesting.join(", ")));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{sync::Arc, time::Duration};
+
+    use super::ConfigPathsCache;
+
+    fn vip_config(target: &str) -> String {
+        format!("[[nic]]\nname = \"eth0\"\n[[nic]]\nname = \"eth1\"\n[[vip]]\naddress = \"198.18.0.1\"\nnics = [\"eth1\"]\ntargets = [\"{target}\"]\n")
+    }
+
+    #[test]
+    fn config_is_parsed_again_only_when_its_file_changes() {
+        let dir = std::env::temp_dir().join(format!("havip-stats-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("node.toml");
+        let cache = ConfigPathsCache::new();
+        assert!(cache.get(&path).is_none(), "no file, no paths");
+        assert_eq!(cache.parses(), 0, "a missing file is not parsed");
+
+        std::fs::write(&path, vip_config("198.18.2.2")).unwrap();
+        let first = cache.get(&path).expect("a valid config");
+        assert_eq!(first[&"198.18.0.1".parse().unwrap()], (vec!["eth1".to_string()], vec!["198.18.2.2".parse().unwrap()]));
+        for _ in 0..10 {
+            assert!(Arc::ptr_eq(&first, &cache.get(&path).unwrap()));
+        }
+        assert_eq!(cache.parses(), 1, "ten more reads of an unchanged file parse nothing");
+
+        // Same length, new content and a later mtime (set explicitly: two writes within one
+        // timer tick can share an mtime).
+        let touch = |secs: u64| {
+            let f = std::fs::File::options().write(true).open(&path).unwrap();
+            f.set_modified(std::time::SystemTime::now() + Duration::from_secs(secs)).unwrap();
+        };
+        std::fs::write(&path, vip_config("198.18.2.3")).unwrap();
+        touch(5);
+        let second = cache.get(&path).unwrap();
+        assert_eq!(second[&"198.18.0.1".parse().unwrap()].1, vec!["198.18.2.3".parse::<std::net::IpAddr>().unwrap()]);
+        assert_eq!(cache.parses(), 2);
+
+        // An invalid file gives no paths, and is not parsed again until it changes.
+        std::fs::write(&path, "[[vip]]\naddress = 7\n").unwrap();
+        touch(10);
+        assert!(cache.get(&path).is_none());
+        assert!(cache.get(&path).is_none());
+        assert_eq!(cache.parses(), 3);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

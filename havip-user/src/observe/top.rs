@@ -721,6 +721,7 @@ mod tests {
             classes: vec![],
             outcomes: BTreeMap::new(),
             taken: Some(at),
+            bpf_calls: 0,
         }
     }
 

@@ -42,6 +42,12 @@ struct Args {
     /// Degradation-to-rebind trials (each takes several seconds at default settings).
     #[arg(long, default_value_t = 10)]
     rebind_trials: usize,
+    /// VIPs of the scrape benchmark's node (its baseline has 1).
+    #[arg(long, default_value_t = 10_000)]
+    scrape_vips: usize,
+    /// Scrapes timed per node (p99 over them).
+    #[arg(long, default_value_t = 101)]
+    scrape_trials: usize,
     /// Run only these sections (default: all).
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<Section>,
@@ -55,6 +61,7 @@ enum Section {
     FailoverApiLoad,
     Rerank,
     Rebind,
+    Scrape,
 }
 
 #[derive(Serialize)]
@@ -383,6 +390,41 @@ fn main() -> anyhow::Result<()> {
             rb.p50_ratio_to_hold_down, rb.hold_down_s
         );
         report.insert("degradation_to_rebind", serde_json::to_value(&rb)?);
+    }
+    if run(Section::Scrape) {
+        eprintln!(
+            "\n[bench] stats scrape: {} VIPs against 1 ({} trials each)",
+            args.scrape_vips, args.scrape_trials
+        );
+        let sc = havip_tests::scrape::scrape_cost(args.scrape_vips, args.scrape_trials);
+        println!(
+            "\nOne metrics scrape (Snapshot::read + render), {} trials, interleaved",
+            sc.trials
+        );
+        println!(
+            "{:<28} {:>9} {:>9} {:>10} {:>10} {:>10} {:>12}",
+            "", "read p50", "read p99", "scrape p50", "scrape p99", "bpf calls", "strace (CLI)"
+        );
+        for (name, c) in [
+            ("1 VIP (baseline)".to_string(), &sc.baseline),
+            (format!("{} VIPs", sc.many.vips), &sc.many),
+        ] {
+            println!(
+                "{:<28} {:>6.2} ms {:>6.2} ms {:>7.2} ms {:>7.2} ms {:>10} {:>12}",
+                name,
+                c.read_ms_p50,
+                c.read_ms_p99,
+                c.scrape_ms_p50,
+                c.scrape_ms_p99,
+                c.bpf_calls,
+                c.bpf_calls_strace_cli
+            );
+        }
+        println!(
+            "x baseline: read {:.1}x, scrape {:.1}x, bpf calls {:.2}x",
+            sc.read_ratio_to_baseline, sc.scrape_ratio_to_baseline, sc.bpf_calls_ratio_to_baseline
+        );
+        report.insert("scrape", serde_json::to_value(&sc)?);
     }
     report.insert("kernel", serde_json::Value::String(kernel));
 
