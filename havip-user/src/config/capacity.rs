@@ -260,7 +260,7 @@ mod tests {
     fn every_limit_holds_its_maximum_and_refuses_one_more() {
         let table: &[(Limit, usize, &str)] = &[
             (Limit::Nics, 64, "nic"),
-            (Limit::Vips, 4096, "vip"),
+            (Limit::Vips, 16384, "vip"),
             (Limit::Mappings, 16384, "service"),
             (Limit::PortClasses, 16384, "vip[*].port_class"),
             (Limit::ClassCounters, 16384, "vip[*].class"),
@@ -287,14 +287,14 @@ mod tests {
 
     #[test]
     fn a_held_pool_vip_counts_once_with_what_its_holders_added() {
-        let mut c = needing(Limit::Vips, 4096);
+        let mut c = needing(Limit::Vips, 16384);
         c.classes.classes.extend([class("gold", vec![])]);
         // As `pool::overlay` puts a held pool VIP in force: in `vips` too, with a class.
         let mut held = c.pool[0].clone();
         held.class = Some("gold".into());
         c.vips.push(held);
         assert!(check(&c).is_empty(), "{:?}", check(&c));
-        c.vips.push(vip(5000));
-        assert_eq!(check(&c).iter().map(|e| (e.limit, e.count)).collect::<Vec<_>>(), [(Limit::Vips, 4097)]);
+        c.vips.push(vip(20000));
+        assert_eq!(check(&c).iter().map(|e| (e.limit, e.count)).collect::<Vec<_>>(), [(Limit::Vips, 16385)]);
     }
 }

@@ -144,6 +144,12 @@ impl PinnedMap {
         self.info.max_entries
     }
 
+    /// The map's layout as the kernel describes it (for `map_layout`'s check).
+    pub fn shape(&self) -> crate::kernel::map_layout::MapShape {
+        let i = &self.info;
+        crate::kernel::map_layout::MapShape { map_type: i.kind, key_size: i.key_size, value_size: i.value_size, max_entries: i.max_entries }
+    }
+
     fn percpu(&self) -> bool {
         matches!(self.info.kind, BPF_MAP_TYPE_PERCPU_ARRAY | BPF_MAP_TYPE_PERCPU_HASH | BPF_MAP_TYPE_LRU_PERCPU_HASH)
     }

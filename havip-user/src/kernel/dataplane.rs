@@ -42,7 +42,7 @@ pub fn ebpf_object() -> anyhow::Result<&'static [u8]> {
 
 /// The shapes of the object's pinned maps, parsed once per process: readers open the maps
 /// on every refresh (`havip stats --watch`, `top`), and parsing takes milliseconds.
-fn object_map_shapes() -> anyhow::Result<&'static BTreeMap<String, MapShape>> {
+pub fn object_map_shapes() -> anyhow::Result<&'static BTreeMap<String, MapShape>> {
     static SHAPES: OnceLock<BTreeMap<String, MapShape>> = OnceLock::new();
     if let Some(shapes) = SHAPES.get() {
         return Ok(shapes);

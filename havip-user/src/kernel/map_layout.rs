@@ -199,7 +199,8 @@ pub fn check(pins: &PinLayout, expected: &BTreeMap<String, MapShape>) -> anyhow:
     anyhow::bail!("{}", refusal(&pins.root, &found))
 }
 
-fn refusal(root: &Path, found: &[Mismatch]) -> String {
+/// The error text for `found` (not empty): every mismatch, and what to do.
+pub fn refusal(root: &Path, found: &[Mismatch]) -> String {
     let mut s = format!(
         "the dataplane pinned at {} has another layout than this build of havip (layout version {}) uses; nothing was changed:\n",
         root.display(),

@@ -19,6 +19,7 @@ use serde::Serialize;
 use crate::{
     config::Protocol,
     kernel::bpf_read::{self, PinnedMap},
+    kernel::map_layout::{self, PinnedVersion},
     kernel::dataplane::monotonic_ns,
     kernel::pins::PinLayout,
 };
@@ -233,7 +234,24 @@ impl Snapshot {
     pub fn read(pins: &PinLayout, state: Option<&crate::node::state::State>) -> anyhow::Result<Self> {
         let calls_before = bpf_read::calls();
         let ncpus = nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
-        let open = |name: &str| PinnedMap::open(&pins.map(name));
+        // Pins of another layout would read as garbage: every map opened is checked against
+        // what this build's programs define, and the version once, from the maps the read
+        // opens anyway (three calls for the version, none more per map).
+        let expected = crate::kernel::dataplane::object_map_shapes()?;
+        let version = if pins.map(m::LAYOUT).exists() {
+            match PinnedMap::open(&pins.map(m::LAYOUT)).and_then(|v| v.array_all::<u32>()) {
+                Ok(v) => PinnedVersion::Value(v.first().map_or(0, |(_, x)| *x)),
+                Err(e) => PinnedVersion::Unreadable(format!("{e:#}")),
+            }
+        } else {
+            PinnedVersion::Absent
+        };
+        let open = |name: &str| -> anyhow::Result<PinnedMap> {
+            let map = PinnedMap::open(&pins.map(name))?;
+            let found = map_layout::mismatches(expected, &BTreeMap::from([(name.to_string(), map.shape())]), &version);
+            anyhow::ensure!(found.is_empty(), "{}", map_layout::refusal(&pins.root, &found));
+            Ok(map)
+        };
 
         let nic_infos: BTreeMap<u32, NicInfo> = open(m::NICS)?.hash::<u32, NicInfo>()?.into_iter().collect();
         let nic_names: BTreeMap<u32, String> = nic_infos.iter().map(|(ifindex, info)| (*ifindex, info.name().to_string())).collect();
