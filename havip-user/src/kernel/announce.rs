@@ -60,39 +60,61 @@ pub fn frame_for(mac: [u8; 6], vip: IpAddr) -> Vec<u8> {
     }
 }
 
-/// Sends a raw Ethernet frame out of interface `ifindex` (of the caller's namespace).
-pub fn send_frame(ifindex: u32, frame: &[u8]) -> anyhow::Result<()> {
-    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        bail!("AF_PACKET socket: {}", std::io::Error::last_os_error());
-    }
-    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    addr.sll_family = libc::AF_PACKET as u16;
-    addr.sll_ifindex = ifindex as i32;
-    addr.sll_halen = 6;
-    addr.sll_addr[..6].copy_from_slice(&frame[..6]);
-    let n = unsafe {
-        libc::sendto(sock.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0, (&raw const addr).cast(), std::mem::size_of::<libc::sockaddr_ll>() as u32)
-    };
-    if n < 0 {
-        bail!("sending on ifindex {ifindex}: {}", std::io::Error::last_os_error());
-    }
-    Ok(())
+/// One AF_PACKET socket that sends raw frames out of any interface of its namespace. It is
+/// kept for the process's life: closing an AF_PACKET socket waits for an RCU grace period
+/// (milliseconds), which a socket per frame paid on every announcement, on a tokio worker
+/// the event loop shares.
+#[derive(Debug)]
+pub struct Announcer {
+    sock: OwnedFd,
 }
 
-/// Sends `count` announcements for `vip` from `mac` on `ifindex`, `interval` apart, the
-/// first at once. Dropping (aborting) the future stops the rest: a superseded move's
-/// announcements must not keep telling the link the old owner's MAC.
-pub async fn announce(ifindex: u32, mac: [u8; 6], vip: IpAddr, count: u32, interval: Duration) -> anyhow::Result<()> {
-    let frame = frame_for(mac, vip);
-    for i in 0..count {
-        if i > 0 {
-            tokio::time::sleep(interval).await;
+impl Announcer {
+    pub fn new() -> anyhow::Result<Self> {
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            bail!("AF_PACKET socket: {}", std::io::Error::last_os_error());
         }
-        send_frame(ifindex, &frame)?;
+        // SAFETY: a new fd that nothing else owns.
+        Ok(Self { sock: unsafe { OwnedFd::from_raw_fd(fd) } })
     }
-    Ok(())
+
+    /// Sends a raw Ethernet frame out of interface `ifindex`.
+    pub fn send_frame(&self, ifindex: u32, frame: &[u8]) -> anyhow::Result<()> {
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_ifindex = ifindex as i32;
+        addr.sll_halen = 6;
+        addr.sll_addr[..6].copy_from_slice(&frame[..6]);
+        let n = unsafe {
+            libc::sendto(
+                self.sock.as_raw_fd(),
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&raw const addr).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        if n < 0 {
+            bail!("sending on ifindex {ifindex}: {}", std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Sends `count` announcements for `vip` from `mac` on `ifindex`, `interval` apart,
+    /// the first at once. Dropping (aborting) the future stops the rest: a superseded
+    /// move's announcements must not keep telling the link the old owner's MAC.
+    pub async fn announce(&self, ifindex: u32, mac: [u8; 6], vip: IpAddr, count: u32, interval: Duration) -> anyhow::Result<()> {
+        let frame = frame_for(mac, vip);
+        for i in 0..count {
+            if i > 0 {
+                tokio::time::sleep(interval).await;
+            }
+            self.send_frame(ifindex, &frame)?;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -22,12 +22,14 @@ use crate::{
 /// The announcements still running, by VIP, and the event log moves go to.
 pub struct Mover {
     announcing: BTreeMap<IpAddr, JoinHandle<()>>,
+    /// Opened at the first move, kept (see `Announcer`).
+    announcer: Option<std::sync::Arc<announce::Announcer>>,
     log: events::EventLog,
 }
 
 impl Mover {
     pub fn new(run_dir: &std::path::Path) -> Self {
-        Self { announcing: BTreeMap::new(), log: events::EventLog::open(run_dir) }
+        Self { announcing: BTreeMap::new(), announcer: None, log: events::EventLog::open(run_dir) }
     }
 
     /// Starts announcing `vip` at `mac` on `ifindex`, cancelling announcements of an
@@ -40,8 +42,18 @@ impl Mover {
             }
         }
         self.announcing.retain(|_, h| !h.is_finished());
+        let announcer = match &self.announcer {
+            Some(a) => a.clone(),
+            None => match announce::Announcer::new() {
+                Ok(a) => self.announcer.insert(std::sync::Arc::new(a)).clone(),
+                Err(e) => {
+                    warn!(%vip, error = %format!("{e:#}"), "cannot announce the move");
+                    return;
+                }
+            },
+        };
         let task = tokio::spawn(async move {
-            if let Err(e) = announce::announce(ifindex, mac, vip, count, interval).await {
+            if let Err(e) = announcer.announce(ifindex, mac, vip, count, interval).await {
                 warn!(%vip, error = %format!("{e:#}"), "announcement failed");
             }
         });
