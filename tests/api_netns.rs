@@ -456,11 +456,7 @@ fn a_request_past_the_mapping_capacity_gets_409_naming_the_limit_and_changes_not
     // Nor does havipd start with that file: refused before anything is applied, while the
     // pinned dataplane keeps serving `shop`.
     t.stop_daemon(libc::SIGTERM);
-    let out = std::process::Command::new(havip_tests::bin("havipd"))
-        .args(["--netns", &t.srv.name, "--config", t.config_path.to_str().unwrap()])
-        .args(["--pin-path", t.pin_root.to_str().unwrap(), "--run-dir", t.run_dir.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out = t.havipd_once();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("16385 mappings") && err.contains("nothing was applied"), "{err}");
     assert_eq!(mappings_in_kernel(&t), 16384);

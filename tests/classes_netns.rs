@@ -178,11 +178,7 @@ fn a_root_qdisc_havip_did_not_create_is_kept_unless_replacing_is_asked_for() {
     t.srv.exec(&["tc", "qdisc", "add", "dev", "eth0", "root", "handle", "1:", "tbf", "rate", "1gbit", "burst", "64kb", "latency", "50ms"]).unwrap();
     let body = two_services("class = \"latency\"", "", &egress_classes("1gbit"));
     t.write_config(&body);
-    let out = std::process::Command::new(havip_tests::bin("havipd"))
-        .args(["--netns", &t.srv.name, "--config", t.config_path.to_str().unwrap()])
-        .args(["--pin-path", t.pin_root.to_str().unwrap(), "--run-dir", t.run_dir.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out = t.havipd_once();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "havipd took over a foreign root qdisc");
     for needle in ["nic[0]", "tbf", "replace_qdisc", "nothing was applied"] {

@@ -224,6 +224,16 @@ impl Topology {
         }
     }
 
+    /// Runs havipd for this node in the foreground (as `start_daemon` would start it) and
+    /// returns how it ended: for starts that must be refused.
+    pub fn havipd_once(&self) -> Output {
+        Command::new(crate::bin("havipd"))
+            .args(["--netns", &self.srv.name, "--config", self.config_path.to_str().unwrap()])
+            .args(["--pin-path", self.pin_root.to_str().unwrap(), "--run-dir", self.run_dir.to_str().unwrap()])
+            .output()
+            .expect("running havipd")
+    }
+
     /// Stops havipd with `signal` (SIGTERM: orderly; SIGKILL: a crash) and reaps it.
     pub fn stop_daemon(&mut self, signal: i32) {
         let mut child = self.daemon.take().expect("havipd not running");
