@@ -262,9 +262,11 @@ impl Node {
             self.dp.set_nic(nic.index, &nic.name, nic.mac, index)?;
             let was = self.nics.get(&nic.name).cloned();
             self.nics.insert(&nic.name, Nic { ifindex: nic.index, mac: nic.mac, index });
-            // A NIC seen for the first time, or as a new device, starts its link history now.
+            // The link state as the kernel has it now starts a new history when it differs
+            // from what havipd holds: a NIC seen for the first time, or one a link event
+            // marked down until this reconcile attached it as a new device.
             let new_device = was.as_ref().is_none_or(|w| w.ifindex != nic.index);
-            if new_device || !self.links.contains_key(&nic.name) {
+            if self.links.get(&nic.name).is_none_or(|l| l.up != nic.up) {
                 self.links.insert(nic.name.clone(), LinkState { up: nic.up, since: Instant::now() });
             }
             if !self.state.nics.contains(&nic.name) || new_device && was.is_some() {
