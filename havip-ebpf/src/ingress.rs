@@ -11,10 +11,11 @@ use crate::{
 
 /// An XDP frame seen through the one bounds check.
 ///
-/// Frames of any size up to 64 KiB are handled alike: generic XDP runs after GRO and sees
-/// merged TCP packets that large, linear (the programs are not loaded with `xdp.frags`,
-/// so the kernel linearizes the skb first; native drivers refuse to attach them where an
-/// MTU needs multi-buffer frames). A multi-buffer frame (only BPF_PROG_RUN makes one for a
+/// Frames of any size up to 64 KiB are handled alike: generic XDP sees skbs that large
+/// (GSO packets and packets merged by GRO on an earlier device, which arrive whole, for
+/// example over veth; GRO on the device itself is skipped while generic XDP is attached),
+/// linear (the programs are not loaded with `xdp.frags`, so the kernel linearizes the skb
+/// first; native drivers refuse to attach them where an MTU needs multi-buffer frames). A multi-buffer frame (only BPF_PROG_RUN makes one for a
 /// program like this, for input over a page) is handled too: lengths are checked against
 /// the whole frame, headers are read from its linear part, and headers that are not all in
 /// the linear part make the frame `Malformed`, passed untouched.
