@@ -106,6 +106,45 @@ fn egress_maps_the_instance_port_back_and_the_checksum_verifies() {
     }
 }
 
+/// Generic XDP runs after GRO and sees merged TCP packets up to 64 KiB. BPF_PROG_RUN hands
+/// a frame over a page to the program as a multi-buffer frame (headers in the linear part,
+/// the rest in fragments): its IP length covers the fragments, and the programs must take
+/// it as the valid packet it is, never as malformed.
+#[test]
+fn tcp_packets_of_60_kib_are_remapped_and_the_checksum_verifies() {
+    let mut fx = Fixture::new(TWO_VIPS);
+    for fam in ["v4", "v6"] {
+        let (client, vip) = addrs(fam);
+        let payload = havip_tests::topology::pattern(60 * 1024, 11);
+        let input = build(L4::Tcp, client, 40000, vip, 80, None, &payload);
+        assert!(input.len() > 60 * 1024 && inspect(&input).checksum_ok);
+        let before = fx.vip(&vip.to_string());
+        let outcomes_before: Vec<u64> = Outcome::ALL.iter().map(|&o| fx.outcome(Direction::Ingress, o)).collect();
+        let r = fx.ingress(&input);
+        assert_eq!(r.action, XDP_PASS, "{fam}");
+        assert_eq!(r.out.len(), input.len(), "{fam}: frame length changed");
+        let view = inspect(&r.out);
+        assert_eq!((view.sport, view.dport), (40000, 8081), "{fam}: a {} byte frame was not remapped", input.len());
+        assert!(view.checksum_ok, "{fam}: checksum does not verify after the rewrite");
+        let l4_off = 14 + if fam == "v4" { 20 } else { 40 };
+        let changed = diff(&input, &r.out);
+        assert!(changed.iter().all(|&i| i == l4_off + 2 || i == l4_off + 3 || i == l4_off + 16 || i == l4_off + 17),
+            "{fam}: unexpected bytes changed: {changed:?}");
+        // Counted as remapped, with its real size, and as nothing else (not malformed).
+        let counted: Vec<(Outcome, u64)> = Outcome::ALL
+            .iter()
+            .zip(&outcomes_before)
+            .map(|(&o, b)| (o, fx.outcome(Direction::Ingress, o) - b))
+            .filter(|&(_, n)| n != 0)
+            .collect();
+        assert_eq!(counted, vec![(Outcome::VipRemapped, 1)], "{fam}: outcomes counted");
+        let after = fx.vip(&vip.to_string());
+        assert_eq!(after.rx.remapped - before.rx.remapped, 1, "{fam}");
+        assert_eq!(after.rx.tcp - before.rx.tcp, 1, "{fam}");
+        assert_eq!(after.rx.bytes - before.rx.bytes, input.len() as u64, "{fam}: bytes counted");
+    }
+}
+
 #[test]
 fn udp_over_ipv4_without_checksum_stays_without_checksum() {
     let mut fx = Fixture::new(TWO_VIPS);

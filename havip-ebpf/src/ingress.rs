@@ -1,20 +1,42 @@
 //! XDP ingress: recognise VIP packets, count them, remap designated ports to instance ports.
 
-use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
+use aya_ebpf::{bindings::xdp_action, helpers::bpf_xdp_get_buff_len, programs::XdpContext};
 use havip_common::{Outcome, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
 
 use crate::{
     neigh,
-    parse::{self, Packet, Parsed},
+    parse::{self, Packet, PacketMeta, Parsed},
     classes, passive, probe, remap, stats, steer, vips,
 };
 
 /// An XDP frame seen through the one bounds check.
+///
+/// Frames of any size up to 64 KiB are handled alike: generic XDP sees skbs that large
+/// (GSO packets and packets merged by GRO on an earlier device, which arrive whole, for
+/// example over veth; GRO on the device itself is skipped while generic XDP is attached),
+/// linear (the programs are not loaded with `xdp.frags`, so the kernel linearizes the skb
+/// first; native drivers refuse to attach them where an MTU needs multi-buffer frames). A multi-buffer frame (only BPF_PROG_RUN makes one for a
+/// program like this, for input over a page) is handled too: lengths are checked against
+/// the whole frame, headers are read from its linear part, and headers that are not all in
+/// the linear part make the frame `Malformed`, passed untouched.
 pub struct XdpPacket<'a>(pub &'a XdpContext);
 
-/// No XDP frame without multi-buffer support is larger than a page; bounding length
-/// fields below this keeps packet-pointer offsets inside what the verifier accepts.
-const XDP_MAX_FRAME: usize = 16 * 1024;
+impl XdpPacket<'_> {
+    /// Bytes of the whole frame, fragments included (a helper call: only for frames whose
+    /// linear part does not hold what the headers claim).
+    #[inline(always)]
+    fn whole_len(&self) -> usize {
+        unsafe { bpf_xdp_get_buff_len(self.0.ctx) as usize }
+    }
+
+    /// The frame's length for the byte counters: its linear part, or the whole frame when
+    /// the IP packet runs on into fragments.
+    #[inline(always)]
+    fn frame_len(&self, meta: &PacketMeta) -> usize {
+        let linear = self.end() - self.start();
+        if meta.hdr_len + meta.payload_len <= linear { linear } else { self.whole_len() }
+    }
+}
 
 impl Packet for XdpPacket<'_> {
     #[inline(always)]
@@ -27,8 +49,10 @@ impl Packet for XdpPacket<'_> {
     }
     #[inline(always)]
     fn covers(&self, off: usize, len: usize) -> bool {
+        // No pointer is formed from this sum (header reads go through `header`, whose
+        // offsets are bounded), so it may be as large as the frame.
         let need = off + len;
-        need <= XDP_MAX_FRAME && self.start() + need <= self.end()
+        self.start() + need <= self.end() || need <= self.whole_len()
     }
 }
 
@@ -53,7 +77,7 @@ pub fn try_ingress<const PASSIVE: bool>(ctx: &XdpContext) -> Result<(u32, Outcom
     }
     let vip = vips::lookup(meta.dst).ok_or(Outcome::NotVip)?;
     let counters = stats::vip(vip.id);
-    let bytes = (pkt.end() - pkt.start()) as u64;
+    let bytes = pkt.frame_len(&meta) as u64;
 
     // Arriving on the owning NIC counts for that NIC; anywhere else it is misdirected
     // (a stale neighbour cache during a move) and still accepted.

@@ -17,6 +17,11 @@ const ETH_P_IPV6: u16 = 0x86ddu16.to_be();
 const ETH_P_8021Q: u16 = 0x8100u16.to_be();
 const ETH_P_8021AD: u16 = 0x88a8u16.to_be();
 
+/// The furthest from the start of a packet any header havip reads may begin. The deepest
+/// read is a UDP probe's sequence quoted in an ICMP error: after Ethernet, VLAN, IPv4 with
+/// options, ICMP, the quoted IPv4 with options and UDP, it starts at byte 154 at most.
+pub const MAX_HEADER_OFF: usize = 256;
+
 /// A packet buffer: XDP frame or skb linear data.
 pub trait Packet {
     fn start(&self) -> usize;
@@ -26,9 +31,16 @@ pub trait Packet {
     fn covers(&self, off: usize, len: usize) -> bool;
 
     /// The one bounds check: a pointer to a `T` at `off`, or `None` if it would run past
-    /// the end of the readable data.
+    /// the end of the readable data or start beyond [`MAX_HEADER_OFF`].
+    ///
+    /// The offset bound is what the verifier needs: a packet pointer plus an offset it
+    /// knows to be small. It bounds where a header may start, never how long the frame
+    /// is, so a 64 KiB frame (generic XDP after GRO, a GSO skb) is read like any other.
     #[inline(always)]
     fn header<T>(&self, off: usize) -> Option<*mut T> {
+        if off > MAX_HEADER_OFF {
+            return None;
+        }
         let start = self.start();
         if start + off + size_of::<T>() > self.end() {
             return None;
