@@ -91,7 +91,7 @@ async fn serve(opts: DaemonOptions, exporter: StartExporter) -> anyhow::Result<(
     let nl = Netlink::new()?;
     // Subscribe to link events before reading link states, so no change falls in between.
     let mut link_events = subscribe_links().await?;
-    let res = resolve(&cfg, &nl).await?;
+    let res = resolve(&cfg, &nl, Scope::Full).await?;
     // Pool VIPs applications held before a restart are held again: the file must fit the
     // maps together with them, checked before anything is applied (as a reload is). An
     // application's VIP is not dropped to make room for a file that grew.
@@ -260,7 +260,7 @@ impl Node {
     /// Reconciles the configuration in force again, after a NIC came back as a new device.
     async fn reattach(&mut self) {
         let cfg = self.cfg.clone();
-        let r = match resolve(&cfg, &self.nl).await {
+        let r = match resolve(&cfg, &self.nl, Scope::Full).await {
             Ok(res) => self.apply(&cfg, &res, Scope::Full).await.map_err(|e| e.to_string()),
             Err(e) => Err(format!("{e:#}")),
         };
@@ -296,7 +296,7 @@ impl Node {
             let why = pool::over_capacity(e, "the file with the VIPs applications hold");
             return self.finish_reload(generation, false, format!("{}: {why}; nothing was applied", self.opts.config.display()));
         }
-        let res = match resolve(&cfg, &self.nl).await {
+        let res = match resolve(&cfg, &self.nl, Scope::Full).await {
             Ok(r) => r,
             Err(e) => return self.finish_reload(generation, false, format!("{e:#}")),
         };
@@ -319,7 +319,7 @@ impl Node {
             }
             Err(failed) => {
                 error!(stage = %failed.stage, applied = %failed.applied.join("; "), error = %format!("{:#}", failed.source), "reload failed; restoring the previous configuration");
-                let restored = match resolve(&previous, &self.nl).await {
+                let restored = match resolve(&previous, &self.nl, Scope::Full).await {
                     Ok(res) => self.apply(&previous, &res, Scope::Full).await.map_err(|e| e.to_string()),
                     Err(e) => Err(format!("{e:#}")),
                 };

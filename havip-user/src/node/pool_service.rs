@@ -93,7 +93,7 @@ impl Node {
     /// Applies the file's configuration plus the held pool VIPs (VIP stages only).
     async fn apply_allocations(&mut self) -> anyhow::Result<String> {
         let cfg = pool::overlay(&self.file_cfg, &self.state.allocations);
-        let res = resolve(&cfg, &self.nl).await?;
+        let res = resolve(&cfg, &self.nl, Scope::Vips).await?;
         Ok(self.apply(&cfg, &res, Scope::Vips).await?)
     }
 }

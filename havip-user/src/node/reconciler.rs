@@ -35,15 +35,18 @@ pub struct Resolved {
     pub nics: Vec<LinkInfo>,
 }
 
-/// Checks `cfg` against this node. An error here means nothing was applied.
-pub async fn resolve(cfg: &Config, nl: &Netlink) -> anyhow::Result<Resolved> {
+/// Checks `cfg` against this node for an apply of `scope`. An error here means nothing was
+/// applied. A `Vips` apply touches no NIC, so the NICs and their qdiscs are not looked up
+/// (`Resolved::nics` is empty): a pool call costs one netlink lookup here, not one per NIC.
+pub async fn resolve(cfg: &Config, nl: &Netlink, scope: Scope) -> anyhow::Result<Resolved> {
     let mut missing = Vec::new();
     let vip_interface = nl.link(&cfg.vip_interface).await?;
     if vip_interface.is_none() {
         missing.push(format!("field `node.vip_interface`: interface `{}` does not exist on this node", cfg.vip_interface));
     }
     let mut nics = Vec::new();
-    for (i, name) in cfg.nics.iter().enumerate() {
+    let nic_names = if scope == Scope::Full { cfg.nics.as_slice() } else { &[] };
+    for (i, name) in nic_names.iter().enumerate() {
         match nl.link(name).await? {
             Some(l) => nics.push(l),
             None => missing.push(format!("field `nic[{i}].name`: interface `{name}` does not exist on this node")),
@@ -51,6 +54,7 @@ pub async fn resolve(cfg: &Config, nl: &Netlink) -> anyhow::Result<Resolved> {
     }
     // Egress classes need the NICs' root qdisc: never take one havip does not own unasked.
     if cfg.classes.needs_htb() {
+        // (Empty for a `Vips` apply, which leaves qdiscs alone.)
         for (i, nic) in nics.iter().enumerate() {
             let replace = cfg.classes.nics.get(&nic.name).is_some_and(|n| n.replace_qdisc);
             if let qdisc::RootQdisc::Foreign { kind, handle } = qdisc::root_qdisc(nl.handle(), nic.index).await? {

@@ -33,9 +33,9 @@ struct Args {
     /// Interleaved rounds; the median is reported.
     #[arg(long, default_value_t = 9)]
     rounds: usize,
-    /// Failover trials (p50/p99 over them; a p99 needs at least 100).
-    #[arg(long, default_value_t = 100)]
-    failover_trials: usize,
+    /// Failover trials (p50/p99 over them): at least 100, since a p99 of fewer is a maximum.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(100..))]
+    failover_trials: u64,
     /// Pool request/release calls per second for the failover-under-API-load section.
     #[arg(long, default_value_t = 1000.0)]
     api_calls_per_sec: f64,
@@ -301,7 +301,7 @@ fn main() -> anyhow::Result<()> {
 
     if run(Section::Failover) {
         eprintln!("\n[bench] failover ({} trials)", args.failover_trials);
-        let fo = havip_tests::failover::run(args.failover_trials);
+        let fo = havip_tests::failover::run(args.failover_trials as usize);
         println!("\nFailover: owning NIC down -> ... (µs, from the SIOCSIFFLAGS call)");
         println!("{:<44} {:>10} {:>10}", "", "p50", "p99");
         println!(
@@ -328,8 +328,8 @@ fn main() -> anyhow::Result<()> {
     if run(Section::FailoverApiLoad) {
         let load = havip_tests::failover::Load { apps: 8, calls_per_sec: args.api_calls_per_sec };
         eprintln!("\n[bench] failover under API load ({} trials idle, then {} under {} pool calls/s)", args.failover_trials, args.failover_trials, load.calls_per_sec);
-        let idle = havip_tests::failover::run_with(args.failover_trials, None);
-        let loaded = havip_tests::failover::run_with(args.failover_trials, Some(load));
+        let idle = havip_tests::failover::run_with(args.failover_trials as usize, None);
+        let loaded = havip_tests::failover::run_with(args.failover_trials as usize, Some(load));
         let l = loaded.api_load.clone().expect("the loaded run reports its load");
         println!("\nFailover under API load: VIP rebound after the owning NIC went down (µs)");
         println!("{:<44} {:>10} {:>10}", "", "p50", "p99");
