@@ -724,3 +724,64 @@ fn egress_puts_each_class_into_its_htb_class_by_skb_priority() {
     assert_eq!(c.tx_packets, 1);
     assert_eq!(fx.class_counters(VIP4, "bulk").tx_packets, 1);
 }
+
+/// CLOCK_BOOTTIME now, ns: the clock the programs compare fences with.
+fn boot_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+#[test]
+fn a_cluster_vip_is_answered_and_sourced_only_before_its_fence() {
+    let cfg = format!("{TWO_VIPS}\n[cluster]\nnode = \"n1\"\netcd_endpoints = [\"http://198.18.30.200:2379\"]\n");
+    let mut fx = Fixture::new(&cfg);
+    fx.bind(VIP4, TEST_IFINDEX, OWNER_MAC);
+    fx.bind(VIP6, TEST_IFINDEX, OWNER_MAC);
+    let id = fx.dp.vip_id(ip(VIP4)).unwrap();
+    let id6 = fx.dp.vip_id(ip(VIP6)).unwrap();
+    let arp = arp_request([198, 18, 2, 2], [198, 18, 100, 1]);
+    let ns = neighbor_solicitation(ip6(CLIENT6), ip6(VIP6), true);
+    let reply = build(L4::Udp, ip(VIP4), 8081, ip(CLIENT4), 40000, None, b"as the VIP");
+    const TC_ACT_SHOT: u32 = 2;
+    let set = |fx: &mut Fixture, id: u32, until: u64| fx.maps.fences.set(id, havip_common::Fence { serve_until_ns: until, epoch: 5 }, 0).unwrap();
+
+    // A fresh cluster VIP (fence zeroed when its id was assigned) serves nothing.
+    assert_eq!(fx.ingress(&arp).action, XDP_DROP, "ARP before any confirmation");
+    assert_eq!(fx.ingress(&ns).action, XDP_DROP, "NS before any confirmation");
+    assert_eq!(fx.egress(&reply).action, TC_ACT_SHOT, "sourced from the VIP before any confirmation");
+    assert_eq!(fx.outcome(Direction::Ingress, Outcome::Fenced), 2);
+    assert_eq!(fx.outcome(Direction::Egress, Outcome::Fenced), 1);
+    assert_eq!(fx.vip(VIP4).tx.dropped, 1);
+    assert_eq!(fx.vip(VIP4).wire.arp_replies, 0);
+
+    // Confirmed for 10 s: answered and sourced as a standalone VIP is.
+    set(&mut fx, id, boot_ns() + 10_000_000_000);
+    set(&mut fx, id6, boot_ns() + 10_000_000_000);
+    let r = fx.ingress(&arp);
+    assert_eq!(r.action, XDP_TX);
+    assert_eq!(&r.out[22..28], &OWNER_MAC, "sender MAC: the owner");
+    assert_eq!(fx.ingress(&ns).action, XDP_TX);
+    assert_eq!(fx.egress(&reply).action, TC_ACT_OK);
+    assert_eq!(fx.outcome(Direction::Ingress, Outcome::ArpReplied), 1);
+
+    // The time passed (1 ms ago): silent again, with nobody writing anything.
+    set(&mut fx, id, boot_ns() - 1_000_000);
+    assert_eq!(fx.ingress(&arp).action, XDP_DROP);
+    assert_eq!(fx.egress(&reply).action, TC_ACT_SHOT);
+    assert_eq!(fx.outcome(Direction::Ingress, Outcome::Fenced), 3);
+    assert_eq!(fx.outcome(Direction::Egress, Outcome::Fenced), 2);
+    // The other VIP's fence is its own.
+    assert_eq!(fx.ingress(&ns).action, XDP_TX);
+}
+
+#[test]
+fn a_standalone_vip_ignores_the_fence_map() {
+    let mut fx = Fixture::new(TWO_VIPS);
+    fx.bind(VIP4, TEST_IFINDEX, OWNER_MAC);
+    // Zero fence, as every id starts: standalone VIPs are not flagged, so it does not apply.
+    let id = fx.dp.vip_id(ip(VIP4)).unwrap();
+    assert_eq!(fx.maps.fences.get(&id, 0).unwrap().serve_until_ns, 0);
+    assert_eq!(fx.ingress(&arp_request([198, 18, 2, 2], [198, 18, 100, 1])).action, XDP_TX);
+    assert_eq!(fx.outcome(Direction::Ingress, Outcome::Fenced), 0);
+}

@@ -6,9 +6,11 @@
 
 pub mod classes;
 pub mod csum;
+pub mod fence;
 pub mod maps;
 pub mod names;
 pub mod types;
 
 pub use classes::*;
+pub use fence::*;
 pub use types::*;

@@ -11,7 +11,7 @@
 /// meaning (a field added, removed, reordered or reinterpreted), even one that keeps the
 /// size: havipd also compares each pinned map's type, key size, value size and capacity
 /// with the programs' own, but only the version catches a change of meaning.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// `0 -> u32`: the [`LAYOUT_VERSION`] the pinned maps were created with. Written by havipd
 /// when it creates fresh pins, read by havipd and the CLI before they trust any other map.
@@ -58,6 +58,11 @@ pub const NICS_MAX: u32 = 64;
 /// `vip_id -> Binding`: the NIC that owns each VIP on the wire, the single source of truth
 /// for ownership. Written by havipd (one element per move), read by both programs.
 pub const BINDINGS: &str = "HAVIP_BINDINGS";
+
+/// `vip_id -> Fence`: until when this node may serve a cluster VIP (flag `VIP_FENCED`).
+/// Written by havipd's cluster service (zeroed by the reconciler when an id is assigned),
+/// read by both programs for flagged VIPs only.
+pub const FENCES: &str = "HAVIP_FENCES";
 
 /// Per-CPU `NicInfo::index -> NicCounters`. Written by both programs, read by the CLI.
 pub const NIC_STATS: &str = "HAVIP_NIC_STATS";
@@ -120,8 +125,8 @@ pub const CPU_QUEUES: &str = "HAVIP_CPU_QUEUES";
 pub const CPUMAP_ID: &str = "HAVIP_CPUMAP_ID";
 
 /// Every map, for pin handling and teardown.
-pub const ALL: [&str; 24] = [
-    LAYOUT, VIPS, VIP_SLOTS, REMAP_IN, REMAP_OUT, PORT_BITMAP, NICS, BINDINGS, NIC_STATS, VIP_STATS, OUTCOMES, PROBE_SLOTS,
+pub const ALL: [&str; 25] = [
+    LAYOUT, VIPS, VIP_SLOTS, REMAP_IN, REMAP_OUT, PORT_BITMAP, NICS, BINDINGS, FENCES, NIC_STATS, VIP_STATS, OUTCOMES, PROBE_SLOTS,
     PROBE_SENT, PROBE_STATS, TCP_SAMPLE_SEQ, TCP_SAMPLE_TIME, PEER_QUALITY, CLASSES, PORT_CLASSES, CLASS_STATS, CPUMAP,
     QUEUE_STATS, CPU_QUEUES, CPUMAP_ID,
 ];

@@ -423,10 +423,13 @@ pub enum Outcome {
     ProbeSent = 13,
     /// A reply to a probe (timestamped, measured and consumed: XDP_DROP).
     ProbeReply = 14,
+    /// A cluster VIP this node does not serve now (its fence's serve-until time passed):
+    /// ARP/ND requests for it are dropped, packets sourced from it are dropped on egress.
+    Fenced = 15,
 }
 
 impl Outcome {
-    pub const COUNT: u32 = 15;
+    pub const COUNT: u32 = 16;
     pub const ALL: [Outcome; Self::COUNT as usize] = [
         Outcome::NotIp,
         Outcome::NotVip,
@@ -443,6 +446,7 @@ impl Outcome {
         Outcome::Steered,
         Outcome::ProbeSent,
         Outcome::ProbeReply,
+        Outcome::Fenced,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -462,6 +466,7 @@ impl Outcome {
             Outcome::Steered => "steered",
             Outcome::ProbeSent => "probe_sent",
             Outcome::ProbeReply => "probe_reply",
+            Outcome::Fenced => "fenced",
         }
     }
 

@@ -1,11 +1,14 @@
 //! TC egress: count VIP-sourced packets and remap instance ports back to designated ports.
 
-use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    programs::TcContext,
+};
 use havip_common::{Direction, Outcome, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
 
 use crate::{
     parse::{self, Packet, Parsed},
-    classes, passive, probe, remap, stats, steer, vips,
+    classes, fence, passive, probe, remap, stats, steer, vips,
 };
 
 /// An skb; direct access covers only its linear part, lengths are checked against skb->len.
@@ -48,6 +51,14 @@ pub fn try_egress<const PASSIVE: bool>(ctx: &TcContext) -> Result<(i32, Outcome)
         }
     }
     let vip = vips::lookup(meta.src).ok_or(Outcome::NotVip)?;
+    // A cluster VIP this node does not serve now: nothing leaves from it, so a node that
+    // lost ownership (or never confirmed it) cannot talk as the VIP.
+    if !fence::serving(&vip) {
+        if let Some(c) = stats::vip_dir(vip.id, Direction::Egress) {
+            c.dropped += 1;
+        }
+        return Ok((TC_ACT_SHOT, Outcome::Fenced));
+    }
 
     // Leaving by a NIC that does not own the VIP: hand it to the owner, whose own egress
     // pass remaps and counts it.

@@ -5,6 +5,7 @@
 
 mod classes;
 mod egress;
+mod fence;
 mod ingress;
 mod maps;
 mod neigh;

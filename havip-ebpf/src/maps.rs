@@ -7,7 +7,7 @@ use aya_ebpf::{
     maps::{Array, CpuMap, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use havip_common::{
-    maps as m, Binding, ClassCounters, ClassInfo, ClassStatsKey, CpuQueueCounters, QueueCounters, NicCounters, NicInfo, PassiveStats, PeerKey, PortValue, ProbeSlot, ProbeStats, RemapKey,
+    maps as m, Binding, ClassCounters, Fence, ClassInfo, ClassStatsKey, CpuQueueCounters, QueueCounters, NicCounters, NicInfo, PassiveStats, PeerKey, PortValue, ProbeSlot, ProbeStats, RemapKey,
     VipCounters, VipInfo, VipKey, VipSlot,
 };
 
@@ -44,6 +44,10 @@ pub static NICS: HashMap<u32, NicInfo> = HashMap::pinned(m::NICS_MAX, 0);
 /// VIP id -> the NIC that owns it.
 #[map(name = "HAVIP_BINDINGS")]
 pub static BINDINGS: Array<Binding> = Array::pinned(m::VIPS_MAX, 0);
+
+/// VIP id -> until when this node may serve it (cluster VIPs only).
+#[map(name = "HAVIP_FENCES")]
+pub static FENCES: Array<Fence> = Array::pinned(m::VIPS_MAX, 0);
 
 /// NIC index -> per-CPU counters of VIP traffic.
 #[map(name = "HAVIP_NIC_STATS")]

@@ -15,7 +15,8 @@ use havip_common::{Binding, Outcome, VipKey};
 use crate::{
     ingress::XdpPacket,
     parse::{rd, EthHdr, Ipv6Hdr, Packet, PacketMeta},
-    stats, steer, vips,
+    fence, stats, steer,
+    vips::{self, VipHit},
 };
 
 /// Packed: the sender protocol address sits at offset 14, which `repr(C)` would pad.
@@ -38,19 +39,23 @@ const _: () = assert!(size_of::<NdMsg>() == 32);
 const ARPOP_REQUEST: u16 = 1u16.to_be();
 const ARPOP_REPLY: u16 = 2u16.to_be();
 
-/// The VIP's binding, or why not to answer here: a VIP owned by another NIC (or by none)
-/// is dropped, so only the owner answers.
+/// The VIP's binding, or why not to answer here: a cluster VIP this node does not serve
+/// now (fenced), or a VIP owned by another NIC (or by none), is dropped, so only the owner
+/// answers.
 #[inline(always)]
-fn owner_here(ctx: &XdpContext, vip_id: u32) -> Result<&'static Binding, Outcome> {
-    match steer::binding(vip_id) {
-        Some(b) if b.ifindex == ctx.ingress_ifindex() as u32 => Ok(b),
-        _ => {
-            if let Some(c) = stats::vip_wire(vip_id) {
-                c.neigh_dropped += 1;
-            }
-            Err(Outcome::NeighDropped)
+fn owner_here(ctx: &XdpContext, vip: &VipHit) -> Result<&'static Binding, Outcome> {
+    let outcome = if !fence::serving(vip) {
+        Outcome::Fenced
+    } else {
+        match steer::binding(vip.id) {
+            Some(b) if b.ifindex == ctx.ingress_ifindex() as u32 => return Ok(b),
+            _ => Outcome::NeighDropped,
         }
+    };
+    if let Some(c) = stats::vip_wire(vip.id) {
+        c.neigh_dropped += 1;
     }
+    Err(outcome)
 }
 
 /// Handles an ARP packet. `Err(NotIp)` passes it to the kernel.
@@ -66,7 +71,7 @@ pub fn arp(ctx: &XdpContext, l3_off: usize) -> Result<(u32, Outcome), Outcome> {
     }
     let target = a.tpa;
     let vip = vips::lookup(VipKey::v4_words(target)).ok_or(Outcome::NotIp)?;
-    let b = match owner_here(ctx, vip.id) {
+    let b = match owner_here(ctx, &vip) {
         Ok(b) => b,
         Err(o) => return Ok((XDP_DROP, o)),
     };
@@ -134,7 +139,7 @@ pub fn neighbor_solicitation(ctx: &XdpContext, meta: &PacketMeta) -> Option<Resu
     if rd(unsafe { &raw const (*ip).hop_limit }) != 255 {
         return Some(Err(Outcome::Malformed));
     }
-    let b = match owner_here(ctx, vip.id) {
+    let b = match owner_here(ctx, &vip) {
         Ok(b) => b,
         Err(o) => return Some(Ok((XDP_DROP, o))),
     };

@@ -14,6 +14,7 @@
 
 pub mod api;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod faults;
 pub mod kernel;

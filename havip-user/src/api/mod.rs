@@ -75,6 +75,8 @@ pub enum Call {
     Unbind { vip: IpAddr },
     Explain { vip: IpAddr },
     Rerank,
+    /// Cluster mode: nodes, heartbeats, each VIP's owner, epoch and lease.
+    ClusterStatus,
 }
 
 /// A successful answer: 200 or 201 and a JSON body.

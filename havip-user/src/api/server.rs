@@ -142,6 +142,9 @@ fn router(ctx: Ctx) -> Router {
     async fn rerank(State(ctx): State<Ctx>) -> Reply {
         forward(&ctx, Call::Rerank).await
     }
+    async fn cluster(State(ctx): State<Ctx>) -> Reply {
+        forward(&ctx, Call::ClusterStatus).await
+    }
     // Every route, and the fallback, behind the token check (a no-op on the socket).
     async fn auth(State(ctx): State<Ctx>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
         match authorized(&ctx, req.headers()) {
@@ -156,6 +159,7 @@ fn router(ctx: Ctx) -> Router {
         .route("/v1/unbind", post(unbind))
         .route("/v1/explain/{vip}", get(explain))
         .route("/v1/rerank", post(rerank))
+        .route("/v1/cluster", get(cluster))
         .fallback(|| async { Reply::Err(ApiError::NotFound("no such endpoint; see the API table in the README (/v1/vips, /v1/bind, ...)".into())) })
         .layer(axum::middleware::from_fn_with_state(ctx.clone(), auth))
         .with_state(ctx)

@@ -1,6 +1,7 @@
 //! Command-line interfaces of `havip` and `havipd`: the clap types here, one file per
 //! verb beside them.
 
+mod cluster;
 pub mod havipd;
 pub mod lab;
 mod operator;
@@ -67,6 +68,9 @@ pub enum Command {
     Explain { vip: std::net::IpAddr },
     /// Rank every VIP's candidates now (instead of at the next ranking round).
     Rerank,
+    /// Cluster mode: nodes, heartbeats, etcd, and who owns each VIP.
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCommand),
     /// Pool VIPs for applications, through havipd's API (the same one orchestrators use).
     #[command(subcommand)]
     Vip(vip::VipCommand),
@@ -98,6 +102,7 @@ pub fn havip_main(cli: HavipCli) -> anyhow::Result<()> {
         Command::Unbind { vip } => operator::unbind(&cli.loc, vip),
         Command::Explain { vip } => operator::explain(&cli.loc, vip),
         Command::Rerank => operator::rerank(&cli.loc),
+        Command::Cluster(c) => cluster::run(&cli.loc, c),
         Command::Vip(v) => vip::run(&cli.loc, v),
         Command::Reload { timeout } => reload::run(&cli.loc, Duration::from_secs_f64(timeout)),
         Command::Down => teardown::run(&cli.loc),

@@ -172,6 +172,7 @@ mod tests {
 
     fn vip(i: usize) -> Vip {
         Vip {
+            nodes: Vec::new(),
             address: IpAddr::from([198, 18, (i >> 8) as u8, i as u8]),
             nics: vec!["a0".into()],
             targets: vec![],

@@ -11,6 +11,7 @@ use std::{
 
 pub mod capacity;
 pub mod classes;
+pub mod cluster;
 pub mod metrics;
 pub mod ranking;
 pub mod rate;
@@ -49,6 +50,9 @@ pub struct ConfigFile {
     /// The application API (see `api`).
     #[serde(default)]
     pub api: ApiSection,
+    /// Cluster mode (see `cluster`); absent: this node runs standalone.
+    #[serde(default)]
+    pub cluster: Option<cluster::ClusterSection>,
 }
 
 /// `[pool]`: how the API hands out pool VIPs.
@@ -204,6 +208,10 @@ pub struct VipSection {
     /// the dataplane until an application holds it.
     #[serde(default)]
     pub pool: bool,
+    /// Cluster mode: the nodes that may serve this VIP, most preferred first (default: all
+    /// nodes, by name).
+    #[serde(default)]
+    pub nodes: Option<Vec<String>>,
 }
 
 /// How candidates are ranked by path quality (see `rank` for the formula).
@@ -374,6 +382,8 @@ pub struct Config {
     pub pool: Vec<Vip>,
     pub pool_reserve: usize,
     pub api: Api,
+    /// Cluster mode (`None`: standalone).
+    pub cluster: Option<cluster::Cluster>,
 }
 
 /// Validated `[api]`.
@@ -398,6 +408,8 @@ pub struct Vip {
     /// Configured candidates the class's `isolate` policy keeps it off (see `classes`);
     /// already removed from `nics`.
     pub isolated_from: Vec<String>,
+    /// Cluster mode: candidate nodes, most preferred first (empty when standalone).
+    pub nodes: Vec<String>,
 }
 
 /// One (VIP, protocol, designated port) -> instance port mapping.
@@ -608,6 +620,7 @@ pub fn validate(file: &ConfigFile) -> Result<Config, Vec<FieldError>> {
 /// [`validate`] against a given set of online CPUs.
 pub fn validate_on(file: &ConfigFile, online_cpus: &BTreeSet<u32>) -> Result<Config, Vec<FieldError>> {
     let mut errs = Vec::new();
+    let cluster = cluster::validate(file.cluster.as_ref(), &mut errs);
     let mut err = |field: String, reason: String| errs.push(FieldError { field, reason });
 
     if let Err(r) = check_ifname(&file.node.vip_interface) {
@@ -724,7 +737,11 @@ pub fn validate_on(file: &ConfigFile, online_cpus: &BTreeSet<u32>) -> Result<Con
             class: vip.class.clone(),
             port_classes: BTreeMap::new(),
             isolated_from: Vec::new(),
+            nodes: cluster::vip_nodes(cluster.as_ref(), file.cluster.is_some(), i, vip.nodes.as_ref(), &mut err),
         });
+        if vip.pool && file.cluster.is_some() {
+            err(format!("vip[{i}].pool"), "pool VIPs are not cluster-managed yet; in cluster mode serve VIPs through [[service]]s".into());
+        }
     }
 
     // Services and their instances -> remaps
@@ -861,6 +878,7 @@ pub fn validate_on(file: &ConfigFile, online_cpus: &BTreeSet<u32>) -> Result<Con
         remaps,
         classes,
         metrics,
+        cluster,
     };
     // Capacities are counted on the validated shape (pool VIPs as held, isolation applied),
     // by the same function the pool asks before it grants a request.

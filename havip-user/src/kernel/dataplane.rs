@@ -18,7 +18,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use havip_common::{
-    maps as m, Binding, ClassCounters, ClassInfo, ClassStatsKey, CpuQueueCounters, NicCounters, NicInfo, PassiveStats, PeerKey, PortValue, ProbeSlot,
+    maps as m, Binding, ClassCounters, ClassInfo, ClassStatsKey, CpuQueueCounters, Fence, NicCounters, NicInfo, PassiveStats, PeerKey, PortValue, ProbeSlot,
     ProbeStats, QueueCounters, RemapKey, VipCounters, VipInfo, VipKey, VipSlot,
 };
 use tracing::{info, warn};
@@ -61,6 +61,7 @@ pub struct Maps {
     pub port_bitmap: Array<MapData, u64>,
     pub nics: HashMap<MapData, u32, NicInfo>,
     pub bindings: Array<MapData, Binding>,
+    pub fences: Array<MapData, Fence>,
     pub nic_stats: PerCpuArray<MapData, NicCounters>,
     pub probe_slots: Array<MapData, ProbeSlot>,
     pub probe_stats: Array<MapData, ProbeStats>,
@@ -98,6 +99,7 @@ impl Maps {
             port_bitmap: open_pinned(pins, m::PORT_BITMAP)?.try_into()?,
             nics: open_pinned(pins, m::NICS)?.try_into()?,
             bindings: open_pinned(pins, m::BINDINGS)?.try_into()?,
+            fences: open_pinned(pins, m::FENCES)?.try_into()?,
             nic_stats: open_pinned(pins, m::NIC_STATS)?.try_into()?,
             probe_slots: open_pinned(pins, m::PROBE_SLOTS)?.try_into()?,
             probe_stats: open_pinned(pins, m::PROBE_STATS)?.try_into()?,
@@ -237,6 +239,9 @@ impl Maps {
         self.vip_stats.set(id, zeros, 0)?;
         // A new VIP starts unbound; a freed id forgets its NIC.
         self.bindings.set(id, Binding::default(), 0)?;
+        // ...and serves nothing until the cluster service confirms it (cluster VIPs only
+        // read their fence): a reused id never inherits another VIP's serve-until time.
+        self.fences.set(id, Fence::default(), 0)?;
         Ok(())
     }
 
@@ -469,6 +474,20 @@ impl Dataplane {
     /// The dataplane id of VIP `vip`, if it is one.
     pub fn vip_id(&self, vip: std::net::IpAddr) -> Option<u32> {
         self.maps.vips.get(&VipKey::from(vip), 0).ok().map(|i| i.id)
+    }
+
+    /// Whether this node serves VIP `id` now: standalone VIPs always; a cluster VIP while
+    /// its fence's serve-until time (boot clock) lies ahead, as the programs decide.
+    pub fn serving(&self, vip: std::net::IpAddr) -> bool {
+        let Ok(info) = self.maps.vips.get(&VipKey::from(vip), 0) else { return false };
+        if info.flags & havip_common::VIP_FENCED == 0 {
+            return true;
+        }
+        let Ok(f) = self.maps.fences.get(&info.id, 0) else { return false };
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: a valid out-pointer.
+        unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+        (ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64) < f.serve_until_ns
     }
 
     /// Which NIC VIP `id` is bound to now (`ifindex` 0: none).

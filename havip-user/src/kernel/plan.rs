@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use havip_common::{
     maps::PORT_WORDS, vip_slot, ClassInfo, ClassStatsKey, InlineRemap, PortValue, RemapKey, VipInfo, VipKey, VipSlot, INLINE_REMAPS, SLOT_IN_OVERFLOW,
-    SLOT_OUT_OVERFLOW, SLOT_OWNED, SLOT_SHARED, VIP_PORT_CLASSES,
+    SLOT_OUT_OVERFLOW, SLOT_OWNED, SLOT_SHARED, VIP_FENCED, VIP_PORT_CLASSES,
 };
 
 use crate::{
@@ -27,6 +27,8 @@ pub struct Desired {
     pub vip_classes: BTreeMap<VipKey, String>,
     /// (VIP, protocol, designated port in host order) -> class.
     pub port_classes: BTreeMap<(VipKey, u8, u16), String>,
+    /// Cluster mode: every VIP is fenced (`VIP_FENCED`), served only while its fence says so.
+    pub fenced: bool,
 }
 
 impl Desired {
@@ -36,7 +38,7 @@ impl Desired {
         let vip_classes = cfg.vips.iter().filter_map(|v| Some((VipKey::from(v.address), v.class.clone()?))).collect();
         let port_classes =
             cfg.vips.iter().flat_map(|v| v.port_classes.iter().map(move |(&(p, port), c)| ((VipKey::from(v.address), p.number(), port), c.clone()))).collect();
-        Self { vips, remaps, classes: cfg.classes.clone(), vip_classes, port_classes }
+        Self { vips, remaps, classes: cfg.classes.clone(), vip_classes, port_classes, fenced: cfg.cluster.is_some() }
     }
 }
 
@@ -161,7 +163,7 @@ pub fn plan(desired: &Desired, actual: &Actual) -> Changes {
                 id
             }
         };
-        let flags = if has_port_classes.contains(key) { VIP_PORT_CLASSES } else { 0 };
+        let flags = if has_port_classes.contains(key) { VIP_PORT_CLASSES } else { 0 } | if desired.fenced { VIP_FENCED } else { 0 };
         let info = VipInfo { id, flags, class: class_of(key), _pad: 0 };
         ids.insert(*key, info.id);
         infos.insert(*key, info);

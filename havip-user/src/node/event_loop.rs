@@ -23,7 +23,8 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
-    api::{self, Call, Reply},
+    api::{self, Answer, ApiError, Call, Reply},
+    cluster,
     config::{capacity, Config},
     kernel::{
         dataplane::Dataplane,
@@ -88,6 +89,10 @@ async fn serve(opts: DaemonOptions, exporter: StartExporter) -> anyhow::Result<(
         (Some(_), Some(f)) => Some(api::server::read_token(f)?),
         _ => None,
     };
+    // Cluster mode: etcd must answer before anything is applied (a clear error, not a hang).
+    if let Some(c) = &cfg.cluster {
+        cluster::store::Store::connect(c).await?;
+    }
     let nl = Netlink::new()?;
     // Subscribe to link events before reading link states, so no change falls in between.
     let mut link_events = subscribe_links().await?;
@@ -141,6 +146,7 @@ async fn serve(opts: DaemonOptions, exporter: StartExporter) -> anyhow::Result<(
     let cfg = pool::overlay(&file_cfg, &state.allocations);
     let mut node = Node {
         mover: Mover::new(&opts.run_dir),
+        cluster: None,
         opts,
         nl,
         dp,
@@ -162,6 +168,10 @@ async fn serve(opts: DaemonOptions, exporter: StartExporter) -> anyhow::Result<(
     node.state.last_apply = Some(ApplyStatus::now(generation, true, summary.clone()));
     node.metrics.applied(true, generation);
 
+    if let Some(c) = cfg.cluster.clone() {
+        let announce = (cfg.failover.announce_count, cfg.failover.announce_interval);
+        node.cluster = Some(cluster::service::start(c, cluster_vips(&cfg), cfg.nics.clone(), PinLayout::new(&node.opts.pin_root), announce)?);
+    }
     let sock = api::socket_path(&node.opts.run_dir);
     let (tx, mut rx) = mpsc::channel(256);
     api::server::serve_unix(&sock, node.file_cfg.api.socket_group.as_deref(), tx.clone())?;
@@ -226,7 +236,11 @@ async fn serve(opts: DaemonOptions, exporter: StartExporter) -> anyhow::Result<(
             }
         }
     }
-    // The dataplane stays: pinned programs keep serving traffic until `havip down`.
+    // The dataplane stays: pinned programs keep serving traffic until `havip down`. A
+    // cluster node asks its peers to hold off while it restarts.
+    if let Some(c) = node.cluster.take() {
+        c.stop_for_restart().await;
+    }
     node.state.pid = None;
     let _ = std::fs::remove_file(&sock);
     if let Err(e) = node.save() {
@@ -254,6 +268,10 @@ impl Node {
             Call::Unbind { vip } => self.operator_unbind(vip),
             Call::Explain { vip } => self.explain(vip),
             Call::Rerank => self.rerank(),
+            Call::ClusterStatus => match &self.cluster {
+                Some(c) => Ok(Answer::json(c.status())),
+                None => Err(ApiError::NotFound("this node runs standalone (no [cluster] section)".into())),
+            },
         }
     }
 
@@ -346,4 +364,9 @@ impl Node {
             error!(error = %e, "cannot write the state file");
         }
     }
+}
+
+/// The cluster VIPs of a configuration with their candidate nodes.
+pub(super) fn cluster_vips(cfg: &Config) -> cluster::service::ClusterVips {
+    cfg.vips.iter().map(|v| (v.address, v.nodes.clone())).collect()
 }

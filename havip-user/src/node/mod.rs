@@ -73,6 +73,8 @@ struct Node {
     /// The latest quality ranking of each VIP with targets.
     quality: BTreeMap<IpAddr, Quality>,
     mover: Mover,
+    /// Cluster mode's service (heartbeats, ownership, fences); `None` standalone.
+    cluster: Option<crate::cluster::service::Handle>,
     /// Controller health for the metrics endpoint (rebinds, applies).
     metrics: Arc<DaemonMetrics>,
 }

@@ -124,6 +124,12 @@ impl Node {
         if let Err(e) = self.mover.log.append(&event) {
             warn!(error = %e, "cannot record the move in the event log");
         }
+        // A cluster VIP another node serves is not announced: the kernel would not answer
+        // for it here either (its fence), and the link must not learn this node's MAC.
+        if !self.dp.serving(m.vip) {
+            info!(vip = %m.vip, "not announced: another node serves this cluster VIP");
+            return Ok(());
+        }
         let (count, interval) = (self.cfg.failover.announce_count, self.cfg.failover.announce_interval);
         self.mover.announce(m.vip, n.ifindex, n.mac, count, interval);
         Ok(())

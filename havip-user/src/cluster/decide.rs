@@ -1,0 +1,166 @@
+//! Who should own each VIP, decided from its etcd record, this node's part in it and what
+//! the heartbeats say of the peers. Pure, table-tested; the service carries the actions out
+//! (every one through a revision-compared transaction, so a wrong guess here can lose a
+//! race but never make two owners).
+
+use std::{net::IpAddr, time::Duration};
+
+use super::{peers::Peers, record::VipRecord};
+
+/// This node's part in a VIP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Local {
+    /// Not serving it.
+    Idle,
+    /// Won it from another owner: silent until `not_before` (boot clock), then confirms
+    /// and serves.
+    Starting { epoch: u64, not_before: Duration },
+    /// Serving it at `epoch`.
+    Serving { epoch: u64 },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Write the record with this node as owner, if its revision is still `expected`
+    /// (`None`: the record does not exist yet).
+    Claim { expected: Option<u64>, from: Option<String>, reason: &'static str },
+    /// Planned move: stop answering, then write the record for `to` (giveback).
+    Handover { epoch: u64, to: String },
+    /// The record names this node and nobody else can serve without changing it: confirm
+    /// and serve at once.
+    Start { epoch: u64 },
+    /// The record names another node: stop answering now.
+    Stop { owner: String },
+}
+
+pub struct Inputs<'a> {
+    pub vip: IpAddr,
+    /// Candidates from this node's configuration (used for a record not created yet).
+    pub configured: &'a [String],
+    pub record: Option<(&'a VipRecord, u64)>,
+    pub local: Local,
+}
+
+pub struct Settings {
+    pub giveback_hold_down: Duration,
+    /// This node has listened for at least the suspicion time since it started: it knows
+    /// which peers are alive, so silence means something.
+    pub settled: bool,
+}
+
+/// Why a decision was taken, for the one-line log of every automatic decision.
+pub fn decide(i: &Inputs, peers: &Peers, now: Duration, s: &Settings) -> Option<Action> {
+    let me = peers.me.as_str();
+    let Some((rec, epoch)) = i.record else {
+        if !s.settled || i.local != Local::Idle {
+            return None;
+        }
+        let first = i.configured.iter().find(|c| peers.alive(c, now))?;
+        return (first == me).then_some(Action::Claim { expected: None, from: None, reason: "initial" });
+    };
+    if rec.owner == me {
+        match i.local {
+            Local::Idle => return Some(Action::Start { epoch }),
+            Local::Serving { epoch: e } if e != epoch => return Some(Action::Start { epoch }),
+            Local::Starting { .. } => return None,
+            Local::Serving { .. } => {}
+        }
+        if !s.settled {
+            return None;
+        }
+        // Giveback: the most preferred candidate ahead of this node that has been alive
+        // for the whole hold-down.
+        for c in rec.candidates.iter().take_while(|c| *c != me) {
+            if peers.alive_for(c, now) >= s.giveback_hold_down && peers.alive(c, now) {
+                return Some(Action::Handover { epoch, to: c.clone() });
+            }
+        }
+        return None;
+    }
+    if i.local != Local::Idle {
+        return Some(Action::Stop { owner: rec.owner.clone() });
+    }
+    if !s.settled {
+        return None;
+    }
+    let owner_gone = if peers.peers.contains_key(&rec.owner) { peers.suspected(&rec.owner, now) } else { true };
+    if !owner_gone {
+        return None;
+    }
+    let successor = rec.candidates.iter().filter(|c| **c != rec.owner).find(|c| peers.alive(c, now))?;
+    (successor == me).then(|| Action::Claim { expected: Some(epoch), from: Some(rec.owner.clone()), reason: "owner-silent" })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::{timing::Timing, wire::Heartbeat};
+
+    fn ms(v: u64) -> Duration {
+        Duration::from_millis(v)
+    }
+
+    fn peers(me: &str, alive: &[(&str, u64)], now: u64) -> Peers {
+        let t = Timing {
+            lease: ms(40),
+            clock_error: 0.01,
+            promise: ms(40),
+            takeover_wait: ms(42),
+            confirm_every: ms(10),
+            heartbeat_every: ms(5),
+            suspect_after: ms(40),
+            restart_grace: ms(10_000),
+        };
+        let names = ["a", "b", "c"].iter().filter(|n| **n != me).map(|n| n.to_string());
+        let mut p = Peers::new(me, 1, names, t);
+        // Each alive peer has been heard every 10 ms since `since` ms, up to now.
+        for (n, since) in alive {
+            for at in (*since..=now).step_by(10) {
+                let hb = Heartbeat { node: n.to_string(), incarnation: 1, seq: at + 1, path: "e".into(), restarting: false, serves: vec![], hears: vec![], acks: vec![] };
+                p.on_heartbeat(&hb, ms(at));
+            }
+        }
+        p
+    }
+
+    fn rec(owner: &str) -> VipRecord {
+        VipRecord { owner: owner.into(), candidates: vec!["a".into(), "b".into(), "c".into()], handover: false, from: None, reason: "t".into(), at_unix_ms: 0 }
+    }
+
+    fn run(me: &str, alive: &[(&str, u64)], record: Option<&VipRecord>, local: Local, settled: bool) -> Option<Action> {
+        let now = 100_000;
+        let p = peers(me, alive, now);
+        let configured: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
+        let i = Inputs { vip: "198.18.130.1".parse().unwrap(), configured: &configured, record: record.map(|r| (r, 7)), local };
+        decide(&i, &p, ms(now), &Settings { giveback_hold_down: ms(30_000), settled })
+    }
+
+    #[test]
+    fn table() {
+        let all_old = [("a", 0), ("b", 0), ("c", 0)];
+        let serving = Local::Serving { epoch: 7 };
+        let claim_initial = Some(Action::Claim { expected: None, from: None, reason: "initial" });
+        let takeover_from = |o: &str| Some(Action::Claim { expected: Some(7), from: Some(o.into()), reason: "owner-silent" });
+        let cases: Vec<(&str, &str, &[(&str, u64)], Option<VipRecord>, Local, bool, Option<Action>)> = vec![
+            ("no record: the most preferred alive candidate creates it", "a", &all_old, None, Local::Idle, true, claim_initial.clone()),
+            ("no record: not the most preferred", "b", &all_old, None, Local::Idle, true, None),
+            ("no record: the preferred one is dead", "b", &[("c", 0)], None, Local::Idle, true, claim_initial.clone()),
+            ("no record: not settled yet, wait", "a", &all_old, None, Local::Idle, false, None),
+            ("owner me, idle (restart): start at once", "a", &all_old, Some(rec("a")), Local::Idle, false, Some(Action::Start { epoch: 7 })),
+            ("owner me, serving: nothing", "a", &all_old, Some(rec("a")), serving, true, None),
+            ("owner other, alive: nothing", "b", &all_old, Some(rec("a")), Local::Idle, true, None),
+            ("owner dead: first successor takes over", "b", &[("c", 0)], Some(rec("a")), Local::Idle, true, takeover_from("a")),
+            ("owner dead: second successor waits for the first", "c", &[("b", 0)], Some(rec("a")), Local::Idle, true, None),
+            ("owner and first successor dead", "c", &[], Some(rec("a")), Local::Idle, true, takeover_from("a")),
+            ("owner dead but not settled", "b", &[("c", 0)], Some(rec("a")), Local::Idle, false, None),
+            ("record moved away while serving: stop", "a", &all_old, Some(rec("b")), serving, true, Some(Action::Stop { owner: "b".into() })),
+            ("giveback after the hold-down", "b", &all_old, Some(rec("b")), serving, true, Some(Action::Handover { epoch: 7, to: "a".into() })),
+            ("no giveback before the hold-down", "b", &[("a", 90_000), ("c", 0)], Some(rec("b")), serving, true, None),
+            ("the most preferred never gives back", "a", &all_old, Some(rec("a")), serving, true, None),
+            ("record of an unknown node: taken over", "a", &all_old, Some(rec("zz")), Local::Idle, true, takeover_from("zz")),
+        ];
+        for (name, me, alive, record, local, settled, want) in cases {
+            assert_eq!(run(me, alive, record.as_ref(), local, settled), want, "{name}");
+        }
+    }
+}

@@ -1,0 +1,21 @@
+//! Cluster mode: VIPs survive the loss of a node. etcd holds who owns each VIP (one record
+//! per VIP, changed only by revision-compared transactions); peers detect a dead owner by
+//! heartbeats within tens of milliseconds; the kernel enforces ownership with a serve-until
+//! time per VIP (see `havip_common::fence`) that the owner extends only on a fresh
+//! confirmation, so two nodes never answer for one VIP, even when a controller is dead or
+//! paused while its programs keep running.
+//!
+//! - `timing`: the bound (lease, clock-rate error, the successor's wait), pure.
+//! - `peers`: liveness, suspicion and the promises heartbeats carry, pure.
+//! - `decide`: who should own each VIP, pure.
+//! - `record`, `wire`: the etcd record and the heartbeat datagram.
+//! - `store`: etcd; `service`: the thread that runs it all; `clock`: CLOCK_BOOTTIME.
+
+pub mod clock;
+pub mod decide;
+pub mod peers;
+pub mod record;
+pub mod service;
+pub mod store;
+pub mod timing;
+pub mod wire;

@@ -1,0 +1,725 @@
+//! The cluster service: heartbeats, confirmations, takeovers and givebacks, and the kernel
+//! fence of every cluster VIP. It runs on a thread of its own (with its own runtime) so the
+//! event loop's work (reloads, ranking rounds, API calls) never delays a heartbeat; a
+//! stalled or dead havipd stops heartbeating and stops extending its fences, which is what
+//! its peers and the kernel then act on.
+//!
+//! One task owns all state; etcd reads and writes run in helper tasks and report back, so a
+//! slow or unreachable etcd never holds up heartbeats or acknowledgement-based extensions.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, SocketAddr, UdpSocket},
+    os::fd::AsRawFd,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::Context;
+use havip_common::{Fence, VipKey};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{info, warn};
+
+use super::{
+    clock,
+    decide::{self, Action, Local},
+    peers::Peers,
+    record::{self, VipRecord},
+    store::{Records, Store},
+    timing::Timing,
+    wire::Heartbeat,
+};
+use crate::{
+    config::cluster::Cluster,
+    kernel::{announce::Announcer, dataplane::Maps, pins::PinLayout},
+};
+
+/// A cluster VIP as the configuration gives it: address and candidate nodes.
+pub type ClusterVips = Vec<(IpAddr, Vec<String>)>;
+
+/// What `havip cluster status` shows.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Status {
+    pub node: String,
+    pub etcd_endpoints: Vec<String>,
+    /// Since the last successful read, ms (`None`: never).
+    pub etcd_last_ok_ms: Option<u64>,
+    pub etcd_read_latency_us: Option<u64>,
+    pub takeover_wait_ms: f64,
+    pub lease_ms: u64,
+    pub peers: Vec<PeerStatus>,
+    pub vips: Vec<VipStatus>,
+    pub counters: Counters,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PeerStatus {
+    pub name: String,
+    pub alive: bool,
+    pub suspected: bool,
+    pub alive_for_ms: u64,
+    pub rtt_us: Option<u64>,
+    pub paths: Vec<PathStatus>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PathStatus {
+    pub path: String,
+    pub received: u64,
+    pub lost: u64,
+    pub last_heard_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VipStatus {
+    pub vip: IpAddr,
+    /// The record's owner (`None`: no record yet).
+    pub owner: Option<String>,
+    pub epoch: u64,
+    /// This node's part: serving, starting or idle.
+    pub here: String,
+    /// Time left on this node's fence, ms (0: not serving).
+    pub lease_left_ms: u64,
+    pub candidates: Vec<String>,
+}
+
+/// Counters for metrics and status; ownership changes by reason.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Counters {
+    pub heartbeats_sent: u64,
+    pub heartbeats_received: u64,
+    pub confirmations: u64,
+    pub confirmation_failures: u64,
+    /// Fence extensions that only acknowledgements allowed (etcd unconfirmed).
+    pub acked_extensions: u64,
+    pub fence_writes: u64,
+    /// Ownership changes this node made, by reason (`initial`, `owner-silent`, `giveback`).
+    pub claims: BTreeMap<String, u64>,
+    /// Claims that lost to another writer.
+    pub claims_lost: u64,
+    pub starts: u64,
+    pub stops: u64,
+}
+
+/// The running service.
+pub struct Handle {
+    status: Arc<Mutex<Status>>,
+    vips: watch::Sender<ClusterVips>,
+    stop: Option<oneshot::Sender<oneshot::Sender<()>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Handle {
+    pub fn status(&self) -> Status {
+        self.status.lock().expect("status lock").clone()
+    }
+
+    /// A reload changed the VIPs.
+    pub fn set_vips(&self, vips: ClusterVips) {
+        let _ = self.vips.send(vips);
+    }
+
+    /// Planned restart: asks peers for the restart grace, extends the fences of the VIPs
+    /// they granted it for, and stops. Waits at most about half a second.
+    pub async fn stop_for_restart(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let (done_tx, done_rx) = oneshot::channel();
+            if stop.send(done_tx).is_ok() {
+                let _ = tokio::time::timeout(Duration::from_secs(2), done_rx).await;
+            }
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+    }
+}
+
+/// Starts the service on its own thread. `store` was checked at start (it answered).
+pub fn start(cluster: Cluster, vips: ClusterVips, nics: Vec<String>, pins: PinLayout, announce: (u32, Duration)) -> anyhow::Result<Handle> {
+    let status = Arc::new(Mutex::new(Status { node: cluster.node.clone(), etcd_endpoints: cluster.etcd_endpoints.clone(), ..Default::default() }));
+    let (vips_tx, vips_rx) = watch::channel(vips);
+    let (stop_tx, stop_rx) = oneshot::channel();
+    let maps = Maps::open(&pins).context("opening the maps for the cluster fences")?;
+    let recv = bind_receiver(cluster.heartbeat_port)?;
+    let st = status.clone();
+    let thread = std::thread::Builder::new().name("havip-cluster".into()).spawn(move || {
+        let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(rt) => rt,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the cluster service runtime");
+                return;
+            }
+        };
+        rt.block_on(async move {
+            let store = match Store::connect(&cluster).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "cluster service: etcd lost right after start; serving nothing until havipd restarts");
+                    return;
+                }
+            };
+            let svc = Service::new(cluster, nics, maps, recv, st, announce);
+            svc.run(store, vips_rx, stop_rx).await;
+        });
+    })?;
+    Ok(Handle { status, vips: vips_tx, stop: Some(stop_tx), thread: Some(thread) })
+}
+
+fn bind_receiver(port: u16) -> anyhow::Result<tokio::net::UdpSocket> {
+    // Dual-stack: peers may be given by IPv4 or IPv6 addresses.
+    let sock = std::net::UdpSocket::bind(SocketAddr::from(([0u16; 8], port)))
+        .or_else(|_| std::net::UdpSocket::bind(SocketAddr::from(([0u8; 4], port))))
+        .with_context(|| format!("binding the heartbeat port {port} (cluster.heartbeat_port): is another havipd running here?"))?;
+    sock.set_nonblocking(true)?;
+    Ok(tokio::net::UdpSocket::from_std(sock)?)
+}
+
+/// A send socket bound to one NIC, so each path is tried whatever routing prefers.
+struct PathSocket {
+    nic: String,
+    v4: Option<UdpSocket>,
+    v6: Option<UdpSocket>,
+}
+
+fn bound_to(nic: &str, any: SocketAddr) -> Option<UdpSocket> {
+    let s = UdpSocket::bind(any).ok()?;
+    let name = nic.as_bytes();
+    // SAFETY: a valid fd and a byte buffer of the given length.
+    let r = unsafe { libc::setsockopt(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_BINDTODEVICE, name.as_ptr().cast(), name.len() as u32) };
+    if r != 0 {
+        return None;
+    }
+    s.set_nonblocking(true).ok()?;
+    Some(s)
+}
+
+impl PathSocket {
+    fn open(nic: &str) -> Self {
+        PathSocket { nic: nic.to_string(), v4: bound_to(nic, SocketAddr::from(([0u8; 4], 0))), v6: bound_to(nic, SocketAddr::from(([0u16; 8], 0))) }
+    }
+}
+
+enum StoreEvent {
+    Read { sent_at: Duration, latency: Duration, result: anyhow::Result<Records> },
+    Wrote { vip: IpAddr, kind: WriteKind, done_at: Duration, result: anyhow::Result<Option<u64>> },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum WriteKind {
+    Claim { from: Option<String>, reason: &'static str },
+    Handover { to: String },
+}
+
+struct Service {
+    c: Cluster,
+    t: Timing,
+    peers: Peers,
+    maps: Maps,
+    recv: tokio::net::UdpSocket,
+    paths: Vec<PathSocket>,
+    announcer: Option<Arc<Announcer>>,
+    announce: (u32, Duration),
+    status: Arc<Mutex<Status>>,
+    started_at: Duration,
+    vips: ClusterVips,
+    records: Records,
+    /// Send time of the read `records` came from.
+    records_at: Option<Duration>,
+    read_latency: Option<Duration>,
+    local: BTreeMap<IpAddr, Local>,
+    /// Until when etcd confirmed each served VIP.
+    confirmed_until: BTreeMap<IpAddr, Duration>,
+    /// What the kernel fence holds (serve-until, epoch).
+    written: BTreeMap<IpAddr, (Duration, u64)>,
+    ids: BTreeMap<IpAddr, u32>,
+    pending_writes: BTreeSet<IpAddr>,
+    restarting: bool,
+    counters: Counters,
+}
+
+impl Service {
+    fn new(c: Cluster, nics: Vec<String>, maps: Maps, recv: tokio::net::UdpSocket, status: Arc<Mutex<Status>>, announce: (u32, Duration)) -> Self {
+        let t = Timing::new(&c);
+        let incarnation = clock::now().as_nanos() as u64 ^ ((std::process::id() as u64) << 40);
+        let peers = Peers::new(&c.node, incarnation, c.peers.iter().map(|p| p.name.clone()), t);
+        let paths = nics.iter().map(|n| PathSocket::open(n)).collect();
+        Service {
+            t,
+            peers,
+            maps,
+            recv,
+            paths,
+            announcer: Announcer::new().map(Arc::new).map_err(|e| warn!(error = %format!("{e:#}"), "cannot announce takeovers")).ok(),
+            announce,
+            status,
+            started_at: clock::now(),
+            vips: Vec::new(),
+            records: Records::new(),
+            records_at: None,
+            read_latency: None,
+            local: BTreeMap::new(),
+            confirmed_until: BTreeMap::new(),
+            written: BTreeMap::new(),
+            ids: BTreeMap::new(),
+            pending_writes: BTreeSet::new(),
+            restarting: false,
+            counters: Counters::default(),
+            c,
+        }
+    }
+
+    async fn run(mut self, store: Store, mut vips_rx: watch::Receiver<ClusterVips>, mut stop_rx: oneshot::Receiver<oneshot::Sender<()>>) {
+        self.set_vips(vips_rx.borrow_and_update().clone());
+        let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
+        let (write_tx, write_rx) = mpsc::unbounded_channel();
+        tokio::spawn(reader(store.clone(), self.t.confirm_every, ev_tx.clone()));
+        tokio::spawn(writer(store, write_rx, ev_tx));
+        let mut hb = tokio::time::interval(self.t.heartbeat_every);
+        hb.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut status_tick = tokio::time::interval(Duration::from_millis(100));
+        let mut buf = vec![0u8; 65536];
+        info!(
+            node = %self.c.node,
+            peers = self.c.peers.len(),
+            vips = self.vips.len(),
+            heartbeat_ms = self.t.heartbeat_every.as_millis() as u64,
+            suspect_after_ms = self.t.suspect_after.as_millis() as u64,
+            lease_ms = self.t.lease.as_millis() as u64,
+            takeover_wait_us = self.t.takeover_wait.as_micros() as u64,
+            "cluster service started"
+        );
+        loop {
+            tokio::select! {
+                biased;
+                r = self.recv.recv_from(&mut buf) => {
+                    if let Ok((n, _from)) = r {
+                        self.on_datagram(&buf[..n]);
+                    }
+                }
+                _ = hb.tick() => {
+                    self.send_heartbeats();
+                    self.evaluate(&write_tx);
+                }
+                Some(ev) = ev_rx.recv() => {
+                    self.on_store(ev);
+                    self.evaluate(&write_tx);
+                }
+                Ok(()) = vips_rx.changed() => {
+                    let v = vips_rx.borrow_and_update().clone();
+                    self.set_vips(v);
+                }
+                done = &mut stop_rx => {
+                    self.planned_stop().await;
+                    if let Ok(done) = done {
+                        let _ = done.send(());
+                    }
+                    return;
+                }
+                _ = status_tick.tick() => self.publish(),
+            }
+        }
+    }
+
+    fn set_vips(&mut self, vips: ClusterVips) {
+        let keep: BTreeSet<IpAddr> = vips.iter().map(|(v, _)| *v).collect();
+        self.local.retain(|v, _| keep.contains(v));
+        for (v, _) in &vips {
+            self.local.entry(*v).or_insert(Local::Idle);
+        }
+        self.ids.clear();
+        self.vips = vips;
+        // Adopt what the kernel holds (a planned restart left the fences extended): the
+        // fence stays as it is until this run confirms or stops the VIP.
+        for (v, _) in self.vips.clone() {
+            if let Some(id) = self.id_of(v) {
+                if let Ok(f) = self.maps.fences.get(&id, 0) {
+                    if f.serve_until_ns != 0 {
+                        self.written.insert(v, (Duration::from_nanos(f.serve_until_ns), f.epoch));
+                    }
+                }
+            }
+        }
+    }
+
+    fn id_of(&mut self, vip: IpAddr) -> Option<u32> {
+        if let Some(id) = self.ids.get(&vip) {
+            return Some(*id);
+        }
+        let info = self.maps.vips.get(&VipKey::from(vip), 0).ok()?;
+        self.ids.insert(vip, info.id);
+        Some(info.id)
+    }
+
+    fn on_datagram(&mut self, bytes: &[u8]) {
+        let Some(hb) = Heartbeat::decode(bytes) else { return };
+        let now = clock::now();
+        if !self.peers.on_heartbeat(&hb, now) {
+            return;
+        }
+        self.counters.heartbeats_received += 1;
+        // A peer serving a VIP at a newer epoch than ours: we lost it; stop at once.
+        for (vip, epoch) in &hb.serves {
+            if let Some(Local::Serving { epoch: mine }) = self.local.get(vip).copied() {
+                if *epoch > mine {
+                    info!(%vip, peer = %hb.node, peer_epoch = epoch, our_epoch = mine, "ownership: stopped, a peer serves the VIP at a newer epoch");
+                    self.stop(*vip);
+                }
+            }
+        }
+    }
+
+    fn serves(&self) -> Vec<(IpAddr, u64)> {
+        self.local
+            .iter()
+            .filter_map(|(v, l)| match l {
+                Local::Serving { epoch } => Some((*v, *epoch)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Peers not acknowledged this round: those whose VIPs this node is taking over.
+    fn withheld(&self) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        for (v, l) in &self.local {
+            if let Local::Starting { .. } = l {
+                if let Some(from) = self.records.get(v).and_then(|(r, _)| r.from.clone()) {
+                    out.insert(from);
+                }
+                for (name, p) in &self.peers.peers {
+                    if p.serves.contains_key(v) {
+                        out.insert(name.clone());
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn send_heartbeats(&mut self) {
+        let now = clock::now();
+        let withhold = self.withheld();
+        let mut hb = self.peers.next_heartbeat(now, self.serves(), self.restarting, &withhold);
+        let port = self.c.heartbeat_port;
+        for p in &mut self.paths {
+            if p.v4.is_none() && p.v6.is_none() {
+                *p = PathSocket::open(&p.nic.clone());
+            }
+            hb.path = p.nic.clone();
+            let bytes = hb.encode();
+            for peer in &self.c.peers {
+                for addr in &peer.addresses {
+                    let sock = if addr.is_ipv4() { p.v4.as_ref() } else { p.v6.as_ref() };
+                    if let Some(s) = sock {
+                        // Unreachable paths fail here (no route on that NIC): expected.
+                        if s.send_to(&bytes, SocketAddr::new(*addr, port)).is_ok() {
+                            self.counters.heartbeats_sent += 1;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_store(&mut self, ev: StoreEvent) {
+        match ev {
+            StoreEvent::Read { sent_at, latency, result } => match result {
+                Ok(records) => {
+                    self.counters.confirmations += 1;
+                    self.read_latency = Some(latency);
+                    for (v, l) in &self.local {
+                        if let (Local::Serving { epoch }, Some((r, e))) = (l, records.get(v)) {
+                            if r.owner == self.c.node && e == epoch {
+                                self.confirmed_until.insert(*v, sent_at + self.t.lease);
+                            }
+                        }
+                    }
+                    self.records = records;
+                    self.records_at = Some(sent_at);
+                }
+                Err(e) => {
+                    self.counters.confirmation_failures += 1;
+                    if self.counters.confirmation_failures.is_power_of_two() {
+                        warn!(error = %format!("{e:#}"), failures = self.counters.confirmation_failures, "etcd read failed; serving on peer acknowledgements");
+                    }
+                }
+            },
+            StoreEvent::Wrote { vip, kind, done_at, result } => {
+                self.pending_writes.remove(&vip);
+                match (&kind, result) {
+                    (WriteKind::Claim { from, reason }, Ok(Some(epoch))) => {
+                        *self.counters.claims.entry(reason.to_string()).or_default() += 1;
+                        match from {
+                            // Nobody served it: start as soon as a read confirms it.
+                            None => info!(%vip, epoch, reason, "ownership: claimed"),
+                            Some(from) => {
+                                let not_before = (done_at + self.t.takeover_wait).max(self.peers.start_not_before(vip));
+                                self.local.insert(vip, Local::Starting { epoch, not_before });
+                                info!(%vip, epoch, %from, reason, wait_us = not_before.saturating_sub(done_at).as_micros() as u64, "ownership: won; silent until the old owner's lease has run out");
+                            }
+                        }
+                    }
+                    (WriteKind::Claim { reason, .. }, Ok(None)) => {
+                        self.counters.claims_lost += 1;
+                        info!(%vip, reason, "ownership: claim lost to another writer");
+                    }
+                    (WriteKind::Handover { to }, Ok(Some(epoch))) => {
+                        *self.counters.claims.entry("giveback".into()).or_default() += 1;
+                        info!(%vip, epoch, %to, "ownership: handed over");
+                    }
+                    (WriteKind::Handover { to }, Ok(None)) => info!(%vip, %to, "ownership: handover lost to another writer"),
+                    (_, Err(e)) => warn!(%vip, kind = ?kind, error = %format!("{e:#}"), "ownership: write failed"),
+                }
+            }
+        }
+    }
+
+    fn evaluate(&mut self, write_tx: &mpsc::UnboundedSender<(IpAddr, Option<u64>, VipRecord, WriteKind)>) {
+        let now = clock::now();
+        let settled = now.saturating_sub(self.started_at) >= self.t.suspect_after + self.t.heartbeat_every;
+        let settings = decide::Settings { giveback_hold_down: self.c.giveback_hold_down, settled: settled && !self.restarting };
+        for (vip, configured) in self.vips.clone() {
+            let local = self.local.get(&vip).copied().unwrap_or(Local::Idle);
+            // A won VIP whose wait is over: serve on the latest confirmation.
+            if let Local::Starting { epoch, not_before } = local {
+                if now >= not_before && self.confirms(vip, epoch, now) {
+                    self.local.insert(vip, Local::Serving { epoch });
+                    self.confirmed_until.insert(vip, self.records_at.unwrap_or_default() + self.t.lease);
+                    self.begin_serving(vip, epoch, "takeover");
+                }
+            }
+            let owned_record = self.records.get(&vip).cloned();
+            let record = owned_record.as_ref().map(|(r, e)| (r, *e));
+            let inputs = decide::Inputs { vip, configured: &configured, record, local };
+            let action = if self.pending_writes.contains(&vip) { None } else { decide::decide(&inputs, &self.peers, now, &settings) };
+            match action {
+                None => {}
+                Some(Action::Claim { expected, from, reason }) => {
+                    let candidates = record.map_or(configured.clone(), |(r, _)| r.candidates.clone());
+                    let rec = VipRecord { owner: self.c.node.clone(), candidates, handover: false, from: from.clone(), reason: reason.into(), at_unix_ms: record::now_unix_ms() };
+                    info!(
+                        %vip,
+                        reason,
+                        owner = from.as_deref().unwrap_or("-"),
+                        owner_heard_ms_ago = from.as_deref().and_then(|f| self.peers.peers.get(f)).and_then(|p| p.last_heard).map(|t| now.saturating_sub(t).as_millis() as u64),
+                        expected_epoch = expected,
+                        "ownership: claiming"
+                    );
+                    self.pending_writes.insert(vip);
+                    let _ = write_tx.send((vip, expected, rec, WriteKind::Claim { from, reason }));
+                }
+                Some(Action::Handover { epoch, to }) => {
+                    // Planned: stop answering first, then hand the record over; the receiver
+                    // starts at once on its next read.
+                    info!(%vip, epoch, %to, alive_for_ms = self.peers.alive_for(&to, now).as_millis() as u64, hold_down_ms = self.c.giveback_hold_down.as_millis() as u64, "ownership: giving back to the preferred node");
+                    self.stop(vip);
+                    let (r, _) = record.expect("a handover has a record");
+                    let rec = VipRecord {
+                        owner: to.clone(),
+                        candidates: r.candidates.clone(),
+                        handover: true,
+                        from: Some(self.c.node.clone()),
+                        reason: "giveback".into(),
+                        at_unix_ms: record::now_unix_ms(),
+                    };
+                    self.pending_writes.insert(vip);
+                    let _ = write_tx.send((vip, Some(epoch), rec, WriteKind::Handover { to }));
+                }
+                Some(Action::Start { epoch }) => {
+                    if self.confirms(vip, epoch, now) {
+                        self.local.insert(vip, Local::Serving { epoch });
+                        self.confirmed_until.insert(vip, self.records_at.unwrap_or_default() + self.t.lease);
+                        let why = record.map_or("record", |(r, _)| if r.handover { "handover" } else { "record names this node" });
+                        self.begin_serving(vip, epoch, why);
+                    }
+                }
+                Some(Action::Stop { owner }) => {
+                    info!(%vip, %owner, "ownership: stopped, the record names another node");
+                    self.stop(vip);
+                }
+            }
+            self.refresh_fence(vip, &configured, now);
+        }
+    }
+
+    /// The latest read shows this node owning `vip` at `epoch`, recently enough to serve on.
+    fn confirms(&self, vip: IpAddr, epoch: u64, now: Duration) -> bool {
+        let fresh = self.records_at.is_some_and(|t| t + self.t.lease > now);
+        fresh && self.records.get(&vip).is_some_and(|(r, e)| r.owner == self.c.node && *e == epoch)
+    }
+
+    fn begin_serving(&mut self, vip: IpAddr, epoch: u64, why: &str) {
+        self.counters.starts += 1;
+        info!(%vip, epoch, why, "ownership: serving");
+        let configured = self.vips.iter().find(|(v, _)| *v == vip).map(|(_, c)| c.clone()).unwrap_or_default();
+        self.refresh_fence(vip, &configured, clock::now());
+        self.announce(vip);
+    }
+
+    fn announce(&mut self, vip: IpAddr) {
+        let Some(id) = self.id_of(vip) else { return };
+        let Ok(b) = self.maps.bindings.get(&id, 0) else { return };
+        let Some(a) = self.announcer.clone() else { return };
+        if b.ifindex == 0 {
+            warn!(%vip, "serving, but no NIC holds the VIP: nothing announced");
+            return;
+        }
+        let (count, interval) = self.announce;
+        tokio::spawn(async move {
+            if let Err(e) = a.announce(b.ifindex, b.mac, vip, count, interval).await {
+                warn!(%vip, error = %format!("{e:#}"), "announcement failed");
+            }
+        });
+    }
+
+    fn stop(&mut self, vip: IpAddr) {
+        self.counters.stops += 1;
+        self.local.insert(vip, Local::Idle);
+        self.confirmed_until.remove(&vip);
+        self.write_fence(vip, Duration::ZERO, 0);
+    }
+
+    /// Extends a served VIP's fence to what etcd confirmed or every candidate acknowledged.
+    fn refresh_fence(&mut self, vip: IpAddr, configured: &[String], now: Duration) {
+        let Some(Local::Serving { epoch }) = self.local.get(&vip).copied() else { return };
+        let candidates = self.records.get(&vip).map_or(configured.to_vec(), |(r, _)| r.candidates.clone());
+        let confirmed = self.confirmed_until.get(&vip).copied().unwrap_or_default();
+        let acked = self.peers.acked_until(vip, &candidates).unwrap_or_default();
+        let until = confirmed.max(acked);
+        let (have, _) = self.written.get(&vip).copied().unwrap_or_default();
+        // Rewriting costs a syscall: only when it gains an eighth of a lease (or is needed).
+        if until > have && (until - have >= self.t.lease / 8 || have <= now + self.t.lease / 2) {
+            if acked > confirmed && acked > have {
+                self.counters.acked_extensions += 1;
+            }
+            self.write_fence(vip, until, epoch);
+        }
+    }
+
+    fn write_fence(&mut self, vip: IpAddr, until: Duration, epoch: u64) {
+        let Some(id) = self.id_of(vip) else { return };
+        let f = Fence { serve_until_ns: until.as_nanos() as u64, epoch };
+        match self.maps.fences.set(id, f, 0) {
+            Ok(()) => {
+                self.counters.fence_writes += 1;
+                self.written.insert(vip, (until, epoch));
+            }
+            Err(e) => warn!(%vip, error = %e, "cannot write the VIP's fence"),
+        }
+    }
+
+    /// SIGTERM: ask the peers for the restart grace (a few heartbeats marked restarting),
+    /// then extend the fence of each served VIP whose candidates all granted it.
+    async fn planned_stop(&mut self) {
+        self.restarting = true;
+        let served = self.serves();
+        let deadline = clock::now() + Duration::from_millis(300);
+        let mut buf = vec![0u8; 65536];
+        let mut granted: BTreeMap<IpAddr, Duration> = BTreeMap::new();
+        while clock::now() < deadline && granted.len() < served.len() {
+            self.send_heartbeats();
+            let until = tokio::time::sleep(self.t.heartbeat_every);
+            tokio::pin!(until);
+            loop {
+                tokio::select! {
+                    r = self.recv.recv_from(&mut buf) => if let Ok((n, _)) = r { self.on_datagram(&buf[..n]); },
+                    _ = &mut until => break,
+                }
+            }
+            for (vip, _) in &served {
+                let candidates = self.records.get(vip).map(|(r, _)| r.candidates.clone()).unwrap_or_default();
+                let others: Vec<String> = candidates.into_iter().filter(|c| *c != self.c.node).collect();
+                let grant = if others.is_empty() {
+                    Some(clock::now() + self.t.restart_grace)
+                } else {
+                    self.peers.restart_acked(&others).map(|(at, promise)| at + self.t.acked_for(promise))
+                };
+                if let Some(g) = grant {
+                    granted.insert(*vip, g);
+                }
+            }
+        }
+        for (vip, epoch) in &served {
+            match granted.get(vip) {
+                Some(until) => {
+                    self.write_fence(*vip, *until, *epoch);
+                    info!(%vip, grace_ms = until.saturating_sub(clock::now()).as_millis() as u64, "planned restart: peers hold off; the VIP stays served");
+                }
+                None => warn!(%vip, "planned restart: not every candidate granted the restart grace; the VIP may move"),
+            }
+        }
+    }
+
+    fn publish(&mut self) {
+        let now = clock::now();
+        let mut st = self.status.lock().expect("status lock");
+        st.etcd_last_ok_ms = self.records_at.map(|t| now.saturating_sub(t).as_millis() as u64);
+        st.etcd_read_latency_us = self.read_latency.map(|d| d.as_micros() as u64);
+        st.takeover_wait_ms = self.t.takeover_wait.as_secs_f64() * 1e3;
+        st.lease_ms = self.t.lease.as_millis() as u64;
+        st.peers = self
+            .peers
+            .peers
+            .iter()
+            .map(|(name, p)| PeerStatus {
+                name: name.clone(),
+                alive: self.peers.alive(name, now),
+                suspected: self.peers.suspected(name, now),
+                alive_for_ms: self.peers.alive_for(name, now).as_millis() as u64,
+                rtt_us: p.rtt.map(|d| d.as_micros() as u64),
+                paths: p
+                    .paths
+                    .iter()
+                    .map(|(path, s)| PathStatus { path: path.clone(), received: s.received, lost: s.lost, last_heard_ms: now.saturating_sub(s.last_heard).as_millis() as u64 })
+                    .collect(),
+            })
+            .collect();
+        st.vips = self
+            .vips
+            .iter()
+            .map(|(v, configured)| {
+                let rec = self.records.get(v);
+                let here = match self.local.get(v) {
+                    Some(Local::Serving { .. }) => "serving",
+                    Some(Local::Starting { .. }) => "starting",
+                    _ => "idle",
+                };
+                VipStatus {
+                    vip: *v,
+                    owner: rec.map(|(r, _)| r.owner.clone()),
+                    epoch: rec.map_or(0, |(_, e)| *e),
+                    here: here.into(),
+                    lease_left_ms: self.written.get(v).map_or(0, |(u, _)| u.saturating_sub(now).as_millis() as u64),
+                    candidates: rec.map_or(configured.clone(), |(r, _)| r.candidates.clone()),
+                }
+            })
+            .collect();
+        st.counters = self.counters.clone();
+    }
+}
+
+/// Reads every record every `every` (the confirmation): one request at a time, each
+/// reporting when it was sent.
+async fn reader(mut store: Store, every: Duration, tx: mpsc::UnboundedSender<StoreEvent>) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tick.tick().await;
+        let sent_at = clock::now();
+        let result = store.read_all().await;
+        let latency = clock::now().saturating_sub(sent_at);
+        if tx.send(StoreEvent::Read { sent_at, latency, result }).is_err() {
+            return;
+        }
+    }
+}
+
+async fn writer(mut store: Store, mut rx: mpsc::UnboundedReceiver<(IpAddr, Option<u64>, VipRecord, WriteKind)>, tx: mpsc::UnboundedSender<StoreEvent>) {
+    while let Some((vip, expected, rec, kind)) = rx.recv().await {
+        let result = store.write(vip, expected, &rec).await;
+        if tx.send(StoreEvent::Wrote { vip, kind, done_at: clock::now(), result }).is_err() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,98 @@
+//! etcd, the source of truth for who owns each VIP. Three operations, each one round trip:
+//! a linearizable read of every record (the owner's confirmation and everyone's view), and
+//! a write of one record guarded by its mod revision (or its absence).
+
+use std::{collections::BTreeMap, net::IpAddr, time::Duration};
+
+use anyhow::Context;
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, Txn, TxnOp};
+
+use super::record::{self, VipRecord};
+use crate::config::cluster::Cluster;
+
+/// Every record under the prefix, with its epoch (mod revision).
+pub type Records = BTreeMap<IpAddr, (VipRecord, u64)>;
+
+#[derive(Clone)]
+pub struct Store {
+    client: Client,
+    prefix: String,
+    endpoints: Vec<String>,
+}
+
+/// How long one request may take before it counts as failed: short, so a node notices an
+/// unreachable etcd within a few confirmation rounds and keeps serving on acknowledgements.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_millis(250);
+/// How long havipd waits for etcd at start before it gives up with an error.
+pub const START_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl Store {
+    /// Connects and reads once, so an unreachable or unusable etcd is a clear error at
+    /// start, not a hang.
+    pub async fn connect(c: &Cluster) -> anyhow::Result<Store> {
+        let opts = ConnectOptions::new().with_connect_timeout(Duration::from_secs(2)).with_timeout(REQUEST_TIMEOUT).with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
+        let what = format!("etcd at {}", c.etcd_endpoints.join(", "));
+        let connect = async {
+            let client = Client::connect(&c.etcd_endpoints, Some(opts)).await.with_context(|| format!("cannot connect to {what}"))?;
+            let mut store = Store { client, prefix: c.key_prefix.clone(), endpoints: c.etcd_endpoints.clone() };
+            // A lazy channel connects on first use: read once to know etcd answers.
+            let mut last = None;
+            for _ in 0..20 {
+                match store.read_all().await {
+                    Ok(_) => return Ok(store),
+                    Err(e) => last = Some(e),
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(last.expect("tried at least once"))
+        };
+        match tokio::time::timeout(START_TIMEOUT, connect).await {
+            Ok(r) => r.with_context(|| format!("{what} does not answer; check cluster.etcd_endpoints and that etcd runs (havipd serves no cluster VIP without it)")),
+            Err(_) => anyhow::bail!(
+                "{what} did not answer within {} s; check cluster.etcd_endpoints and that etcd runs (havipd serves no cluster VIP without it)",
+                START_TIMEOUT.as_secs()
+            ),
+        }
+    }
+
+    pub fn endpoints(&self) -> &[String] {
+        &self.endpoints
+    }
+
+    /// Every VIP record, linearizably (etcd's default read): it reflects every write
+    /// committed before the read was sent.
+    pub async fn read_all(&mut self) -> anyhow::Result<Records> {
+        let prefix = record::vips_prefix(&self.prefix);
+        let resp = self.client.get(prefix.as_bytes(), Some(GetOptions::new().with_prefix())).await.context("reading the VIP records")?;
+        let mut out = Records::new();
+        for kv in resp.kvs() {
+            let Some(vip) = record::vip_of(&self.prefix, kv.key()) else { continue };
+            match serde_json::from_slice::<VipRecord>(kv.value()) {
+                Ok(r) => {
+                    out.insert(vip, (r, kv.mod_revision() as u64));
+                }
+                Err(e) => tracing::warn!(%vip, error = %e, "unreadable VIP record in etcd; ignored"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes `rec` if the record's mod revision is still `expected` (`None`: if it does
+    /// not exist). `Ok(Some(epoch))`: written, at that revision; `Ok(None)`: another write
+    /// came first.
+    pub async fn write(&mut self, vip: IpAddr, expected: Option<u64>, rec: &VipRecord) -> anyhow::Result<Option<u64>> {
+        let key = record::key(&self.prefix, vip);
+        let guard = match expected {
+            Some(rev) => Compare::mod_revision(key.as_bytes(), CompareOp::Equal, rev as i64),
+            None => Compare::create_revision(key.as_bytes(), CompareOp::Equal, 0),
+        };
+        let value = serde_json::to_vec(rec)?;
+        let txn = Txn::new().when(vec![guard]).and_then(vec![TxnOp::put(key.as_bytes(), value, None)]);
+        let resp = self.client.txn(txn).await.with_context(|| format!("writing the record of {vip}"))?;
+        if !resp.succeeded() {
+            return Ok(None);
+        }
+        let rev = resp.header().map(|h| h.revision()).context("etcd answered a write without a revision")?;
+        Ok(Some(rev as u64))
+    }
+}

@@ -1,0 +1,259 @@
+//! `[cluster]`: the node's place in a havip cluster (see the cluster module). Absent: the
+//! node runs standalone, exactly as without cluster support.
+//!
+//! ```toml
+//! [cluster]
+//! node = "n1"
+//! etcd_endpoints = ["http://198.18.30.200:2379"]
+//! [[cluster.peer]]
+//! name = "n2"
+//! addresses = ["198.18.30.21", "198.18.30.22"]   # one per NIC path of the peer
+//! [[vip]]
+//! address = "198.18.130.1"
+//! nodes = ["n1", "n2"]                             # candidate nodes, most preferred first
+//! ```
+
+use std::{collections::BTreeSet, net::IpAddr, time::Duration};
+
+use serde::{Deserialize, Serialize};
+
+use super::FieldError;
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSection {
+    /// This node's name, as its peers list it and VIPs name it in `nodes`.
+    pub node: String,
+    /// etcd client URLs (`http://host:port`), all members of one etcd cluster.
+    pub etcd_endpoints: Vec<String>,
+    /// Key prefix of this havip cluster's records in etcd: several clusters may share one etcd.
+    #[serde(default = "default_key_prefix")]
+    pub key_prefix: String,
+    /// UDP port of the heartbeats, the same on every node.
+    #[serde(default = "default_heartbeat_port")]
+    pub heartbeat_port: u16,
+    /// Time between two heartbeats to each peer address, ms.
+    #[serde(default = "default_heartbeat_interval_ms")]
+    pub heartbeat_interval_ms: u64,
+    /// A peer silent for this many intervals (on every path) is suspected.
+    #[serde(default = "default_heartbeat_misses")]
+    pub heartbeat_misses: u32,
+    /// How long one confirmation of ownership lets this node serve a VIP, ms: the fence's
+    /// lease. A successor waits about this long after winning before it answers.
+    #[serde(default = "default_lease_ms")]
+    pub lease_ms: u64,
+    /// Bound on how far any node's clock rate may be off, parts per million (default 1%).
+    #[serde(default = "default_clock_error_ppm")]
+    pub clock_error_ppm: u32,
+    /// A recovered more preferred node takes its VIPs back after being healthy this long, ms.
+    #[serde(default = "default_giveback_hold_down_ms")]
+    pub giveback_hold_down_ms: u64,
+    /// How long peers hold off a node that announced a planned restart (SIGTERM), ms.
+    #[serde(default = "default_restart_grace_ms")]
+    pub restart_grace_ms: u64,
+    /// The other nodes.
+    #[serde(default)]
+    pub peer: Vec<PeerSection>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerSection {
+    pub name: String,
+    /// The peer's addresses, one per NIC path: heartbeats go to each from each local NIC.
+    pub addresses: Vec<IpAddr>,
+}
+
+fn default_key_prefix() -> String {
+    "/havip".into()
+}
+fn default_heartbeat_port() -> u16 {
+    7947
+}
+fn default_heartbeat_interval_ms() -> u64 {
+    5
+}
+fn default_heartbeat_misses() -> u32 {
+    8
+}
+fn default_lease_ms() -> u64 {
+    40
+}
+fn default_clock_error_ppm() -> u32 {
+    10_000
+}
+fn default_giveback_hold_down_ms() -> u64 {
+    30_000
+}
+fn default_restart_grace_ms() -> u64 {
+    10_000
+}
+
+/// Validated `[cluster]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Cluster {
+    pub node: String,
+    pub etcd_endpoints: Vec<String>,
+    pub key_prefix: String,
+    pub heartbeat_port: u16,
+    pub heartbeat_interval: Duration,
+    pub heartbeat_misses: u32,
+    pub lease: Duration,
+    /// `clock_error_ppm` as a fraction.
+    pub clock_error: f64,
+    pub giveback_hold_down: Duration,
+    pub restart_grace: Duration,
+    pub peers: Vec<Peer>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub name: String,
+    pub addresses: Vec<IpAddr>,
+}
+
+impl Cluster {
+    /// Every node's name, this one included, sorted: the default candidates of a VIP, the
+    /// same list on every node.
+    pub fn all_nodes(&self) -> Vec<String> {
+        let mut all: Vec<String> = self.peers.iter().map(|p| p.name.clone()).chain([self.node.clone()]).collect();
+        all.sort();
+        all
+    }
+}
+
+/// Node names: 1 to 63 of `[A-Za-z0-9._-]` (they are etcd key parts and log words).
+fn check_node_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 63 {
+        return Err(format!("`{name}` must be 1 to 63 characters"));
+    }
+    if !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')) {
+        return Err(format!("`{name}` may hold only letters, digits, '.', '_' and '-'"));
+    }
+    Ok(())
+}
+
+fn check_endpoint(url: &str) -> Result<(), String> {
+    let Some(rest) = url.strip_prefix("http://") else {
+        return Err(format!("`{url}` is not an http:// URL (TLS to etcd is not supported yet); write it as http://HOST:PORT"));
+    };
+    let hostport = rest.trim_end_matches('/');
+    let Some((host, port)) = hostport.rsplit_once(':') else {
+        return Err(format!("`{url}` has no port; etcd clients usually use http://HOST:2379"));
+    };
+    if host.is_empty() || hostport.contains('/') {
+        return Err(format!("`{url}` must be http://HOST:PORT with nothing after the port"));
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p != 0 => Ok(()),
+        _ => Err(format!("`{url}` has no valid port (1-65535)")),
+    }
+}
+
+fn range(errs: &mut Vec<FieldError>, field: &str, v: u64, lo: u64, hi: u64, unit: &str) {
+    if !(lo..=hi).contains(&v) {
+        errs.push(FieldError { field: format!("cluster.{field}"), reason: format!("{v} is out of range; use {lo} to {hi} {unit}") });
+    }
+}
+
+/// Validates the section; `None` in, `None` out.
+pub fn validate(section: Option<&ClusterSection>, errs: &mut Vec<FieldError>) -> Option<Cluster> {
+    let s = section?;
+    let before = errs.len();
+    let mut err = |field: String, reason: String| errs.push(FieldError { field, reason });
+    if let Err(r) = check_node_name(&s.node) {
+        err("cluster.node".into(), r);
+    }
+    if s.etcd_endpoints.is_empty() {
+        err("cluster.etcd_endpoints".into(), "is empty; list the etcd members' client URLs, e.g. [\"http://10.0.0.5:2379\"]".into());
+    }
+    for (i, e) in s.etcd_endpoints.iter().enumerate() {
+        if let Err(r) = check_endpoint(e) {
+            err(format!("cluster.etcd_endpoints[{i}]"), r);
+        }
+    }
+    let p = &s.key_prefix;
+    if !p.starts_with('/') || p.len() < 2 || p.ends_with('/') || p.chars().any(|c| c.is_whitespace()) {
+        err("cluster.key_prefix".into(), format!("`{p}` must start with '/', not end with '/', and hold no spaces (e.g. \"/havip\")"));
+    }
+    if s.heartbeat_port == 0 {
+        err("cluster.heartbeat_port".into(), "0 is not a port; use the same UDP port on every node (default 7947)".into());
+    }
+    let mut names = BTreeSet::from([s.node.as_str()]);
+    for (i, peer) in s.peer.iter().enumerate() {
+        if let Err(r) = check_node_name(&peer.name) {
+            err(format!("cluster.peer[{i}].name"), r);
+        } else if peer.name == s.node {
+            err(format!("cluster.peer[{i}].name"), format!("`{}` is this node (cluster.node); list only the other nodes", peer.name));
+        } else if !names.insert(peer.name.as_str()) {
+            err(format!("cluster.peer[{i}].name"), format!("peer `{}` is listed twice", peer.name));
+        }
+        if peer.addresses.is_empty() {
+            err(format!("cluster.peer[{i}].addresses"), "is empty; give the peer's address on each NIC path".into());
+        }
+        let mut seen = BTreeSet::new();
+        for (j, a) in peer.addresses.iter().enumerate() {
+            if a.is_unspecified() || a.is_multicast() || a.is_loopback() {
+                err(format!("cluster.peer[{i}].addresses[{j}]"), format!("{a} is not a unicast address of the peer"));
+            } else if !seen.insert(a) {
+                err(format!("cluster.peer[{i}].addresses[{j}]"), format!("{a} is listed twice"));
+            }
+        }
+    }
+    range(errs, "heartbeat_interval_ms", s.heartbeat_interval_ms, 1, 1000, "ms");
+    range(errs, "heartbeat_misses", s.heartbeat_misses as u64, 2, 100, "intervals");
+    range(errs, "lease_ms", s.lease_ms, 10, 60_000, "ms");
+    range(errs, "clock_error_ppm", s.clock_error_ppm as u64, 0, 100_000, "ppm (10% at most)");
+    range(errs, "giveback_hold_down_ms", s.giveback_hold_down_ms, 0, 86_400_000, "ms");
+    range(errs, "restart_grace_ms", s.restart_grace_ms, 100, 600_000, "ms");
+    // The owner's serve-until time is extended by each acknowledged heartbeat: a lease
+    // shorter than a few heartbeats would lapse between two of them.
+    if (1..=1000).contains(&s.heartbeat_interval_ms) && (10..=60_000).contains(&s.lease_ms) && s.lease_ms < 4 * s.heartbeat_interval_ms {
+        errs.push(FieldError {
+            field: "cluster.lease_ms".into(),
+            reason: format!("{} ms is shorter than 4 heartbeat intervals ({} ms); raise it or send heartbeats more often", s.lease_ms, 4 * s.heartbeat_interval_ms),
+        });
+    }
+    if errs.len() > before {
+        return None;
+    }
+    Some(Cluster {
+        node: s.node.clone(),
+        etcd_endpoints: s.etcd_endpoints.iter().map(|e| e.trim_end_matches('/').to_string()).collect(),
+        key_prefix: s.key_prefix.clone(),
+        heartbeat_port: s.heartbeat_port,
+        heartbeat_interval: Duration::from_millis(s.heartbeat_interval_ms),
+        heartbeat_misses: s.heartbeat_misses,
+        lease: Duration::from_millis(s.lease_ms),
+        clock_error: s.clock_error_ppm as f64 / 1e6,
+        giveback_hold_down: Duration::from_millis(s.giveback_hold_down_ms),
+        restart_grace: Duration::from_millis(s.restart_grace_ms),
+        peers: s.peer.iter().map(|p| Peer { name: p.name.clone(), addresses: p.addresses.clone() }).collect(),
+    })
+}
+
+/// A VIP's candidate nodes: checked against the cluster's nodes; all of them (sorted) when
+/// absent. Outside cluster mode `nodes` must be absent. `cluster_given`: a `[cluster]`
+/// section was written (even an invalid one, whose errors are reported at its fields).
+pub fn vip_nodes(cluster: Option<&Cluster>, cluster_given: bool, i: usize, nodes: Option<&Vec<String>>, err: &mut impl FnMut(String, String)) -> Vec<String> {
+    let Some(c) = cluster else {
+        if nodes.is_some() && !cluster_given {
+            err(format!("vip[{i}].nodes"), "is for cluster mode; add a [cluster] section or remove it".into());
+        }
+        return Vec::new();
+    };
+    let Some(list) = nodes else { return c.all_nodes() };
+    if list.is_empty() {
+        err(format!("vip[{i}].nodes"), "is empty; list at least one node, or leave it out for all nodes".into());
+    }
+    let all = c.all_nodes();
+    let mut seen = BTreeSet::new();
+    for (j, n) in list.iter().enumerate() {
+        if !all.contains(n) {
+            err(format!("vip[{i}].nodes[{j}]"), format!("node `{n}` is neither cluster.node nor a [[cluster.peer]] (known: {})", all.join(", ")));
+        } else if !seen.insert(n) {
+            err(format!("vip[{i}].nodes[{j}]"), format!("node `{n}` is listed twice"));
+        }
+    }
+    list.clone()
+}
