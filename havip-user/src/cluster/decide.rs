@@ -77,8 +77,11 @@ pub fn decide(i: &Inputs, peers: &Peers, now: Duration, s: &Settings) -> Option<
         }
         return None;
     }
-    if i.local != Local::Idle {
-        return Some(Action::Stop { owner: rec.owner.clone() });
+    match i.local {
+        Local::Idle => {}
+        // A record older than the epoch we won or serve is a stale view, not a loss.
+        Local::Starting { epoch: mine, .. } | Local::Serving { epoch: mine } if epoch < mine => return None,
+        _ => return Some(Action::Stop { owner: rec.owner.clone() }),
     }
     if !s.settled {
         return None;
@@ -154,6 +157,8 @@ mod tests {
             ("owner and first successor dead", "c", &[], Some(rec("a")), Local::Idle, true, takeover_from("a")),
             ("owner dead but not settled", "b", &[("c", 0)], Some(rec("a")), Local::Idle, false, None),
             ("record moved away while serving: stop", "a", &all_old, Some(rec("b")), serving, true, Some(Action::Stop { owner: "b".into() })),
+            ("an older record than the epoch we serve is stale", "a", &all_old, Some(rec("b")), Local::Serving { epoch: 9 }, true, None),
+            ("...or the epoch we won", "a", &all_old, Some(rec("b")), Local::Starting { epoch: 9, not_before: ms(0) }, true, None),
             ("giveback after the hold-down", "b", &all_old, Some(rec("b")), serving, true, Some(Action::Handover { epoch: 7, to: "a".into() })),
             ("no giveback before the hold-down", "b", &[("a", 90_000), ("c", 0)], Some(rec("b")), serving, true, None),
             ("the most preferred never gives back", "a", &all_old, Some(rec("a")), serving, true, None),

@@ -26,7 +26,7 @@ use super::{
     decide::{self, Action, Local},
     peers::Peers,
     record::{self, VipRecord},
-    store::{Records, Store},
+    store::{Records, Snapshot, Store},
     timing::Timing,
     wire::Heartbeat,
 };
@@ -201,8 +201,8 @@ impl PathSocket {
 }
 
 enum StoreEvent {
-    Read { sent_at: Duration, latency: Duration, result: anyhow::Result<Records> },
-    Wrote { vip: IpAddr, kind: WriteKind, done_at: Duration, result: anyhow::Result<Option<u64>> },
+    Read { sent_at: Duration, latency: Duration, result: anyhow::Result<Snapshot> },
+    Wrote { vip: IpAddr, kind: WriteKind, written: VipRecord, done_at: Duration, result: anyhow::Result<Option<u64>> },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -234,6 +234,9 @@ struct Service {
     written: BTreeMap<IpAddr, (Duration, u64)>,
     ids: BTreeMap<IpAddr, u32>,
     pending_writes: BTreeSet<IpAddr>,
+    /// The newest store revision this node knows of (its own writes included): a read
+    /// that saw an older one was overtaken in flight and is dropped.
+    known_revision: u64,
     restarting: bool,
     counters: Counters,
 }
@@ -263,6 +266,7 @@ impl Service {
             written: BTreeMap::new(),
             ids: BTreeMap::new(),
             pending_writes: BTreeSet::new(),
+            known_revision: 0,
             restarting: false,
             counters: Counters::default(),
             c,
@@ -425,7 +429,13 @@ impl Service {
     fn on_store(&mut self, ev: StoreEvent) {
         match ev {
             StoreEvent::Read { sent_at, latency, result } => match result {
-                Ok(records) => {
+                Ok(Snapshot { revision, records }) => {
+                    // Sent before one of our own writes committed: it shows a past this node
+                    // already left (a won record as still the old owner's).
+                    if revision < self.known_revision {
+                        return;
+                    }
+                    self.known_revision = revision;
                     self.counters.confirmations += 1;
                     self.read_latency = Some(latency);
                     for (v, l) in &self.local {
@@ -445,11 +455,14 @@ impl Service {
                     }
                 }
             },
-            StoreEvent::Wrote { vip, kind, done_at, result } => {
+            StoreEvent::Wrote { vip, kind, written, done_at, result } => {
                 self.pending_writes.remove(&vip);
                 match (&kind, result) {
                     (WriteKind::Claim { from, reason }, Ok(Some(epoch))) => {
                         *self.counters.claims.entry(reason.to_string()).or_default() += 1;
+                        // Our own write, as the next read will show it: no second claim meanwhile.
+                        self.records.insert(vip, (written.clone(), epoch));
+                        self.known_revision = self.known_revision.max(epoch);
                         match from {
                             // Nobody served it: start as soon as a read confirms it.
                             None => info!(%vip, epoch, reason, "ownership: claimed"),
@@ -465,6 +478,8 @@ impl Service {
                         info!(%vip, reason, "ownership: claim lost to another writer");
                     }
                     (WriteKind::Handover { to }, Ok(Some(epoch))) => {
+                        self.records.insert(vip, (written.clone(), epoch));
+                        self.known_revision = self.known_revision.max(epoch);
                         *self.counters.claims.entry("giveback".into()).or_default() += 1;
                         info!(%vip, epoch, %to, "ownership: handed over");
                     }
@@ -718,7 +733,7 @@ async fn reader(mut store: Store, every: Duration, tx: mpsc::UnboundedSender<Sto
 async fn writer(mut store: Store, mut rx: mpsc::UnboundedReceiver<(IpAddr, Option<u64>, VipRecord, WriteKind)>, tx: mpsc::UnboundedSender<StoreEvent>) {
     while let Some((vip, expected, rec, kind)) = rx.recv().await {
         let result = store.write(vip, expected, &rec).await;
-        if tx.send(StoreEvent::Wrote { vip, kind, done_at: clock::now(), result }).is_err() {
+        if tx.send(StoreEvent::Wrote { vip, kind, written: rec, done_at: clock::now(), result }).is_err() {
             return;
         }
     }

@@ -13,6 +13,12 @@ use crate::config::cluster::Cluster;
 /// Every record under the prefix, with its epoch (mod revision).
 pub type Records = BTreeMap<IpAddr, (VipRecord, u64)>;
 
+/// A read: the store's revision it saw, and the records.
+pub struct Snapshot {
+    pub revision: u64,
+    pub records: Records,
+}
+
 #[derive(Clone)]
 pub struct Store {
     client: Client,
@@ -61,9 +67,10 @@ impl Store {
 
     /// Every VIP record, linearizably (etcd's default read): it reflects every write
     /// committed before the read was sent.
-    pub async fn read_all(&mut self) -> anyhow::Result<Records> {
+    pub async fn read_all(&mut self) -> anyhow::Result<Snapshot> {
         let prefix = record::vips_prefix(&self.prefix);
         let resp = self.client.get(prefix.as_bytes(), Some(GetOptions::new().with_prefix())).await.context("reading the VIP records")?;
+        let revision = resp.header().map_or(0, |h| h.revision() as u64);
         let mut out = Records::new();
         for kv in resp.kvs() {
             let Some(vip) = record::vip_of(&self.prefix, kv.key()) else { continue };
@@ -74,7 +81,7 @@ impl Store {
                 Err(e) => tracing::warn!(%vip, error = %e, "unreadable VIP record in etcd; ignored"),
             }
         }
-        Ok(out)
+        Ok(Snapshot { revision, records: out })
     }
 
     /// Writes `rec` if the record's mod revision is still `expected` (`None`: if it does
