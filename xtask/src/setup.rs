@@ -54,6 +54,12 @@ pub fn ensure_toolchain() -> anyhow::Result<()> {
     } else {
         step("nightly with rust-src: present");
     }
+    // protoc: the etcd-client crate (cluster mode) compiles etcd's gRPC protos when it builds.
+    if !succeeds(Command::new("sh").args(["-c", "command -v protoc"])) {
+        apt_install(&["protobuf-compiler"])?;
+    } else {
+        step("protoc: present");
+    }
     if succeeds(Command::new("bpf-linker").arg("--version")) {
         step("bpf-linker: present");
         return Ok(());
@@ -82,7 +88,16 @@ pub fn ensure_toolchain() -> anyhow::Result<()> {
 pub fn ensure_runtime() -> anyhow::Result<()> {
     // ethtool: the namespace tests turn checksum offload off so checksums are really verified.
     // strace: the stats-cost test and benchmark count `havip stats`' bpf() calls with it.
-    let missing: Vec<&str> = [("ip", "iproute2"), ("ethtool", "ethtool"), ("strace", "strace")]
+    // etcd, etcdctl, nft: the cluster lab and tests run their own etcd and cut links with
+    // nftables.
+    let missing: Vec<&str> = [
+        ("ip", "iproute2"),
+        ("ethtool", "ethtool"),
+        ("strace", "strace"),
+        ("etcd", "etcd-server"),
+        ("etcdctl", "etcd-client"),
+        ("nft", "nftables"),
+    ]
         .into_iter()
         .filter(|(bin, _)| !succeeds(Command::new("sh").args(["-c", &format!("command -v {bin}")])))
         .map(|(_, pkg)| pkg)
@@ -90,7 +105,7 @@ pub fn ensure_runtime() -> anyhow::Result<()> {
     if !missing.is_empty() {
         apt_install(&missing)?;
     } else {
-        step("iproute2, ethtool, strace: present");
+        step("iproute2, ethtool, strace, etcd, etcdctl, nft: present");
     }
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
     if mounts.lines().any(|l| l.split_whitespace().nth(2) == Some("bpf")) {
