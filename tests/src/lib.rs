@@ -3,6 +3,7 @@
 //! havipd, all cleaned up on drop (also when a test panics).
 
 pub mod api_load;
+pub mod cluster;
 pub mod failover;
 pub mod fixture;
 pub mod isolation;
