@@ -441,6 +441,13 @@ impl ClusterLab {
         self.nft_table(k, table, on, &format!("chain c {{ type filter hook {hook} priority 0; udp dport 7947 drop; udp sport 7947 drop; }}"));
     }
 
+    /// Node `k` stops receiving node `from`'s heartbeats (only those: one direction of
+    /// one pair), while everything else still flows.
+    pub fn drop_heartbeats_from(&self, k: usize, from: usize, on: bool) {
+        let srcs = format!("{{ {}, {} }}", node_v4(from, 0), node_v4(from, 1));
+        self.nft_table(k, "havip_loss_pair", on, &format!("chain c {{ type filter hook input priority 0; ip saddr {srcs} udp dport 7947 drop; }}"));
+    }
+
     // --- etcd ---
 
     fn initial_cluster(&self) -> String {

@@ -48,7 +48,13 @@ pub fn render(s: &Status) -> String {
     out += &format!("node {}   etcd {} ({etcd})   lease {} ms, takeover wait {:.1} ms\n\n", s.node, s.etcd_endpoints.join(","), s.lease_ms, s.takeover_wait_ms);
     out += &format!("{:<12} {:<10} {:>12} {:>10}  {}\n", "PEER", "HEALTH", "ALIVE FOR", "RTT", "PATHS (received/lost, last heard)");
     for p in &s.peers {
-        let health = if p.alive { "alive" } else if p.suspected { "SUSPECTED" } else { "silent" };
+        let health = if p.alive {
+            "alive"
+        } else if p.suspected {
+            "SUSPECTED"
+        } else {
+            "silent"
+        };
         let paths: Vec<String> = p.paths.iter().map(|x| format!("{} {}/{} {}ms", x.path, x.received, x.lost, x.last_heard_ms)).collect();
         let rtt = p.rtt_us.map_or("-".into(), |r| format!("{r} µs"));
         out += &format!("{:<12} {:<10} {:>12} {:>10}  {}\n", p.name, health, ms(Some(p.alive_for_ms)), rtt, paths.join("  "));

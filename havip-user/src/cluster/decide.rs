@@ -119,7 +119,16 @@ mod tests {
         // Each alive peer has been heard every 10 ms since `since` ms, up to now.
         for (n, since) in alive {
             for at in (*since..=now).step_by(10) {
-                let hb = Heartbeat { node: n.to_string(), incarnation: 1, seq: at + 1, path: "e".into(), restarting: false, serves: vec![], hears: vec![], acks: vec![] };
+                let hb = Heartbeat {
+                    node: n.to_string(),
+                    incarnation: 1,
+                    seq: at + 1,
+                    path: "e".into(),
+                    restarting: false,
+                    serves: vec![],
+                    hears: vec![],
+                    acks: vec![],
+                };
                 p.on_heartbeat(&hb, ms(at));
             }
         }

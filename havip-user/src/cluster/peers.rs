@@ -141,9 +141,7 @@ impl Peers {
             return false;
         }
         let fresh = self.timing.suspect_after / 2;
-        !self.peers.iter().any(|(q, ps)| {
-            q != name && self.alive(q, now) && ps.hears.get(name).is_some_and(|(age, at)| *age + now.saturating_sub(*at) < fresh)
-        })
+        !self.peers.iter().any(|(q, ps)| q != name && self.alive(q, now) && ps.hears.get(name).is_some_and(|(age, at)| *age + now.saturating_sub(*at) < fresh))
     }
 
     /// How long it has been alive without a break (zero if not alive).

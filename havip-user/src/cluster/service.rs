@@ -512,7 +512,14 @@ impl Service {
                 None => {}
                 Some(Action::Claim { expected, from, reason }) => {
                     let candidates = record.map_or(configured.clone(), |(r, _)| r.candidates.clone());
-                    let rec = VipRecord { owner: self.c.node.clone(), candidates, handover: false, from: from.clone(), reason: reason.into(), at_unix_ms: record::now_unix_ms() };
+                    let rec = VipRecord {
+                        owner: self.c.node.clone(),
+                        candidates,
+                        handover: false,
+                        from: from.clone(),
+                        reason: reason.into(),
+                        at_unix_ms: record::now_unix_ms(),
+                    };
                     info!(
                         %vip,
                         reason,
@@ -686,7 +693,12 @@ impl Service {
                 paths: p
                     .paths
                     .iter()
-                    .map(|(path, s)| PathStatus { path: path.clone(), received: s.received, lost: s.lost, last_heard_ms: now.saturating_sub(s.last_heard).as_millis() as u64 })
+                    .map(|(path, s)| PathStatus {
+                        path: path.clone(),
+                        received: s.received,
+                        lost: s.lost,
+                        last_heard_ms: now.saturating_sub(s.last_heard).as_millis() as u64,
+                    })
                     .collect(),
             })
             .collect();

@@ -36,7 +36,10 @@ impl Store {
     /// Connects and reads once, so an unreachable or unusable etcd is a clear error at
     /// start, not a hang.
     pub async fn connect(c: &Cluster) -> anyhow::Result<Store> {
-        let opts = ConnectOptions::new().with_connect_timeout(Duration::from_secs(2)).with_timeout(REQUEST_TIMEOUT).with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
+        let opts = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_timeout(REQUEST_TIMEOUT)
+            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
         let what = format!("etcd at {}", c.etcd_endpoints.join(", "));
         let connect = async {
             let client = Client::connect(&c.etcd_endpoints, Some(opts)).await.with_context(|| format!("cannot connect to {what}"))?;
@@ -53,7 +56,9 @@ impl Store {
             Err(last.expect("tried at least once"))
         };
         match tokio::time::timeout(START_TIMEOUT, connect).await {
-            Ok(r) => r.with_context(|| format!("{what} does not answer; check cluster.etcd_endpoints and that etcd runs (havipd serves no cluster VIP without it)")),
+            Ok(r) => {
+                r.with_context(|| format!("{what} does not answer; check cluster.etcd_endpoints and that etcd runs (havipd serves no cluster VIP without it)"))
+            }
             Err(_) => anyhow::bail!(
                 "{what} did not answer within {} s; check cluster.etcd_endpoints and that etcd runs (havipd serves no cluster VIP without it)",
                 START_TIMEOUT.as_secs()

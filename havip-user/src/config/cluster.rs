@@ -211,7 +211,11 @@ pub fn validate(section: Option<&ClusterSection>, errs: &mut Vec<FieldError>) ->
     if (1..=1000).contains(&s.heartbeat_interval_ms) && (10..=60_000).contains(&s.lease_ms) && s.lease_ms < 4 * s.heartbeat_interval_ms {
         errs.push(FieldError {
             field: "cluster.lease_ms".into(),
-            reason: format!("{} ms is shorter than 4 heartbeat intervals ({} ms); raise it or send heartbeats more often", s.lease_ms, 4 * s.heartbeat_interval_ms),
+            reason: format!(
+                "{} ms is shorter than 4 heartbeat intervals ({} ms); raise it or send heartbeats more often",
+                s.lease_ms,
+                4 * s.heartbeat_interval_ms
+            ),
         });
     }
     if errs.len() > before {

@@ -1,0 +1,267 @@
+//! Cluster mode against real etcd and real havipd processes in namespaces: a client probe
+//! stream to the VIP (answered by whichever node serves it), and every ARP/ND claim on the
+//! client's port captured while the client keeps asking; any moment two nodes answer for
+//! the VIP fails the test. Faults are real: SIGKILL with links down, SIGSTOP, etcd killed,
+//! nftables drops of heartbeats. Timings are printed here and measured in the bench.
+
+use std::{
+    thread::sleep,
+    time::{Duration, Instant},
+};
+
+use havip_tests::cluster::{two_owner_moments, ArpAsker, ClusterLab, EchoResponder, NeighCapture, ProbeReport, ProbeStream, CLUSTER_VIP};
+
+const PORT: u16 = 7000;
+
+fn same(cfg: String) -> String {
+    cfg
+}
+
+fn short_hold_down(cfg: String) -> String {
+    let out = cfg.replace("giveback_hold_down_ms = 30000", "giveback_hold_down_ms = 2000");
+    assert_ne!(out, cfg, "the harness's config no longer sets the hold-down");
+    out
+}
+
+/// A cluster of `nodes` with the VIP preferring n1, the client streaming probes at it and
+/// asking for it by ARP every 20 ms, all claims captured.
+struct Run {
+    lab: ClusterLab,
+    _echo: Vec<EchoResponder>,
+    capture: Option<NeighCapture>,
+    asker: Option<ArpAsker>,
+    probes: Option<ProbeStream>,
+}
+
+fn owner(lab: &ClusterLab, k: usize) -> Option<(String, String)> {
+    let out = lab.havip(k, &["cluster", "status", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    let vip = &v["vips"][0];
+    Some((vip["owner"].as_str()?.to_string(), vip["here"].as_str()?.to_string()))
+}
+
+/// Waits until node `k` reports that `want` owns the VIP (and serves it, when `k` is `want`).
+fn wait_owner(lab: &ClusterLab, k: usize, want: &str, within: Duration) -> Duration {
+    let t = Instant::now();
+    loop {
+        if let Some((o, here)) = owner(lab, k) {
+            if o == want && (lab.node_name(k) != want || here == "serving") {
+                return t.elapsed();
+            }
+        }
+        assert!(
+            t.elapsed() < within,
+            "{want} did not become owner within {within:?} (seen from n{k}: {:?})\n--- n{k} log:\n{}",
+            owner(lab, k),
+            tail(&lab.node_log(k))
+        );
+        sleep(Duration::from_millis(20));
+    }
+}
+
+fn tail(log: &str) -> String {
+    log.lines()
+        .filter(|l| l.contains("ownership") || l.contains("ERROR") || l.contains("WARN"))
+        .rev()
+        .take(30)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+impl Run {
+    /// `adjust` edits each node's config text (the harness's defaults otherwise).
+    fn start(nodes: usize, etcd_members: usize, adjust: fn(String) -> String) -> Run {
+        let mut lab = ClusterLab::new(nodes, etcd_members);
+        for k in 1..=nodes {
+            let cfg = adjust(lab.node_config(k, &[CLUSTER_VIP], ""));
+            lab.start_node_with(k, &cfg);
+        }
+        wait_owner(&lab, 1, "n1", Duration::from_secs(15));
+        let echo = lab.echo_on_all_nodes(PORT);
+        let capture = NeighCapture::start(lab.client_ns(), "eth0");
+        let asker = ArpAsker::start(lab.client_ns(), &[CLUSTER_VIP], Duration::from_millis(20));
+        let probes = ProbeStream::start(lab.client_ns(), CLUSTER_VIP, PORT, Duration::from_millis(2));
+        // The stream is flowing before any fault.
+        sleep(Duration::from_millis(500));
+        Run { lab, _echo: echo, capture: Some(capture), asker: Some(asker), probes: Some(probes) }
+    }
+
+    /// Stops the probes and the capture; fails on any two-owner moment.
+    fn finish(&mut self) -> ProbeReport {
+        let report = self.probes.take().unwrap().stop();
+        self.asker.take().unwrap().stop();
+        let events = self.capture.take().unwrap().stop();
+        let violations = two_owner_moments(&events, &self.lab.mac_to_node());
+        let logs: Vec<String> = (1..=self.lab.node_count()).map(|k| format!("--- n{k}:\n{}", tail(&self.lab.node_log(k)))).collect();
+        assert!(violations.is_empty(), "two nodes answered for the VIP: {violations:#?}\n{}", logs.join("\n"));
+        assert!(report.answered > 0, "no probe was ever answered");
+        eprintln!(
+            "probes: sent {} answered {} longest gap {:?} answered by {:?}; {} neighbour claims captured",
+            report.sent,
+            report.answered,
+            report.longest_gap,
+            report.answered_by,
+            events.len()
+        );
+        report
+    }
+}
+
+#[test]
+fn owner_crash_moves_the_vip_to_the_first_successor() {
+    let mut r = Run::start(3, 1, same);
+    let t = Instant::now();
+    r.lab.kill_node(1);
+    r.lab.node_links(1, false);
+    wait_owner(&r.lab, 2, "n2", Duration::from_secs(5));
+    sleep(Duration::from_millis(500));
+    let report = r.finish();
+    eprintln!("n2 serving {:?} after the crash", t.elapsed());
+    assert!(report.answered_by.get("n2").copied().unwrap_or(0) > 50, "n2 did not carry the stream: {:?}", report.answered_by);
+    assert_eq!(report.answered_by.get("n3").copied().unwrap_or(0), 0, "n3 answered although n2, the first successor, was alive");
+    // The stream resumed: the last 300 ms were answered.
+    assert!(report.tail_gap() < Duration::from_millis(100), "the stream did not resume: tail gap {:?}", report.tail_gap());
+}
+
+#[test]
+fn a_paused_owner_falls_silent_and_stays_silent_after_it_resumes() {
+    let mut r = Run::start(2, 1, same);
+    r.lab.pause_node(1);
+    wait_owner(&r.lab, 2, "n2", Duration::from_secs(5));
+    sleep(Duration::from_millis(300));
+    // SIGCONT: n1's programs and controller run again with a stale belief; its fence has
+    // expired and its next read shows n2 (the capture fails the test if n1 answers).
+    r.lab.resume_node(1);
+    sleep(Duration::from_millis(700));
+    let report = r.finish();
+    let log = r.lab.node_log(1);
+    assert!(log.contains("ownership: stopped"), "n1 did not notice it lost the VIP:\n{}", tail(&log));
+    assert!(report.tail_gap() < Duration::from_millis(100), "stream not answered at the end: {:?}", report.tail_gap());
+    assert_eq!(owner(&r.lab, 1).map(|(o, _)| o), Some("n2".to_string()));
+}
+
+#[test]
+fn etcd_down_moves_nothing_and_loses_no_probe() {
+    let mut r = Run::start(2, 1, same);
+    // Long enough for many leases (40 ms) to lapse without acknowledgements.
+    let outage = Duration::from_secs(std::env::var("HAVIP_ETCD_OUTAGE_S").ok().and_then(|s| s.parse().ok()).unwrap_or(60));
+    r.lab.stop_etcd(true);
+    sleep(outage);
+    r.lab.stop_etcd(false);
+    sleep(Duration::from_secs(1));
+    let report = r.finish();
+    assert_eq!(report.answered_by.get("n2").copied().unwrap_or(0), 0, "the VIP moved during the etcd outage");
+    assert!(report.longest_gap < Duration::from_millis(50), "probes went unanswered for {:?} during the etcd outage", report.longest_gap);
+    assert_eq!(owner(&r.lab, 2).map(|(o, _)| o), Some("n1".to_string()), "the record changed");
+    let n1 = r.lab.node_log(1);
+    assert!(n1.contains("etcd read failed"), "n1 never noticed the outage:\n{}", tail(&n1));
+}
+
+#[test]
+fn an_owner_cut_from_etcd_only_keeps_its_vip_on_acknowledgements() {
+    let mut r = Run::start(2, 1, same);
+    r.lab.cut_etcd(1, true);
+    sleep(Duration::from_secs(3));
+    r.lab.cut_etcd(1, false);
+    sleep(Duration::from_millis(500));
+    let report = r.finish();
+    assert_eq!(report.answered_by.get("n2").copied().unwrap_or(0), 0, "the VIP moved");
+    assert!(report.longest_gap < Duration::from_millis(50), "gap {:?}", report.longest_gap);
+}
+
+#[test]
+fn one_way_loss_to_one_observer_moves_nothing() {
+    // n2 stops hearing n1 (n1's heartbeats dropped at n2's input) while n3 still hears it:
+    // n2 must not take the VIP over.
+    let mut r = Run::start(3, 1, same);
+    r.lab.drop_heartbeats_from(2, 1, true);
+    sleep(Duration::from_secs(2));
+    r.lab.drop_heartbeats_from(2, 1, false);
+    let report = r.finish();
+    assert_eq!(report.answered_by.get("n2").copied().unwrap_or(0), 0, "n2 took over on one-way loss");
+    assert_eq!(owner(&r.lab, 3).map(|(o, _)| o), Some("n1".to_string()));
+}
+
+#[test]
+fn a_planned_restart_of_the_owner_moves_nothing() {
+    let mut r = Run::start(2, 1, same);
+    let status = r.lab.stop_node(1);
+    assert!(status.success(), "havipd did not stop cleanly: {status:?}");
+    sleep(Duration::from_millis(300));
+    let cfg = r.lab.node_config(1, &[CLUSTER_VIP], "");
+    r.lab.start_node_with(1, &cfg);
+    wait_owner(&r.lab, 1, "n1", Duration::from_secs(10));
+    sleep(Duration::from_millis(500));
+    let report = r.finish();
+    assert_eq!(report.answered_by.get("n2").copied().unwrap_or(0), 0, "the VIP moved during a planned restart");
+    assert!(report.longest_gap < Duration::from_millis(50), "gap {:?} during a planned restart", report.longest_gap);
+    assert!(r.lab.node_log(1).contains("planned restart: peers hold off"), "{}", tail(&r.lab.node_log(1)));
+}
+
+#[test]
+fn the_preferred_node_gets_its_vip_back_after_the_hold_down() {
+    let mut r = Run::start(2, 1, short_hold_down);
+    r.lab.kill_node(1);
+    wait_owner(&r.lab, 2, "n2", Duration::from_secs(5));
+    let cfg = short_hold_down(r.lab.node_config(1, &[CLUSTER_VIP], ""));
+    let restarted = Instant::now();
+    r.lab.start_node_with(1, &cfg);
+    // Not before the hold-down...
+    sleep(Duration::from_millis(1000));
+    assert_eq!(owner(&r.lab, 2).map(|(o, _)| o), Some("n2".to_string()), "given back before the hold-down");
+    // ...but soon after it.
+    wait_owner(&r.lab, 1, "n1", Duration::from_secs(6));
+    eprintln!("given back {:?} after n1 restarted", restarted.elapsed());
+    sleep(Duration::from_millis(300));
+    let report = r.finish();
+    let gaps = report.gaps_over(Duration::from_millis(10));
+    let giveback = gaps.iter().find(|g| g.before == "n2" && g.after == "n1").map(|g| g.len);
+    eprintln!("giveback gap: {giveback:?}");
+    assert!(report.tail_gap() < Duration::from_millis(100));
+    assert!(r.lab.node_log(2).contains("ownership: giving back"), "{}", tail(&r.lab.node_log(2)));
+}
+
+#[test]
+fn bad_cluster_configs_and_unreachable_etcd_are_clear_errors() {
+    let lab = ClusterLab::new(1, 1);
+    let check = |text: &str| {
+        let path = lab.node_run_dir(1).join("bad.toml");
+        std::fs::write(&path, text).unwrap();
+        let out = std::process::Command::new(havip_tests::bin("havipd")).arg("--check-config").arg(&path).output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout))
+    };
+    let base = lab.node_config(1, &[CLUSTER_VIP], "");
+    let (ok, _) = check(&base);
+    assert!(ok, "the harness's own config is valid");
+    for (edit, field) in [
+        (base.replace("node = \"n1\"", "node = \"n 1\""), "cluster.node"),
+        (base.replace("lease_ms = 40", "lease_ms = 8"), "cluster.lease_ms"),
+        (base.replace("etcd_endpoints = [", "etcd_endpoints = [\"198.18.30.200:2379\", "), "cluster.etcd_endpoints[0]"),
+        (base.replace("nodes = [\"n1\"]", "nodes = [\"n1\", \"zz\"]"), "vip[0].nodes[1]"),
+    ] {
+        let (ok, text) = check(&edit);
+        assert!(!ok && text.contains(field), "expected a refusal naming {field}, got ok={ok}:\n{text}\n{edit}");
+    }
+    // etcd unreachable: havipd exits with an error naming etcd, quickly and with nothing applied.
+    let unreachable = base.replace("http://198.18.30.200:2379", "http://198.18.30.250:2379");
+    let path = lab.node_run_dir(1).join("unreachable.toml");
+    std::fs::write(&path, &unreachable).unwrap();
+    let t = Instant::now();
+    let out = std::process::Command::new(havip_tests::bin("havipd"))
+        .args(["--netns", &lab.node_ns(1).name, "--config"])
+        .arg(&path)
+        .arg("--pin-path")
+        .arg(lab.node_pin_root(1))
+        .arg("--run-dir")
+        .arg(lab.node_run_dir(1))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "havipd started without etcd");
+    assert!(text.contains("etcd") && text.contains("cluster.etcd_endpoints"), "{text}");
+    assert!(t.elapsed() < Duration::from_secs(15), "took {:?}", t.elapsed());
+    assert!(!lab.node_pin_root(1).join("maps").exists(), "something was applied before etcd answered");
+}
