@@ -306,6 +306,11 @@ impl Node {
         if file.metrics != self.cfg.metrics {
             warn!(listen = ?file.metrics, "metrics.listen changes when havipd starts: restart havipd to apply it");
         }
+        // Joining, leaving or reshaping the cluster changes every VIP's fencing and the
+        // service's sockets and timing: only a restart does that cleanly.
+        if file.cluster != self.cfg.cluster {
+            return self.finish_reload(generation, false, "the [cluster] section changed; restart havipd to apply it (nothing was applied)".into());
+        }
         let (kept, dropped) = held_that_fit(&file, &self.state.allocations);
         let cfg = pool::overlay(&file, &kept);
         // The file fits on its own (validated); with what applications hold it may not. An
@@ -332,6 +337,9 @@ impl Node {
                 // `havip reload` once read the previous reload's verdict.
                 if crate::faults::take("reload:slow_verdict") {
                     tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                if let Some(c) = &self.cluster {
+                    c.set_vips(cluster_vips(&self.cfg));
                 }
                 self.finish_reload(generation, true, summary);
             }
