@@ -11,7 +11,6 @@
 //! - `record`, `wire`: the etcd record and the heartbeat datagram.
 //! - `store`: etcd; `service`: the thread that runs it all; `clock`: CLOCK_BOOTTIME.
 
-pub mod clock;
 pub mod decide;
 pub mod peers;
 pub mod record;

@@ -58,13 +58,27 @@ pub struct PeerState {
     pub paths: BTreeMap<String, PathStats>,
 }
 
+/// One of our recent heartbeats, kept to match acknowledgements: an acknowledgement
+/// promises something only about what the acknowledged heartbeat said.
+#[derive(Debug, Clone)]
+struct Sent {
+    seq: u64,
+    at: Duration,
+    restarting: bool,
+    serves: BTreeSet<IpAddr>,
+}
+
+/// Our heartbeat `seq`, if still remembered.
+fn find_sent(sent: &VecDeque<Sent>, seq: u64) -> Option<&Sent> {
+    sent.iter().find(|s| s.seq == seq)
+}
+
 pub struct Peers {
     pub me: String,
     pub incarnation: u64,
     timing: Timing,
     pub peers: BTreeMap<String, PeerState>,
-    /// Our recent heartbeats: (seq, sent at, restarting).
-    sent: VecDeque<(u64, Duration, bool)>,
+    sent: VecDeque<Sent>,
     next_seq: u64,
 }
 
@@ -120,8 +134,8 @@ impl Peers {
         for a in &hb.acks {
             if a.node == self.me && a.incarnation == self.incarnation {
                 p.ack = Some((a.seq, Duration::from_millis(a.promise_ms as u64)));
-                if let Some(&(_, sent_at, _)) = self.sent.iter().find(|(s, _, _)| *s == a.seq) {
-                    p.rtt = Some(now.saturating_sub(sent_at).saturating_sub(Duration::from_micros(a.delay_us as u64)));
+                if let Some(sent) = find_sent(&self.sent, a.seq) {
+                    p.rtt = Some(now.saturating_sub(sent.at).saturating_sub(Duration::from_micros(a.delay_us as u64)));
                 }
             }
         }
@@ -152,9 +166,15 @@ impl Peers {
         }
     }
 
+    fn sent(&self, seq: u64) -> Option<&Sent> {
+        find_sent(&self.sent, seq)
+    }
+
     /// Until when this node may serve `vip` on acknowledgements alone: every other
     /// candidate acknowledged a heartbeat that listed it, and serves it not itself.
-    /// `None` when one of them has not.
+    /// `None` when one of them has not. An acknowledgement of a heartbeat that did not
+    /// list the VIP promises nothing about it: the peer only holds back VIPs our latest
+    /// heartbeat it received listed.
     pub fn acked_until(&self, vip: IpAddr, candidates: &[String]) -> Option<Duration> {
         let mut until: Option<Duration> = None;
         for c in candidates.iter().filter(|c| **c != self.me) {
@@ -163,8 +183,8 @@ impl Peers {
                 return None;
             }
             let (seq, promise) = p.ack?;
-            let &(_, sent_at, _) = self.sent.iter().find(|(s, _, _)| *s == seq)?;
-            let t = sent_at + self.timing.acked_for(promise);
+            let sent = self.sent(seq).filter(|s| s.serves.contains(&vip))?;
+            let t = sent.at + self.timing.acked_for(promise);
             until = Some(until.map_or(t, |u| u.min(t)));
         }
         // A VIP with no other candidate has nobody to take it over: acknowledgements are
@@ -184,7 +204,7 @@ impl Peers {
     pub fn next_heartbeat(&mut self, now: Duration, serves: Vec<(IpAddr, u64)>, restarting: bool, withhold: &BTreeSet<String>) -> Heartbeat {
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.sent.push_back((seq, now, restarting));
+        self.sent.push_back(Sent { seq, at: now, restarting, serves: serves.iter().map(|(v, _)| *v).collect() });
         while self.sent.len() > SENT_KEPT {
             self.sent.pop_front();
         }
@@ -219,10 +239,8 @@ impl Peers {
         for n in names.iter().filter(|n| **n != self.me) {
             let p = self.peers.get(n)?;
             let (seq, promise) = p.ack?;
-            let &(_, at, restarting) = self.sent.iter().find(|(s, _, _)| *s == seq)?;
-            if !restarting {
-                return None;
-            }
+            let sent = self.sent(seq).filter(|s| s.restarting)?;
+            let at = sent.at;
             out = Some(match out {
                 None => (at, promise),
                 Some((a, pr)) => (a.min(at), pr.min(promise)),
@@ -321,8 +339,16 @@ mod tests {
         // An acknowledgement of an earlier run does not count.
         p.on_heartbeat(&hb("c", 2, &[], &[], &[("a", 99, 1)]), ms(104));
         assert_eq!(p.acked_until(vip, &cands), None);
+        // Nor one of a heartbeat that did not list the VIP.
+        let other: IpAddr = "198.18.130.2".parse().unwrap();
+        p.on_heartbeat(&hb("c", 3, &[], &[], &[("a", 100, 1)]), ms(104));
+        assert_eq!(p.acked_until(other, &cands), None, "heartbeat 1 listed only {vip}");
+        let h = p.next_heartbeat(ms(110), vec![(vip, 7), (other, 8)], false, &BTreeSet::new());
+        p.on_heartbeat(&hb("b", 2, &[], &[], &[("a", 100, h.seq)]), ms(111));
+        p.on_heartbeat(&hb("c", 4, &[], &[], &[("a", 100, h.seq)]), ms(111));
+        assert_eq!(p.acked_until(other, &cands), Some(ms(110) + timing().acked_for(ms(40))));
         // Nor one from a peer that serves the VIP itself.
-        p.on_heartbeat(&hb("c", 3, &[("198.18.130.1", 9)], &[], &[("a", 100, 1)]), ms(105));
+        p.on_heartbeat(&hb("c", 5, &[("198.18.130.1", 9)], &[], &[("a", 100, 2)]), ms(112));
         assert_eq!(p.acked_until(vip, &cands), None);
     }
 

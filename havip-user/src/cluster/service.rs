@@ -22,7 +22,6 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 
 use super::{
-    clock,
     decide::{self, Action, Local},
     peers::Peers,
     record::{self, VipRecord},
@@ -32,7 +31,7 @@ use super::{
 };
 use crate::{
     config::cluster::Cluster,
-    kernel::{announce::Announcer, dataplane::Maps, pins::PinLayout},
+    kernel::{announce::Announcer, clock, dataplane::Maps, pins::PinLayout},
 };
 
 /// A cluster VIP as the configuration gives it: address and candidate nodes.

@@ -484,10 +484,7 @@ impl Dataplane {
             return true;
         }
         let Ok(f) = self.maps.fences.get(&info.id, 0) else { return false };
-        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-        // SAFETY: a valid out-pointer.
-        unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
-        (ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64) < f.serve_until_ns
+        (crate::kernel::clock::now().as_nanos() as u64) < f.serve_until_ns
     }
 
     /// Which NIC VIP `id` is bound to now (`ifindex` 0: none).

@@ -4,6 +4,7 @@
 pub mod announce;
 pub mod bpf_read;
 pub mod classes;
+pub mod clock;
 pub mod dataplane;
 pub mod map_layout;
 pub mod netlink;
