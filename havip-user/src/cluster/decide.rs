@@ -19,6 +19,11 @@ pub enum Local {
     Serving { epoch: u64 },
 }
 
+/// Every reason an ownership change is made for (the records and the metrics name them):
+/// `initial` (first claim of an unowned VIP), `owner-silent` (takeover), `giveback` (a
+/// planned handover to a recovered preferred node).
+pub const CHANGE_REASONS: [&str; 3] = ["initial", "owner-silent", "giveback"];
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     /// Write the record with this node as owner, if its revision is still `expected`

@@ -99,6 +99,13 @@ pub struct Counters {
     pub claims_lost: u64,
     pub starts: u64,
     pub stops: u64,
+    /// etcd round trips: reads (each a confirmation attempt) and writes, with their summed
+    /// latency, so a rate of one over the other gives the mean.
+    pub etcd_reads: u64,
+    pub etcd_read_us_total: u64,
+    pub etcd_writes: u64,
+    pub etcd_write_us_total: u64,
+    pub etcd_write_failures: u64,
 }
 
 /// The running service.
@@ -112,6 +119,11 @@ pub struct Handle {
 impl Handle {
     pub fn status(&self) -> Status {
         self.status.lock().expect("status lock").clone()
+    }
+
+    /// Where the service publishes its status (every 100 ms), for the metrics exporter.
+    pub fn status_source(&self) -> Arc<Mutex<Status>> {
+        self.status.clone()
     }
 
     /// A reload changed the VIPs.
@@ -201,7 +213,7 @@ impl PathSocket {
 
 enum StoreEvent {
     Read { sent_at: Duration, latency: Duration, result: anyhow::Result<Snapshot> },
-    Wrote { vip: IpAddr, kind: WriteKind, written: VipRecord, done_at: Duration, result: anyhow::Result<Option<u64>> },
+    Wrote { vip: IpAddr, kind: WriteKind, written: VipRecord, done_at: Duration, latency: Duration, result: anyhow::Result<Option<u64>> },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -427,35 +439,16 @@ impl Service {
 
     fn on_store(&mut self, ev: StoreEvent) {
         match ev {
-            StoreEvent::Read { sent_at, latency, result } => match result {
-                Ok(Snapshot { revision, records }) => {
-                    // Sent before one of our own writes committed: it shows a past this node
-                    // already left (a won record as still the old owner's).
-                    if revision < self.known_revision {
-                        return;
-                    }
-                    self.known_revision = revision;
-                    self.counters.confirmations += 1;
-                    self.read_latency = Some(latency);
-                    for (v, l) in &self.local {
-                        if let (Local::Serving { epoch }, Some((r, e))) = (l, records.get(v)) {
-                            if r.owner == self.c.node && e == epoch {
-                                self.confirmed_until.insert(*v, sent_at + self.t.lease);
-                            }
-                        }
-                    }
-                    self.records = records;
-                    self.records_at = Some(sent_at);
-                }
-                Err(e) => {
-                    self.counters.confirmation_failures += 1;
-                    if self.counters.confirmation_failures.is_power_of_two() {
-                        warn!(error = %format!("{e:#}"), failures = self.counters.confirmation_failures, "etcd read failed; serving on peer acknowledgements");
-                    }
-                }
-            },
-            StoreEvent::Wrote { vip, kind, written, done_at, result } => {
+            StoreEvent::Read { sent_at, latency, result } => {
+                self.counters.etcd_reads += 1;
+                self.counters.etcd_read_us_total += latency.as_micros() as u64;
+                self.on_read(sent_at, latency, result);
+            }
+            StoreEvent::Wrote { vip, kind, written, done_at, latency, result } => {
                 self.pending_writes.remove(&vip);
+                self.counters.etcd_writes += 1;
+                self.counters.etcd_write_us_total += latency.as_micros() as u64;
+                self.counters.etcd_write_failures += result.is_err() as u64;
                 match (&kind, result) {
                     (WriteKind::Claim { from, reason }, Ok(Some(epoch))) => {
                         *self.counters.claims.entry(reason.to_string()).or_default() += 1;
@@ -484,6 +477,36 @@ impl Service {
                     }
                     (WriteKind::Handover { to }, Ok(None)) => info!(%vip, %to, "ownership: handover lost to another writer"),
                     (_, Err(e)) => warn!(%vip, kind = ?kind, error = %format!("{e:#}"), "ownership: write failed"),
+                }
+            }
+        }
+    }
+
+    fn on_read(&mut self, sent_at: Duration, latency: Duration, result: anyhow::Result<Snapshot>) {
+        match result {
+            Ok(Snapshot { revision, records }) => {
+                // Sent before one of our own writes committed: it shows a past this node
+                // already left (a won record as still the old owner's).
+                if revision < self.known_revision {
+                    return;
+                }
+                self.known_revision = revision;
+                self.counters.confirmations += 1;
+                self.read_latency = Some(latency);
+                for (v, l) in &self.local {
+                    if let (Local::Serving { epoch }, Some((r, e))) = (l, records.get(v)) {
+                        if r.owner == self.c.node && e == epoch {
+                            self.confirmed_until.insert(*v, sent_at + self.t.lease);
+                        }
+                    }
+                }
+                self.records = records;
+                self.records_at = Some(sent_at);
+            }
+            Err(e) => {
+                self.counters.confirmation_failures += 1;
+                if self.counters.confirmation_failures.is_power_of_two() {
+                    warn!(error = %format!("{e:#}"), failures = self.counters.confirmation_failures, "etcd read failed; serving on peer acknowledgements");
                 }
             }
         }
@@ -743,8 +766,10 @@ async fn reader(mut store: Store, every: Duration, tx: mpsc::UnboundedSender<Sto
 
 async fn writer(mut store: Store, mut rx: mpsc::UnboundedReceiver<(IpAddr, Option<u64>, VipRecord, WriteKind)>, tx: mpsc::UnboundedSender<StoreEvent>) {
     while let Some((vip, expected, rec, kind)) = rx.recv().await {
+        let sent_at = clock::now();
         let result = store.write(vip, expected, &rec).await;
-        if tx.send(StoreEvent::Wrote { vip, kind, written: rec, done_at: clock::now(), result }).is_err() {
+        let done_at = clock::now();
+        if tx.send(StoreEvent::Wrote { vip, kind, written: rec, done_at, latency: done_at.saturating_sub(sent_at), result }).is_err() {
             return;
         }
     }

@@ -170,7 +170,9 @@ async fn serve(opts: DaemonOptions, exporter: StartExporter) -> anyhow::Result<(
 
     if let Some(c) = cfg.cluster.clone() {
         let announce = (cfg.failover.announce_count, cfg.failover.announce_interval);
-        node.cluster = Some(cluster::service::start(c, cluster_vips(&cfg), cfg.nics.clone(), PinLayout::new(&node.opts.pin_root), announce)?);
+        let handle = cluster::service::start(c, cluster_vips(&cfg), cfg.nics.clone(), PinLayout::new(&node.opts.pin_root), announce)?;
+        node.metrics.set_cluster(handle.status_source());
+        node.cluster = Some(handle);
     }
     let sock = api::socket_path(&node.opts.run_dir);
     let (tx, mut rx) = mpsc::channel(256);

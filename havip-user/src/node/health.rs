@@ -7,7 +7,7 @@ use std::{
     time::SystemTime,
 };
 
-use crate::node::binder::Reason;
+use crate::{cluster::service::Status as ClusterStatus, node::binder::Reason};
 
 /// Every binder reason, so each rebind series exists from the start (a series that
 /// appears only on its first increment hides that increment from `increase()`).
@@ -23,6 +23,8 @@ const _: fn(Reason) = |r| match r {
 pub struct DaemonMetrics {
     pub started: SystemTime,
     health: Mutex<Health>,
+    /// The cluster service's status, when the node runs in cluster mode.
+    cluster: Mutex<Option<Arc<Mutex<ClusterStatus>>>>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -40,7 +42,7 @@ pub struct Health {
 impl DaemonMetrics {
     pub fn new() -> Arc<Self> {
         let rebinds = REASONS.iter().map(|r| (r.to_string(), 0)).collect();
-        Arc::new(Self { started: SystemTime::now(), health: Mutex::new(Health { rebinds, ..Health::default() }) })
+        Arc::new(Self { started: SystemTime::now(), health: Mutex::new(Health { rebinds, ..Health::default() }), cluster: Mutex::new(None) })
     }
 
     /// A VIP moved (or was first bound) for `reason`.
@@ -58,6 +60,18 @@ impl DaemonMetrics {
         } else {
             h.applies_failed += 1;
         }
+    }
+
+    /// Cluster mode started: its status is read at each scrape.
+    pub fn set_cluster(&self, status: Arc<Mutex<ClusterStatus>>) {
+        *self.cluster.lock().unwrap_or_else(|p| p.into_inner()) = Some(status);
+    }
+
+    /// A copy of the cluster service's latest status (`None`: not in cluster mode).
+    pub fn cluster(&self) -> Option<ClusterStatus> {
+        let source = self.cluster.lock().unwrap_or_else(|p| p.into_inner()).clone()?;
+        let st = source.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        Some(st)
     }
 
     /// A copy of the counters, for one scrape.

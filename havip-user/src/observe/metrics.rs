@@ -24,6 +24,7 @@ use prometheus_client::{
 use tracing::{debug, error, info};
 
 use crate::{
+    cluster::{decide::CHANGE_REASONS, service::Status as ClusterStatus},
     kernel::pins::PinLayout,
     node::{health::DaemonMetrics, state::State},
     observe::stats::Snapshot,
@@ -58,6 +59,13 @@ impl Exposition {
             family.get_or_create(&labels).set(v);
         }
         self.register(name, help, unit, family);
+    }
+
+    /// An unlabelled counter (written without `{}`, which some parsers reject).
+    fn counter1(&mut self, name: &str, help: &str, v: u64) {
+        let c = Counter::<u64, AtomicU64>::default();
+        c.inc_by(v);
+        self.register(name, help, None, c);
     }
 
     /// An unlabelled gauge (written without `{}`, which some parsers reject).
@@ -123,6 +131,10 @@ pub fn render(snap: Option<&Snapshot>, daemon: &DaemonMetrics) -> String {
         None,
         h.rebinds.iter().map(|(r, n)| (l1("reason", r), *n)),
     );
+
+    if let Some(c) = daemon.cluster() {
+        cluster(&mut x, &c);
+    }
 
     let Some(s) = snap else {
         return encode(&x.registry);
@@ -272,6 +284,64 @@ pub fn render(snap: Option<&Snapshot>, daemon: &DaemonMetrics) -> String {
         s.outcomes.iter().flat_map(|(dir, per)| per.iter().map(move |(o, n)| (l2("direction", dir, "outcome", o), *n))),
     );
     encode(&x.registry)
+}
+
+/// Cluster mode: ownership changes, heartbeats, etcd round trips, lease renewals, and
+/// per-peer and per-VIP state, from the cluster service's latest status (100 ms old at most).
+fn cluster(x: &mut Exposition, c: &ClusterStatus) {
+    let n = &c.counters;
+    x.counter(
+        "havip_cluster_ownership_changes",
+        "VIP ownership changes this node won in etcd, by reason (initial, owner-silent, giveback)",
+        None,
+        CHANGE_REASONS.iter().map(|r| (l1("reason", r), n.claims.get(*r).copied().unwrap_or(0))),
+    );
+    x.counter1("havip_cluster_claims_lost", "Ownership claims that lost their etcd transaction to another writer", n.claims_lost);
+    x.counter1("havip_cluster_serving_starts", "Times this node started serving a cluster VIP", n.starts);
+    x.counter1("havip_cluster_serving_stops", "Times this node stopped serving a cluster VIP", n.stops);
+    x.counter1("havip_cluster_heartbeats_sent", "Heartbeat datagrams sent (one per path and peer address)", n.heartbeats_sent);
+    x.counter(
+        "havip_cluster_heartbeats_received",
+        "Heartbeats received, by peer and the path (sender's NIC) they came over",
+        None,
+        c.peers.iter().flat_map(|p| p.paths.iter().map(move |q| (l2("peer", &p.name, "path", &q.path), q.received))),
+    );
+    x.counter(
+        "havip_cluster_heartbeats_lost",
+        "Heartbeat sequence numbers skipped, by peer and path",
+        None,
+        c.peers.iter().flat_map(|p| p.paths.iter().map(move |q| (l2("peer", &p.name, "path", &q.path), q.lost))),
+    );
+    x.gauge("havip_cluster_peer_up", "1 while the peer's heartbeats arrive (or it holds a planned-restart grace)", None, c.peers.iter().map(|p| (l1("peer", &p.name), if p.alive { 1.0 } else { 0.0 })));
+    x.gauge(
+        "havip_cluster_peer_rtt",
+        "Heartbeat round trip to the peer, from its latest acknowledgement",
+        Some(Unit::Seconds),
+        c.peers.iter().filter_map(|p| Some((l1("peer", &p.name), p.rtt_us? as f64 / 1e6))),
+    );
+    x.counter(
+        "havip_cluster_lease_renewals",
+        "Fence extensions: confirmed by an etcd read (etcd), or on peer acknowledgements alone while etcd was unconfirmed (acknowledged)",
+        None,
+        [(l1("by", "etcd"), n.confirmations), (l1("by", "acknowledged"), n.acked_extensions)],
+    );
+    x.counter1("havip_cluster_etcd_read_failures", "etcd confirmation reads that failed", n.confirmation_failures);
+    x.counter("havip_cluster_etcd_requests", "etcd round trips, by operation (read: the confirmation of every record; write: a transaction)", None, [(l1("op", "read"), n.etcd_reads), (l1("op", "write"), n.etcd_writes)]);
+    let secs = |us: u64| us as f64 / 1e6;
+    let f = Family::<Labels, Counter<f64, AtomicU64>>::default();
+    f.get_or_create(&l1("op", "read")).inc_by(secs(n.etcd_read_us_total));
+    f.get_or_create(&l1("op", "write")).inc_by(secs(n.etcd_write_us_total));
+    x.register("havip_cluster_etcd_request_seconds", "Summed etcd round-trip time, by operation (divide by havip_cluster_etcd_requests for the mean)", None, f);
+    x.gauge1("havip_cluster_etcd_last_read_latency", "The latest etcd confirmation read's round trip", Some(Unit::Seconds), c.etcd_read_latency_us.map_or(f64::NAN, |u| secs(u)));
+    x.gauge1(
+        "havip_cluster_etcd_last_ok_age",
+        "Since the latest successful etcd read was sent (NaN: none yet)",
+        Some(Unit::Seconds),
+        c.etcd_last_ok_ms.map_or(f64::NAN, |m| m as f64 / 1000.0),
+    );
+    x.gauge("havip_cluster_vip_serving", "1 while this node serves the cluster VIP (its kernel fence is open)", None, c.vips.iter().map(|v| (l1("vip", v.vip), if v.here == "serving" { 1.0 } else { 0.0 })));
+    x.gauge("havip_cluster_vip_epoch", "The VIP's ownership epoch in etcd (the record's revision)", None, c.vips.iter().map(|v| (l1("vip", v.vip), v.epoch as f64)));
+    x.gauge("havip_cluster_vip_lease_left", "Time left on this node's kernel fence for the VIP", Some(Unit::Seconds), c.vips.iter().map(|v| (l1("vip", v.vip), v.lease_left_ms as f64 / 1000.0)));
 }
 
 fn encode(r: &Registry) -> String {
@@ -462,6 +532,59 @@ mod tests {
             assert!(family.is_some() || types.get(name).map(String::as_str) == Some("gauge"), "{name} is neither a counter sample nor a gauge");
         }
         assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn cluster_mode_adds_its_series_with_every_reason_present() {
+        use crate::cluster::service::{Counters, PathStatus, PeerStatus, Status, VipStatus};
+        let d = DaemonMetrics::new();
+        assert!(!render(None, &d).contains("havip_cluster_"), "standalone nodes have no cluster series");
+        let mut counters = Counters { heartbeats_sent: 40, confirmations: 7, acked_extensions: 2, etcd_reads: 9, etcd_read_us_total: 4_500, ..Default::default() };
+        counters.claims.insert("owner-silent".into(), 3);
+        let status = Status {
+            node: "n1".into(),
+            etcd_read_latency_us: Some(1_500),
+            etcd_last_ok_ms: Some(250),
+            peers: vec![PeerStatus {
+                name: "n2".into(),
+                alive: true,
+                rtt_us: Some(200),
+                paths: vec![PathStatus { path: "eth1".into(), received: 11, lost: 1, last_heard_ms: 3 }],
+                ..Default::default()
+            }],
+            vips: vec![VipStatus {
+                vip: "198.18.130.1".parse().unwrap(),
+                owner: Some("n1".into()),
+                epoch: 12,
+                here: "serving".into(),
+                lease_left_ms: 35,
+                candidates: vec!["n1".into(), "n2".into()],
+            }],
+            counters,
+            ..Default::default()
+        };
+        d.set_cluster(Arc::new(std::sync::Mutex::new(status)));
+        let text = render(None, &d);
+        for line in [
+            "havip_cluster_ownership_changes_total{reason=\"owner-silent\"} 3",
+            "havip_cluster_ownership_changes_total{reason=\"initial\"} 0",
+            "havip_cluster_ownership_changes_total{reason=\"giveback\"} 0",
+            "havip_cluster_heartbeats_sent_total 40",
+            "havip_cluster_heartbeats_received_total{peer=\"n2\",path=\"eth1\"} 11",
+            "havip_cluster_heartbeats_lost_total{peer=\"n2\",path=\"eth1\"} 1",
+            "havip_cluster_peer_up{peer=\"n2\"} 1.0",
+            "havip_cluster_peer_rtt_seconds{peer=\"n2\"} 0.0002",
+            "havip_cluster_lease_renewals_total{by=\"etcd\"} 7",
+            "havip_cluster_lease_renewals_total{by=\"acknowledged\"} 2",
+            "havip_cluster_etcd_requests_total{op=\"read\"} 9",
+            "havip_cluster_etcd_request_seconds_total{op=\"read\"} 0.0045",
+            "havip_cluster_etcd_last_read_latency_seconds 0.0015",
+            "havip_cluster_vip_serving{vip=\"198.18.130.1\"} 1.0",
+            "havip_cluster_vip_epoch{vip=\"198.18.130.1\"} 12.0",
+            "havip_cluster_vip_lease_left_seconds{vip=\"198.18.130.1\"} 0.035",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing `{line}` in:\n{text}");
+        }
     }
 
     #[test]
