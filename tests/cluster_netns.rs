@@ -124,6 +124,69 @@ fn owner_crash_moves_the_vip_to_the_first_successor() {
     assert_eq!(report.answered_by.get("n3").copied().unwrap_or(0), 0, "n3 answered although n2, the first successor, was alive");
     // The stream resumed: the last 300 ms were answered.
     assert!(report.tail_gap() < Duration::from_millis(100), "the stream did not resume: tail gap {:?}", report.tail_gap());
+    // The takeover is counted where operators look.
+    assert_eq!(r.lab.metric(2, "havip_cluster_ownership_changes_total{reason=\"owner-silent\"}"), Some(1.0), "{}", r.lab.metrics(2));
+    assert_eq!(r.lab.metric(2, "havip_cluster_vip_serving{vip=\"198.18.130.1\"}"), Some(1.0));
+    assert_eq!(r.lab.metric(3, "havip_cluster_ownership_changes_total{reason=\"owner-silent\"}"), Some(0.0));
+    assert_eq!(r.lab.metric(3, "havip_cluster_peer_up{peer=\"n1\"}"), Some(0.0));
+    assert!(r.lab.metric(2, "havip_cluster_lease_renewals_total{by=\"etcd\"}").unwrap_or(0.0) > 0.0);
+}
+
+#[test]
+fn an_owner_with_all_links_cut_loses_its_vip_and_stays_silent_when_they_return() {
+    // havipd keeps running on n1 but hears nobody and reaches no etcd: its fence lapses
+    // on its own; n2 takes over. When the cables return (a node rejoining after a
+    // partition), n1 must learn from etcd that it lost and never answer again.
+    let mut r = Run::start(3, 1, same);
+    r.lab.node_links(1, false);
+    wait_owner(&r.lab, 2, "n2", Duration::from_secs(5));
+    sleep(Duration::from_millis(500));
+    r.lab.node_links(1, true);
+    sleep(Duration::from_millis(1500));
+    let report = r.finish();
+    assert!(report.answered_by.get("n2").copied().unwrap_or(0) > 50, "n2 did not carry the stream: {:?}", report.answered_by);
+    assert!(report.tail_gap() < Duration::from_millis(100), "the stream did not resume: {:?}", report.tail_gap());
+    let last = report.answers.last().map(|a| a.node.clone());
+    assert_eq!(last.as_deref(), Some("n2"), "the VIP went back to n1 before the hold-down");
+    assert_eq!(owner(&r.lab, 1), Some(("n2".to_string(), "idle".to_string())), "n1 after rejoining");
+    let gaps = report.gaps_over(Duration::from_millis(20));
+    eprintln!("gaps over 20 ms: {gaps:?}");
+    assert_eq!(gaps.len(), 1, "only the failover may leave a gap; the rejoin must not: {gaps:?}");
+}
+
+#[test]
+fn an_owner_cut_from_its_peers_only_keeps_its_vip_on_its_sign_of_life_in_etcd() {
+    // Heartbeats to and from n1 are dropped; etcd still answers it. n1 rewrites its sign
+    // of life in etcd while it misses its peers; they see it change and hold back instead
+    // of taking over (and n1 would take it back the same way: the two sides would fight).
+    let mut r = Run::start(3, 1, same);
+    r.lab.cut_peers(1, true);
+    sleep(Duration::from_secs(2));
+    assert_eq!(owner(&r.lab, 2).map(|(o, _)| o), Some("n1".to_string()), "taken over from a live owner");
+    r.lab.cut_peers(1, false);
+    sleep(Duration::from_millis(500));
+    let report = r.finish();
+    assert_eq!(report.answered_by.get("n2").copied().unwrap_or(0), 0, "the VIP moved");
+    assert!(report.longest_gap < Duration::from_millis(50), "gap {:?}", report.longest_gap);
+    let n2 = r.lab.node_log(2);
+    assert!(n2.contains("alive in etcd; not taking over"), "n2 never held back:\n{}", tail(&n2));
+    assert!(r.lab.metric(2, "havip_cluster_takeovers_held_total").unwrap_or(0.0) >= 1.0);
+    assert!(r.lab.metric(1, "havip_cluster_signs_of_life_written_total").unwrap_or(0.0) >= 10.0, "{}", r.lab.metrics(1));
+}
+
+#[test]
+fn killing_the_etcd_leader_moves_nothing_and_loses_no_probe() {
+    let mut r = Run::start(2, 3, same);
+    let leader = r.lab.etcd_leader();
+    r.lab.kill_etcd_member(leader);
+    // A new leader is elected (election timeout 500 ms in the harness), and clients fail over.
+    sleep(Duration::from_secs(3));
+    r.lab.restart_etcd_member(leader);
+    sleep(Duration::from_secs(2));
+    let report = r.finish();
+    assert_eq!(report.answered_by.get("n2").copied().unwrap_or(0), 0, "the VIP moved when the etcd leader died");
+    assert!(report.longest_gap < Duration::from_millis(50), "probes went unanswered for {:?}", report.longest_gap);
+    assert_eq!(owner(&r.lab, 2).map(|(o, _)| o), Some("n1".to_string()));
 }
 
 #[test]

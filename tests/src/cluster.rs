@@ -398,6 +398,28 @@ impl ClusterLab {
         Command::new(crate::bin("havip")).arg("--pin-path").arg(&node.pin_root).arg("--run-dir").arg(&node.run_dir).args(args).output().expect("running havip")
     }
 
+    /// Node `k`'s Prometheus exposition (`/metrics` on its default address, in its namespace).
+    pub fn metrics(&self, k: usize) -> String {
+        use std::io::{Read, Write};
+        let ns = self.node(k).ns.name.clone();
+        let text = havip_user::kernel::netns::in_netns(&ns, move || -> std::io::Result<String> {
+            let addr: std::net::SocketAddr = "127.0.0.1:9469".parse().unwrap();
+            let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            // HTTP/1.0: the answer ends with the connection.
+            s.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+            let mut text = String::new();
+            s.read_to_string(&mut text)?;
+            Ok(text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
+        });
+        text.expect("entering the node's namespace").unwrap_or_else(|e| panic!("scraping n{k}'s metrics: {e}"))
+    }
+
+    /// One sample of node `k`'s metrics (`name{labels} value`), if present.
+    pub fn metric(&self, k: usize, sample: &str) -> Option<f64> {
+        self.metrics(k).lines().find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
+    }
+
     // --- faults in a node's namespace (nftables) ---
 
     /// Installs (or removes) nftables table `table` in node `k`'s namespace. Each fault has

@@ -44,6 +44,9 @@ pub struct Inputs<'a> {
     pub configured: &'a [String],
     pub record: Option<(&'a VipRecord, u64)>,
     pub local: Local,
+    /// The record's owner rewrote its sign of life in etcd recently: it is alive, only cut
+    /// from (some of) its peers.
+    pub owner_alive_in_etcd: bool,
 }
 
 pub struct Settings {
@@ -91,7 +94,7 @@ pub fn decide(i: &Inputs, peers: &Peers, now: Duration, s: &Settings) -> Option<
     if !s.settled {
         return None;
     }
-    let owner_gone = if peers.peers.contains_key(&rec.owner) { peers.suspected(&rec.owner, now) } else { true };
+    let owner_gone = if peers.peers.contains_key(&rec.owner) { peers.suspected(&rec.owner, now) && !i.owner_alive_in_etcd } else { true };
     if !owner_gone {
         return None;
     }
@@ -145,10 +148,14 @@ mod tests {
     }
 
     fn run(me: &str, alive: &[(&str, u64)], record: Option<&VipRecord>, local: Local, settled: bool) -> Option<Action> {
+        run_with(me, alive, record, local, settled, false)
+    }
+
+    fn run_with(me: &str, alive: &[(&str, u64)], record: Option<&VipRecord>, local: Local, settled: bool, owner_alive_in_etcd: bool) -> Option<Action> {
         let now = 100_000;
         let p = peers(me, alive, now);
         let configured: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
-        let i = Inputs { vip: "198.18.130.1".parse().unwrap(), configured: &configured, record: record.map(|r| (r, 7)), local };
+        let i = Inputs { vip: "198.18.130.1".parse().unwrap(), configured: &configured, record: record.map(|r| (r, 7)), local, owner_alive_in_etcd };
         decide(&i, &p, ms(now), &Settings { giveback_hold_down: ms(30_000), settled })
     }
 
@@ -181,5 +188,16 @@ mod tests {
         for (name, me, alive, record, local, settled, want) in cases {
             assert_eq!(run(me, alive, record.as_ref(), local, settled), want, "{name}");
         }
+    }
+
+    #[test]
+    fn an_owner_silent_on_heartbeats_but_alive_in_etcd_keeps_its_vip() {
+        // Cut from its peers, not dead: no takeover (the other side of a split would take
+        // it back the same way, and they would fight over it).
+        assert_eq!(run_with("b", &[("c", 0)], Some(&rec("a")), Local::Idle, true, true), None);
+        assert_eq!(run_with("b", &[("c", 0)], Some(&rec("a")), Local::Idle, true, false), Some(Action::Claim { expected: Some(7), from: Some("a".into()), reason: "owner-silent" }));
+        // It only holds back takeovers: the owner itself still serves, a loser still stops.
+        assert_eq!(run_with("a", &[], Some(&rec("a")), Local::Idle, true, true), Some(Action::Start { epoch: 7 }));
+        assert_eq!(run_with("a", &[], Some(&rec("b")), Local::Serving { epoch: 7 }, true, true), Some(Action::Stop { owner: "b".into() }));
     }
 }

@@ -27,6 +27,31 @@ pub struct VipRecord {
     pub at_unix_ms: u64,
 }
 
+/// A node's sign of life in etcd, `<key_prefix>/nodes/<name>`: rewritten every `every_ms`
+/// while the node misses heartbeats of some peer. A peer that cannot hear it sees the key
+/// change and knows it is alive (cut from its peers, not dead), so it does not take its
+/// VIPs over: the two sides of a split in the heartbeat network do not fight over them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeMark {
+    pub node: String,
+    pub incarnation: u64,
+    /// The next rewrite comes within this many ms.
+    pub every_ms: u64,
+    /// Bumped by every rewrite, so the value differs each time.
+    pub count: u64,
+}
+
+/// The key of a node's sign of life.
+pub fn node_key(prefix: &str, node: &str) -> String {
+    format!("{prefix}/nodes/{node}")
+}
+
+/// The node a key names, if it is a sign-of-life key under `prefix`.
+pub fn node_of<'k>(prefix: &str, key: &'k [u8]) -> Option<&'k str> {
+    let k = std::str::from_utf8(key).ok()?;
+    k.strip_prefix(prefix)?.strip_prefix("/nodes/").filter(|n| !n.is_empty())
+}
+
 /// The key of a VIP's record.
 pub fn key(prefix: &str, vip: IpAddr) -> String {
     format!("{prefix}/vips/{vip}")
@@ -57,6 +82,9 @@ mod tests {
             assert_eq!(vip_of("/havip", key("/havip", ip).as_bytes()), Some(ip));
         }
         assert_eq!(vip_of("/havip", b"/havip/nodes/a"), None);
+        assert_eq!(node_of("/havip", node_key("/havip", "n1").as_bytes()), Some("n1"));
+        assert_eq!(node_of("/havip", key("/havip", "198.18.130.1".parse().unwrap()).as_bytes()), None);
+        assert_eq!(node_of("/havip", b"/havipx/nodes/n1"), None);
         assert_eq!(vip_of("/havip", b"/other/vips/198.18.130.1"), None);
     }
 }

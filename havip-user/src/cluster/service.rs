@@ -24,8 +24,8 @@ use tracing::{info, warn};
 use super::{
     decide::{self, Action, Local},
     peers::Peers,
-    record::{self, VipRecord},
-    store::{Records, Snapshot, Store},
+    record::{self, NodeMark, VipRecord},
+    store::{Marks, Records, Snapshot, Store},
     timing::Timing,
     wire::Heartbeat,
 };
@@ -57,6 +57,8 @@ pub struct PeerStatus {
     pub name: String,
     pub alive: bool,
     pub suspected: bool,
+    /// Its sign of life in etcd changed recently: alive even when its heartbeats are lost.
+    pub alive_in_etcd: bool,
     pub alive_for_ms: u64,
     pub rtt_us: Option<u64>,
     pub paths: Vec<PathStatus>,
@@ -106,6 +108,10 @@ pub struct Counters {
     pub etcd_writes: u64,
     pub etcd_write_us_total: u64,
     pub etcd_write_failures: u64,
+    /// Rewrites of this node's sign of life (while it misses some peer's heartbeats).
+    pub marks_written: u64,
+    /// Takeovers not made: the silent owner was alive in etcd (a split, not a death).
+    pub takeovers_held: u64,
 }
 
 /// The running service.
@@ -214,7 +220,23 @@ impl PathSocket {
 enum StoreEvent {
     Read { sent_at: Duration, latency: Duration, result: anyhow::Result<Snapshot> },
     Wrote { vip: IpAddr, kind: WriteKind, written: VipRecord, done_at: Duration, latency: Duration, result: anyhow::Result<Option<u64>> },
+    Marked { latency: Duration, result: anyhow::Result<()> },
 }
+
+/// What this node knows of a peer's sign of life in etcd.
+#[derive(Debug, Clone, Copy)]
+struct Life {
+    revision: u64,
+    /// Send time of the first read that showed this revision.
+    seen_at: Duration,
+    every: Duration,
+}
+
+/// How long a node rewrites its sign of life every `suspect_after / 2` after it first
+/// misses a peer, before it slows to [`MARK_SLOW`]: a peer that is merely dead costs one
+/// etcd write a second, not fifty.
+const MARK_FAST_FOR: Duration = Duration::from_secs(10);
+const MARK_SLOW: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, PartialEq)]
 enum WriteKind {
@@ -250,6 +272,15 @@ struct Service {
     known_revision: u64,
     restarting: bool,
     counters: Counters,
+    /// Peers' signs of life, and whether one read has been taken in (marks present at the
+    /// first read are old news, not evidence of life).
+    life: BTreeMap<String, Life>,
+    marks_read: bool,
+    /// Since when some peer's heartbeats are missing (sign of life being written meanwhile).
+    doubt_since: Option<Duration>,
+    mark_every: watch::Sender<Option<Duration>>,
+    /// Owners whose takeover is held back (logged once per episode).
+    held: BTreeSet<String>,
 }
 
 impl Service {
@@ -278,6 +309,11 @@ impl Service {
             ids: BTreeMap::new(),
             pending_writes: BTreeSet::new(),
             known_revision: 0,
+            life: BTreeMap::new(),
+            marks_read: false,
+            doubt_since: None,
+            mark_every: watch::channel(None).0,
+            held: BTreeSet::new(),
             restarting: false,
             counters: Counters::default(),
             c,
@@ -289,6 +325,8 @@ impl Service {
         let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
         let (write_tx, write_rx) = mpsc::unbounded_channel();
         tokio::spawn(reader(store.clone(), self.t.confirm_every, ev_tx.clone()));
+        let mark = NodeMark { node: self.c.node.clone(), incarnation: self.peers.incarnation, every_ms: 0, count: 0 };
+        tokio::spawn(marker(store.clone(), mark, self.mark_every.subscribe(), ev_tx.clone()));
         tokio::spawn(writer(store, write_rx, ev_tx));
         let mut hb = tokio::time::interval(self.t.heartbeat_every);
         hb.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -444,6 +482,14 @@ impl Service {
                 self.counters.etcd_read_us_total += latency.as_micros() as u64;
                 self.on_read(sent_at, latency, result);
             }
+            StoreEvent::Marked { latency, result } => {
+                self.counters.etcd_writes += 1;
+                self.counters.etcd_write_us_total += latency.as_micros() as u64;
+                match result {
+                    Ok(()) => self.counters.marks_written += 1,
+                    Err(_) => self.counters.etcd_write_failures += 1,
+                }
+            }
             StoreEvent::Wrote { vip, kind, written, done_at, latency, result } => {
                 self.pending_writes.remove(&vip);
                 self.counters.etcd_writes += 1;
@@ -484,7 +530,7 @@ impl Service {
 
     fn on_read(&mut self, sent_at: Duration, latency: Duration, result: anyhow::Result<Snapshot>) {
         match result {
-            Ok(Snapshot { revision, records }) => {
+            Ok(Snapshot { revision, records, marks }) => {
                 // Sent before one of our own writes committed: it shows a past this node
                 // already left (a won record as still the old owner's).
                 if revision < self.known_revision {
@@ -502,6 +548,7 @@ impl Service {
                 }
                 self.records = records;
                 self.records_at = Some(sent_at);
+                self.take_marks(marks, sent_at);
             }
             Err(e) => {
                 self.counters.confirmation_failures += 1;
@@ -512,10 +559,53 @@ impl Service {
         }
     }
 
+    /// Notes which peers' signs of life changed since the last read.
+    fn take_marks(&mut self, marks: Marks, sent_at: Duration) {
+        for (node, (revision, every)) in marks {
+            if node == self.c.node {
+                continue;
+            }
+            let changed = self.life.get(&node).is_none_or(|l| l.revision != revision);
+            if changed {
+                // At the first read, a mark is whatever a peer wrote once: no evidence.
+                let seen_at = if self.marks_read { sent_at } else { Duration::ZERO };
+                self.life.insert(node, Life { revision, seen_at, every });
+            }
+        }
+        self.marks_read = true;
+    }
+
+    /// `node` rewrote its sign of life recently enough that the next rewrite is not
+    /// overdue by more than the suspicion time.
+    fn alive_in_etcd(&self, node: &str, now: Duration) -> bool {
+        self.life.get(node).is_some_and(|l| l.seen_at != Duration::ZERO && now < l.seen_at + l.every + self.t.suspect_after)
+    }
+
+    /// Writes the sign of life while some peer has been silent for a quarter of the
+    /// suspicion time: early enough that a peer who cannot hear this node reads it before
+    /// it would suspect this node.
+    fn update_mark(&mut self, now: Duration) {
+        let doubt = self.t.suspect_after / 4;
+        let missing = self.peers.peers.iter().any(|(_, p)| p.last_heard.is_none_or(|t| now.saturating_sub(t) >= doubt) && p.restart_hold_until <= now);
+        let every = if missing {
+            let since = *self.doubt_since.get_or_insert(now);
+            Some(if now.saturating_sub(since) < MARK_FAST_FOR { self.t.suspect_after / 2 } else { MARK_SLOW })
+        } else {
+            self.doubt_since = None;
+            None
+        };
+        self.mark_every.send_if_modified(|cur| {
+            let changed = *cur != every;
+            *cur = every;
+            changed
+        });
+    }
+
     fn evaluate(&mut self, write_tx: &mpsc::UnboundedSender<(IpAddr, Option<u64>, VipRecord, WriteKind)>) {
         let now = clock::now();
         let settled = now.saturating_sub(self.started_at) >= self.t.suspect_after + self.t.heartbeat_every;
         let settings = decide::Settings { giveback_hold_down: self.c.giveback_hold_down, settled: settled && !self.restarting };
+        self.update_mark(now);
         for (vip, configured) in self.vips.clone() {
             let local = self.local.get(&vip).copied().unwrap_or(Local::Idle);
             // A won VIP whose wait is over: serve on the latest confirmation.
@@ -528,7 +618,11 @@ impl Service {
             }
             let owned_record = self.records.get(&vip).cloned();
             let record = owned_record.as_ref().map(|(r, e)| (r, *e));
-            let inputs = decide::Inputs { vip, configured: &configured, record, local };
+            let owner_alive_in_etcd = record.is_some_and(|(r, _)| self.alive_in_etcd(&r.owner, now));
+            if let Some((r, _)) = record {
+                self.note_held(vip, &r.owner, owner_alive_in_etcd, now);
+            }
+            let inputs = decide::Inputs { vip, configured: &configured, record, local, owner_alive_in_etcd };
             let action = if self.pending_writes.contains(&vip) { None } else { decide::decide(&inputs, &self.peers, now, &settings) };
             match action {
                 None => {}
@@ -584,6 +678,19 @@ impl Service {
                 }
             }
             self.refresh_fence(vip, &configured, now);
+        }
+    }
+
+    /// Logs (once per episode) that a silent owner keeps its VIP because it is alive in etcd.
+    fn note_held(&mut self, vip: IpAddr, owner: &str, alive_in_etcd: bool, now: Duration) {
+        let holding = owner != self.c.node && alive_in_etcd && self.peers.suspected(owner, now);
+        if holding && self.held.insert(owner.to_string()) {
+            self.counters.takeovers_held += 1;
+            let heard = self.peers.peers.get(owner).and_then(|p| p.last_heard).map(|t| now.saturating_sub(t).as_millis() as u64);
+            let mark = self.life.get(owner).map(|l| now.saturating_sub(l.seen_at).as_millis() as u64);
+            info!(%vip, %owner, owner_heard_ms_ago = heard, mark_seen_ms_ago = mark, "ownership: owner silent on every heartbeat path but alive in etcd; not taking over");
+        } else if !holding && self.held.remove(owner) {
+            info!(%vip, %owner, "ownership: owner heard again or its sign of life stopped; takeovers decided as usual");
         }
     }
 
@@ -710,6 +817,7 @@ impl Service {
                 name: name.clone(),
                 alive: self.peers.alive(name, now),
                 suspected: self.peers.suspected(name, now),
+                alive_in_etcd: self.alive_in_etcd(name, now),
                 alive_for_ms: self.peers.alive_for(name, now).as_millis() as u64,
                 rtt_us: p.rtt.map(|d| d.as_micros() as u64),
                 paths: p
@@ -760,6 +868,30 @@ async fn reader(mut store: Store, every: Duration, tx: mpsc::UnboundedSender<Sto
         let latency = clock::now().saturating_sub(sent_at);
         if tx.send(StoreEvent::Read { sent_at, latency, result }).is_err() {
             return;
+        }
+    }
+}
+
+/// Rewrites this node's sign of life every `every` while the service asks for it.
+async fn marker(mut store: Store, mut mark: NodeMark, mut every: watch::Receiver<Option<Duration>>, tx: mpsc::UnboundedSender<StoreEvent>) {
+    loop {
+        let current = *every.borrow_and_update();
+        let Some(period) = current else {
+            if every.changed().await.is_err() {
+                return;
+            }
+            continue;
+        };
+        mark.every_ms = period.as_millis() as u64;
+        mark.count += 1;
+        let sent_at = clock::now();
+        let result = store.touch(&mark).await;
+        if tx.send(StoreEvent::Marked { latency: clock::now().saturating_sub(sent_at), result }).is_err() {
+            return;
+        }
+        // The next rewrite when due, or at once when the interval changes.
+        if let Ok(Err(_)) = tokio::time::timeout(period, every.changed()).await {
+            return; // the service ended
         }
     }
 }

@@ -1,22 +1,27 @@
 //! etcd, the source of truth for who owns each VIP. Three operations, each one round trip:
-//! a linearizable read of every record (the owner's confirmation and everyone's view), and
-//! a write of one record guarded by its mod revision (or its absence).
+//! a linearizable read of everything under the prefix (every VIP record, the owner's
+//! confirmation and everyone's view, and every node's sign of life), a write of one record
+//! guarded by its mod revision (or its absence), and the rewrite of this node's sign of life.
 
 use std::{collections::BTreeMap, net::IpAddr, time::Duration};
 
 use anyhow::Context;
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, Txn, TxnOp};
 
-use super::record::{self, VipRecord};
+use super::record::{self, NodeMark, VipRecord};
 use crate::config::cluster::Cluster;
 
 /// Every record under the prefix, with its epoch (mod revision).
 pub type Records = BTreeMap<IpAddr, (VipRecord, u64)>;
 
-/// A read: the store's revision it saw, and the records.
+/// Every node's sign of life: name -> (mod revision, announced rewrite interval).
+pub type Marks = BTreeMap<String, (u64, Duration)>;
+
+/// A read: the store's revision it saw, the records and the signs of life.
 pub struct Snapshot {
     pub revision: u64,
     pub records: Records,
+    pub marks: Marks,
 }
 
 #[derive(Clone)]
@@ -70,14 +75,21 @@ impl Store {
         &self.endpoints
     }
 
-    /// Every VIP record, linearizably (etcd's default read): it reflects every write
-    /// committed before the read was sent.
+    /// Every VIP record and sign of life, linearizably (etcd's default read): it reflects
+    /// every write committed before the read was sent.
     pub async fn read_all(&mut self) -> anyhow::Result<Snapshot> {
-        let prefix = record::vips_prefix(&self.prefix);
+        let prefix = format!("{}/", self.prefix);
         let resp = self.client.get(prefix.as_bytes(), Some(GetOptions::new().with_prefix())).await.context("reading the VIP records")?;
         let revision = resp.header().map_or(0, |h| h.revision() as u64);
         let mut out = Records::new();
+        let mut marks = Marks::new();
         for kv in resp.kvs() {
+            if let Some(node) = record::node_of(&self.prefix, kv.key()) {
+                if let Ok(m) = serde_json::from_slice::<NodeMark>(kv.value()) {
+                    marks.insert(node.to_string(), (kv.mod_revision() as u64, Duration::from_millis(m.every_ms)));
+                }
+                continue;
+            }
             let Some(vip) = record::vip_of(&self.prefix, kv.key()) else { continue };
             match serde_json::from_slice::<VipRecord>(kv.value()) {
                 Ok(r) => {
@@ -86,7 +98,14 @@ impl Store {
                 Err(e) => tracing::warn!(%vip, error = %e, "unreadable VIP record in etcd; ignored"),
             }
         }
-        Ok(Snapshot { revision, records: out })
+        Ok(Snapshot { revision, records: out, marks })
+    }
+
+    /// Rewrites this node's sign of life (unconditionally: only this node writes it).
+    pub async fn touch(&mut self, mark: &NodeMark) -> anyhow::Result<()> {
+        let key = record::node_key(&self.prefix, &mark.node);
+        self.client.put(key.as_bytes(), serde_json::to_vec(mark)?, None).await.context("writing this node's sign of life")?;
+        Ok(())
     }
 
     /// Writes `rec` if the record's mod revision is still `expected` (`None`: if it does

@@ -297,6 +297,12 @@ fn cluster(x: &mut Exposition, c: &ClusterStatus) {
         CHANGE_REASONS.iter().map(|r| (l1("reason", r), n.claims.get(*r).copied().unwrap_or(0))),
     );
     x.counter1("havip_cluster_claims_lost", "Ownership claims that lost their etcd transaction to another writer", n.claims_lost);
+    x.counter1(
+        "havip_cluster_takeovers_held",
+        "Takeovers not made because the silent owner was alive in etcd (cut from its peers, not dead)",
+        n.takeovers_held,
+    );
+    x.counter1("havip_cluster_signs_of_life_written", "Rewrites of this node's sign of life in etcd (while it misses some peer's heartbeats)", n.marks_written);
     x.counter1("havip_cluster_serving_starts", "Times this node started serving a cluster VIP", n.starts);
     x.counter1("havip_cluster_serving_stops", "Times this node stopped serving a cluster VIP", n.stops);
     x.counter1("havip_cluster_heartbeats_sent", "Heartbeat datagrams sent (one per path and peer address)", n.heartbeats_sent);
