@@ -23,6 +23,11 @@ fn short_hold_down(cfg: String) -> String {
     out
 }
 
+/// Announcements for 3 s after every start of serving (the default is 3 over 200 ms).
+fn long_announcements(cfg: String) -> String {
+    cfg + "[failover]\nannounce_count = 50\nannounce_interval_ms = 60\n"
+}
+
 /// A cluster of `nodes` with the VIP preferring n1, the client streaming probes at it and
 /// asking for it by ARP every 20 ms, all claims captured.
 struct Run {
@@ -246,6 +251,23 @@ fn one_way_loss_to_one_observer_moves_nothing() {
     let report = r.finish();
     assert_eq!(report.answered_by.get("n2").copied().unwrap_or(0), 0, "n2 took over on one-way loss");
     assert_eq!(owner(&r.lab, 3).map(|(o, _)| o), Some("n1".to_string()));
+}
+
+#[test]
+fn a_node_that_loses_its_vip_stops_announcing_it_at_once() {
+    // n1 announces the VIP for 3 s after it starts serving. Cut from etcd and its peers
+    // half a second in, its fence lapses and n2 takes over while n1's announcements are
+    // still due: each must be checked against the fence, or n1 keeps pointing the client
+    // at a node that drops the traffic (the capture fails the test on any such claim).
+    let mut r = Run::start(2, 1, long_announcements);
+    r.lab.cut_etcd(1, true);
+    r.lab.cut_peers(1, true);
+    wait_owner(&r.lab, 2, "n2", Duration::from_secs(5));
+    sleep(Duration::from_millis(1500));
+    let report = r.finish();
+    assert!(report.tail_gap() < Duration::from_millis(100), "the stream did not resume: {:?}", report.tail_gap());
+    let n1 = r.lab.node_log(1);
+    assert!(n1.contains("announcements stopped: the VIP is no longer served here"), "{}", tail(&n1));
 }
 
 #[test]

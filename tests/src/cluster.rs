@@ -34,6 +34,7 @@ use std::{
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Output, Stdio},
     sync::{
+        Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
     },
@@ -286,7 +287,8 @@ impl ClusterLab {
     // --- havipd ---
 
     /// Node `k`'s havipd config: its two NICs, the lab's etcd, every other node as a peer
-    /// and `vips` with every node as a candidate (in node order), then `extra` verbatim.
+    /// and `vips` with every node as a candidate (VIP i prefers node i+1, then the following
+    /// ones, wrapping: the first VIP n1, n2, ...), then `extra` verbatim.
     /// The timing lines are exact, so a test can `.replace("lease_ms = 40", ...)`.
     pub fn node_config(&self, k: usize, vips: &[&str], extra: &str) -> String {
         cluster_config(k, self.nodes.len(), &self.etcd_endpoints(), &self.key_prefix(), vips, extra)
@@ -675,9 +677,10 @@ pub fn cluster_config(k: usize, nodes: usize, etcd_endpoints: &[String], key_pre
     for j in (1..=nodes).filter(|&j| j != k) {
         s += &format!("[[cluster.peer]]\nname = \"n{j}\"\naddresses = [{}]\n", quoted(&[node_v4(j, 0), node_v4(j, 1)]));
     }
-    let all: Vec<String> = (1..=nodes).map(|j| format!("n{j}")).collect();
-    for vip in vips {
-        s += &format!("[[vip]]\naddress = {vip:?}\nnodes = [{}]\n", quoted(&all));
+    // VIP i prefers node i+1 (wrapping), then the next ones: the first VIP prefers n1.
+    for (i, vip) in vips.iter().enumerate() {
+        let order: Vec<String> = (0..nodes).map(|j| format!("n{}", (i + j) % nodes + 1)).collect();
+        s += &format!("[[vip]]\naddress = {vip:?}\nnodes = [{}]\n", quoted(&order));
     }
     s += extra;
     s
@@ -967,6 +970,19 @@ pub struct ProbeStream {
     started: Instant,
     sender: Option<JoinHandle<Duration>>,
     receiver: Option<JoinHandle<Vec<Answer>>>,
+    live: Arc<Mutex<LiveProbe>>,
+}
+
+/// The stream as it runs, for a live display.
+#[derive(Debug, Clone, Default)]
+pub struct LiveProbe {
+    /// Answers so far (duplicates included).
+    pub answered: u64,
+    /// Who answered last, and when.
+    pub last_node: String,
+    pub last_at: Option<Instant>,
+    /// Longest time between two answers since the last [`ProbeStream::live`] call.
+    pub longest_gap: Duration,
 }
 
 impl ProbeStream {
@@ -984,6 +1000,8 @@ impl ProbeStream {
         let started = Instant::now();
         let rx = sock.try_clone().unwrap();
         let stop = stop_recv.clone();
+        let live = Arc::new(Mutex::new(LiveProbe::default()));
+        let live_rx = live.clone();
         let receiver = std::thread::spawn(move || {
             let clock = Clock::now();
             let mut buf = [0u8; 2048];
@@ -993,7 +1011,17 @@ impl ProbeStream {
                 if let Some(r) = recv_msg(rx.as_raw_fd(), &mut buf, &clock) {
                     if r.len >= 8 {
                         let seq = u64::from_be_bytes(buf[..8].try_into().unwrap());
-                        answers.push(Answer { seq, at: r.at, node: String::from_utf8_lossy(&buf[8..r.len]).into_owned() });
+                        let node = String::from_utf8_lossy(&buf[8..r.len]).into_owned();
+                        {
+                            let mut l = live_rx.lock().unwrap();
+                            if let Some(prev) = l.last_at {
+                                l.longest_gap = l.longest_gap.max(r.at.saturating_duration_since(prev));
+                            }
+                            l.answered += 1;
+                            l.last_at = Some(r.at);
+                            l.last_node.clone_from(&node);
+                        }
+                        answers.push(Answer { seq, at: r.at, node });
                     }
                 }
             }
@@ -1020,7 +1048,19 @@ impl ProbeStream {
             }
             longest
         });
-        Self { stop_send, stop_recv, sent, started, sender: Some(sender), receiver: Some(receiver) }
+        Self { stop_send, stop_recv, sent, started, sender: Some(sender), receiver: Some(receiver), live }
+    }
+
+    /// The stream so far; starts a new window for [`LiveProbe::longest_gap`]. A stream
+    /// without answers now shows its current silence as the gap.
+    pub fn live(&self) -> LiveProbe {
+        let mut l = self.live.lock().unwrap();
+        let mut out = l.clone();
+        if let Some(at) = l.last_at {
+            out.longest_gap = out.longest_gap.max(Instant::now().saturating_duration_since(at));
+        }
+        l.longest_gap = Duration::ZERO;
+        out
     }
 
     /// Probes sent so far.

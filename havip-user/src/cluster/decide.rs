@@ -54,6 +54,21 @@ pub struct Settings {
     /// This node has listened for at least the suspicion time since it started: it knows
     /// which peers are alive, so silence means something.
     pub settled: bool,
+    /// Send time of the etcd read the records come from (`None`: none yet). A claim needs
+    /// a fresh one: a node cut off from etcd would otherwise claim on an old view, and its
+    /// write would land when it reconnects, before it hears its peers again.
+    pub view_sent_at: Option<Duration>,
+}
+
+/// Whether the view is recent enough to claim on: sent within half the suspicion time,
+/// and, for a takeover from `owner`, sent at least three quarters of the suspicion time
+/// after `owner` was last heard. A live owner cut from its peers starts rewriting its sign
+/// of life a quarter of that time into the silence, so such a read shows it.
+fn fresh_for_claim(peers: &Peers, owner: Option<&str>, now: Duration, s: &Settings) -> bool {
+    let d = peers.timing().suspect_after;
+    let Some(sent) = s.view_sent_at else { return false };
+    let last_heard = owner.and_then(|o| peers.peers.get(o)).and_then(|p| p.last_heard);
+    now.saturating_sub(sent) <= d / 2 && last_heard.is_none_or(|h| sent >= h + d * 3 / 4)
 }
 
 /// Why a decision was taken, for the one-line log of every automatic decision.
@@ -64,7 +79,7 @@ pub fn decide(i: &Inputs, peers: &Peers, now: Duration, s: &Settings) -> Option<
             return None;
         }
         let first = i.configured.iter().find(|c| peers.alive(c, now))?;
-        return (first == me).then_some(Action::Claim { expected: None, from: None, reason: "initial" });
+        return (first == me && fresh_for_claim(peers, None, now, s)).then_some(Action::Claim { expected: None, from: None, reason: "initial" });
     };
     if rec.owner == me {
         match i.local {
@@ -99,7 +114,7 @@ pub fn decide(i: &Inputs, peers: &Peers, now: Duration, s: &Settings) -> Option<
         return None;
     }
     let successor = rec.candidates.iter().filter(|c| **c != rec.owner).find(|c| peers.alive(c, now))?;
-    (successor == me).then(|| Action::Claim { expected: Some(epoch), from: Some(rec.owner.clone()), reason: "owner-silent" })
+    (successor == me && fresh_for_claim(peers, Some(&rec.owner), now, s)).then(|| Action::Claim { expected: Some(epoch), from: Some(rec.owner.clone()), reason: "owner-silent" })
 }
 
 #[cfg(test)]
@@ -152,11 +167,23 @@ mod tests {
     }
 
     fn run_with(me: &str, alive: &[(&str, u64)], record: Option<&VipRecord>, local: Local, settled: bool, owner_alive_in_etcd: bool) -> Option<Action> {
+        run_full(me, alive, record, local, settled, owner_alive_in_etcd, Some(ms(100_000)))
+    }
+
+    fn run_full(
+        me: &str,
+        alive: &[(&str, u64)],
+        record: Option<&VipRecord>,
+        local: Local,
+        settled: bool,
+        owner_alive_in_etcd: bool,
+        view_sent_at: Option<Duration>,
+    ) -> Option<Action> {
         let now = 100_000;
         let p = peers(me, alive, now);
         let configured: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
         let i = Inputs { vip: "198.18.130.1".parse().unwrap(), configured: &configured, record: record.map(|r| (r, 7)), local, owner_alive_in_etcd };
-        decide(&i, &p, ms(now), &Settings { giveback_hold_down: ms(30_000), settled })
+        decide(&i, &p, ms(now), &Settings { giveback_hold_down: ms(30_000), settled, view_sent_at })
     }
 
     #[test]
@@ -188,6 +215,33 @@ mod tests {
         for (name, me, alive, record, local, settled, want) in cases {
             assert_eq!(run(me, alive, record.as_ref(), local, settled), want, "{name}");
         }
+    }
+
+    #[test]
+    fn claims_need_a_fresh_view_read_well_into_the_owners_silence() {
+        let takeover = Some(Action::Claim { expected: Some(7), from: Some("a".into()), reason: "owner-silent" });
+        let b_takes = |view: Option<u64>| run_full("b", &[("c", 0)], Some(&rec("a")), Local::Idle, true, false, view.map(ms));
+        assert_eq!(b_takes(Some(100_000)), takeover);
+        assert_eq!(b_takes(Some(99_980)), takeover, "20 ms old: fresh (half the suspicion time)");
+        assert_eq!(b_takes(Some(99_970)), None, "30 ms old: stale");
+        assert_eq!(b_takes(None), None, "etcd never read");
+        // a was heard last at 99_950 (heartbeats every 10 ms from 0 until then, so silent 50 ms):
+        // the view must be sent at >= 99_950 + 30 ms.
+        let from_a = |view: u64| {
+            let now = 100_000;
+            let mut p = peers("b", &[("c", 0)], now);
+            let hb = crate::cluster::wire::Heartbeat { node: "a".into(), incarnation: 1, seq: 1, path: "e".into(), restarting: false, serves: vec![], hears: vec![], acks: vec![] };
+            p.on_heartbeat(&hb, ms(99_950));
+            let configured: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
+            let r = rec("a");
+            let i = Inputs { vip: "198.18.130.1".parse().unwrap(), configured: &configured, record: Some((&r, 7)), local: Local::Idle, owner_alive_in_etcd: false };
+            decide(&i, &p, ms(now), &Settings { giveback_hold_down: ms(30_000), settled: true, view_sent_at: Some(ms(view)) })
+        };
+        assert_eq!(from_a(99_990), takeover);
+        assert_eq!(from_a(99_980), takeover);
+        assert_eq!(from_a(99_979), None, "sent before a's sign of life could show");
+        // The initial claim needs a fresh view too.
+        assert_eq!(run_full("a", &[("a", 0), ("b", 0), ("c", 0)], None, Local::Idle, true, false, Some(ms(99_900))), None);
     }
 
     #[test]

@@ -31,7 +31,12 @@ use super::{
 };
 use crate::{
     config::cluster::Cluster,
-    kernel::{announce::Announcer, clock, dataplane::Maps, pins::PinLayout},
+    kernel::{
+        announce::Announcer,
+        clock,
+        dataplane::{FenceView, Maps},
+        pins::PinLayout,
+    },
 };
 
 /// A cluster VIP as the configuration gives it: address and candidate nodes.
@@ -158,6 +163,7 @@ pub fn start(cluster: Cluster, vips: ClusterVips, nics: Vec<String>, pins: PinLa
     let (vips_tx, vips_rx) = watch::channel(vips);
     let (stop_tx, stop_rx) = oneshot::channel();
     let maps = Maps::open(&pins).context("opening the maps for the cluster fences")?;
+    let fences = FenceView::open(&pins).context("opening the fence maps for announcements")?;
     let recv = bind_receiver(cluster.heartbeat_port)?;
     let st = status.clone();
     let thread = std::thread::Builder::new().name("havip-cluster".into()).spawn(move || {
@@ -176,7 +182,7 @@ pub fn start(cluster: Cluster, vips: ClusterVips, nics: Vec<String>, pins: PinLa
                     return;
                 }
             };
-            let svc = Service::new(cluster, nics, maps, recv, st, announce);
+            let svc = Service::new(cluster, nics, maps, fences, recv, st, announce);
             svc.run(store, vips_rx, stop_rx).await;
         });
     })?;
@@ -281,10 +287,12 @@ struct Service {
     mark_every: watch::Sender<Option<Duration>>,
     /// Owners whose takeover is held back (logged once per episode).
     held: BTreeSet<String>,
+    fences: Arc<FenceView>,
+    announcing: BTreeMap<IpAddr, tokio::task::JoinHandle<()>>,
 }
 
 impl Service {
-    fn new(c: Cluster, nics: Vec<String>, maps: Maps, recv: tokio::net::UdpSocket, status: Arc<Mutex<Status>>, announce: (u32, Duration)) -> Self {
+    fn new(c: Cluster, nics: Vec<String>, maps: Maps, fences: FenceView, recv: tokio::net::UdpSocket, status: Arc<Mutex<Status>>, announce: (u32, Duration)) -> Self {
         let t = Timing::new(&c);
         let incarnation = clock::now().as_nanos() as u64 ^ ((std::process::id() as u64) << 40);
         let peers = Peers::new(&c.node, incarnation, c.peers.iter().map(|p| p.name.clone()), t);
@@ -314,6 +322,8 @@ impl Service {
             doubt_since: None,
             mark_every: watch::channel(None).0,
             held: BTreeSet::new(),
+            fences: Arc::new(fences),
+            announcing: BTreeMap::new(),
             restarting: false,
             counters: Counters::default(),
             c,
@@ -575,10 +585,11 @@ impl Service {
         self.marks_read = true;
     }
 
-    /// `node` rewrote its sign of life recently enough that the next rewrite is not
-    /// overdue by more than the suspicion time.
+    /// `node` rewrote its sign of life recently: its next rewrite is not overdue by more
+    /// than one more interval and the suspicion time (writes and reads slow down under
+    /// load; a dead node that was rewriting costs that much longer to take over from).
     fn alive_in_etcd(&self, node: &str, now: Duration) -> bool {
-        self.life.get(node).is_some_and(|l| l.seen_at != Duration::ZERO && now < l.seen_at + l.every + self.t.suspect_after)
+        self.life.get(node).is_some_and(|l| l.seen_at != Duration::ZERO && now < l.seen_at + 2 * l.every + self.t.suspect_after)
     }
 
     /// Writes the sign of life while some peer has been silent for a quarter of the
@@ -604,7 +615,7 @@ impl Service {
     fn evaluate(&mut self, write_tx: &mpsc::UnboundedSender<(IpAddr, Option<u64>, VipRecord, WriteKind)>) {
         let now = clock::now();
         let settled = now.saturating_sub(self.started_at) >= self.t.suspect_after + self.t.heartbeat_every;
-        let settings = decide::Settings { giveback_hold_down: self.c.giveback_hold_down, settled: settled && !self.restarting };
+        let settings = decide::Settings { giveback_hold_down: self.c.giveback_hold_down, settled: settled && !self.restarting, view_sent_at: self.records_at };
         self.update_mark(now);
         for (vip, configured) in self.vips.clone() {
             let local = self.local.get(&vip).copied().unwrap_or(Local::Idle);
@@ -712,16 +723,24 @@ impl Service {
         let Some(id) = self.id_of(vip) else { return };
         let Ok(b) = self.maps.bindings.get(&id, 0) else { return };
         let Some(a) = self.announcer.clone() else { return };
+        let fences = self.fences.clone();
         if b.ifindex == 0 {
             warn!(%vip, "serving, but no NIC holds the VIP: nothing announced");
             return;
         }
         let (count, interval) = self.announce;
-        tokio::spawn(async move {
-            if let Err(e) = a.announce(b.ifindex, b.mac, vip, count, interval).await {
-                warn!(%vip, error = %format!("{e:#}"), "announcement failed");
+        // Each frame only while the kernel fence is open: announcements of a VIP this node
+        // stopped serving would point the link at a node that drops its traffic.
+        let task = tokio::spawn(async move {
+            match a.announce(b.ifindex, b.mac, vip, count, interval, || fences.serving(vip)).await {
+                Ok(sent) if sent < count => info!(%vip, sent, count, "announcements stopped: the VIP is no longer served here"),
+                Ok(_) => {}
+                Err(e) => warn!(%vip, error = %format!("{e:#}"), "announcement failed"),
             }
         });
+        if let Some(old) = self.announcing.insert(vip, task) {
+            old.abort();
+        }
     }
 
     fn stop(&mut self, vip: IpAddr) {
@@ -729,6 +748,9 @@ impl Service {
         self.local.insert(vip, Local::Idle);
         self.confirmed_until.remove(&vip);
         self.write_fence(vip, Duration::ZERO, 0);
+        if let Some(t) = self.announcing.remove(&vip) {
+            t.abort();
+        }
     }
 
     /// Extends a served VIP's fence to what etcd confirmed or every candidate acknowledged.

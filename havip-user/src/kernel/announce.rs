@@ -103,17 +103,22 @@ impl Announcer {
     }
 
     /// Sends `count` announcements for `vip` from `mac` on `ifindex`, `interval` apart,
-    /// the first at once. Dropping (aborting) the future stops the rest: a superseded
-    /// move's announcements must not keep telling the link the old owner's MAC.
-    pub async fn announce(&self, ifindex: u32, mac: [u8; 6], vip: IpAddr, count: u32, interval: Duration) -> anyhow::Result<()> {
+    /// the first at once, each only while `still_serving()` says so; returns how many went
+    /// out. Dropping (aborting) the future stops the rest: a superseded move's
+    /// announcements must not keep telling the link the old owner's MAC, nor may a node
+    /// that stopped serving the VIP (another node serves it now).
+    pub async fn announce(&self, ifindex: u32, mac: [u8; 6], vip: IpAddr, count: u32, interval: Duration, still_serving: impl Fn() -> bool) -> anyhow::Result<u32> {
         let frame = frame_for(mac, vip);
         for i in 0..count {
             if i > 0 {
                 tokio::time::sleep(interval).await;
             }
+            if !still_serving() {
+                return Ok(i);
+            }
             self.send_frame(ifindex, &frame)?;
         }
-        Ok(())
+        Ok(count)
     }
 }
 

@@ -79,6 +79,35 @@ pub struct Maps {
     pub cpumap_id: Array<MapData, u32>,
 }
 
+/// The programs' own answer to "does this node serve `vip` now?": standalone VIPs always; a
+/// cluster VIP while its fence's serve-until time (boot clock) lies ahead.
+fn serving_in(vips: &HashMap<MapData, VipKey, VipInfo>, fences: &Array<MapData, Fence>, vip: std::net::IpAddr) -> bool {
+    let Ok(info) = vips.get(&VipKey::from(vip), 0) else { return false };
+    if info.flags & havip_common::VIP_FENCED == 0 {
+        return true;
+    }
+    let Ok(f) = fences.get(&info.id, 0) else { return false };
+    (crate::kernel::clock::now().as_nanos() as u64) < f.serve_until_ns
+}
+
+/// The two maps that say whether a VIP is served, opened on their own so an announcement
+/// task can ask before every frame it sends: a node that stopped serving a VIP must not
+/// go on telling the link its MAC.
+pub struct FenceView {
+    vips: HashMap<MapData, VipKey, VipInfo>,
+    fences: Array<MapData, Fence>,
+}
+
+impl FenceView {
+    pub fn open(pins: &PinLayout) -> anyhow::Result<Self> {
+        Ok(Self { vips: open_pinned(pins, m::VIPS)?.try_into()?, fences: open_pinned(pins, m::FENCES)?.try_into()? })
+    }
+
+    pub fn serving(&self, vip: std::net::IpAddr) -> bool {
+        serving_in(&self.vips, &self.fences, vip)
+    }
+}
+
 fn open_pinned(pins: &PinLayout, name: &str) -> anyhow::Result<Map> {
     let path = pins.map(name);
     let data =
@@ -479,12 +508,7 @@ impl Dataplane {
     /// Whether this node serves VIP `id` now: standalone VIPs always; a cluster VIP while
     /// its fence's serve-until time (boot clock) lies ahead, as the programs decide.
     pub fn serving(&self, vip: std::net::IpAddr) -> bool {
-        let Ok(info) = self.maps.vips.get(&VipKey::from(vip), 0) else { return false };
-        if info.flags & havip_common::VIP_FENCED == 0 {
-            return true;
-        }
-        let Ok(f) = self.maps.fences.get(&info.id, 0) else { return false };
-        (crate::kernel::clock::now().as_nanos() as u64) < f.serve_until_ns
+        serving_in(&self.maps.vips, &self.maps.fences, vip)
     }
 
     /// Which NIC VIP `id` is bound to now (`ifindex` 0: none).

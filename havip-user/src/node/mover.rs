@@ -11,7 +11,11 @@ use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
 use crate::{
-    kernel::{announce, dataplane::monotonic_ns},
+    kernel::{
+        announce,
+        dataplane::{monotonic_ns, FenceView},
+        pins::PinLayout,
+    },
     node::{
         events,
         placer::{self, Move, VipView},
@@ -24,17 +28,19 @@ pub struct Mover {
     announcing: BTreeMap<IpAddr, JoinHandle<()>>,
     /// Opened at the first move, kept (see `Announcer`).
     announcer: Option<std::sync::Arc<announce::Announcer>>,
+    /// Whether a VIP is still served, asked before every announcement; opened at the first move.
+    fences: Option<std::sync::Arc<FenceView>>,
     log: events::EventLog,
 }
 
 impl Mover {
     pub fn new(run_dir: &std::path::Path) -> Self {
-        Self { announcing: BTreeMap::new(), announcer: None, log: events::EventLog::open(run_dir) }
+        Self { announcing: BTreeMap::new(), announcer: None, fences: None, log: events::EventLog::open(run_dir) }
     }
 
     /// Starts announcing `vip` at `mac` on `ifindex`, cancelling announcements of an
     /// earlier move of the same VIP that are still running.
-    fn announce(&mut self, vip: IpAddr, ifindex: u32, mac: [u8; 6], count: u32, interval: std::time::Duration) {
+    fn announce(&mut self, pins: &PinLayout, vip: IpAddr, ifindex: u32, mac: [u8; 6], count: u32, interval: std::time::Duration) {
         if let Some(old) = self.announcing.remove(&vip) {
             if !old.is_finished() {
                 old.abort();
@@ -52,9 +58,21 @@ impl Mover {
                 }
             },
         };
+        let fences = match &self.fences {
+            Some(f) => f.clone(),
+            None => match FenceView::open(pins) {
+                Ok(f) => self.fences.insert(std::sync::Arc::new(f)).clone(),
+                Err(e) => {
+                    warn!(%vip, error = %format!("{e:#}"), "cannot announce the move");
+                    return;
+                }
+            },
+        };
         let task = tokio::spawn(async move {
-            if let Err(e) = announcer.announce(ifindex, mac, vip, count, interval).await {
-                warn!(%vip, error = %format!("{e:#}"), "announcement failed");
+            match announcer.announce(ifindex, mac, vip, count, interval, || fences.serving(vip)).await {
+                Ok(sent) if sent < count => info!(%vip, sent, count, "announcements stopped: the VIP is no longer served here"),
+                Ok(_) => {}
+                Err(e) => warn!(%vip, error = %format!("{e:#}"), "announcement failed"),
             }
         });
         self.announcing.insert(vip, task);
@@ -131,7 +149,7 @@ impl Node {
             return Ok(());
         }
         let (count, interval) = (self.cfg.failover.announce_count, self.cfg.failover.announce_interval);
-        self.mover.announce(m.vip, n.ifindex, n.mac, count, interval);
+        self.mover.announce(&PinLayout::new(&self.opts.pin_root), m.vip, n.ifindex, n.mac, count, interval);
         Ok(())
     }
 }
