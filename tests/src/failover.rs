@@ -21,6 +21,7 @@ use havip_user::{kernel::dataplane::Maps, kernel::pins::PinLayout};
 use serde::Serialize;
 
 use crate::{
+    percentile,
     api_load::{pool_config, ApiLoad, LoadReport},
     topology::{spawn_in, Topology},
 };
@@ -60,12 +61,6 @@ pub struct FailoverReport {
 pub struct Load {
     pub apps: usize,
     pub calls_per_sec: f64,
-}
-
-fn percentile(v: &[f64], p: f64) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    s[((s.len() - 1) as f64 * p).round() as usize]
 }
 
 /// Sets `dev` (of the calling thread's namespace) up or down with SIOCSIFFLAGS.

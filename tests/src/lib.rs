@@ -4,6 +4,7 @@
 
 pub mod api_load;
 pub mod cluster;
+pub mod cluster_bench;
 pub mod failover;
 pub mod fixture;
 pub mod isolation;
@@ -19,6 +20,13 @@ pub mod wire;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
+
+/// The `p` quantile (0..=1) of `v`, nearest rank.
+pub fn percentile(v: &[f64], p: f64) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    s[((s.len() - 1) as f64 * p).round() as usize]
+}
 
 /// Tests load eBPF and create namespaces: they need root, and say so instead of skipping.
 pub fn require_root() {

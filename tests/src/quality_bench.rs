@@ -19,7 +19,10 @@ use havip_user::{
 };
 use serde::Serialize;
 
-use crate::paths::{delay, lab, CLEAN, VIP};
+use crate::{
+    paths::{delay, lab, CLEAN, VIP},
+    percentile,
+};
 
 /// Counts live heap bytes and their peak, for the ranking round's memory figure.
 pub struct CountingAlloc;
@@ -40,12 +43,6 @@ unsafe impl GlobalAlloc for CountingAlloc {
         unsafe { System.dealloc(p, l) };
         LIVE.fetch_sub(l.size(), Ordering::Relaxed);
     }
-}
-
-fn percentile(v: &[f64], p: f64) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    s[((s.len() - 1) as f64 * p).round() as usize]
 }
 
 #[derive(Debug, Serialize)]

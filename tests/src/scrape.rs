@@ -14,7 +14,7 @@ use havip_user::{
 };
 use serde::Serialize;
 
-use crate::fixture::Fixture;
+use crate::{fixture::Fixture, percentile};
 
 /// The address of VIP `i` (inside 198.19.0.0/16, part of the benchmarking range).
 pub fn vip_address(i: usize) -> IpAddr {
@@ -128,12 +128,6 @@ pub struct ScrapeReport {
     pub scrape_ratio_to_baseline: f64,
     pub read_ratio_to_baseline: f64,
     pub bpf_calls_ratio_to_baseline: f64,
-}
-
-fn percentile(v: &[f64], p: f64) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    s[((s.len() - 1) as f64 * p).round() as usize]
 }
 
 /// One scrape of a node with `many` VIPs against the same with 1 VIP, `trials` of each,

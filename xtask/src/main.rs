@@ -30,8 +30,11 @@ enum Cmd {
         #[arg(long)]
         release: bool,
     },
-    /// With no arguments: start the self-contained lab (namespaces, havipd, two service
-    /// instances, a client) and show live stats; Ctrl-C removes everything. With
+    /// With no arguments: start the cluster lab (three havipd nodes and a three-member etcd
+    /// in network namespaces, a client streaming probes at four VIPs, a crash, a cable pull,
+    /// a peer cut, an etcd leader kill and a stall on a schedule) and show live who serves
+    /// what; Ctrl-C removes everything (options: `-- --help`). With `-- --single-node`: the
+    /// one-node lab (two NICs, NIC failover, remapped service instances). With
     /// `-- --config FILE [havipd options]`: run havipd on this node's NICs.
     Run {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -141,10 +144,16 @@ fn main() -> anyhow::Result<()> {
                 let mut c = Command::new(bin.join("havipd"));
                 c.args(&args);
                 c
-            } else {
-                step("starting the lab (Ctrl-C stops it and removes everything)");
+            } else if args.iter().any(|a| a == "--single-node") {
+                step("starting the single-node lab (Ctrl-C stops it and removes everything)");
                 let mut c = Command::new(bin.join("havip"));
-                c.arg("lab").args(&args);
+                c.arg("lab").args(args.iter().filter(|a| *a != "--single-node"));
+                c
+            } else {
+                step("starting the cluster lab: 3 nodes, 3 etcd members (Ctrl-C stops it and removes everything)");
+                let mut c = cargo();
+                c.args(["run", "--release", "-p", "havip-tests", "--bin", "havip-cluster-lab", "--"]).args(&args);
+                c.env("HAVIP_BIN_DIR", &bin);
                 c
             };
             run(&mut c)

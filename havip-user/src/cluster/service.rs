@@ -83,7 +83,9 @@ pub struct VipStatus {
     /// The record's owner (`None`: no record yet).
     pub owner: Option<String>,
     pub epoch: u64,
-    /// This node's part: serving, starting or idle.
+    /// This node's part: serving; lapsed (it holds the VIP as far as it knows, but its
+    /// fence ran out without a confirmation or acknowledgements: it answers nothing);
+    /// starting (won, waiting out the old owner's lease); idle.
     pub here: String,
     /// Time left on this node's fence, ms (0: not serving).
     pub lease_left_ms: u64,
@@ -860,6 +862,9 @@ impl Service {
             .map(|(v, configured)| {
                 let rec = self.records.get(v);
                 let here = match self.local.get(v) {
+                    // Serving as far as this node knows, but the kernel fence has run out
+                    // (no confirmation, no acknowledgements): the node answers nothing.
+                    Some(Local::Serving { .. }) if self.written.get(v).is_none_or(|(u, _)| *u <= now) => "lapsed",
                     Some(Local::Serving { .. }) => "serving",
                     Some(Local::Starting { .. }) => "starting",
                     _ => "idle",

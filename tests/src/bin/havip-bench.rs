@@ -48,6 +48,18 @@ struct Args {
     /// Scrapes timed per node (p99 over them).
     #[arg(long, default_value_t = 101)]
     scrape_trials: usize,
+    /// Cluster node-failover trials per kind (crash, link cut); each ends with a giveback.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(100..))]
+    cluster_trials: u64,
+    /// Randomized partition trials (heartbeat cuts, one-way loss, etcd cuts, cable pulls).
+    #[arg(long, default_value_t = 1000)]
+    partition_trials: usize,
+    /// etcd leader kills (3 s each).
+    #[arg(long, default_value_t = 5)]
+    etcd_leader_kills: usize,
+    /// Seconds the whole etcd cluster is stopped.
+    #[arg(long, default_value_t = 60)]
+    etcd_outage_s: u64,
     /// Run only these sections (default: all).
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<Section>,
@@ -62,6 +74,7 @@ enum Section {
     Rerank,
     Rebind,
     Scrape,
+    Cluster,
 }
 
 #[derive(Serialize)]
@@ -425,6 +438,58 @@ fn main() -> anyhow::Result<()> {
             sc.read_ratio_to_baseline, sc.scrape_ratio_to_baseline, sc.bpf_calls_ratio_to_baseline
         );
         report.insert("scrape", serde_json::to_value(&sc)?);
+    }
+    if run(Section::Cluster) {
+        eprintln!(
+            "\n[bench] cluster: {} crash and {} link-cut failovers (each with a giveback), {} partition trials, {} etcd leader kills, a {} s etcd outage (about {} min)",
+            args.cluster_trials,
+            args.cluster_trials,
+            args.partition_trials,
+            args.etcd_leader_kills,
+            args.etcd_outage_s,
+            (args.cluster_trials * 2 * 3 + args.partition_trials as u64 / 2 + args.etcd_leader_kills as u64 * 12 + args.etcd_outage_s * 2) / 60 + 1
+        );
+        let cb = havip_tests::cluster_bench::run(
+            args.cluster_trials as usize,
+            args.partition_trials,
+            args.etcd_leader_kills,
+            std::time::Duration::from_secs(args.etcd_outage_s),
+        );
+        println!("\nCluster: node failover and giveback, gap in a 2 ms probe stream (ms; 3 nodes, 3 etcd members)");
+        println!("{:<34} {:>7} {:>8} {:>8} {:>8} {:>10} {:>10}", "", "trials", "p50", "p99", "max", "p50 x base", "two-owner");
+        for (name, k) in [("crash (SIGKILL + cables out)", &cb.crash), ("link cut (cables out)", &cb.link_cut)] {
+            println!("{:<34} {:>7} {:>8.1} {:>8.1} {:>8.1} {:>10} {:>10}", format!("{name}: no fault (baseline)"), k.baseline.trials, k.baseline.p50_ms, k.baseline.p99_ms, k.baseline.max_ms, "", "");
+            println!(
+                "{:<34} {:>7} {:>8.1} {:>8.1} {:>8.1} {:>10.1} {:>10}",
+                format!("{name}: failover"),
+                k.failover.trials,
+                k.failover.p50_ms,
+                k.failover.p99_ms,
+                k.failover.max_ms,
+                k.failover_p50_ratio_to_baseline,
+                k.two_owner_moments
+            );
+            println!("{:<34} {:>7} {:>8.1} {:>8.1} {:>8.1} {:>10} {:>10}", format!("{name}: giveback"), k.giveback.trials, k.giveback.p50_ms, k.giveback.p99_ms, k.giveback.max_ms, "", "");
+        }
+        let p = &cb.partitions;
+        println!(
+            "partitions: {} trials, {} ARP/ND claims captured, two-owner moments {}, moves {}, probes lost {} of {}",
+            p.trials, p.claims_captured, p.two_owner_moments, p.moves, p.probes_lost, p.probes_sent
+        );
+        for e in [&cb.etcd_leader_kill, &cb.etcd_outage] {
+            println!(
+                "{} ({} x {:.0} s): probes lost {} of {}, moves {}; same window without the fault: lost {}, moves {}",
+                e.what, e.trials, e.window_s, e.probes_lost, e.probes_sent, e.moves, e.baseline_probes_lost, e.baseline_moves
+            );
+        }
+        println!(
+            "targets: failover p50 <= {} ms and p99 <= {} ms, giveback p99 <= {} ms, no two-owner moment over >= 1000 partition trials, nothing lost or moved across etcd faults: {}",
+            cb.target_failover_p50_ms,
+            cb.target_failover_p99_ms,
+            cb.target_giveback_p99_ms,
+            if cb.targets_met { "met" } else { "NOT met" }
+        );
+        report.insert("cluster", serde_json::to_value(&cb)?);
     }
     report.insert("kernel", serde_json::Value::String(kernel));
 
