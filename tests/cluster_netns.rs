@@ -195,6 +195,27 @@ fn killing_the_etcd_leader_moves_nothing_and_loses_no_probe() {
 }
 
 #[test]
+fn an_owner_that_loses_one_of_two_nics_keeps_its_vip_on_the_other() {
+    // In-node NIC failover as without a cluster: heartbeats still flow on the other path,
+    // so no peer suspects n1 and the VIP stays on n1, moved to eth1.
+    let mut r = Run::start(3, 1, same);
+    let nic_of = |lab: &ClusterLab| {
+        let out = lab.havip(1, &["stats", "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        v["vips"][0]["nic"].as_str().unwrap_or_default().to_string()
+    };
+    assert_eq!(nic_of(&r.lab), "eth0");
+    r.lab.node_link(1, 0, false);
+    sleep(Duration::from_millis(1500));
+    assert_eq!(nic_of(&r.lab), "eth1", "the VIP did not move to n1's other NIC");
+    let report = r.finish();
+    assert_eq!(report.answered_by.get("n2").copied().unwrap_or(0), 0, "the VIP moved to another node");
+    assert!(report.tail_gap() < Duration::from_millis(100), "the stream did not resume: {:?}", report.tail_gap());
+    assert_eq!(owner(&r.lab, 2).map(|(o, _)| o), Some("n1".to_string()));
+    eprintln!("longest gap across the NIC failover: {:?}", report.longest_gap);
+}
+
+#[test]
 fn a_paused_owner_falls_silent_and_stays_silent_after_it_resumes() {
     let mut r = Run::start(2, 1, same);
     r.lab.pause_node(1);

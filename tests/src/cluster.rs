@@ -390,6 +390,12 @@ impl ClusterLab {
         }
     }
 
+    /// One of node `k`'s cables: the switch port of its NIC `nic` (0: eth0, 1: eth1).
+    pub fn node_link(&self, k: usize, nic: usize, up: bool) {
+        let port = format!("{}{}", self.node(k).name, ["a", "b"][nic]);
+        run(&self.sw, &["link", "set", &port, if up { "up" } else { "down" }]);
+    }
+
     pub fn node_log(&self, k: usize) -> String {
         std::fs::read_to_string(self.node(k).run_dir.join("havipd.log")).unwrap_or_default()
     }

@@ -66,6 +66,15 @@ pub struct FailoverKind {
     pub two_owner_moments: usize,
 }
 
+/// A two-owner moment, with what was going on: the partition trial whose window holds
+/// it, and every node's ownership log lines from 300 ms before to 100 ms after.
+#[derive(Debug, Serialize)]
+pub struct TwoOwnerMoment {
+    pub what: String,
+    pub trial: Option<String>,
+    pub logs: Vec<String>,
+}
+
 #[derive(Debug, Serialize)]
 pub struct Partitions {
     pub trials: usize,
@@ -77,6 +86,7 @@ pub struct Partitions {
     pub moves: usize,
     pub probes_sent: u64,
     pub probes_lost: u64,
+    pub moments: Vec<TwoOwnerMoment>,
 }
 
 #[derive(Debug, Serialize)]
@@ -113,6 +123,17 @@ struct Bench {
     _echo: Vec<EchoResponder>,
     capture: Option<NeighCapture>,
     asker: Option<ArpAsker>,
+    /// One instant and the wall clock then: node logs are stamped in UTC.
+    epoch: (Instant, std::time::SystemTime),
+    /// Partition trials: start, end, what.
+    trials: Vec<(Instant, Instant, String)>,
+}
+
+/// Seconds since midnight UTC of a log line's RFC 3339 stamp (`2026-12-01T05:53:07.324612Z`).
+fn log_secs(line: &str) -> Option<f64> {
+    let t = line.get(11..26)?;
+    let (h, m, s) = (t.get(0..2)?.parse::<f64>().ok()?, t.get(3..5)?.parse::<f64>().ok()?, t.get(6..15)?.parse::<f64>().ok()?);
+    Some(h * 3600.0 + m * 60.0 + s)
 }
 
 fn node_config(lab: &ClusterLab, k: usize) -> String {
@@ -188,7 +209,28 @@ impl Bench {
         let echo = lab.echo_on_all_nodes(PORT);
         let capture = NeighCapture::start(lab.client_ns(), "eth0");
         let asker = ArpAsker::start(lab.client_ns(), &[CLUSTER_VIP], Duration::from_millis(20));
-        Bench { lab, _echo: echo, capture: Some(capture), asker: Some(asker) }
+        Bench { lab, _echo: echo, capture: Some(capture), asker: Some(asker), epoch: (Instant::now(), std::time::SystemTime::now()), trials: Vec::new() }
+    }
+
+    /// Seconds since midnight UTC at `at`.
+    fn day_secs(&self, at: Instant) -> f64 {
+        let wall = if at >= self.epoch.0 { self.epoch.1 + (at - self.epoch.0) } else { self.epoch.1 - (self.epoch.0 - at) };
+        wall.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs_f64() % 86_400.0
+    }
+
+    fn explain(&self, v: &crate::cluster::Violation) -> TwoOwnerMoment {
+        let trial = self.trials.iter().find(|(a, z, _)| v.at >= *a && v.at < *z + Duration::from_millis(500)).map(|(a, _, w)| format!("{w} (began {:.1} ms before)", v.at.saturating_duration_since(*a).as_secs_f64() * 1e3));
+        let t = self.day_secs(v.at);
+        let mut logs = Vec::new();
+        for k in 1..=self.lab.node_count() {
+            for l in self.lab.node_log(k).lines().filter(|l| l.contains("ownership") || l.contains("announce")) {
+                if log_secs(l).is_some_and(|s| s > t - 0.3 && s < t + 0.1) {
+                    logs.push(format!("n{k}: {l}"));
+                }
+            }
+        }
+        logs.sort_by(|a, b| a[4..].cmp(&b[4..]));
+        TwoOwnerMoment { what: format!("{:?} {} claimed by {} while {} owned it (since {:.1} ms before)", v.kind, v.ip, v.node, v.other, v.at.saturating_duration_since(v.other_since).as_secs_f64() * 1e3), trial, logs }
     }
 
     fn stream(&self) -> ProbeStream {
@@ -293,9 +335,11 @@ impl Bench {
                 4 => lab.node_links(target, !on),
                 _ => lab.drop_heartbeats_from(other, owner, on),
             };
+            let began = Instant::now();
             apply(true);
             sleep(hold);
             apply(false);
+            self.trials.push((began, Instant::now(), format!("trial {t}: {name} on n{target} (owner n{owner}, other n{other}) for {} ms", hold.as_millis())));
             sleep(Duration::from_millis(150));
         }
         eprintln!();
@@ -311,6 +355,7 @@ impl Bench {
             moves: moves_in(&r, r.started, r.stopped),
             probes_sent: last_seq - first_seq,
             probes_lost: lost_in(&r, first_seq, last_seq),
+            moments: Vec::new(),
         };
         (p, started, Instant::now())
     }
@@ -391,6 +436,19 @@ impl Bench {
     }
 }
 
+/// The partition trials alone (`cargo xtask bench -- --only cluster-partitions`).
+pub fn run_partitions(trials: usize) -> Partitions {
+    let mut b = Bench::new();
+    let (mut partitions, p0, p1) = b.partitions(trials);
+    b.asker.take().unwrap().stop();
+    let claims = b.capture.take().unwrap().stop();
+    let violations = two_owner_moments(&claims, &b.lab.mac_to_node());
+    partitions.two_owner_moments = violations.len();
+    partitions.claims_captured = claims.iter().filter(|e| e.at >= p0 && e.at < p1).count();
+    partitions.moments = violations.iter().map(|v| b.explain(v)).collect();
+    partitions
+}
+
 pub fn run(failover_trials: usize, partition_trials: usize, leader_kills: usize, outage: Duration) -> ClusterBench {
     let mut b = Bench::new();
     let (mut crash, c0, c1) = b.failovers(failover_trials, true, "crash");
@@ -405,6 +463,7 @@ pub fn run(failover_trials: usize, partition_trials: usize, leader_kills: usize,
     crash.two_owner_moments = within(c0, c1);
     link_cut.two_owner_moments = within(l0, l1);
     partitions.two_owner_moments = within(p0, p1);
+    partitions.moments = violations.iter().map(|v| b.explain(v)).collect();
     partitions.claims_captured = claims.iter().filter(|e| e.at >= p0 && e.at < p1).count();
     let (t50, t99, tg) = (100.0, 150.0, 50.0);
     let targets_met = [&crash, &link_cut].iter().all(|k| k.failover.p50_ms <= t50 && k.failover.p99_ms <= t99 && k.giveback.p99_ms <= tg && k.two_owner_moments == 0)

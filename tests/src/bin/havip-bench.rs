@@ -24,8 +24,9 @@ static ALLOC: havip_tests::quality_bench::CountingAlloc = havip_tests::quality_b
 #[derive(Parser)]
 #[command(about = "havip benchmarks (run through `cargo xtask bench`)")]
 struct Args {
-    /// Where to write the JSON figures.
-    #[arg(long, default_value = "target/bench/bench.json")]
+    /// Where to write the JSON figures (the last one given wins, so `cargo xtask bench --
+    /// --out FILE` overrides the default).
+    #[arg(long, default_value = "target/bench/bench.json", overrides_with = "out")]
     out: PathBuf,
     /// BPF_PROG_RUN repetitions per measurement.
     #[arg(long, default_value_t = 2_000_000)]
@@ -75,6 +76,21 @@ enum Section {
     Rebind,
     Scrape,
     Cluster,
+    /// Only the cluster's randomized partition trials.
+    ClusterPartitions,
+}
+
+fn print_partitions(p: &havip_tests::cluster_bench::Partitions) {
+    println!(
+        "partitions: {} trials, {} ARP/ND claims captured, two-owner moments {}, moves {}, probes lost {} of {}",
+        p.trials, p.claims_captured, p.two_owner_moments, p.moves, p.probes_lost, p.probes_sent
+    );
+    for m in &p.moments {
+        println!("  two-owner moment: {}\n    during {}", m.what, m.trial.as_deref().unwrap_or("no trial"));
+        for l in &m.logs {
+            println!("      {l}");
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -456,11 +472,11 @@ fn main() -> anyhow::Result<()> {
             std::time::Duration::from_secs(args.etcd_outage_s),
         );
         println!("\nCluster: node failover and giveback, gap in a 2 ms probe stream (ms; 3 nodes, 3 etcd members)");
-        println!("{:<34} {:>7} {:>8} {:>8} {:>8} {:>10} {:>10}", "", "trials", "p50", "p99", "max", "p50 x base", "two-owner");
+        println!("{:<48} {:>7} {:>8} {:>8} {:>8} {:>10} {:>10}", "", "trials", "p50", "p99", "max", "p50 x base", "two-owner");
         for (name, k) in [("crash (SIGKILL + cables out)", &cb.crash), ("link cut (cables out)", &cb.link_cut)] {
-            println!("{:<34} {:>7} {:>8.1} {:>8.1} {:>8.1} {:>10} {:>10}", format!("{name}: no fault (baseline)"), k.baseline.trials, k.baseline.p50_ms, k.baseline.p99_ms, k.baseline.max_ms, "", "");
+            println!("{:<48} {:>7} {:>8.1} {:>8.1} {:>8.1} {:>10} {:>10}", format!("{name}: no fault (baseline)"), k.baseline.trials, k.baseline.p50_ms, k.baseline.p99_ms, k.baseline.max_ms, "", "");
             println!(
-                "{:<34} {:>7} {:>8.1} {:>8.1} {:>8.1} {:>10.1} {:>10}",
+                "{:<48} {:>7} {:>8.1} {:>8.1} {:>8.1} {:>10.1} {:>10}",
                 format!("{name}: failover"),
                 k.failover.trials,
                 k.failover.p50_ms,
@@ -469,13 +485,9 @@ fn main() -> anyhow::Result<()> {
                 k.failover_p50_ratio_to_baseline,
                 k.two_owner_moments
             );
-            println!("{:<34} {:>7} {:>8.1} {:>8.1} {:>8.1} {:>10} {:>10}", format!("{name}: giveback"), k.giveback.trials, k.giveback.p50_ms, k.giveback.p99_ms, k.giveback.max_ms, "", "");
+            println!("{:<48} {:>7} {:>8.1} {:>8.1} {:>8.1} {:>10} {:>10}", format!("{name}: giveback"), k.giveback.trials, k.giveback.p50_ms, k.giveback.p99_ms, k.giveback.max_ms, "", "");
         }
-        let p = &cb.partitions;
-        println!(
-            "partitions: {} trials, {} ARP/ND claims captured, two-owner moments {}, moves {}, probes lost {} of {}",
-            p.trials, p.claims_captured, p.two_owner_moments, p.moves, p.probes_lost, p.probes_sent
-        );
+        print_partitions(&cb.partitions);
         for e in [&cb.etcd_leader_kill, &cb.etcd_outage] {
             println!(
                 "{} ({} x {:.0} s): probes lost {} of {}, moves {}; same window without the fault: lost {}, moves {}",
@@ -490,6 +502,12 @@ fn main() -> anyhow::Result<()> {
             if cb.targets_met { "met" } else { "NOT met" }
         );
         report.insert("cluster", serde_json::to_value(&cb)?);
+    }
+    if args.only.contains(&Section::ClusterPartitions) {
+        eprintln!("\n[bench] cluster: {} partition trials", args.partition_trials);
+        let p = havip_tests::cluster_bench::run_partitions(args.partition_trials);
+        print_partitions(&p);
+        report.insert("cluster_partitions", serde_json::to_value(&p)?);
     }
     report.insert("kernel", serde_json::Value::String(kernel));
 
