@@ -291,6 +291,40 @@ fn a_node_that_loses_its_vip_stops_announcing_it_at_once() {
     assert!(n1.contains("announcements stopped: the VIP is no longer served here"), "{}", tail(&n1));
 }
 
+/// The VIP's only candidate is n1: nobody can take it over, and no acknowledgement can
+/// extend its fence (acknowledgements promise not to take over; there is nobody to promise).
+fn only_n1(cfg: String) -> String {
+    let out = cfg.replace("nodes = [\"n1\", \"n2\"]", "nodes = [\"n1\"]");
+    assert_ne!(out, cfg, "the harness's config no longer lists the VIP's nodes this way");
+    out
+}
+
+#[test]
+fn a_fence_that_lapsed_and_reopens_is_announced_again() {
+    // Cut from etcd, n1 cannot confirm its only-candidate VIP: the fence runs out and the
+    // kernel stops answering. When etcd returns the fence reopens, and the link must hear
+    // n1 again (it may have missed or forgotten it meanwhile).
+    let mut r = Run::start(2, 1, only_n1);
+    r.lab.cut_etcd(1, true);
+    sleep(Duration::from_millis(800));
+    let restored = Instant::now();
+    r.lab.cut_etcd(1, false);
+    sleep(Duration::from_millis(1500));
+    let macs = r.lab.node_macs(1);
+    let report = r.probes.take().unwrap().stop();
+    r.asker.take().unwrap().stop();
+    let events = r.capture.take().unwrap().stop();
+    let n1 = r.lab.node_log(1);
+    assert!(n1.contains("serving again after the fence lapsed; announcing"), "{}", tail(&n1));
+    assert!(
+        events.iter().any(|e| e.at >= restored && e.kind.announcement() && macs.contains(&e.mac)),
+        "no announcement from n1 after etcd returned"
+    );
+    assert!(report.longest_gap > Duration::from_millis(300), "the fence did not lapse during the cut: longest gap {:?}", report.longest_gap);
+    assert!(report.tail_gap() < Duration::from_millis(100), "the stream did not resume: {:?}", report.tail_gap());
+    assert!(two_owner_moments(&events, &r.lab.mac_to_node()).is_empty());
+}
+
 #[test]
 fn a_planned_restart_of_the_owner_moves_nothing() {
     let mut r = Run::start(2, 1, same);

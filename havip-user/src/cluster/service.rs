@@ -690,7 +690,13 @@ impl Service {
                     self.stop(vip);
                 }
             }
-            self.refresh_fence(vip, &configured, now);
+            if self.refresh_fence(vip, &configured, now) {
+                // The fence ran out (etcd and the peers unreachable for a while) and is open
+                // again: the link may have learned another MAC meanwhile, or missed the
+                // first announcements.
+                info!(%vip, "ownership: serving again after the fence lapsed; announcing");
+                self.announce(vip);
+            }
         }
     }
 
@@ -717,7 +723,7 @@ impl Service {
         self.counters.starts += 1;
         info!(%vip, epoch, why, "ownership: serving");
         let configured = self.vips.iter().find(|(v, _)| *v == vip).map(|(_, c)| c.clone()).unwrap_or_default();
-        self.refresh_fence(vip, &configured, clock::now());
+        let _ = self.refresh_fence(vip, &configured, clock::now());
         self.announce(vip);
     }
 
@@ -756,8 +762,9 @@ impl Service {
     }
 
     /// Extends a served VIP's fence to what etcd confirmed or every candidate acknowledged.
-    fn refresh_fence(&mut self, vip: IpAddr, configured: &[String], now: Duration) {
-        let Some(Local::Serving { epoch }) = self.local.get(&vip).copied() else { return };
+    /// True when this reopens a fence that had run out.
+    fn refresh_fence(&mut self, vip: IpAddr, configured: &[String], now: Duration) -> bool {
+        let Some(Local::Serving { epoch }) = self.local.get(&vip).copied() else { return false };
         let candidates = self.records.get(&vip).map_or(configured.to_vec(), |(r, _)| r.candidates.clone());
         let confirmed = self.confirmed_until.get(&vip).copied().unwrap_or_default();
         let acked = self.peers.acked_until(vip, &candidates).unwrap_or_default();
@@ -769,7 +776,9 @@ impl Service {
                 self.counters.acked_extensions += 1;
             }
             self.write_fence(vip, until, epoch);
+            return have != Duration::ZERO && have <= now && until > now;
         }
+        false
     }
 
     fn write_fence(&mut self, vip: IpAddr, until: Duration, epoch: u64) {
