@@ -215,9 +215,12 @@ fn the_scraped_counters_match_the_traffic_sent() {
     }
     // TCP: the payload each way plus headers and ACKs, and what the programs counted.
     let v2 = [("vip", VIP2_V4)];
-    for (name, dir) in [("havip_vip_rx_bytes_total", "rx"), ("havip_vip_tx_bytes_total", "tx")] {
+    // The echo goes back in whatever pieces the server happened to read, each its own
+    // segment with its own headers: on a busy machine that is many small ones (seen: 1.55x
+    // in a clean-checkout run). The client's write goes out in large segments.
+    for (name, dir, most) in [("havip_vip_rx_bytes_total", "rx", 1.3), ("havip_vip_tx_bytes_total", "tx", 2.5)] {
         let b = m.must(name, &v2);
-        assert!(b >= TCP_BYTES as f64 && b < TCP_BYTES as f64 * 1.3, "{name} {b} for {TCP_BYTES} bytes sent");
+        assert!(b >= TCP_BYTES as f64 && b < TCP_BYTES as f64 * most, "{name} {b} for {TCP_BYTES} bytes sent");
         assert_eq!(b, stats_counter(&t, VIP2_V4, dir, "bytes"), "{name}: not what the programs counted");
     }
     for (name, dir) in [("havip_vip_rx_packets_total", "rx"), ("havip_vip_tx_packets_total", "tx")] {
