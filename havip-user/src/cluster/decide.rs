@@ -32,8 +32,11 @@ pub enum Action {
     /// Planned move: stop answering, then write the record for `to` (giveback).
     Handover { epoch: u64, to: String },
     /// The record names this node and nobody else can serve without changing it: confirm
-    /// and serve at once.
-    Start { epoch: u64 },
+    /// and serve, at once or (`wait`) after the old owner's longest lease. A record that
+    /// this node finds naming it as the winner of a takeover it did not see complete (its
+    /// write failed, but committed) must wait like any takeover: the old owner may still
+    /// hold a lease from a read sent just before the commit.
+    Start { epoch: u64, wait: bool },
     /// The record names another node: stop answering now.
     Stop { owner: String },
 }
@@ -83,8 +86,11 @@ pub fn decide(i: &Inputs, peers: &Peers, now: Duration, s: &Settings) -> Option<
     };
     if rec.owner == me {
         match i.local {
-            Local::Idle => return Some(Action::Start { epoch }),
-            Local::Serving { epoch: e } if e != epoch => return Some(Action::Start { epoch }),
+            Local::Idle => {
+                let takeover = !rec.handover && rec.from.as_deref().is_some_and(|f| f != me);
+                return Some(Action::Start { epoch, wait: takeover });
+            }
+            Local::Serving { epoch: e } if e != epoch => return Some(Action::Start { epoch, wait: false }),
             Local::Starting { .. } => return None,
             Local::Serving { .. } => {}
         }
@@ -162,6 +168,11 @@ mod tests {
         VipRecord { owner: owner.into(), candidates: vec!["a".into(), "b".into(), "c".into()], handover: false, from: None, reason: "t".into(), at_unix_ms: 0 }
     }
 
+    /// A record naming `a` as the winner of a takeover from `from`.
+    fn won_from(from: &str) -> VipRecord {
+        VipRecord { from: Some(from.into()), reason: "owner-silent".into(), ..rec("a") }
+    }
+
     fn run(me: &str, alive: &[(&str, u64)], record: Option<&VipRecord>, local: Local, settled: bool) -> Option<Action> {
         run_with(me, alive, record, local, settled, false)
     }
@@ -197,7 +208,9 @@ mod tests {
             ("no record: not the most preferred", "b", &all_old, None, Local::Idle, true, None),
             ("no record: the preferred one is dead", "b", &[("c", 0)], None, Local::Idle, true, claim_initial.clone()),
             ("no record: not settled yet, wait", "a", &all_old, None, Local::Idle, false, None),
-            ("owner me, idle (restart): start at once", "a", &all_old, Some(rec("a")), Local::Idle, false, Some(Action::Start { epoch: 7 })),
+            ("owner me, idle (restart): start at once", "a", &all_old, Some(rec("a")), Local::Idle, false, Some(Action::Start { epoch: 7, wait: false })),
+            ("owner me by a takeover I did not see complete: wait", "a", &all_old, Some(won_from("b")), Local::Idle, true, Some(Action::Start { epoch: 7, wait: true })),
+            ("owner me by a handover: start at once", "a", &all_old, Some(VipRecord { handover: true, ..won_from("b") }), Local::Idle, true, Some(Action::Start { epoch: 7, wait: false })),
             ("owner me, serving: nothing", "a", &all_old, Some(rec("a")), serving, true, None),
             ("owner other, alive: nothing", "b", &all_old, Some(rec("a")), Local::Idle, true, None),
             ("owner dead: first successor takes over", "b", &[("c", 0)], Some(rec("a")), Local::Idle, true, takeover_from("a")),
@@ -251,7 +264,7 @@ mod tests {
         assert_eq!(run_with("b", &[("c", 0)], Some(&rec("a")), Local::Idle, true, true), None);
         assert_eq!(run_with("b", &[("c", 0)], Some(&rec("a")), Local::Idle, true, false), Some(Action::Claim { expected: Some(7), from: Some("a".into()), reason: "owner-silent" }));
         // It only holds back takeovers: the owner itself still serves, a loser still stops.
-        assert_eq!(run_with("a", &[], Some(&rec("a")), Local::Idle, true, true), Some(Action::Start { epoch: 7 }));
+        assert_eq!(run_with("a", &[], Some(&rec("a")), Local::Idle, true, true), Some(Action::Start { epoch: 7, wait: false }));
         assert_eq!(run_with("a", &[], Some(&rec("b")), Local::Serving { epoch: 7 }, true, true), Some(Action::Stop { owner: "b".into() }));
     }
 }

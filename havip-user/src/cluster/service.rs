@@ -287,6 +287,10 @@ struct Service {
     /// Since when some peer's heartbeats are missing (sign of life being written meanwhile).
     doubt_since: Option<Duration>,
     mark_every: watch::Sender<Option<Duration>>,
+    /// When a write of each VIP last failed: it may have committed, so reads sent before
+    /// then confirm nothing (a giver whose handover timed out must not serve on a read
+    /// taken before the handover committed).
+    unsure_since: BTreeMap<IpAddr, Duration>,
     /// Owners whose takeover is held back (logged once per episode).
     held: BTreeSet<String>,
     fences: Arc<FenceView>,
@@ -324,6 +328,7 @@ impl Service {
             doubt_since: None,
             mark_every: watch::channel(None).0,
             held: BTreeSet::new(),
+            unsure_since: BTreeMap::new(),
             fences: Arc::new(fences),
             announcing: BTreeMap::new(),
             restarting: false,
@@ -534,7 +539,12 @@ impl Service {
                         info!(%vip, epoch, %to, "ownership: handed over");
                     }
                     (WriteKind::Handover { to }, Ok(None)) => info!(%vip, %to, "ownership: handover lost to another writer"),
-                    (_, Err(e)) => warn!(%vip, kind = ?kind, error = %format!("{e:#}"), "ownership: write failed"),
+                    (_, Err(e)) => {
+                        // The write may still have committed: only a read sent after now
+                        // tells, so none sent before confirms anything for this VIP.
+                        self.unsure_since.insert(vip, done_at);
+                        warn!(%vip, kind = ?kind, error = %format!("{e:#}"), "ownership: write failed (it may have committed: waiting for a newer read)");
+                    }
                 }
             }
         }
@@ -677,7 +687,12 @@ impl Service {
                     self.pending_writes.insert(vip);
                     let _ = write_tx.send((vip, Some(epoch), rec, WriteKind::Handover { to }));
                 }
-                Some(Action::Start { epoch }) => {
+                Some(Action::Start { epoch, wait: true }) => {
+                    let not_before = (now + self.t.takeover_wait).max(self.peers.start_not_before(vip));
+                    self.local.insert(vip, Local::Starting { epoch, not_before });
+                    info!(%vip, epoch, wait_us = not_before.saturating_sub(now).as_micros() as u64, "ownership: the record names this node as a takeover's winner; silent until the old owner's lease has run out");
+                }
+                Some(Action::Start { epoch, wait: false }) => {
                     if self.confirms(vip, epoch, now) {
                         self.local.insert(vip, Local::Serving { epoch });
                         self.confirmed_until.insert(vip, self.records_at.unwrap_or_default() + self.t.lease);
@@ -715,7 +730,8 @@ impl Service {
 
     /// The latest read shows this node owning `vip` at `epoch`, recently enough to serve on.
     fn confirms(&self, vip: IpAddr, epoch: u64, now: Duration) -> bool {
-        let fresh = self.records_at.is_some_and(|t| t + self.t.lease > now);
+        let after_failed_write = self.unsure_since.get(&vip).copied().unwrap_or_default();
+        let fresh = self.records_at.is_some_and(|t| t + self.t.lease > now && t > after_failed_write);
         fresh && self.records.get(&vip).is_some_and(|(r, e)| r.owner == self.c.node && *e == epoch)
     }
 
