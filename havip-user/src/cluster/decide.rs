@@ -126,23 +126,14 @@ pub fn decide(i: &Inputs, peers: &Peers, now: Duration, s: &Settings) -> Option<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::{timing::Timing, wire::Heartbeat};
+    use crate::cluster::wire::Heartbeat;
 
     fn ms(v: u64) -> Duration {
         Duration::from_millis(v)
     }
 
     fn peers(me: &str, alive: &[(&str, u64)], now: u64) -> Peers {
-        let t = Timing {
-            lease: ms(40),
-            clock_error: 0.01,
-            promise: ms(40),
-            takeover_wait: ms(42),
-            confirm_every: ms(10),
-            heartbeat_every: ms(5),
-            suspect_after: ms(40),
-            restart_grace: ms(10_000),
-        };
+        let t = crate::cluster::peers::tests::timing();
         let names = ["a", "b", "c"].iter().filter(|n| **n != me).map(|n| n.to_string());
         let mut p = Peers::new(me, 1, names, t);
         // Each alive peer has been heard every 10 ms since `since` ms, up to now.

@@ -255,14 +255,15 @@ impl Peers {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn ms(v: u64) -> Duration {
         Duration::from_millis(v)
     }
 
-    fn timing() -> Timing {
+    /// Round figures close to the defaults, for tables that reason in whole milliseconds.
+    pub(crate) fn timing() -> Timing {
         Timing {
             lease: ms(40),
             clock_error: 0.01,
