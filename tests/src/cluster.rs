@@ -92,6 +92,8 @@ struct Node {
     run_dir: PathBuf,
     macs: [String; 2],
     daemon: Option<Child>,
+    /// Extra environment for havipd (test hooks such as `HAVIP_TEST_CLOCK_RATE`).
+    env: Vec<(String, String)>,
 }
 
 pub struct ClusterLab {
@@ -191,7 +193,7 @@ impl ClusterLab {
             }
             let macs = [Topology::mac(&ns, "eth0"), Topology::mac(&ns, "eth1")];
             let pin_root = PathBuf::from(format!("/sys/fs/bpf/havip-test{}-{name}", lab.id));
-            lab.nodes.push(Node { name, ns, pin_root, run_dir, macs, daemon: None });
+            lab.nodes.push(Node { name, ns, pin_root, run_dir, macs, daemon: None, env: Vec::new() });
         }
         for i in 0..etcd_members {
             let ns = Netns::create(&format!("hv-{}-e{i}", lab.id)).unwrap();
@@ -301,6 +303,13 @@ impl ClusterLab {
         self.start_node_with(k, &config);
     }
 
+    /// Node `k`'s clock runs at `rate` times real time from its next start (the test hook
+    /// in `havip_user::kernel::clock`): all namespaces share one clock otherwise.
+    pub fn set_clock_rate(&mut self, k: usize, rate: f64) {
+        self.node_mut(k).env.retain(|(name, _)| name != "HAVIP_TEST_CLOCK_RATE");
+        self.node_mut(k).env.push(("HAVIP_TEST_CLOCK_RATE".into(), rate.to_string()));
+    }
+
     /// Writes `config` to node `k`'s run directory and starts havipd with it. Returns once
     /// the process runs and its control socket exists: in cluster mode readiness (applying
     /// VIPs) depends on etcd, which a test may have cut on purpose.
@@ -321,6 +330,7 @@ impl ClusterLab {
             .arg("--run-dir")
             .arg(&node.run_dir)
             .env("HAVIP_FAULTS", crate::topology::fault_file(&node.run_dir))
+            .envs(node.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log);
         let child = spawn_tied(cmd).expect("starting havipd");
@@ -562,6 +572,45 @@ impl ClusterLab {
             cmd.args(["--endpoints", &self.etcd_endpoints().join(",")]);
         }
         cmd.args(args).env("ETCDCTL_API", "3").output().expect("running etcdctl")
+    }
+
+    /// Writes `key` = `value` in etcd, then at once (one shell in the single etcd member's
+    /// namespace, a few ms later) cuts node `k` off from etcd on etcd's side. Node `k`'s
+    /// last successful read was then sent before the write committed: the tightest case
+    /// of the timing bound, which cutting first and writing after (an etcdctl start, tens
+    /// of ms) would loosen. `cut_etcd_at_etcd(k, false)` lifts the cut.
+    pub fn write_then_cut_etcd(&self, k: usize, key: &str, value: &str) {
+        assert_eq!(self.etcd.len(), 1, "write_then_cut_etcd needs a single etcd member");
+        let m = &self.etcd[0];
+        let nft = self.cut_at_etcd_script(k, m);
+        let out = Command::new("ip")
+            .args(["netns", "exec", &m.ns.name, "sh", "-c", "etcdctl --dial-timeout 1s --command-timeout 2s --endpoints \"$1\" put \"$2\" \"$3\" && nft -f \"$4\"", "sh"])
+            .args([&self.etcd_endpoints()[0], key, value, nft.to_str().unwrap()])
+            .env("ETCDCTL_API", "3")
+            .output()
+            .expect("running etcdctl and nft");
+        assert!(out.status.success(), "write then cut n{k} at etcd: {out:?}");
+    }
+
+    /// Lifts (or sets) the cut of [`Self::write_then_cut_etcd`].
+    pub fn cut_etcd_at_etcd(&self, k: usize, on: bool) {
+        let m = &self.etcd[0];
+        let _ = m.ns.exec(&["nft", "delete", "table", "inet", &format!("havip_cut_n{k}")]);
+        if on {
+            let nft = self.cut_at_etcd_script(k, m);
+            m.ns.exec(&["nft", "-f", nft.to_str().unwrap()]).unwrap_or_else(|e| panic!("nft at etcd: {e}"));
+        }
+    }
+
+    fn cut_at_etcd_script(&self, k: usize, m: &EtcdMember) -> PathBuf {
+        let addrs = format!("{{ {}, {} }}", node_v4(k, 0), node_v4(k, 1));
+        let script = format!(
+            "table inet havip_cut_n{k} {{\nchain in {{ type filter hook input priority 0; ip saddr {addrs} tcp dport 2379 drop; }}\n\
+             chain out {{ type filter hook output priority 0; ip daddr {addrs} tcp sport 2379 drop; }}\n}}\n"
+        );
+        let path = m.data_dir.with_extension(format!("cut-n{k}.nft"));
+        std::fs::write(&path, script).unwrap();
+        path
     }
 
     /// SIGKILL to etcd member `i` (a crashed member; the others keep quorum if they can).
@@ -1352,8 +1401,34 @@ pub struct Violation {
     pub other_since: Instant,
 }
 
+/// Seconds since midnight UTC of a havipd log line's RFC 3339 stamp (`2026-12-01T05:53:07.324612Z`).
+pub fn log_secs(line: &str) -> Option<f64> {
+    let t = line.get(11..26)?;
+    let (h, m, s) = (t.get(0..2)?.parse::<f64>().ok()?, t.get(3..5)?.parse::<f64>().ok()?, t.get(6..15)?.parse::<f64>().ok()?);
+    Some(h * 3600.0 + m * 60.0 + s)
+}
+
 /// How close two nodes' claims for one address may come before they count as simultaneous.
 pub const SIMULTANEOUS: Duration = Duration::from_millis(1);
+
+/// How long after opening its fence a node may send its first announcement: its XDP
+/// program answers a request at once, while the announcement goes out from a task.
+pub const ANNOUNCE_LAG: Duration = Duration::from_millis(5);
+
+/// Whether the claim at `evs[i]` is the start of a takeover by `node` whose announcement
+/// follows within [`ANNOUNCE_LAG`], with no claim by any other node in between.
+fn announces_next(evs: &[&NeighEvent], i: usize, node: &str, node_of: impl Fn(&NeighEvent) -> String) -> bool {
+    let at = evs[i].at;
+    for e in &evs[i + 1..] {
+        if e.at.saturating_duration_since(at) > ANNOUNCE_LAG || node_of(e) != node {
+            return false;
+        }
+        if e.kind.announcement() {
+            return true;
+        }
+    }
+    false
+}
 
 /// The moments in `events` when two nodes claimed one address. `mac_to_node` maps MACs
 /// to node names, so a node's two NICs count as one owner; a MAC not in it counts as an
@@ -1361,7 +1436,9 @@ pub const SIMULTANEOUS: Duration = Duration::from_millis(1);
 ///
 /// Per address, in time order, the owner is whoever took it over last. A node takes over
 /// with an announcement (gratuitous ARP, unsolicited NA), or with its first claim ever
-/// (a takeover whose announcement was missed). Any other claim by a node that is not the
+/// (a takeover whose announcement was missed), or with a reply its own announcement
+/// follows within [`ANNOUNCE_LAG`] with nobody else claiming in between (a request
+/// answered the moment its fence opened). Any other claim by a node that is not the
 /// owner is a [`ViolationKind::StaleOwner`] moment, with a tolerance of 0: the old owner
 /// answering after the new one started. A node that hands an address back announces it,
 /// so a give-back is clean. Separately, claims by two nodes within [`SIMULTANEOUS`] of
@@ -1377,7 +1454,8 @@ pub fn two_owner_moments(events: &[NeighEvent], mac_to_node: &HashMap<String, St
         let mut owner: Option<(&str, Instant)> = None;
         let mut seen: HashSet<&str> = HashSet::new();
         let mut last_claim: HashMap<&str, Instant> = HashMap::new();
-        for e in evs {
+        let node_of = |e: &NeighEvent| mac_to_node.get(&e.mac).cloned().unwrap_or_else(|| e.mac.clone());
+        for (i, e) in evs.iter().enumerate() {
             let node = mac_to_node.get(&e.mac).map_or(e.mac.as_str(), String::as_str);
             let violation = |kind, other: &str, other_since| Violation {
                 kind,
@@ -1395,8 +1473,44 @@ pub fn two_owner_moments(events: &[NeighEvent], mac_to_node: &HashMap<String, St
             }
             match owner {
                 Some((o, _)) if o == node => {}
-                Some((o, since)) if !e.kind.announcement() && seen.contains(node) => out.push(violation(ViolationKind::StaleOwner, o, since)),
+                Some((o, since)) if !e.kind.announcement() && seen.contains(node) && !announces_next(&evs, i, node, node_of) => {
+                    out.push(violation(ViolationKind::StaleOwner, o, since))
+                }
                 _ => owner = Some((node, e.at)),
+            }
+            seen.insert(node);
+            last_claim.insert(node, e.at);
+        }
+    }
+    out
+}
+
+/// For every change of owner in `events` (a takeover, as [`two_owner_moments`] sees one):
+/// how long before the new owner's first claim the old owner claimed last. The smallest of
+/// these is how close the cluster came to a two-owner moment; a negative margin would be
+/// a [`ViolationKind::StaleOwner`] moment instead.
+pub fn handoff_separations(events: &[NeighEvent], mac_to_node: &HashMap<String, String>) -> Vec<Duration> {
+    let mut by_ip: BTreeMap<IpAddr, Vec<&NeighEvent>> = BTreeMap::new();
+    for e in events {
+        by_ip.entry(e.ip).or_default().push(e);
+    }
+    let mut out = Vec::new();
+    for evs in by_ip.values_mut() {
+        evs.sort_by_key(|e| e.at);
+        let mut owner: Option<&str> = None;
+        let mut seen: HashSet<&str> = HashSet::new();
+        let mut last_claim: HashMap<&str, Instant> = HashMap::new();
+        let node_of = |e: &NeighEvent| mac_to_node.get(&e.mac).cloned().unwrap_or_else(|| e.mac.clone());
+        for (i, e) in evs.iter().enumerate() {
+            let node = mac_to_node.get(&e.mac).map_or(e.mac.as_str(), String::as_str);
+            match owner {
+                Some(o) if o == node => {}
+                Some(_) if !e.kind.announcement() && seen.contains(node) && !announces_next(evs, i, node, node_of) => {}
+                Some(o) => {
+                    out.push(e.at.saturating_duration_since(last_claim[o]));
+                    owner = Some(node);
+                }
+                None => owner = Some(node),
             }
             seen.insert(node);
             last_claim.insert(node, e.at);
@@ -1500,6 +1614,40 @@ mod tests {
         let ev = table(&[(0, A1, V1, ArpReply), (20, B1, V1, GratuitousArp), (60, A1, V1, GratuitousArp), (80, B1, V1, ArpReply)]);
         let v = two_owner_moments(&ev, &macs());
         assert_eq!((v.len(), v[0].node.as_str(), v[0].other.as_str()), (1, "n2", "n1"), "{v:?}");
+    }
+
+    #[test]
+    fn handoff_separation_is_from_the_old_owners_last_claim() {
+        // n1 -> n2 (last n1 claim at 40, n2 announces at 55), n2 -> n1 (last n2 claim at
+        // 80, n1 announces at 83); V2 has one owner throughout; a stale n1 answer is no handoff.
+        let ev = table(&[
+            (0, A1, V1, ArpReply),
+            (40, A1, V1, ArpReply),
+            (55, B1, V1, GratuitousArp),
+            (80, B1, V1, ArpReply),
+            (83, A2, V1, GratuitousArp),
+            (10, C1, V2, ArpReply),
+            (90, C1, V2, ArpReply),
+            (95, B1, V1, ArpReply),
+        ]);
+        let s = handoff_separations(&ev, &macs());
+        assert_eq!(s, vec![Duration::from_millis(15), Duration::from_millis(3)]);
+    }
+
+    #[test]
+    fn a_reply_just_before_the_nodes_own_announcement_starts_its_takeover() {
+        // n1 gets the VIP back: its program answers a request the moment its fence opens,
+        // 1 ms before its announcement leaves. Not a stale answer...
+        let ev = table(&[(0, A1, V1, ArpReply), (20, B1, V1, GratuitousArp), (40, B1, V1, ArpReply), (60, A1, V1, ArpReply), (61, A1, V1, GratuitousArp)]);
+        assert!(two_owner_moments(&ev, &macs()).is_empty());
+        assert_eq!(handoff_separations(&ev, &macs()), vec![Duration::from_millis(20), Duration::from_millis(20)]);
+        // ...but it is when n2 claims in between, or the announcement comes too late.
+        let ev = table(&[(0, A1, V1, ArpReply), (20, B1, V1, GratuitousArp), (60, A1, V1, ArpReply), (61, B1, V1, ArpReply), (62, A1, V1, GratuitousArp)]);
+        let v = two_owner_moments(&ev, &macs());
+        assert!(v.iter().any(|v| v.kind == ViolationKind::StaleOwner && v.node == "n1"), "{v:?}");
+        let ev = table(&[(0, A1, V1, ArpReply), (20, B1, V1, GratuitousArp), (60, A1, V1, ArpReply), (70, A1, V1, GratuitousArp)]);
+        let v = two_owner_moments(&ev, &macs());
+        assert_eq!((v.len(), v[0].kind, v[0].node.as_str()), (1, ViolationKind::StaleOwner, "n1"), "{v:?}");
     }
 
     #[test]

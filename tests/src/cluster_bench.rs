@@ -17,6 +17,7 @@
 //!   minute: probes lost and moves, against the same window without the fault.
 
 use std::{
+    collections::HashMap,
     thread::sleep,
     time::{Duration, Instant},
 };
@@ -24,7 +25,7 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    cluster::{two_owner_moments, ArpAsker, ClusterLab, EchoResponder, NeighCapture, ProbeReport, ProbeStream, CLUSTER_VIP},
+    cluster::{handoff_separations, log_secs, two_owner_moments, ArpAsker, ClusterLab, EchoResponder, NeighCapture, NeighEvent, ProbeReport, ProbeStream, CLUSTER_VIP},
     percentile,
 };
 
@@ -82,11 +83,26 @@ pub struct Partitions {
     pub kinds: std::collections::BTreeMap<String, usize>,
     pub claims_captured: usize,
     pub two_owner_moments: usize,
+    /// Changes of owner the client saw in its ARP/ND claims.
+    pub handoffs: usize,
+    /// The five closest: how long before the new owner's first claim the old owner
+    /// claimed last (ms). How near the trials came to a two-owner moment.
+    pub closest_handoffs_ms: Vec<f64>,
     /// Times the answering node changed.
     pub moves: usize,
     pub probes_sent: u64,
     pub probes_lost: u64,
     pub moments: Vec<TwoOwnerMoment>,
+}
+
+impl Partitions {
+    fn note_handoffs(&mut self, claims: &[NeighEvent], macs: &HashMap<String, String>, from: Instant, to: Instant) {
+        let within: Vec<NeighEvent> = claims.iter().filter(|e| e.at >= from && e.at < to).cloned().collect();
+        let mut seps: Vec<f64> = handoff_separations(&within, macs).iter().map(|d| d.as_secs_f64() * 1e3).collect();
+        seps.sort_by(f64::total_cmp);
+        self.handoffs = seps.len();
+        self.closest_handoffs_ms = seps.into_iter().take(5).collect();
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -127,13 +143,6 @@ struct Bench {
     epoch: (Instant, std::time::SystemTime),
     /// Partition trials: start, end, what.
     trials: Vec<(Instant, Instant, String)>,
-}
-
-/// Seconds since midnight UTC of a log line's RFC 3339 stamp (`2026-12-01T05:53:07.324612Z`).
-fn log_secs(line: &str) -> Option<f64> {
-    let t = line.get(11..26)?;
-    let (h, m, s) = (t.get(0..2)?.parse::<f64>().ok()?, t.get(3..5)?.parse::<f64>().ok()?, t.get(6..15)?.parse::<f64>().ok()?);
-    Some(h * 3600.0 + m * 60.0 + s)
 }
 
 fn node_config(lab: &ClusterLab, k: usize) -> String {
@@ -208,7 +217,9 @@ impl Bench {
         wait_serving(&lab, 1, Duration::from_secs(15));
         let echo = lab.echo_on_all_nodes(PORT);
         let capture = NeighCapture::start(lab.client_ns(), "eth0");
-        let asker = ArpAsker::start(lab.client_ns(), &[CLUSTER_VIP], Duration::from_millis(20));
+        // Every 2 ms: an old owner answering even 2 ms into its successor's time is caught,
+        // and the closest handoffs are measured to that resolution.
+        let asker = ArpAsker::start(lab.client_ns(), &[CLUSTER_VIP], Duration::from_millis(2));
         Bench { lab, _echo: echo, capture: Some(capture), asker: Some(asker), epoch: (Instant::now(), std::time::SystemTime::now()), trials: Vec::new() }
     }
 
@@ -352,6 +363,8 @@ impl Bench {
             kinds,
             claims_captured: 0,
             two_owner_moments: 0,
+            handoffs: 0,
+            closest_handoffs_ms: Vec::new(),
             moves: moves_in(&r, r.started, r.stopped),
             probes_sent: last_seq - first_seq,
             probes_lost: lost_in(&r, first_seq, last_seq),
@@ -446,6 +459,7 @@ pub fn run_partitions(trials: usize) -> Partitions {
     partitions.two_owner_moments = violations.len();
     partitions.claims_captured = claims.iter().filter(|e| e.at >= p0 && e.at < p1).count();
     partitions.moments = violations.iter().map(|v| b.explain(v)).collect();
+    partitions.note_handoffs(&claims, &b.lab.mac_to_node(), p0, p1);
     partitions
 }
 
@@ -465,6 +479,7 @@ pub fn run(failover_trials: usize, partition_trials: usize, leader_kills: usize,
     partitions.two_owner_moments = within(p0, p1);
     partitions.moments = violations.iter().map(|v| b.explain(v)).collect();
     partitions.claims_captured = claims.iter().filter(|e| e.at >= p0 && e.at < p1).count();
+    partitions.note_handoffs(&claims, &b.lab.mac_to_node(), p0, p1);
     let (t50, t99, tg) = (100.0, 150.0, 50.0);
     let targets_met = [&crash, &link_cut].iter().all(|k| k.failover.p50_ms <= t50 && k.failover.p99_ms <= t99 && k.giveback.p99_ms <= tg && k.two_owner_moments == 0)
         && violations.is_empty()

@@ -26,7 +26,7 @@ use super::{
     peers::Peers,
     record::{self, NodeMark, VipRecord},
     store::{Marks, Records, Snapshot, Store},
-    timing::Timing,
+    timing::{self, Timing},
     wire::Heartbeat,
 };
 use crate::{
@@ -405,7 +405,7 @@ impl Service {
             if let Some(id) = self.id_of(v) {
                 if let Ok(f) = self.maps.fences.get(&id, 0) {
                     if f.serve_until_ns != 0 {
-                        self.written.insert(v, (Duration::from_nanos(f.serve_until_ns), f.epoch));
+                        self.written.insert(v, (clock::from_kernel(Duration::from_nanos(f.serve_until_ns)), f.epoch));
                     }
                 }
             }
@@ -636,7 +636,8 @@ impl Service {
                 if now >= not_before && self.confirms(vip, epoch, now) {
                     self.local.insert(vip, Local::Serving { epoch });
                     self.confirmed_until.insert(vip, self.records_at.unwrap_or_default() + self.t.lease);
-                    self.begin_serving(vip, epoch, "takeover");
+                    let handover = self.records.get(&vip).is_some_and(|(r, _)| r.handover);
+                    self.begin_serving(vip, epoch, if handover { "handover" } else { "takeover" });
                 }
             }
             let owned_record = self.records.get(&vip).cloned();
@@ -691,6 +692,11 @@ impl Service {
                     let not_before = (now + self.t.takeover_wait).max(self.peers.start_not_before(vip));
                     self.local.insert(vip, Local::Starting { epoch, not_before });
                     info!(%vip, epoch, wait_us = not_before.saturating_sub(now).as_micros() as u64, "ownership: the record names this node as a takeover's winner; silent until the old owner's lease has run out");
+                }
+                Some(Action::Start { epoch, wait: false }) if local == Local::Idle && record.is_some_and(|(r, _)| r.handover) => {
+                    // The giver closed its fence before its write committed; its last
+                    // replies may still be on their way to the wire.
+                    self.local.insert(vip, Local::Starting { epoch, not_before: now + timing::IN_FLIGHT });
                 }
                 Some(Action::Start { epoch, wait: false }) => {
                     if self.confirms(vip, epoch, now) {
@@ -799,7 +805,7 @@ impl Service {
 
     fn write_fence(&mut self, vip: IpAddr, until: Duration, epoch: u64) {
         let Some(id) = self.id_of(vip) else { return };
-        let f = Fence { serve_until_ns: until.as_nanos() as u64, epoch };
+        let f = Fence { serve_until_ns: clock::to_kernel(until).as_nanos() as u64, epoch };
         match self.maps.fences.set(id, f, 0) {
             Ok(()) => {
                 self.counters.fence_writes += 1;

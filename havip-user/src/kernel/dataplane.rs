@@ -87,7 +87,7 @@ fn serving_in(vips: &HashMap<MapData, VipKey, VipInfo>, fences: &Array<MapData, 
         return true;
     }
     let Ok(f) = fences.get(&info.id, 0) else { return false };
-    (crate::kernel::clock::now().as_nanos() as u64) < f.serve_until_ns
+    (crate::kernel::clock::kernel_now().as_nanos() as u64) < f.serve_until_ns
 }
 
 /// The two maps that say whether a VIP is served, opened on their own so an announcement

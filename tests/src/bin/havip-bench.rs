@@ -85,6 +85,8 @@ fn print_partitions(p: &havip_tests::cluster_bench::Partitions) {
         "partitions: {} trials, {} ARP/ND claims captured, two-owner moments {}, moves {}, probes lost {} of {}",
         p.trials, p.claims_captured, p.two_owner_moments, p.moves, p.probes_lost, p.probes_sent
     );
+    let closest: Vec<String> = p.closest_handoffs_ms.iter().map(|ms| format!("{ms:.1}")).collect();
+    println!("  {} changes of owner seen by the client; closest (old owner's last claim to new owner's first, ms): {}", p.handoffs, closest.join(", "));
     for m in &p.moments {
         println!("  two-owner moment: {}\n    during {}", m.what, m.trial.as_deref().unwrap_or("no trial"));
         for l in &m.logs {
