@@ -27,7 +27,7 @@ pub struct Lab {
     _relay_ns: [Netns; 2],
 }
 
-pub const CLEAN: Impairment = Impairment { delay: Duration::ZERO, jitter: Duration::ZERO, loss: 0.0 };
+pub const CLEAN: Impairment = Impairment { delay: Duration::ZERO, jitter: Duration::ZERO, loss: 0.0, probe_bursts: None };
 
 pub fn delay(ms: u64) -> Impairment {
     Impairment { delay: Duration::from_millis(ms), ..CLEAN }

@@ -82,7 +82,7 @@ pub fn degradation_to_rebind(trials: usize) -> RebindReport {
         std::thread::sleep(Duration::from_secs(6));
     }
     eprintln!();
-    let hold = Settings::default().hold_down.as_secs_f64();
+    let hold = Settings::default().evidence.as_secs_f64();
     let p50 = percentile(&out, 0.5);
     RebindReport {
         method: "20 ms added to the owning NIC's path; time until the VIP is bound elsewhere; default settings".into(),
@@ -114,7 +114,7 @@ pub fn rerank_cost() -> RerankReport {
     for (i, n) in nics.iter().enumerate() {
         for (j, t) in targets.iter().enumerate() {
             let rtt = 1.0 + ((i * 7 + j * 3) % 11) as f64;
-            samples.insert((n.clone(), *t), Sample { rtt_ms: Some(rtt), loss_pct: Some((j % 3) as f64), hops: Some(2), sent: 5, replies: 5 });
+            samples.insert((n.clone(), *t), Sample { rtt_ms: Some(rtt), loss_pct: Some((j % 3) as f64), hops: Some(2), sent: 5, replies: 5, ..Default::default() });
         }
     }
     let vip_targets: Vec<Vec<IpAddr>> = (0..vips).map(|v| (0..targets_per_vip).map(|k| targets[(v + k * 5) % targets.len()]).collect()).collect();

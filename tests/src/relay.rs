@@ -4,7 +4,7 @@
 
 use std::{
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         mpsc, Arc, Mutex,
     },
     thread::JoinHandle,
@@ -22,10 +22,31 @@ pub struct Impairment {
     pub jitter: Duration,
     /// Fraction of frames dropped, 0.0..1.0.
     pub loss: f64,
+    /// Bursts of lost probes: runs of consecutive ICMP echo requests dropped.
+    pub probe_bursts: Option<ProbeBursts>,
+}
+
+/// Runs of 1 to `max_len` consecutive ICMP echo requests (havip's probes) dropped, one
+/// run every `gap_min` to `gap_max` (uniform).
+#[derive(Debug, Clone, Copy)]
+pub struct ProbeBursts {
+    pub max_len: u32,
+    pub gap_min: Duration,
+    pub gap_max: Duration,
+}
+
+/// An ICMP echo request in an Ethernet frame (IPv4, no VLAN).
+fn is_echo_request(frame: &[u8]) -> bool {
+    frame.len() > 34 && frame[12..14] == [0x08, 0x00] && frame[23] == 1 && {
+        let ihl = usize::from(frame[14] & 0x0f) * 4;
+        frame.get(14 + ihl) == Some(&8)
+    }
 }
 
 pub struct Relay {
     stop: Arc<AtomicBool>,
+    /// Probe bursts dropped so far (both directions).
+    bursts: Arc<AtomicU64>,
     /// (a -> b, b -> a), changeable while the relay runs.
     now: Arc<Mutex<(Impairment, Impairment)>>,
     threads: Vec<JoinHandle<()>>,
@@ -36,11 +57,12 @@ impl Relay {
     /// own stack must stay quiet on them (no addresses, IPv6 off).
     pub fn start(ns: &Netns, a: &str, b: &str, a_to_b: Impairment, b_to_a: Impairment) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
+        let bursts = Arc::new(AtomicU64::new(0));
         let now = Arc::new(Mutex::new((a_to_b, b_to_a)));
         let mut threads = Vec::new();
         for (from, to, forward, seed) in [(a, b, true, 0x9e37_79b9u32), (b, a, false, 0x85eb_ca6bu32)] {
             let (tx, rx) = mpsc::channel::<(Instant, Vec<u8>)>();
-            let (stop_r, from_s, now_r) = (stop.clone(), from.to_string(), now.clone());
+            let (stop_r, from_s, now_r, bursts_r) = (stop.clone(), from.to_string(), now.clone(), bursts.clone());
             threads.push(spawn_in(ns, move || {
                 let link = RawLink::open(&from_s);
                 let mut x = seed;
@@ -50,12 +72,29 @@ impl Relay {
                     x ^= x << 5;
                     x as f64 / u32::MAX as f64
                 };
+                // The burst being dropped (probes left), and when the next one starts.
+                let (mut dropping, mut next_burst) = (0u32, None::<Instant>);
                 while !stop_r.load(Ordering::Relaxed) {
                     let Some(frame) = link.recv_incoming(Duration::from_millis(50)) else { continue };
                     let imp = {
                         let n = now_r.lock().unwrap();
                         if forward { n.0 } else { n.1 }
                     };
+                    if let Some(b) = imp.probe_bursts.filter(|_| is_echo_request(&frame)) {
+                        let gap = |r: f64| b.gap_min + (b.gap_max.saturating_sub(b.gap_min)).mul_f64(r);
+                        let start = *next_burst.get_or_insert_with(|| Instant::now() + gap(rand()));
+                        if dropping == 0 && Instant::now() >= start {
+                            dropping = 1 + ((rand() * b.max_len as f64) as u32).min(b.max_len - 1);
+                            bursts_r.fetch_add(1, Ordering::Relaxed);
+                        }
+                        if dropping > 0 {
+                            dropping -= 1;
+                            if dropping == 0 {
+                                next_burst = Some(Instant::now() + gap(rand()));
+                            }
+                            continue;
+                        }
+                    }
                     if rand() < imp.loss {
                         continue;
                     }
@@ -78,7 +117,12 @@ impl Relay {
                 }
             }));
         }
-        Self { stop, now, threads }
+        Self { stop, bursts, now, threads }
+    }
+
+    /// Probe bursts dropped so far.
+    pub fn bursts(&self) -> u64 {
+        self.bursts.load(Ordering::Relaxed)
     }
 
     /// Changes the impairments from the next frame on.

@@ -13,6 +13,7 @@ pub mod capacity;
 pub mod classes;
 pub mod cluster;
 pub mod metrics;
+pub mod probe;
 pub mod ranking;
 pub mod rate;
 pub mod token;
@@ -230,10 +231,16 @@ pub struct RankingSection {
     pub combine: ranking::Combine,
     /// A challenger must be cheaper by this fraction of the current cost...
     pub margin: f64,
-    /// ...and by at least this much cost...
+    /// ...and by at least this much cost (plus three standard deviations of the measured
+    /// noise): the allowance...
     pub min_gain: f64,
-    /// ...continuously for this long, ms.
-    pub hold_down_ms: u64,
+    /// ...and gather this much evidence, ms: the time a lead of two allowances takes (a
+    /// clear lead, five allowances or more, a quarter of it; a lead inside the allowance
+    /// drains it). Dark and lossy paths move at once.
+    pub evidence_ms: u64,
+    /// Replaced by `evidence_ms`: refused with a pointer to it.
+    #[serde(skip_serializing)]
+    pub hold_down_ms: Option<u64>,
     /// Optional gates: with any set, a VIP moves only when its current path breaks one.
     pub max_rtt_ms: Option<f64>,
     pub max_loss_pct: Option<f64>,
@@ -252,7 +259,8 @@ impl Default for RankingSection {
             combine: d.combine,
             margin: d.margin,
             min_gain: d.min_gain,
-            hold_down_ms: d.hold_down.as_millis() as u64,
+            evidence_ms: d.evidence.as_millis() as u64,
+            hold_down_ms: None,
             max_rtt_ms: None,
             max_loss_pct: None,
             top_k: None,
@@ -277,9 +285,21 @@ pub struct PassiveSection {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProbeSection {
-    /// Time between two probes of one path, ms.
+    /// Time between two probes of a path that matters to no bound VIP (free pool VIPs'), ms.
     #[serde(default = "default_probe_interval_ms")]
     pub interval_ms: u64,
+    /// Time between two probes of a candidate NIC's path of a bound VIP with targets, ms.
+    #[serde(default = "default_active_interval_ms")]
+    pub active_interval_ms: u64,
+    /// Time between two probes of a path in doubt (a probe lost), ms.
+    #[serde(default = "default_doubt_interval_ms")]
+    pub doubt_interval_ms: u64,
+    /// The shortest time a probe is waited for (at least 3 smoothed RTTs), ms.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Probes lost in a row that make a path dark.
+    #[serde(default = "default_fail_after")]
+    pub fail_after: u32,
     /// Probe with TCP SYNs to this port of the targets instead of ICMP echoes (for
     /// networks that filter ICMP); the SYN-ACK or RST is the reply.
     #[serde(default)]
@@ -293,12 +313,32 @@ pub struct ProbeSection {
 
 impl Default for ProbeSection {
     fn default() -> Self {
-        Self { interval_ms: default_probe_interval_ms(), tcp_port: None, udp_port: None }
+        Self {
+            interval_ms: default_probe_interval_ms(),
+            active_interval_ms: default_active_interval_ms(),
+            doubt_interval_ms: default_doubt_interval_ms(),
+            timeout_ms: default_timeout_ms(),
+            fail_after: default_fail_after(),
+            tcp_port: None,
+            udp_port: None,
+        }
     }
 }
 
 fn default_probe_interval_ms() -> u64 {
     1000
+}
+fn default_active_interval_ms() -> u64 {
+    20
+}
+fn default_doubt_interval_ms() -> u64 {
+    5
+}
+fn default_timeout_ms() -> u64 {
+    10
+}
+fn default_fail_after() -> u32 {
+    4
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -364,8 +404,10 @@ pub struct Config {
     pub vip_interface: String,
     pub xdp_mode: XdpModeSetting,
     pub failover: Failover,
-    /// Time between two probes of one path.
+    /// Time between two probes of an idle path (see `watch` for the others).
     pub probe_interval: std::time::Duration,
+    /// How paths are probed and judged probe by probe.
+    pub watch: probe::Watch,
     /// Probe kind and port: ICMP echo (no port), TCP SYN or UDP to the port.
     pub probe_kind: ProbeKind,
     pub ranking: ranking::Settings,
@@ -637,6 +679,18 @@ pub fn validate_on(file: &ConfigFile, online_cpus: &BTreeSet<u32>) -> Result<Con
     if !probe_interval_ok {
         err("probe.interval_ms".into(), format!("{} is out of range; probe every 10 to 60000 ms", file.probe.interval_ms));
     }
+    let pr = &file.probe;
+    for (name, v, lo) in [("active_interval_ms", pr.active_interval_ms, 1), ("doubt_interval_ms", pr.doubt_interval_ms, 1), ("timeout_ms", pr.timeout_ms, 1)] {
+        if !(lo..=60_000).contains(&v) {
+            err(format!("probe.{name}"), format!("{v} is out of range; use {lo} to 60000 ms"));
+        }
+    }
+    if !(2..=100).contains(&pr.fail_after) {
+        err(
+            "probe.fail_after".into(),
+            format!("{} is out of range; 2 to 100 probes lost in a row (a burst of 3 should not move a VIP: 4 or more)", pr.fail_after),
+        );
+    }
     if file.probe.tcp_port == Some(0) {
         err("probe.tcp_port".into(), "0 is not a port; give the targets' TCP port to probe, or leave it out for ICMP".into());
     }
@@ -647,8 +701,8 @@ pub fn validate_on(file: &ConfigFile, online_cpus: &BTreeSet<u32>) -> Result<Con
         err("probe.udp_port".into(), "probes are TCP or UDP, not both: set tcp_port or udp_port".into());
     }
     let r = &file.ranking;
-    if !(100..=600_000).contains(&r.interval_ms) {
-        err("ranking.interval_ms".into(), format!("{} is out of range; rank every 100 to 600000 ms", r.interval_ms));
+    if !(20..=600_000).contains(&r.interval_ms) {
+        err("ranking.interval_ms".into(), format!("{} is out of range; rank every 20 to 600000 ms", r.interval_ms));
     }
     // The window's floor is three probe intervals, formed only from a valid interval: an
     // invalid one is reported at its own field, and its product could overflow.
@@ -666,8 +720,14 @@ pub fn validate_on(file: &ConfigFile, online_cpus: &BTreeSet<u32>) -> Result<Con
     if !(0.0..1.0).contains(&r.margin) {
         err("ranking.margin".into(), format!("{} must be in [0, 1): a fraction of the current cost", r.margin));
     }
-    if r.hold_down_ms > HOUR_MS {
-        err("ranking.hold_down_ms".into(), format!("{} ms is more than an hour; use 0 to {HOUR_MS} ms", r.hold_down_ms));
+    if r.evidence_ms > HOUR_MS {
+        err("ranking.evidence_ms".into(), format!("{} ms is more than an hour; use 0 to {HOUR_MS} ms", r.evidence_ms));
+    }
+    if r.hold_down_ms.is_some() {
+        err(
+            "ranking.hold_down_ms".into(),
+            "was replaced by evidence_ms: a VIP moves once a better path has shown enough evidence (a clear lead fast, a small one slowly, noise never); remove hold_down_ms and set evidence_ms (default 1000) if needed".into(),
+        );
     }
     for (name, v) in [("max_rtt_ms", r.max_rtt_ms), ("max_loss_pct", r.max_loss_pct)] {
         if v.is_some_and(|v| !v.is_finite() || v <= 0.0) {
@@ -842,6 +902,16 @@ pub fn validate_on(file: &ConfigFile, online_cpus: &BTreeSet<u32>) -> Result<Con
         vip_interface: file.node.vip_interface.clone(),
         xdp_mode: file.node.xdp_mode,
         probe_interval: std::time::Duration::from_millis(file.probe.interval_ms),
+        watch: probe::Watch {
+            idle_interval: std::time::Duration::from_millis(file.probe.interval_ms),
+            // Never slower than a less important path: an `interval_ms` below the active
+            // interval speeds every path up.
+            active_interval: std::time::Duration::from_millis(file.probe.active_interval_ms.min(file.probe.interval_ms)),
+            doubt_interval: std::time::Duration::from_millis(file.probe.doubt_interval_ms.min(file.probe.active_interval_ms).min(file.probe.interval_ms)),
+            timeout_floor: std::time::Duration::from_millis(file.probe.timeout_ms),
+            fail_after: file.probe.fail_after,
+            fast: file.probe.udp_port.is_none(),
+        },
         probe_kind: match (file.probe.tcp_port, file.probe.udp_port) {
             (Some(p), _) => ProbeKind::Tcp(p),
             (_, Some(p)) => ProbeKind::Udp(p),
@@ -859,7 +929,7 @@ pub fn validate_on(file: &ConfigFile, online_cpus: &BTreeSet<u32>) -> Result<Con
                 combine: r.combine,
                 margin: r.margin,
                 min_gain: r.min_gain,
-                hold_down: std::time::Duration::from_millis(r.hold_down_ms),
+                evidence: std::time::Duration::from_millis(r.evidence_ms),
                 max_rtt_ms: r.max_rtt_ms,
                 max_loss_pct: r.max_loss_pct,
                 top_k: r.top_k,
@@ -968,7 +1038,10 @@ port = 8082
             ("probe interval whose triple overflows", "[node]", "[probe]\ninterval_ms = 9223372036854775807\n[node]", "probe.interval_ms"),
             ("probe interval beyond u64", "[node]", "[probe]\ninterval_ms = 18446744073709551615\n[node]", "probe.interval_ms"),
             ("window beyond an hour", "[node]", "[ranking]\nwindow_ms = 3600001\n[node]", "ranking.window_ms"),
-            ("hold-down beyond an hour", "[node]", "[ranking]\nhold_down_ms = 9223372036854775807\n[node]", "ranking.hold_down_ms"),
+            ("evidence beyond an hour", "[node]", "[ranking]\nevidence_ms = 9223372036854775807\n[node]", "ranking.evidence_ms"),
+            ("the replaced hold-down", "[node]", "[ranking]\nhold_down_ms = 3000\n[node]", "ranking.hold_down_ms"),
+            ("fail after one", "[node]", "[probe]\nfail_after = 1\n[node]", "probe.fail_after"),
+            ("zero timeout", "[node]", "[probe]\ntimeout_ms = 0\n[node]", "probe.timeout_ms"),
         ];
         for (what, from, to, field) in cases {
             assert!(GOOD.contains(from), "{what}: fixture does not contain {from:?}");
@@ -993,7 +1066,7 @@ port = 8082
 
         file.ranking.interval_ms = u64::MAX;
         file.ranking.window_ms = u64::MAX;
-        file.ranking.hold_down_ms = u64::MAX;
+        file.ranking.evidence_ms = u64::MAX;
         file.failover.announce_count = u32::MAX;
         file.failover.announce_interval_ms = u64::MAX;
         file.failover.failback_hold_down_ms = u64::MAX;
@@ -1002,7 +1075,7 @@ port = 8082
             ("probe.interval_ms", "60000"),
             ("ranking.interval_ms", "600000"),
             ("ranking.window_ms", "3600000"),
-            ("ranking.hold_down_ms", "3600000"),
+            ("ranking.evidence_ms", "3600000"),
             ("failover.announce_count", "50"),
             ("failover.announce_interval_ms", "60000"),
             ("failover.failback_hold_down_ms", "86400000"),

@@ -24,7 +24,8 @@ pub struct Settings {
     pub combine: Combine,
     pub margin: f64,
     pub min_gain: f64,
-    pub hold_down: Duration,
+    /// Seconds of a lead of two allowances a challenger must show (see `node::rank`).
+    pub evidence: Duration,
     pub max_rtt_ms: Option<f64>,
     pub max_loss_pct: Option<f64>,
     pub top_k: Option<usize>,
@@ -33,7 +34,7 @@ pub struct Settings {
 impl Default for Settings {
     fn default() -> Self {
         Self {
-            interval: Duration::from_millis(1000),
+            interval: Duration::from_millis(100),
             window: Duration::from_millis(5000),
             weight_latency: 1.0,
             weight_loss: 2.0,
@@ -41,7 +42,7 @@ impl Default for Settings {
             combine: Combine::Mean,
             margin: 0.2,
             min_gain: 1.0,
-            hold_down: Duration::from_millis(3000),
+            evidence: Duration::from_millis(1000),
             max_rtt_ms: None,
             max_loss_pct: None,
             top_k: None,

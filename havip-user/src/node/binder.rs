@@ -39,6 +39,9 @@ pub enum Reason {
     Operator,
     /// Another candidate's measured path quality beat it (see `rank`).
     Quality,
+    /// Its paths to every target went dark with the link up (probes lost in a row) while
+    /// another candidate still reached them: moved at once, as on a link down.
+    PathDark,
 }
 
 impl fmt::Display for Reason {
@@ -50,6 +53,7 @@ impl fmt::Display for Reason {
             Reason::Failback => "failback",
             Reason::Operator => "operator",
             Reason::Quality => "quality",
+            Reason::PathDark => "path_dark",
         })
     }
 }

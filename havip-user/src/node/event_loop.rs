@@ -47,6 +47,9 @@ use crate::{
     },
 };
 
+/// Period of the probe-by-probe watch: a lost probe is noticed at most this late.
+const WATCH_EVERY: Duration = Duration::from_millis(5);
+
 /// Starts the metrics exporter: given where to listen (`None`: disabled) and the health
 /// counters the node keeps. The node does not know the exporter (it sits in a layer above
 /// it); the binary plugs it in.
@@ -192,9 +195,10 @@ async fn serve(opts: DaemonOptions, exporter: StartExporter) -> anyhow::Result<(
     let mut rank_every = node.cfg.ranking.interval;
     let mut rank_tick = tokio::time::interval(rank_every);
     rank_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut probe_every = node.cfg.probe_interval;
-    let mut probe_tick = tokio::time::interval(probe_every);
-    probe_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The probe-by-probe watch: sends what is due and checks what is overdue. Its period
+    // bounds how late a lost probe is noticed.
+    let mut watch_tick = tokio::time::interval(WATCH_EVERY);
+    watch_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         tokio::select! {
             biased;
@@ -221,16 +225,12 @@ async fn serve(opts: DaemonOptions, exporter: StartExporter) -> anyhow::Result<(
             _ = hup.recv() => {
                 info!("SIGHUP: reloading");
                 node.reload().await;
-                if node.cfg.probe_interval != probe_every {
-                    probe_every = node.cfg.probe_interval;
-                    probe_tick = tokio::time::interval(probe_every);
-                }
                 if node.cfg.ranking.interval != rank_every {
                     rank_every = node.cfg.ranking.interval;
                     rank_tick = tokio::time::interval(rank_every);
                 }
             }
-            _ = probe_tick.tick() => node.prober.send(),
+            _ = watch_tick.tick() => node.watch_round(),
             _ = rank_tick.tick() => node.rank_round(),
             Some((call, reply)) = rx.recv() => {
                 let r = node.on_api(call).await;

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use crate::{
     config::{ranking::Settings, Vip},
-    node::{binder::LinkState, quality::Quality, rank::PathScore},
+    node::{binder::LinkState, path_watch::Verdict, quality::Quality, rank::PathScore},
 };
 
 /// What `explain` shows about one VIP.
@@ -36,14 +36,14 @@ pub fn render(i: &Inputs<'_>) -> String {
     }
     let w = i.weights;
     out += &format!(
-        "cost = {}*rtt_ms + {}*loss_pct + {}*hops, {:?} over targets; margin {:.0}% (at least {}), hold-down {:.1}s\n",
+        "cost = {}*rtt_ms + {}*loss_pct + {}*hops, {:?} over targets; allowance: margin {:.0}% (at least {}) + 3 sd of noise; evidence {:.2}s; dark or lossy paths move at once\n",
         w.weight_latency,
         w.weight_loss,
         w.weight_hops,
         w.combine,
         w.margin * 100.0,
         w.min_gain,
-        w.hold_down.as_secs_f64()
+        w.evidence.as_secs_f64()
     );
     let Some(q) = i.quality else {
         out += "not ranked yet\n";
@@ -51,11 +51,12 @@ pub fn render(i: &Inputs<'_>) -> String {
     };
     for s in &q.ranked {
         out += &format!(
-            "  {:<8} reaches {}/{} target(s), cost {}\n",
+            "  {:<8} reaches {}/{} target(s), cost {} (noise sd {:.2})\n",
             s.nic,
             s.reachable,
             v.targets.len(),
-            s.cost.map(|c| format!("{c:.2}")).unwrap_or_else(|| "-".into())
+            s.cost.map(|c| format!("{c:.2}")).unwrap_or_else(|| "-".into()),
+            s.noise
         );
         for p in &s.paths {
             let score = match p.score {
@@ -64,10 +65,16 @@ pub fn render(i: &Inputs<'_>) -> String {
                 PathScore::Unknown => "not measured yet".into(),
             };
             out += &format!(
-                "    -> {:<20} rtt {} ms, loss {}%: {score}{}\n",
+                "    -> {:<20} rtt {} ms, loss {}%: {score}{}{}\n",
                 p.target,
                 p.rtt_ms.map(|r| format!("{r:.2}")).unwrap_or_else(|| "-".into()),
                 p.loss_pct.map(|l| format!("{l:.1}")).unwrap_or_else(|| "-".into()),
+                match p.verdict {
+                    Some(Verdict::Failed { lost }) => format!(" DARK ({lost} probes lost in a row)"),
+                    Some(Verdict::Lossy { loss_pct }) => format!(" LOSSY ({loss_pct:.1}% by the loss test)"),
+                    Some(Verdict::Doubt) => " (in doubt: probing fast)".into(),
+                    _ => String::new(),
+                },
                 if p.counted { "" } else { " (no candidate reaches it: ignored)" }
             );
         }

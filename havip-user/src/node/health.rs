@@ -11,11 +11,11 @@ use crate::{cluster::service::Status as ClusterStatus, node::binder::Reason};
 
 /// Every binder reason, so each rebind series exists from the start (a series that
 /// appears only on its first increment hides that increment from `increase()`).
-const REASONS: [Reason; 6] = [Reason::Initial, Reason::LinkDown, Reason::NotCandidate, Reason::Failback, Reason::Operator, Reason::Quality];
+const REASONS: [Reason; 7] = [Reason::Initial, Reason::LinkDown, Reason::NotCandidate, Reason::Failback, Reason::Operator, Reason::Quality, Reason::PathDark];
 
 /// Fails to compile when a reason is added without being listed in `REASONS`.
 const _: fn(Reason) = |r| match r {
-    Reason::Initial | Reason::LinkDown | Reason::NotCandidate | Reason::Failback | Reason::Operator | Reason::Quality => (),
+    Reason::Initial | Reason::LinkDown | Reason::NotCandidate | Reason::Failback | Reason::Operator | Reason::Quality | Reason::PathDark => (),
 };
 
 /// The controller's own health, kept by havipd (the kernel knows nothing of it).

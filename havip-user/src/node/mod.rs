@@ -21,6 +21,7 @@ pub mod binder;
 pub mod events;
 pub mod health;
 pub mod nics;
+pub mod path_watch;
 pub mod placer;
 pub mod pool;
 pub mod prober;

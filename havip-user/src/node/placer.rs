@@ -56,10 +56,29 @@ pub fn moves(vips: &[VipView<'_>], links: &BTreeMap<String, LinkState>, now: Ins
         // Path quality, once measured, orders the candidates instead of the file.
         let order = v.quality.map(|d| d.order.as_slice()).unwrap_or(v.candidates);
         let placement = Placement { candidates: order, pinned: v.pinned, current: v.current };
-        let Some((to, mut reason)) = decide(placement, links, now, hold_down) else {
+        // A dark path is a failure, not a preference: the binder sees the current NIC as
+        // down for this VIP, so it fails over at once instead of waiting for a failback.
+        let dark = v.quality.filter(|d| d.dark.is_some() && d.dark.as_deref() == v.current);
+        let dark_links;
+        let links_here = match (dark, v.current) {
+            (Some(_), Some(cur)) => {
+                let mut l = links.clone();
+                if let Some(s) = l.get_mut(cur) {
+                    s.up = false;
+                }
+                dark_links = l;
+                &dark_links
+            }
+            _ => links,
+        };
+        let Some((to, mut reason)) = decide(placement, links_here, now, hold_down) else {
             continue;
         };
         let mut why = None;
+        if let (Some(d), Reason::LinkDown) = (dark, reason) {
+            reason = Reason::PathDark;
+            why = Some(d.why.clone());
+        }
         // A failback the ranking asked for is a quality move: say so, with its evidence.
         if reason == Reason::Failback {
             if let Some(d) = v.quality.filter(|d| d.moves_to.as_deref() == Some(to.as_str())) {
@@ -90,8 +109,8 @@ mod tests {
     fn table() {
         let now = Instant::now() + Duration::from_secs(100);
         let ab = nics(&["a0", "b0"]);
-        let quality_b = Decision { order: nics(&["b0", "a0"]), why: "b0 beats a0 by 40%".into(), moves_to: Some("b0".into()) };
-        let quality_keep = Decision { order: nics(&["a0", "b0"]), why: "a0 stays".into(), moves_to: None };
+        let quality_b = Decision { order: nics(&["b0", "a0"]), why: "b0 beats a0 by 40%".into(), moves_to: Some("b0".into()), dark: None };
+        let quality_keep = Decision { order: nics(&["a0", "b0"]), why: "a0 stays".into(), moves_to: None, dark: None };
         struct Case<'a> {
             name: &'a str,
             links: &'a [(&'a str, bool, u64)],
@@ -180,9 +199,26 @@ mod tests {
     fn a_quality_move_carries_the_rankings_explanation() {
         let now = Instant::now() + Duration::from_secs(100);
         let ab = nics(&["a0", "b0"]);
-        let d = Decision { order: nics(&["b0", "a0"]), why: "b0 beats a0 by 40%".into(), moves_to: Some("b0".into()) };
+        let d = Decision { order: nics(&["b0", "a0"]), why: "b0 beats a0 by 40%".into(), moves_to: Some("b0".into()), dark: None };
         let view = VipView { vip: "198.18.0.10".parse().unwrap(), id: 3, candidates: &ab, quality: Some(&d), pinned: None, current: Some("a0") };
         let m = moves(&[view], &links(now, &[("a0", true, 10), ("b0", true, 10)]), now, HOLD);
         assert_eq!(m, vec![Move { vip: view.vip, id: 3, from: Some("a0".into()), to: "b0".into(), reason: Reason::Quality, why: Some(d.why.clone()) }]);
+    }
+
+    #[test]
+    fn a_dark_path_fails_over_at_once_even_to_a_nic_up_for_less_than_the_hold_down() {
+        let now = Instant::now() + Duration::from_secs(100);
+        let ab = nics(&["a0", "b0"]);
+        let d = Decision { order: nics(&["b0", "a0"]), why: "a0: every path dark".into(), moves_to: Some("b0".into()), dark: Some("a0".into()) };
+        let view = VipView { vip: "198.18.0.10".parse().unwrap(), id: 3, candidates: &ab, quality: Some(&d), pinned: None, current: Some("a0") };
+        // b0 came up 1 s ago: a failback would wait for the hold-down; a dark path does not.
+        let m = moves(&[view], &links(now, &[("a0", true, 10), ("b0", true, 1)]), now, HOLD);
+        assert_eq!(m, vec![Move { vip: view.vip, id: 3, from: Some("a0".into()), to: "b0".into(), reason: Reason::PathDark, why: Some(d.why.clone()) }]);
+        let quality = Decision { dark: None, ..d.clone() };
+        let view = VipView { quality: Some(&quality), ..view };
+        assert!(moves(&[view], &links(now, &[("a0", true, 10), ("b0", true, 1)]), now, HOLD).is_empty(), "a preference waits for the hold-down");
+        // Once on b0, the decision made for a0 moves nothing back.
+        let view = VipView { quality: Some(&d), current: Some("b0"), ..view };
+        assert!(moves(&[view], &links(now, &[("a0", true, 10), ("b0", true, 1)]), now, HOLD).is_empty());
     }
 }

@@ -27,7 +27,7 @@ impl Node {
         let samples = if r.targets.is_empty() {
             Default::default()
         } else {
-            self.prober.samples(&self.dp, Instant::now(), self.cfg.ranking.window, self.cfg.probe_interval)
+            self.prober.samples(&self.dp, Instant::now(), self.cfg.ranking.window)
         };
         let weights = self.cfg.ranking;
         let cost = |v: &Vip| {

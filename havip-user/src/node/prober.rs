@@ -9,8 +9,9 @@
 //! returns through that NIC; one path measurement serves every VIP that NIC could carry.
 //!
 //! The prober owns the probe slots (one per measured path, stable across reloads), the raw
-//! sockets (one per NIC and address family) and each path's counter history, and turns
-//! the kernel's counters into windowed samples for the ranking.
+//! sockets (one per NIC and address family), each path's counter history and its
+//! probe-by-probe watch (`path_watch`: one probe in flight, faster while in doubt), and
+//! turns the kernel's counters into windowed samples for the ranking.
 
 use std::{
     collections::{BTreeMap, BTreeSet, VecDeque},
@@ -26,7 +27,11 @@ use tracing::{debug, info, warn};
 use crate::{
     config::{Config, ProbeKind},
     kernel::{dataplane::Dataplane, netlink::Netlink, probe_socket},
-    node::{nics::NicTable, rank::Sample},
+    node::{
+        nics::NicTable,
+        path_watch::{self, PathWatch, Verdict},
+        rank::Sample,
+    },
 };
 
 /// One measured path.
@@ -76,6 +81,22 @@ pub struct Prober {
     /// The probe kind the sockets were opened for.
     kind: Option<ProbeKind>,
     seq: u16,
+    /// Probe-by-probe state of each path: when it is probed next, and its verdict.
+    watch: BTreeMap<Path, PathWatch>,
+    /// Paths of bound VIPs' candidate NICs: probed at the active interval.
+    active: BTreeSet<Path>,
+    settings: path_watch::Settings,
+}
+
+/// A path whose verdict changed, with what the watch knew then (for the decision's log line).
+#[derive(Debug, Clone)]
+pub struct VerdictChange {
+    pub path: Path,
+    pub verdict: Verdict,
+    pub lost_in_row: u32,
+    pub rtt_ms: Option<(f64, f64)>,
+    pub replies: u64,
+    pub lost: u64,
 }
 
 impl Prober {
@@ -117,6 +138,9 @@ impl Prober {
             }
         }
         self.history.retain(|p, _| slots.contains_key(p));
+        self.watch.retain(|p, _| slots.contains_key(p));
+        self.active = cfg.vips.iter().flat_map(|v| v.nics.iter().flat_map(|n| v.targets.iter().map(|t| Path { nic: n.clone(), target: *t }))).collect();
+        self.settings = cfg.watch;
         self.slots = slots;
         self.kind = Some(cfg.probe_kind);
         Ok(())
@@ -128,29 +152,79 @@ impl Prober {
         self.sockets.retain(|(n, _), _| n != nic);
     }
 
-    /// Sends one probe on every path.
-    pub fn send(&mut self) {
-        let Some(kind) = self.kind else { return };
-        self.seq = self.seq.wrapping_add(1);
+    /// One round of the probe-by-probe watch (every few ms): takes the outcome of each
+    /// probe whose reply the kernel counted or whose deadline passed, and sends each probe
+    /// that is due. Reads the kernel only for paths with a probe in flight or due. Returns
+    /// the paths whose verdict changed.
+    pub fn watch_round(&mut self, dp: &Dataplane, now: Instant) -> Vec<VerdictChange> {
+        let s = self.settings;
+        let mut changes = Vec::new();
+        let mut due = Vec::new();
         for (path, &slot) in &self.slots {
-            let Some((sock, src)) = self.sockets.get(&(path.nic.clone(), path.target.is_ipv6())) else {
+            let w = self.watch.entry(path.clone()).or_default();
+            let active = self.active.contains(path);
+            if !w.waiting() && !w.due(now, active, &s) {
                 continue;
-            };
-            let seq = self.seq;
-            let msg = match kind {
-                ProbeKind::Tcp(port) => probe_socket::tcp_syn(*src, path.target, port, slot, seq as u32),
-                ProbeKind::Udp(port) => probe_socket::udp_probe(*src, path.target, port, slot, seq as u32),
-                ProbeKind::Icmp => probe_socket::echo_request(path.target.is_ipv6(), slot, seq),
-            };
-            if let Err(e) = probe_socket::send(sock, path.target, &msg) {
+            }
+            let Ok(st) = dp.probe_stats(slot) else { continue };
+            if let Some(o) = w.check(now, st.received, Duration::from_nanos(st.last_rtt_ns), &s) {
+                if let Some(verdict) = w.record(o, &s) {
+                    changes.push(VerdictChange {
+                        path: path.clone(),
+                        verdict,
+                        lost_in_row: w.lost_in_row,
+                        rtt_ms: w.rtt_ms(),
+                        replies: w.replies,
+                        lost: w.lost,
+                    });
+                }
+            }
+            if w.due(now, active, &s) {
+                due.push((path.clone(), slot, st.received));
+            }
+        }
+        for (path, slot, received) in due {
+            let sent = self.send_one(&path, slot);
+            let w = self.watch.get_mut(&path).expect("watched above");
+            if sent {
+                w.sent(now, received);
+            } else {
+                w.skipped(now);
+            }
+        }
+        changes
+    }
+
+    /// Sends one probe on `path`; false if it could not be sent.
+    fn send_one(&mut self, path: &Path, slot: u32) -> bool {
+        let Some(kind) = self.kind else { return false };
+        let Some((sock, src)) = self.sockets.get(&(path.nic.clone(), path.target.is_ipv6())) else {
+            return false;
+        };
+        self.seq = self.seq.wrapping_add(1);
+        let seq = self.seq;
+        let msg = match kind {
+            ProbeKind::Tcp(port) => probe_socket::tcp_syn(*src, path.target, port, slot, seq as u32),
+            ProbeKind::Udp(port) => probe_socket::udp_probe(*src, path.target, port, slot, seq as u32),
+            ProbeKind::Icmp => probe_socket::echo_request(path.target.is_ipv6(), slot, seq),
+        };
+        match probe_socket::send(sock, path.target, &msg) {
+            Ok(_) => true,
+            Err(e) => {
                 debug!(nic = %path.nic, target = %path.target, error = %e, "probe not sent");
+                false
             }
         }
     }
 
-    /// Windowed samples of every probed path, from the kernel's counters. `probe_interval`
-    /// tells how many probes can still be in flight (sent within the last RTT).
-    pub fn samples(&mut self, dp: &Dataplane, now: Instant, window: Duration, probe_interval: Duration) -> Samples {
+    /// Each watched path's verdict, for `havip stats` and the API.
+    pub fn verdicts(&self) -> BTreeMap<(String, IpAddr), Verdict> {
+        self.watch.iter().map(|(p, w)| ((p.nic.clone(), p.target), w.verdict)).collect()
+    }
+
+    /// Windowed samples of every probed path, from the kernel's counters, with each
+    /// path's RTT spread and verdict from the watch.
+    pub fn samples(&mut self, dp: &Dataplane, now: Instant, window: Duration) -> Samples {
         let mut out = BTreeMap::new();
         // Only the slots this prober assigned: one lookup each, not a scan of all slots.
         for (path, &slot) in &self.slots {
@@ -162,24 +236,27 @@ impl Prober {
                 h.pop_front();
             }
             let (base, last) = (h[0], h[h.len() - 1]);
-            out.insert((path.nic.clone(), path.target), sample(base, last, &st, probe_interval));
+            let w = self.watch.get(path);
+            let mut sample = sample(base, last, &st, w.map_or(0, |w| u64::from(w.waiting())));
+            sample.rtt_sd_ms = w.and_then(|w| w.rtt_ms()).map(|(_, sd)| sd);
+            sample.verdict = w.map(|w| w.verdict);
+            out.insert((path.nic.clone(), path.target), sample);
         }
         out
     }
 }
 
 /// One path's sample from the counters at the window's start (`base`) and now (`last`),
-/// (when, sent, received) each, and the kernel's latest RTT and TTL in `st`.
-fn sample(base: (Instant, u64, u64), last: (Instant, u64, u64), st: &ProbeStats, probe_interval: Duration) -> Sample {
+/// (when, sent, received) each, and the kernel's latest RTT and TTL in `st`; `in_flight`
+/// probes were sent but not yet answered or given up on.
+fn sample(base: (Instant, u64, u64), last: (Instant, u64, u64), st: &ProbeStats, in_flight: u64) -> Sample {
     let sent = last.1.saturating_sub(base.1);
     let replies = last.2.saturating_sub(base.2).min(sent);
     let rtt_ms = (st.received > 0).then(|| st.rtt_ewma_ns as f64 / 1e6);
-    // Probes sent within the last RTT cannot have been answered yet.
-    let in_flight = rtt_ms.map(|r| (r / probe_interval.as_secs_f64() / 1000.0).ceil() as u64).unwrap_or(0);
     let lost = (sent - replies).saturating_sub(in_flight);
     let loss_pct = (sent > 0).then(|| 100.0 * lost as f64 / sent as f64);
     let hops = (st.received > 0).then(|| havip_common::hops_from_ttl(st.last_ttl));
-    Sample { rtt_ms, loss_pct, hops, sent, replies }
+    Sample { rtt_ms, loss_pct, hops, sent, replies, ..Default::default() }
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! Ranking rounds: the prober's samples through `rank` for every VIP with targets, then
-//! the placer acts on the new preference orders.
+//! the placer acts on the new preference orders. The watch round runs one at once when a
+//! path's verdict changes.
 
 use std::time::Instant;
 
@@ -17,10 +18,35 @@ pub struct Quality {
 }
 
 impl Node {
+    /// The probe-by-probe watch (every few ms). A path that goes dark or lossy, or comes
+    /// back, is logged with what was measured and ranked at once: a dark path moves its
+    /// VIPs now, not at the next ranking round.
+    pub(super) fn watch_round(&mut self) {
+        let changes = self.prober.watch_round(&self.dp, Instant::now());
+        if changes.is_empty() {
+            return;
+        }
+        for c in &changes {
+            let (rtt, sd) = c.rtt_ms.unwrap_or((f64::NAN, f64::NAN));
+            tracing::info!(
+                nic = %c.path.nic,
+                target = %c.path.target,
+                verdict = ?c.verdict,
+                lost_in_row = c.lost_in_row,
+                rtt_ms = format!("{rtt:.2}"),
+                rtt_sd_ms = format!("{sd:.2}"),
+                replies = c.replies,
+                lost = c.lost,
+                "path verdict"
+            );
+        }
+        self.rank_round();
+    }
+
     /// A ranking round: rank every VIP with targets, then place.
     pub(super) fn rank_round(&mut self) {
         let now = Instant::now();
-        let samples = self.prober.samples(&self.dp, now, self.cfg.ranking.window, self.cfg.probe_interval);
+        let samples = self.prober.samples(&self.dp, now, self.cfg.ranking.window);
         let w = self.cfg.ranking;
         let links = &self.links;
         let up = |n: &str| links.get(n).is_some_and(|l| l.up);

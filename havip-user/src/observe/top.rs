@@ -242,7 +242,7 @@ impl Model {
             };
             let lost = (sent - replies).saturating_sub(in_flight);
             let loss_pct = (sent > 0).then(|| 100.0 * lost as f64 / sent as f64);
-            out.insert(key, rank::Sample { rtt_ms: p.rtt_ewma_ms, loss_pct, hops: p.hops, sent, replies });
+            out.insert(key, rank::Sample { rtt_ms: p.rtt_ewma_ms, loss_pct, hops: p.hops, sent, replies, ..Default::default() });
         }
         self.windows.retain(|k, _| paths.iter().any(|p| p.nic == k.0 && p.target == k.1));
         out
