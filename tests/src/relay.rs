@@ -129,6 +129,12 @@ impl Relay {
     pub fn set(&self, a_to_b: Impairment, b_to_a: Impairment) {
         *self.now.lock().unwrap() = (a_to_b, b_to_a);
     }
+
+    /// A handle that sets the impairments, usable after the borrow of the relay ends.
+    pub fn set_handle(&self) -> impl Fn(Impairment, Impairment) + Send + 'static {
+        let now = self.now.clone();
+        move |a, b| *now.lock().unwrap() = (a, b)
+    }
 }
 
 impl Drop for Relay {

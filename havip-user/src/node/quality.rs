@@ -50,12 +50,13 @@ impl Node {
         let w = self.cfg.ranking;
         let links = &self.links;
         let up = |n: &str| links.get(n).is_some_and(|l| l.up);
+        let mut cache = rank::RoundCache::default();
         for vip in self.cfg.vips.iter().filter(|v| !v.targets.is_empty()) {
             let Some(id) = self.dp.vip_id(vip.address) else {
                 continue;
             };
             let current = self.dp.binding_of(id).ok().and_then(|b| self.nics.name_of(b.ifindex));
-            let (ranked, complete) = rank::rank(&vip.nics, &vip.targets, &samples, &w);
+            let (ranked, complete) = cache.rank(&vip.nics, &vip.targets, &samples, &w).clone();
             let q = self.quality.entry(vip.address).or_default();
             let d = rank::decide(&ranked, complete, current, &up, &mut q.memory, now, &w);
             if q.decision.as_ref().map(|o| &o.why) != Some(&d.why) {

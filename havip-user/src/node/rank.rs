@@ -198,6 +198,20 @@ pub fn rank(candidates: &[String], targets: &[IpAddr], samples: &BTreeMap<(Strin
     (out, complete)
 }
 
+/// One round's rankings by (candidates, targets): VIPs that share both rank the same, so
+/// a round ranks once per such group (10,000 VIPs over a few NICs and shared targets cost
+/// a handful of rankings, not 10,000).
+#[derive(Default)]
+pub struct RoundCache<'a> {
+    ranked: std::collections::HashMap<(&'a [String], &'a [IpAddr]), (Vec<NicScore>, bool)>,
+}
+
+impl<'a> RoundCache<'a> {
+    pub fn rank(&mut self, candidates: &'a [String], targets: &'a [IpAddr], samples: &BTreeMap<(String, IpAddr), Sample>, w: &Settings) -> &(Vec<NicScore>, bool) {
+        self.ranked.entry((candidates, targets)).or_insert_with(|| rank(candidates, targets, samples, w))
+    }
+}
+
 /// Per-VIP memory between rounds: who has been beating the current NIC, and the evidence
 /// (seconds at a lead of two allowances) gathered for it.
 #[derive(Debug, Clone, Default)]

@@ -127,7 +127,7 @@ pub fn render(snap: Option<&Snapshot>, daemon: &DaemonMetrics) -> String {
     );
     x.counter(
         "havip_rebinds",
-        "VIPs bound to a NIC by this havipd, by reason (initial, link_down, not_candidate, failback, operator, quality)",
+        "VIPs bound to a NIC by this havipd, by reason (initial, link_down, not_candidate, failback, operator, quality, path_dark)",
         None,
         h.rebinds.iter().map(|(r, n)| (l1("reason", r), *n)),
     );

@@ -515,7 +515,7 @@ fn draw_events(f: &mut Frame, area: Rect, v: &View) {
             .take(n)
             .map(|e| {
                 let reason_style = match e.reason.as_str() {
-                    "link_down" | "not_candidate" => Style::new().fg(Color::Yellow),
+                    "link_down" | "not_candidate" | "path_dark" => Style::new().fg(Color::Yellow),
                     "operator" => Style::new().fg(Color::Cyan),
                     _ => Style::new(),
                 };

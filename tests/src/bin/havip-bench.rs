@@ -40,9 +40,12 @@ struct Args {
     /// Pool request/release calls per second for the failover-under-API-load section.
     #[arg(long, default_value_t = 1000.0)]
     api_calls_per_sec: f64,
-    /// Degradation-to-rebind trials (each takes several seconds at default settings).
-    #[arg(long, default_value_t = 10)]
-    rebind_trials: usize,
+    /// Path-quality trials per kind (link down, dark path, 20 ms, 10% loss): at least 100.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(100..))]
+    quality_trials: u64,
+    /// Seconds of each path-quality noise run (jitter and loss; probe bursts): both at once.
+    #[arg(long, default_value_t = 1800)]
+    noise_s: u64,
     /// VIPs of the scrape benchmark's node (its baseline has 1).
     #[arg(long, default_value_t = 10_000)]
     scrape_vips: usize,
@@ -73,7 +76,7 @@ enum Section {
     Failover,
     FailoverApiLoad,
     Rerank,
-    Rebind,
+    PathQuality,
     Scrape,
     Cluster,
     /// Only the cluster's randomized partition trials.
@@ -408,19 +411,31 @@ fn main() -> anyhow::Result<()> {
         report.insert("rerank", serde_json::to_value(&rr)?);
     }
 
-    if run(Section::Rebind) {
+    if run(Section::PathQuality) {
         eprintln!(
-            "\n[bench] degradation to rebind ({} trials at default settings)",
-            args.rebind_trials
+            "\n[bench] path quality: {} trials each of link down, dark path, 20 ms and 10% loss; two {} s noise runs alongside",
+            args.quality_trials, args.noise_s
         );
-        let rb = havip_tests::quality_bench::degradation_to_rebind(args.rebind_trials);
-        println!("\nDegradation (20 ms on the owning NIC's path) -> VIP rebound, default settings");
-        println!("{:<44} {:>10.2} {:>10.2}", "seconds", rb.p50_s, rb.p99_s);
+        let pq = havip_tests::quality_bench::path_quality(args.quality_trials as usize, args.noise_s);
+        println!("\nPath quality: impairment on the owning NIC's path -> VIP moved (ms; default settings)");
+        println!("{:<44} {:>7} {:>8} {:>8} {:>8} {:>10} {:>12}", "", "trials", "p50", "p99", "max", "p50 x base", "moves by");
+        for (m, ratio) in [(&pq.link_down, None), (&pq.dark, Some(pq.dark_p50_ratio_to_link_down)), (&pq.delay_20ms, None), (&pq.loss_10pct, None)] {
+            let base = m.reasons.contains_key("link_down");
+            let r = ratio.map(|r| format!("{r:.1}")).unwrap_or_else(|| if base { "1 (base)".into() } else { String::new() });
+            let reasons: Vec<String> = m.reasons.iter().map(|(k, n)| format!("{k} {n}")).collect();
+            println!("{:<44} {:>7} {:>8.1} {:>8.1} {:>8.1} {:>10} {:>12}", m.what, m.trials, m.p50_ms, m.p99_ms, m.max_ms, r, reasons.join(", "));
+        }
+        for n in [&pq.noise, &pq.bursts] {
+            println!(
+                "{} for {:.0} s: {} moves ({} bursts, {} doubts); {:.1} probes/s per path",
+                n.what, n.seconds, n.moves, n.bursts, n.doubts, n.probes_per_s_per_path
+            );
+        }
         println!(
-            "p50 = {:.2}x the {:.1} s ranking hold-down (the designed floor)",
-            rb.p50_ratio_to_hold_down, rb.hold_down_s
+            "targets: dark path p99 <= 150 ms; 20 ms and 10% loss p50 <= 1 s, p99 <= 2 s; no move on noise: {}",
+            if pq.targets_met { "met" } else { "NOT met" }
         );
-        report.insert("degradation_to_rebind", serde_json::to_value(&rb)?);
+        report.insert("path_quality", serde_json::to_value(&pq)?);
     }
     if run(Section::Scrape) {
         eprintln!(
