@@ -785,3 +785,143 @@ fn a_standalone_vip_ignores_the_fence_map() {
     assert_eq!(fx.ingress(&arp_request([198, 18, 2, 2], [198, 18, 100, 1])).action, XDP_TX);
     assert_eq!(fx.outcome(Direction::Ingress, Outcome::Fenced), 0);
 }
+
+// Consistent reads of values havipd rewrites while packets read them -------------------
+
+/// How a racing run ended: each output matched version A, version B, or neither (a mix).
+#[derive(Debug, Default)]
+struct RaceTally {
+    a: u64,
+    b: u64,
+    mixed: u64,
+    first_mix: Option<String>,
+}
+
+impl RaceTally {
+    fn check(&self, what: &str) {
+        eprintln!("{what}: {self:?}");
+        assert_eq!(self.mixed, 0, "{what}: {} of {} outputs mixed two versions, e.g. {:?}", self.mixed, self.a + self.b + self.mixed, self.first_mix);
+        // Both versions must really have been seen, many times: otherwise the writer did not
+        // race the reader and the test proves nothing.
+        let total = self.a + self.b;
+        assert!(self.a * 50 > total && self.b * 50 > total, "{what}: the writer did not race the reader: {self:?}");
+    }
+}
+
+/// Runs `reader` `runs` times while another thread writes `version(false)`, `version(true)`,
+/// ... through its own handle on the pinned maps, as fast as it can.
+fn race(fx: &mut Fixture, runs: u32, write: impl Fn(&mut havip_user::kernel::dataplane::Maps, bool) + Send + 'static, mut reader: impl FnMut(&mut Fixture)) {
+    use std::sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut maps = havip_user::kernel::dataplane::Maps::open(fx.pins()).unwrap();
+    let writer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut writes = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                write(&mut maps, writes % 2 == 1);
+                writes += 1;
+            }
+            writes
+        })
+    };
+    for _ in 0..runs {
+        reader(fx);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let writes = writer.join().unwrap();
+    eprintln!("writer: {writes} writes during {runs} runs");
+}
+
+/// A binding flipped between two complete versions while ARP requests and neighbour
+/// solicitations for its VIPs run through the program: version A (this NIC, MAC A) answers
+/// from MAC A, version B (another NIC, MAC B) drops the request. An answer from MAC B, or
+/// with two different MACs, mixed the ifindex of one version with the MAC of the other.
+#[test]
+fn a_binding_rewritten_during_a_packet_is_seen_whole() {
+    const MAC_A: [u8; 6] = [0x02, 0xaa, 0xaa, 0xaa, 0xaa, 0xaa];
+    const MAC_B: [u8; 6] = [0x02, 0xbb, 0xbb, 0xbb, 0xbb, 0xbb];
+    let mut fx = Fixture::new(TWO_VIPS);
+    let ids = [fx.dp.vip_id(ip(VIP4)).unwrap(), fx.dp.vip_id(ip(VIP6)).unwrap()];
+    let version = |b: bool| {
+        if b {
+            havip_common::Binding { ifindex: 9999, nic_index: 1, mac: MAC_B, bound_at_ns: 2, moves: 2, ..Default::default() }
+        } else {
+            havip_common::Binding { ifindex: TEST_IFINDEX, nic_index: 0, mac: MAC_A, bound_at_ns: 1, moves: 1, ..Default::default() }
+        }
+    };
+    let arp = arp_request([198, 18, 2, 2], [198, 18, 100, 1]);
+    let ns = neighbor_solicitation(ip6(CLIENT6), ip6(VIP6), true);
+    let mut tally = RaceTally::default();
+    let mut n = 0u32;
+    let write = move |maps: &mut havip_user::kernel::dataplane::Maps, b: bool| {
+        for id in ids {
+            maps.set_binding(id, version(b)).unwrap();
+        }
+    };
+    race(&mut fx, 200_000, write, |fx| {
+        n += 1;
+        let (input, macs): (&[u8], [std::ops::Range<usize>; 2]) = if n % 2 == 0 { (&arp, [6..12, 22..28]) } else { (&ns, [6..12, 80..86]) };
+        let r = fx.ingress(input);
+        let seen: Vec<&[u8]> = macs.iter().map(|m| r.out.get(m.clone()).unwrap_or(&[])).collect();
+        match r.action {
+            XDP_TX if seen.iter().all(|m| *m == MAC_A) => tally.a += 1,
+            XDP_DROP if r.out == input => tally.b += 1,
+            _ => {
+                tally.mixed += 1;
+                tally.first_mix.get_or_insert_with(|| format!("action {} MACs {seen:02x?}", r.action));
+            }
+        }
+    });
+    tally.check("binding");
+}
+
+/// A fast-path slot flipped between two complete versions while packets to its VIP run
+/// through the program: version A (owned by the VIP, TCP 80 -> 8081) remaps to 8081,
+/// version B (owned by another VIP of the same slot, TCP 80 -> 9091) leaves the packet
+/// alone (not this VIP). A packet remapped to 9091 paired A's key with B's mappings.
+#[test]
+fn a_fast_path_slot_rewritten_during_a_packet_is_seen_whole() {
+    use havip_common::{vip_slot, InlineRemap, VipInfo, VipKey, VipSlot, IPPROTO_TCP, SLOT_OWNED};
+    let mut seen = std::collections::HashMap::new();
+    let (x, y) = (0..65536u32)
+        .find_map(|i| {
+            let a = format!("198.18.{}.{}", i >> 8, i & 0xff);
+            seen.insert(vip_slot(&VipKey::from(ip(&a))), a.clone()).map(|b| (b, a))
+        })
+        .unwrap();
+    let cfg = format!(
+        "[[nic]]\nname = \"eth0\"\n[[vip]]\naddress = \"{x}\"\n[[service]]\nname = \"web\"\nport = 80\n[[service.instance]]\nvip = \"{x}\"\nport = 8081\n"
+    );
+    let mut fx = Fixture::new(&cfg);
+    let idx = vip_slot(&VipKey::from(ip(&x)));
+    let a = fx.slot(idx);
+    assert_eq!(a.key, VipKey::from(ip(&x)));
+    let remap = |from: u16, to: u16| InlineRemap { from_be: from.to_be(), to_be: to.to_be(), proto: IPPROTO_TCP, _pad: [0; 3] };
+    let mut b =
+        VipSlot { key: VipKey::from(ip(&y)), info: VipInfo { id: a.info.id + 1, flags: 0, class: 0, _pad: 0 }, flags: SLOT_OWNED, ..Default::default() };
+    b.remap_in[0] = remap(80, 9091);
+    b.remap_out[0] = remap(9091, 80);
+    let input = build(L4::Tcp, ip(CLIENT4), 40000, ip(&x), 80, None, b"race");
+    let mut tally = RaceTally::default();
+    race(
+        &mut fx,
+        200_000,
+        move |maps, v| Fixture::write_slot(maps, idx, if v { b } else { a }),
+        |fx| {
+            let r = fx.ingress(&input);
+            match (r.action, inspect(&r.out).dport) {
+                (XDP_PASS, 8081) => tally.a += 1,
+                (XDP_PASS, 80) if r.out == input => tally.b += 1,
+                (action, port) => {
+                    tally.mixed += 1;
+                    tally.first_mix.get_or_insert_with(|| format!("action {action}, destination port {port}"));
+                }
+            }
+        },
+    );
+    tally.check("slot");
+}
