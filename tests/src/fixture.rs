@@ -164,12 +164,12 @@ impl Fixture {
 
     /// The fast-path slot `idx` as the programs see it now.
     pub fn slot(&self, idx: u32) -> havip_common::VipSlot {
-        self.maps.vip_slots.get(&idx, 0).unwrap()
+        self.maps.slot(idx).unwrap()
     }
 
     /// Writes fast-path slot `idx` as havipd does.
     pub fn write_slot(maps: &mut Maps, idx: u32, slot: havip_common::VipSlot) {
-        maps.vip_slots.set(idx, slot, 0).unwrap();
+        maps.set_slot(idx, slot).unwrap();
     }
 
     /// A VIP's counters in class `class`, summed over CPUs.

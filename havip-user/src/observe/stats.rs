@@ -11,7 +11,7 @@ use std::{
 use anyhow::Context;
 use aya::util::nr_cpus;
 use havip_common::{
-    maps as m, Binding, ClassCounters, ClassInfo, ClassStatsKey, CpuQueueCounters, DirCounters, Direction, NicCounters, NicInfo, Outcome, PassiveStats,
+    maps as m, BindingCell, ClassCounters, ClassInfo, ClassStatsKey, CpuQueueCounters, DirCounters, Direction, NicCounters, NicInfo, Outcome, PassiveStats,
     PeerKey, PortValue, ProbeSlot, ProbeStats, QueueCounters, RemapKey, VipCounters, VipInfo, VipKey, WireCounters,
 };
 use serde::Serialize;
@@ -322,7 +322,7 @@ impl Snapshot {
 
         let (mut bindings, mut counters) = (BTreeMap::new(), BTreeMap::new());
         if !vip_ids.is_empty() {
-            bindings = open(m::BINDINGS)?.array::<Binding>(&vip_ids)?.into_iter().collect();
+            bindings = open(m::BINDINGS)?.array::<BindingCell>(&vip_ids)?.into_iter().map(|(id, cell)| (id, cell.current())).collect();
             for (id, per_cpu) in open(m::VIP_STATS)?.percpu_array::<VipCounters>(&vip_ids, ncpus)? {
                 let mut total = VipCounters::default();
                 for c in &per_cpu {
