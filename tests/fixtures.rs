@@ -984,32 +984,56 @@ impl RaceTally {
     }
 }
 
+/// Pins the calling thread to CPU `cpu`; returns its previous CPU set.
+fn pin_to_cpu(cpu: usize) -> libc::cpu_set_t {
+    unsafe {
+        let mut old: libc::cpu_set_t = std::mem::zeroed();
+        libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut old);
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        assert_eq!(libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set), 0, "pinning to CPU {cpu}");
+        old
+    }
+}
+
 /// Runs `reader` `runs` times while another thread writes `version(false)`, `version(true)`,
-/// ... through its own handle on the pinned maps, as fast as it can.
+/// ... through its own handle on the pinned maps, as fast as it can. The two threads are
+/// pinned to two CPUs, so they always run at the same time (sharing one CPU, a reader
+/// would only ever meet a write it was preempted in), and the reader starts once version A
+/// is in place and the writer is running.
 fn race(fx: &mut Fixture, runs: u32, write: impl Fn(&mut havip_user::kernel::dataplane::Maps, bool) + Send + 'static, mut reader: impl FnMut(&mut Fixture)) {
     use std::sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
     };
+    assert!(std::thread::available_parallelism().unwrap().get() >= 2, "the race needs two CPUs");
     let stop = Arc::new(AtomicBool::new(false));
+    let writes = Arc::new(AtomicU64::new(0));
     let mut maps = havip_user::kernel::dataplane::Maps::open(fx.pins()).unwrap();
+    write(&mut maps, false);
     let writer = {
-        let stop = stop.clone();
+        let (stop, writes) = (stop.clone(), writes.clone());
         std::thread::spawn(move || {
-            let mut writes = 0u64;
+            pin_to_cpu(1);
+            let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
-                write(&mut maps, writes % 2 == 1);
-                writes += 1;
+                n += 1;
+                write(&mut maps, n % 2 == 1);
+                writes.store(n, Ordering::Relaxed);
             }
-            writes
         })
     };
+    let old = pin_to_cpu(0);
+    while writes.load(Ordering::Relaxed) == 0 {
+        std::hint::spin_loop();
+    }
     for _ in 0..runs {
         reader(fx);
     }
     stop.store(true, Ordering::Relaxed);
-    let writes = writer.join().unwrap();
-    eprintln!("writer: {writes} writes during {runs} runs");
+    writer.join().unwrap();
+    unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &old) };
+    eprintln!("writer: {} writes during {runs} runs", writes.load(Ordering::Relaxed));
 }
 
 /// A binding flipped between two complete versions while ARP requests and neighbour
@@ -1038,7 +1062,7 @@ fn a_binding_rewritten_during_a_packet_is_seen_whole() {
             maps.set_binding(id, version(b)).unwrap();
         }
     };
-    race(&mut fx, 200_000, write, |fx| {
+    race(&mut fx, 400_000, write, |fx| {
         n += 1;
         let (input, macs): (&[u8], [std::ops::Range<usize>; 2]) = if n % 2 == 0 { (&arp, [6..12, 22..28]) } else { (&ns, [6..12, 80..86]) };
         let r = fx.ingress(input);
@@ -1087,7 +1111,7 @@ fn a_fast_path_slot_rewritten_during_a_packet_is_seen_whole() {
     let mut tally = RaceTally::default();
     race(
         &mut fx,
-        200_000,
+        400_000,
         move |maps, v| Fixture::write_slot(maps, idx, if v { b } else { a }),
         |fx| {
             let r = fx.ingress(&input);
