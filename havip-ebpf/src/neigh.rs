@@ -122,6 +122,8 @@ struct NdMsg {
 }
 
 const ICMPV6_NS: u8 = 135;
+/// An NS without options: type, code, checksum, reserved, target.
+const NS_LEN: usize = 24;
 const ICMPV6_NA: u8 = 136;
 /// NA flags as they sit in the first byte: Solicited and Override.
 const NA_SOLICITED: u32 = 0x40;
@@ -134,7 +136,7 @@ const ALL_NODES: [u64; 2] = [0x02ff, 0x0100_0000_0000_0000];
 pub fn neighbor_solicitation(ctx: &XdpContext, meta: &PacketMeta) -> Option<Result<(u32, Outcome), Outcome>> {
     let pkt = XdpPacket(ctx);
     // The fixed part of an NS: type, code, checksum, reserved, target (24 bytes).
-    let ns: *const [u8; 24] = pkt.header(meta.l4_off)?;
+    let ns: *const [u8; NS_LEN] = pkt.header(meta.l4_off)?;
     if unsafe { (*ns)[0] } != ICMPV6_NS || unsafe { (*ns)[1] } != 0 {
         return None;
     }
@@ -148,7 +150,7 @@ pub fn neighbor_solicitation(ctx: &XdpContext, meta: &PacketMeta) -> Option<Resu
     // The ICMPv6 length (parsing checked the frame holds it). Shorter than an NS is not one;
     // longer than the checksum walk goes is not verified, so not answered: both pass on.
     let len = u16::from_be(rd(unsafe { &raw const (*ip).payload_len })) as usize;
-    if len < size_of::<[u8; 24]>() || len > ICMPV6_MAX_LEN {
+    if len < NS_LEN || len > ICMPV6_MAX_LEN {
         return Some(Err(Outcome::Malformed));
     }
     match icmpv6_sum(&pkt, meta.l3_off, meta.l4_off, len) {
