@@ -261,7 +261,7 @@ fn pinned_state(t: &Topology) -> PinnedState {
     // As the test left it: maybe removed.
     let layout_version = pins.map(m::LAYOUT).exists().then(|| Array::<_, u32>::try_from(open(m::LAYOUT)).unwrap().get(&0, 0).unwrap());
     let cpumap_id: Array<_, u32> = open(m::CPUMAP_ID).try_into().unwrap();
-    let bindings: Array<_, havip_common::Binding> = open(m::BINDINGS).try_into().unwrap();
+    let bindings: Array<_, havip_common::BindingCell> = open(m::BINDINGS).try_into().unwrap();
     let vips: HashMap<_, havip_common::VipKey, havip_common::VipInfo> = open(m::VIPS).try_into().unwrap();
     let state = havip_user::node::state::State::load(&t.run_dir).unwrap().unwrap();
     PinnedState {
@@ -270,7 +270,7 @@ fn pinned_state(t: &Topology) -> PinnedState {
         progs: ids(pins.progs_dir(), &|p| aya::programs::ProgramInfo::from_pin(p).unwrap().id()),
         layout_version,
         cpumap_id: cpumap_id.get(&0, 0).unwrap(),
-        bindings: (0..8).map(|i| bindings.get(&i, 0).unwrap()).collect(),
+        bindings: (0..8).map(|i| bindings.get(&i, 0).unwrap().current()).collect(),
         vips: vips.iter().map(Result::unwrap).collect(),
         nics: HashMap::<_, u32, havip_common::NicInfo>::try_from(open(m::NICS)).unwrap().iter().map(Result::unwrap).collect(),
         lo: t.server_lo_addresses(),

@@ -32,6 +32,23 @@ pub const fn replace16_udp(check: u16, old: u16, new: u16) -> u16 {
     }
 }
 
+/// Adds a 64-bit word, as loaded from memory, to a ones'-complement accumulator (as two
+/// 32-bit halves, so that about 2^31 words fit before [`fold64`]). Words may be loaded in
+/// either byte order, as long as every word of a sum is: the folded result is then the
+/// big-endian sum in that same byte order (RFC 1071, 2(B)).
+#[inline(always)]
+pub const fn add64(acc: u64, word: u64) -> u64 {
+    acc + (word & 0xffff_ffff) + (word >> 32)
+}
+
+/// Folds an accumulator of [`add64`] into 16 bits with end-around carry.
+#[inline(always)]
+pub const fn fold64(acc: u64) -> u16 {
+    let s = (acc & 0xffff_ffff) + (acc >> 32);
+    let s = (s & 0xffff_ffff) + (s >> 32);
+    fold(s as u32)
+}
+
 /// Ones'-complement sum of `data` as big-endian 16-bit words (odd length padded with zero),
 /// added to `initial`. Not for the kernel side: it loops over the buffer.
 pub fn sum_be(initial: u32, data: &[u8]) -> u32 {
@@ -85,6 +102,25 @@ mod tests {
             // A correct checksum makes the whole buffer sum to 0xffff.
             assert_eq!(fold(sum_be(0, &buf)), 0xffff, "buf {buf:?}");
         }
+    }
+
+    #[test]
+    fn little_endian_words_fold_to_the_swapped_big_endian_sum() {
+        let mut seed = 0x9e37_79b9u32;
+        let mut buf = [0u8; 200];
+        for len in (0..200).step_by(8) {
+            for b in buf.iter_mut() {
+                seed ^= seed << 13;
+                seed ^= seed >> 17;
+                seed ^= seed << 5;
+                *b = seed as u8;
+            }
+            let data = &buf[..len];
+            let acc = data.chunks_exact(8).fold(0, |acc, w| add64(acc, u64::from_le_bytes(w.try_into().unwrap())));
+            assert_eq!(fold64(acc), fold(sum_be(0, data)).swap_bytes(), "{len} bytes");
+        }
+        // Carries out of both halves end around: 0xffff + 1 is 1 in ones' complement.
+        assert_eq!(fold64(add64(add64(0, u64::MAX), 1)), 1);
     }
 
     #[test]

@@ -10,7 +10,9 @@ pub mod fence;
 pub mod maps;
 pub mod names;
 pub mod types;
+pub mod versioned;
 
 pub use classes::*;
 pub use fence::*;
 pub use types::*;
+pub use versioned::*;

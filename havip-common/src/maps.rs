@@ -11,7 +11,7 @@
 /// meaning (a field added, removed, reordered or reinterpreted), even one that keeps the
 /// size: havipd also compares each pinned map's type, key size, value size and capacity
 /// with the programs' own, but only the version catches a change of meaning.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// `0 -> u32`: the [`LAYOUT_VERSION`] the pinned maps were created with. Written by havipd
 /// when it creates fresh pins, read by havipd and the CLI before they trust any other map.
@@ -25,11 +25,13 @@ pub const VIPS: &str = "HAVIP_VIPS";
 /// of 10,000 VIPs; `VIP_STATS` takes 184 bytes per VIP per possible CPU (3 MB per CPU).
 pub const VIPS_MAX: u32 = 16384;
 
-/// `u32 slot -> VipSlot`: the fast path. A direct-mapped array indexed by
-/// [`crate::vip_slot`] of the address, holding the VIP and its first mappings inline, so a
-/// packet costs one inlined array access instead of two hash lookups. `VIPS` and the remap
-/// tables stay the source of truth; a slot says when to consult them (shared slot, more
-/// mappings than fit). Written by havipd after the tables, read by both programs.
+/// `u32 slot -> SlotCell` (a [`crate::Versioned`] `VipSlot`): the fast path. A
+/// direct-mapped array indexed by [`crate::vip_slot`] of the address, holding the VIP and
+/// its first mappings inline, so a packet costs one inlined array access instead of two
+/// hash lookups. `VIPS` and the remap tables stay the source of truth; a slot says when to
+/// consult them (shared slot, more mappings than fit). Written by havipd after the tables,
+/// through the mapped array (`BPF_F_MMAPABLE`), by generation; read by both programs, which
+/// fall back to the tables when they cannot read a consistent version.
 pub const VIP_SLOTS: &str = "HAVIP_VIP_SLOTS";
 pub const VIP_SLOTS_BITS: u32 = 14;
 pub const VIP_SLOTS_LEN: u32 = 1 << VIP_SLOTS_BITS;
@@ -55,8 +57,10 @@ pub const PORT_BITMAP_LEN: u32 = 2 * PORT_WORDS;
 pub const NICS: &str = "HAVIP_NICS";
 pub const NICS_MAX: u32 = 64;
 
-/// `vip_id -> Binding`: the NIC that owns each VIP on the wire, the single source of truth
-/// for ownership. Written by havipd (one element per move), read by both programs.
+/// `vip_id -> BindingCell` (a [`crate::Versioned`] `Binding`): the NIC that owns each VIP
+/// on the wire, the single source of truth for ownership. Written by havipd (one
+/// publication per move) through the mapped array (`BPF_F_MMAPABLE`), read by both
+/// programs.
 pub const BINDINGS: &str = "HAVIP_BINDINGS";
 
 /// `vip_id -> Fence`: until when this node may serve a cluster VIP (flag `VIP_FENCED`).

@@ -92,8 +92,8 @@ pub struct VipInfo {
 
 /// Which NIC owns a VIP on the wire: answers ARP/NDP for it and carries its traffic.
 /// Written by havipd (binding, failover, failback, operator), read by both programs.
-/// A move rewrites the whole element; a packet racing it may pair the new ifindex with
-/// the old MAC in one ARP answer, which the move's own announcements correct at once.
+/// Kept in `BINDINGS` as a [`crate::Versioned`] value, so a packet racing a move sees the
+/// old binding or the new one whole, never the ifindex of one with the MAC of the other.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Binding {
@@ -165,7 +165,9 @@ pub const SLOT_IN_OVERFLOW: u32 = 4;
 /// The same for egress and `REMAP_OUT`.
 pub const SLOT_OUT_OVERFLOW: u32 = 8;
 
-/// A slot of the fast-path array.
+/// A slot of the fast-path array, kept in `VIP_SLOTS` as a [`crate::Versioned`] value: a
+/// packet racing a rewrite sees the old slot or the new one whole (key, info, flags and
+/// mappings of one version).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct VipSlot {
@@ -311,6 +313,11 @@ pub struct DirCounters {
     pub remapped: u64,
     /// Left untouched (no mapping, ICMP, ...).
     pub passed: u64,
+    /// Dropped by havip, not counted in `packets`. Ingress: neighbour solicitations for the
+    /// VIP discarded as invalid (outcomes `nd_hop_limit`, `nd_bad_checksum`). Egress:
+    /// packets from the VIP that may not or cannot leave (`fenced`, `steer_failed`). ARP
+    /// and ND requests not answered because another NIC or node serves the VIP are
+    /// `WireCounters::neigh_dropped` instead, the normal lot of a non-owner.
     pub dropped: u64,
     pub tcp: u64,
     pub udp: u64,
@@ -356,7 +363,8 @@ pub struct WireCounters {
     /// ARP requests / neighbour solicitations answered by the owning NIC.
     pub arp_replies: u64,
     pub nd_replies: u64,
-    /// ARP requests / neighbour solicitations for the VIP dropped on non-owning NICs.
+    /// ARP requests / neighbour solicitations for the VIP dropped on non-owning NICs, and
+    /// on a node that does not serve the (cluster) VIP now.
     pub neigh_dropped: u64,
 }
 
@@ -389,7 +397,10 @@ pub enum Direction {
     Egress = 1,
 }
 
-/// What a program did with a packet and why. Counted per direction in `OUTCOMES`.
+/// What a program did with a packet and why. Counted per direction in `OUTCOMES`, once per
+/// packet. Every packet a program drops (`XDP_DROP`, `TC_ACT_SHOT`; none returns
+/// `XDP_ABORTED`) is counted under one of the outcomes for which [`Outcome::is_drop`] is
+/// true, which name the reason; no other outcome drops.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -409,27 +420,38 @@ pub enum Outcome {
     VipPassed = 6,
     /// A VIP packet whose port was rewritten.
     VipRemapped = 7,
-    /// A VIP packet dropped.
-    VipDropped = 8,
+    /// Dropped (egress): a VIP packet leaving by a NIC that does not own the VIP, whose
+    /// owning NIC no longer exists (deleted while the binding still names it), so it
+    /// cannot be redirected there. The kernel would drop the redirect anyway, uncounted.
+    SteerFailed = 8,
     /// An ARP request for a VIP, answered by its owning NIC (XDP_TX).
     ArpReplied = 9,
     /// A neighbour solicitation for a VIP, answered by its owning NIC (XDP_TX).
     NdReplied = 10,
-    /// An ARP request / neighbour solicitation for a VIP on a NIC that does not own it.
+    /// Dropped: an ARP request / neighbour solicitation for a VIP on a NIC that does not
+    /// own it.
     NeighDropped = 11,
     /// A VIP packet redirected to the NIC that owns the VIP.
     Steered = 12,
     /// A probe of havipd leaving (timestamped).
     ProbeSent = 13,
-    /// A reply to a probe (timestamped, measured and consumed: XDP_DROP).
+    /// Dropped: a reply to a probe (timestamped, measured and consumed).
     ProbeReply = 14,
-    /// A cluster VIP this node does not serve now (its fence's serve-until time passed):
-    /// ARP/ND requests for it are dropped, packets sourced from it are dropped on egress.
+    /// Dropped: a cluster VIP this node does not serve now (its fence's serve-until time
+    /// passed): ARP/ND requests for it are dropped, packets sourced from it are dropped on
+    /// egress.
     Fenced = 15,
+    /// Dropped: a neighbour solicitation for a VIP whose IPv6 hop limit is not 255. It was
+    /// forwarded by a router, so it did not come from the link; RFC 4861 7.1.1 says to
+    /// discard it silently, and havip, answering for the VIP, does.
+    NdHopLimit = 16,
+    /// Dropped: a neighbour solicitation for a VIP whose ICMPv6 checksum does not verify
+    /// (RFC 4861 7.1.1: discarded, not answered).
+    NdBadChecksum = 17,
 }
 
 impl Outcome {
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 18;
     pub const ALL: [Outcome; Self::COUNT as usize] = [
         Outcome::NotIp,
         Outcome::NotVip,
@@ -439,7 +461,7 @@ impl Outcome {
         Outcome::UnsupportedL2,
         Outcome::VipPassed,
         Outcome::VipRemapped,
-        Outcome::VipDropped,
+        Outcome::SteerFailed,
         Outcome::ArpReplied,
         Outcome::NdReplied,
         Outcome::NeighDropped,
@@ -447,6 +469,8 @@ impl Outcome {
         Outcome::ProbeSent,
         Outcome::ProbeReply,
         Outcome::Fenced,
+        Outcome::NdHopLimit,
+        Outcome::NdBadChecksum,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -459,7 +483,7 @@ impl Outcome {
             Outcome::UnsupportedL2 => "unsupported_l2",
             Outcome::VipPassed => "vip_passed",
             Outcome::VipRemapped => "vip_remapped",
-            Outcome::VipDropped => "vip_dropped",
+            Outcome::SteerFailed => "steer_failed",
             Outcome::ArpReplied => "arp_replied",
             Outcome::NdReplied => "nd_replied",
             Outcome::NeighDropped => "neigh_dropped",
@@ -467,7 +491,14 @@ impl Outcome {
             Outcome::ProbeSent => "probe_sent",
             Outcome::ProbeReply => "probe_reply",
             Outcome::Fenced => "fenced",
+            Outcome::NdHopLimit => "nd_hop_limit",
+            Outcome::NdBadChecksum => "nd_bad_checksum",
         }
+    }
+
+    /// True for the outcomes of packets havip dropped (the outcome is the reason).
+    pub const fn is_drop(self) -> bool {
+        matches!(self, Outcome::SteerFailed | Outcome::NeighDropped | Outcome::ProbeReply | Outcome::Fenced | Outcome::NdHopLimit | Outcome::NdBadChecksum)
     }
 
     #[inline(always)]

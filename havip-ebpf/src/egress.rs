@@ -50,7 +50,7 @@ pub fn try_egress<const PASSIVE: bool>(ctx: &TcContext) -> Result<(i32, Outcome)
             return Ok((TC_ACT_OK, o));
         }
     }
-    let vip = vips::lookup(meta.src).ok_or(Outcome::NotVip)?;
+    let vip = vips::lookup(meta.src, Direction::Egress).ok_or(Outcome::NotVip)?;
     // A cluster VIP this node does not serve now: nothing leaves from it, so a node that
     // lost ownership (or never confirmed it) cannot talk as the VIP.
     if !fence::serving(&vip) {
@@ -61,14 +61,18 @@ pub fn try_egress<const PASSIVE: bool>(ctx: &TcContext) -> Result<(i32, Outcome)
     }
 
     // Leaving by a NIC that does not own the VIP: hand it to the owner, whose own egress
-    // pass remaps and counts it.
+    // pass remaps and counts it (or drop it, counted, if the owner's NIC is gone).
     let binding = steer::binding(vip.id);
     if let Some(b) = binding {
         if b.ifindex != steer::egress_ifindex(ctx) {
-            if let Some(w) = stats::vip_wire(vip.id) {
-                w.steered += 1;
+            let (action, outcome) = steer::redirect_to(ctx, b.ifindex);
+            if let Some(c) = stats::vip(vip.id) {
+                match outcome {
+                    Outcome::Steered => c.wire.steered += 1,
+                    _ => c.tx.dropped += 1,
+                }
             }
-            return Ok((steer::redirect_to(b.ifindex), Outcome::Steered));
+            return Ok((action, outcome));
         }
     }
 

@@ -1,7 +1,7 @@
 //! XDP ingress: recognise VIP packets, count them, remap designated ports to instance ports.
 
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_xdp_get_buff_len, programs::XdpContext};
-use havip_common::{Outcome, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
+use havip_common::{Direction, Outcome, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
 
 use crate::{
     neigh,
@@ -75,7 +75,7 @@ pub fn try_ingress<const PASSIVE: bool>(ctx: &XdpContext) -> Result<(u32, Outcom
             return r;
         }
     }
-    let vip = vips::lookup(meta.dst).ok_or(Outcome::NotVip)?;
+    let vip = vips::lookup(meta.dst, Direction::Ingress).ok_or(Outcome::NotVip)?;
     let counters = stats::vip(vip.id);
     let bytes = pkt.frame_len(&meta) as u64;
 

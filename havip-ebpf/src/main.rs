@@ -4,6 +4,7 @@
 #![no_main]
 
 mod classes;
+mod csum;
 mod egress;
 mod fence;
 mod ingress;
@@ -15,6 +16,7 @@ mod probe;
 mod remap;
 mod stats;
 mod steer;
+mod versioned;
 mod vips;
 
 use aya_ebpf::{

@@ -3,12 +3,13 @@
 //! restarted controller adopts them and traffic never stops.
 
 use aya_ebpf::{
+    bindings::BPF_F_MMAPABLE,
     macros::map,
     maps::{Array, CpuMap, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use havip_common::{
-    maps as m, Binding, ClassCounters, Fence, ClassInfo, ClassStatsKey, CpuQueueCounters, QueueCounters, NicCounters, NicInfo, PassiveStats, PeerKey, PortValue, ProbeSlot, ProbeStats, RemapKey,
-    VipCounters, VipInfo, VipKey, VipSlot,
+    maps as m, BindingCell, ClassCounters, ClassInfo, ClassStatsKey, CpuQueueCounters, Fence, NicCounters, NicInfo, PassiveStats, PeerKey, PortValue,
+    ProbeSlot, ProbeStats, QueueCounters, RemapKey, SlotCell, VipCounters, VipInfo, VipKey,
 };
 
 /// 0 -> the layout version the pins were created with (see `havip_common::maps::LAYOUT`).
@@ -21,9 +22,10 @@ pub static LAYOUT: Array<u32> = Array::pinned(m::LAYOUT_LEN, 0);
 #[map(name = "HAVIP_VIPS")]
 pub static VIPS: HashMap<VipKey, VipInfo> = HashMap::pinned(m::VIPS_MAX, 0);
 
-/// Fast path: slot -> VIP with its first mappings inline.
+/// Fast path: slot -> VIP with its first mappings inline, by generation (see `versioned`).
+/// Mappable: havipd publishes with plain stores in the order the readers rely on.
 #[map(name = "HAVIP_VIP_SLOTS")]
-pub static VIP_SLOTS: Array<VipSlot> = Array::pinned(m::VIP_SLOTS_LEN, 0);
+pub static VIP_SLOTS: Array<SlotCell> = Array::pinned(m::VIP_SLOTS_LEN, BPF_F_MMAPABLE);
 
 /// (VIP id, protocol, designated port) -> instance port. Ingress.
 #[map(name = "HAVIP_REMAP_IN")]
@@ -41,9 +43,9 @@ pub static PORT_BITMAP: Array<u64> = Array::pinned(m::PORT_BITMAP_LEN, 0);
 #[map(name = "HAVIP_NICS")]
 pub static NICS: HashMap<u32, NicInfo> = HashMap::pinned(m::NICS_MAX, 0);
 
-/// VIP id -> the NIC that owns it.
+/// VIP id -> the NIC that owns it, by generation (see `versioned`); mappable, as above.
 #[map(name = "HAVIP_BINDINGS")]
-pub static BINDINGS: Array<Binding> = Array::pinned(m::VIPS_MAX, 0);
+pub static BINDINGS: Array<BindingCell> = Array::pinned(m::VIPS_MAX, BPF_F_MMAPABLE);
 
 /// VIP id -> until when this node may serve it (cluster VIPs only).
 #[map(name = "HAVIP_FENCES")]

@@ -2,6 +2,11 @@
 //! answered in XDP by the NIC that owns the VIP (the reply is built in place and sent back
 //! with XDP_TX, from that NIC's MAC) and dropped on every other NIC, so exactly one NIC
 //! ever answers for a VIP. Requests for other addresses go to the kernel untouched.
+//!
+//! A solicitation for a VIP is checked as RFC 4861 7.1.1 asks before anything else: one
+//! with a hop limit other than 255, or whose ICMPv6 checksum does not verify, is discarded
+//! silently (dropped and counted, on every NIC), never answered. havip answers for the VIP
+//! on the link, so the discarding is its to do; the kernel would discard it too.
 
 use core::mem::size_of;
 
@@ -10,9 +15,10 @@ use aya_ebpf::{
     helpers::bpf_xdp_adjust_tail,
     programs::XdpContext,
 };
-use havip_common::{Binding, Outcome, VipKey};
+use havip_common::{Binding, Direction, Outcome, VipKey};
 
 use crate::{
+    csum::{icmpv6_sum, ICMPV6_MAX_LEN},
     ingress::XdpPacket,
     parse::{rd, EthHdr, Ipv6Hdr, Packet, PacketMeta},
     fence, stats, steer,
@@ -43,7 +49,7 @@ const ARPOP_REPLY: u16 = 2u16.to_be();
 /// now (fenced), or a VIP owned by another NIC (or by none), is dropped, so only the owner
 /// answers.
 #[inline(always)]
-fn owner_here(ctx: &XdpContext, vip: &VipHit) -> Result<&'static Binding, Outcome> {
+fn owner_here(ctx: &XdpContext, vip: &VipHit) -> Result<Binding, Outcome> {
     let outcome = if !fence::serving(vip) {
         Outcome::Fenced
     } else {
@@ -70,7 +76,7 @@ pub fn arp(ctx: &XdpContext, l3_off: usize) -> Result<(u32, Outcome), Outcome> {
         return Err(Outcome::NotIp);
     }
     let target = a.tpa;
-    let vip = vips::lookup(VipKey::v4_words(target)).ok_or(Outcome::NotIp)?;
+    let vip = vips::lookup(VipKey::v4_words(target), Direction::Ingress).ok_or(Outcome::NotIp)?;
     let b = match owner_here(ctx, &vip) {
         Ok(b) => b,
         Err(o) => return Ok((XDP_DROP, o)),
@@ -86,7 +92,7 @@ pub fn arp(ctx: &XdpContext, l3_off: usize) -> Result<(u32, Outcome), Outcome> {
         a.sha = b.mac;
         a.spa = target;
     }
-    count_reply(vip.id, b, Outcome::ArpReplied);
+    count_reply(vip.id, &b, Outcome::ArpReplied);
     Ok((XDP_TX, Outcome::ArpReplied))
 }
 
@@ -116,6 +122,8 @@ struct NdMsg {
 }
 
 const ICMPV6_NS: u8 = 135;
+/// An NS without options: type, code, checksum, reserved, target.
+const NS_LEN: usize = 24;
 const ICMPV6_NA: u8 = 136;
 /// NA flags as they sit in the first byte: Solicited and Override.
 const NA_SOLICITED: u32 = 0x40;
@@ -128,16 +136,28 @@ const ALL_NODES: [u64; 2] = [0x02ff, 0x0100_0000_0000_0000];
 pub fn neighbor_solicitation(ctx: &XdpContext, meta: &PacketMeta) -> Option<Result<(u32, Outcome), Outcome>> {
     let pkt = XdpPacket(ctx);
     // The fixed part of an NS: type, code, checksum, reserved, target (24 bytes).
-    let ns: *const [u8; 24] = pkt.header(meta.l4_off)?;
+    let ns: *const [u8; NS_LEN] = pkt.header(meta.l4_off)?;
     if unsafe { (*ns)[0] } != ICMPV6_NS || unsafe { (*ns)[1] } != 0 {
         return None;
     }
     let target: [u64; 2] = rd(unsafe { (ns as *const u8).add(8) } as *const [u64; 2]);
-    let vip = vips::lookup(target)?;
+    let vip = vips::lookup(target, Direction::Ingress)?;
     let ip: *const Ipv6Hdr = pkt.header(meta.l3_off)?;
-    // RFC 4861 7.1.1: a solicitation not sent with hop limit 255 came from off-link.
+    // RFC 4861 7.1.1: a solicitation not sent with hop limit 255 came through a router.
     if rd(unsafe { &raw const (*ip).hop_limit }) != 255 {
+        return Some(Ok((XDP_DROP, discard(vip.id, Outcome::NdHopLimit))));
+    }
+    // The ICMPv6 length (parsing checked the frame holds it). Shorter than an NS is not one;
+    // longer than the checksum walk goes is not verified, so not answered: both pass on.
+    let len = u16::from_be(rd(unsafe { &raw const (*ip).payload_len })) as usize;
+    if len < NS_LEN || len > ICMPV6_MAX_LEN {
         return Some(Err(Outcome::Malformed));
+    }
+    match icmpv6_sum(&pkt, meta.l3_off, meta.l4_off, len) {
+        Some(0xffff) => {}
+        Some(_) => return Some(Ok((XDP_DROP, discard(vip.id, Outcome::NdBadChecksum)))),
+        // Not all in the readable part of the frame: not verified, not answered.
+        None => return Some(Err(Outcome::Malformed)),
     }
     let b = match owner_here(ctx, &vip) {
         Ok(b) => b,
@@ -173,34 +193,19 @@ pub fn neighbor_solicitation(ctx: &XdpContext, meta: &PacketMeta) -> Option<Resu
         (*na).opt_type = 2; // target link-layer address
         (*na).opt_len = 1;
         (*na).opt_mac = b.mac;
-        (*na).check = icmpv6_checksum(&*ip, na);
     }
-    count_reply(vip.id, b, Outcome::NdReplied);
+    // The sum is in memory order, so its complement is stored as is.
+    let sum = icmpv6_sum(&pkt, meta.l3_off, meta.l4_off, size_of::<NdMsg>())?;
+    unsafe { (*na).check = !sum };
+    count_reply(vip.id, &b, Outcome::NdReplied);
     Some(Ok((XDP_TX, Outcome::NdReplied)))
 }
 
-/// ICMPv6 checksum of an NA as built above: pseudo-header (addresses, length, next
-/// header) plus the 32-byte message. Words are summed in memory order, so the folded
-/// result is stored as is (RFC 1071 byte-order independence).
+/// Counts a solicitation for VIP `vip_id` discarded as invalid (`outcome`), returning it.
 #[inline(always)]
-fn icmpv6_checksum(ip: &Ipv6Hdr, na: *const NdMsg) -> u16 {
-    let mut acc: u64 = 0;
-    let mut add64 = |w: u64| acc += (w & 0xffff_ffff) + (w >> 32);
-    add64(ip.src[0]);
-    add64(ip.src[1]);
-    add64(ip.dst[0]);
-    add64(ip.dst[1]);
-    // Upper-layer length and next header, as 32-bit big-endian words.
-    add64(((size_of::<NdMsg>() as u32).to_be()) as u64);
-    add64((58u32.to_be()) as u64);
-    let words = na as *const u64;
-    for i in 0..size_of::<NdMsg>() / 8 {
-        add64(rd(unsafe { words.add(i) }));
+fn discard(vip_id: u32, outcome: Outcome) -> Outcome {
+    if let Some(c) = stats::vip_dir(vip_id, Direction::Ingress) {
+        c.dropped += 1;
     }
-    let mut s = (acc & 0xffff_ffff) + (acc >> 32);
-    s = (s & 0xffff_ffff) + (s >> 32);
-    let mut s32 = s as u32;
-    s32 = (s32 & 0xffff) + (s32 >> 16);
-    s32 = (s32 & 0xffff) + (s32 >> 16);
-    !(s32 as u16)
+    outcome
 }

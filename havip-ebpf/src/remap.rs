@@ -3,15 +3,12 @@
 //! designated port. IP addresses are never changed, so only the L4 checksum moves.
 
 use aya_ebpf::{bindings::BPF_F_MARK_MANGLED_0, maps::HashMap, programs::TcContext};
-use havip_common::{
-    csum, maps::PORT_WORDS, InlineRemap, PortValue, RemapKey, VipSlot, INLINE_REMAPS, IPPROTO_TCP, IPPROTO_UDP,
-    SLOT_IN_OVERFLOW, SLOT_OUT_OVERFLOW,
-};
+use havip_common::{csum, maps::PORT_WORDS, InlineRemap, PortValue, RemapKey, IPPROTO_TCP, IPPROTO_UDP};
 
 use crate::{
     maps::{PORT_BITMAP, REMAP_IN, REMAP_OUT},
     parse::{Packet, PacketMeta, PortsHdr, TCP_CSUM_OFF, UDP_CSUM_OFF},
-    vips::VipHit,
+    vips::{InlineRemaps, VipHit},
 };
 
 /// Where a lookup ends after the inline mappings.
@@ -23,13 +20,11 @@ enum Inline {
     AskTable,
 }
 
-/// Scans a slot's inline mappings. Each entry is read with one 8-byte load (see
-/// `InlineRemap`), the loop is bounded and unrolled.
+/// Scans a slot's inline mappings (words copied out of one version of the slot, see
+/// `vips`). The loop is bounded and unrolled.
 #[inline(always)]
-fn scan(entries: *const [InlineRemap; INLINE_REMAPS], overflow: bool, proto: u8, port_be: u16) -> Inline {
-    let first = entries as *const u64;
-    for i in 0..INLINE_REMAPS {
-        let raw = unsafe { core::ptr::read_volatile(first.add(i)) };
+fn scan(inline: &InlineRemaps, proto: u8, port_be: u16) -> Inline {
+    for raw in inline.entries {
         let e: InlineRemap = unsafe { core::mem::transmute(raw) };
         if e.proto == 0 {
             break;
@@ -38,7 +33,11 @@ fn scan(entries: *const [InlineRemap; INLINE_REMAPS], overflow: bool, proto: u8,
             return Inline::Found(e.to_be);
         }
     }
-    if overflow { Inline::AskTable } else { Inline::Absent }
+    if inline.overflow {
+        Inline::AskTable
+    } else {
+        Inline::Absent
+    }
 }
 
 /// Cheap pre-check: is `port_be` mapped for any VIP in this direction?
@@ -52,23 +51,15 @@ fn port_maybe_mapped(word_base: u32, port_be: u16) -> bool {
 }
 
 /// The port to rewrite `port_be` to, if (VIP, proto, port) is mapped in this direction:
-/// the slot's inline entries first, then (if they overflow) the bitmap and the table.
+/// the slot's inline entries first (`vip` was looked up for this direction), then (if they
+/// overflow, or the VIP was found through the table) the bitmap and the table.
 #[inline(always)]
-fn lookup(
-    meta: &PacketMeta,
-    vip: &VipHit,
-    port_be: u16,
-    inline: impl Fn(*const VipSlot) -> *const [InlineRemap; INLINE_REMAPS],
-    overflow_flag: u32,
-    bitmap_base: u32,
-    table: &HashMap<RemapKey, PortValue>,
-) -> Option<u16> {
+fn lookup(meta: &PacketMeta, vip: &VipHit, port_be: u16, bitmap_base: u32, table: &HashMap<RemapKey, PortValue>) -> Option<u16> {
     if !(meta.proto == IPPROTO_TCP || meta.proto == IPPROTO_UDP) {
         return None;
     }
-    if let Some(slot) = vip.slot {
-        let overflow = unsafe { (*slot).flags } & overflow_flag != 0;
-        match scan(inline(slot), overflow, meta.proto, port_be) {
+    if let Some(inline) = &vip.inline {
+        match scan(inline, meta.proto, port_be) {
             Inline::Found(port) => return Some(port),
             Inline::Absent => return None,
             Inline::AskTable => {}
@@ -80,16 +71,18 @@ fn lookup(
     unsafe { table.get(RemapKey::new(vip.id, meta.proto, port_be)) }.map(|v| v.port_be)
 }
 
-/// The instance port for a packet arriving at a VIP, if its destination port is mapped.
+/// The instance port for a packet arriving at a VIP (looked up for `Direction::Ingress`),
+/// if its destination port is mapped.
 #[inline(always)]
 pub fn lookup_ingress(meta: &PacketMeta, vip: &VipHit) -> Option<u16> {
-    lookup(meta, vip, meta.dport_be, |s| unsafe { &raw const (*s).remap_in }, SLOT_IN_OVERFLOW, 0, &REMAP_IN)
+    lookup(meta, vip, meta.dport_be, 0, &REMAP_IN)
 }
 
-/// The designated port for a reply leaving a VIP from an instance port, if mapped.
+/// The designated port for a reply leaving a VIP (looked up for `Direction::Egress`) from
+/// an instance port, if mapped.
 #[inline(always)]
 pub fn lookup_egress(meta: &PacketMeta, vip: &VipHit) -> Option<u16> {
-    lookup(meta, vip, meta.sport_be, |s| unsafe { &raw const (*s).remap_out }, SLOT_OUT_OVERFLOW, PORT_WORDS, &REMAP_OUT)
+    lookup(meta, vip, meta.sport_be, PORT_WORDS, &REMAP_OUT)
 }
 
 /// XDP: rewrites the destination port in place and updates the checksum incrementally
@@ -131,6 +124,15 @@ pub fn rewrite_dport_xdp<P: Packet>(pkt: &P, meta: &PacketMeta, new_be: u16) -> 
 /// TC: rewrites the source port through the skb helpers, which handle every checksum
 /// state the stack can hand us: complete checksums are updated, partial ones (left to
 /// offload, which also covers the port) are left alone, and a UDP zero stays zero.
+///
+/// The port and its checksum change together or not at all. The port is stored first: if
+/// that fails, nothing was written. The checksum update comes second and is given the old
+/// and new port explicitly, so it does not depend on the packet's bytes. If it fails, the
+/// old port is stored back and the packet leaves exactly as it came. That store cannot
+/// fail: the helpers fail only on bad flags or offsets (constant and even here) or when
+/// they cannot make the bytes writable, and the first store just made these very bytes
+/// writable. (The other order would leave a changed checksum over the old port if the
+/// store failed.) Returns whether the packet was rewritten.
 #[inline(always)]
 pub fn rewrite_sport_tc(ctx: &TcContext, meta: &PacketMeta, new_be: u16) -> bool {
     let (csum_off, flags) = if meta.proto == IPPROTO_TCP {
@@ -138,12 +140,14 @@ pub fn rewrite_sport_tc(ctx: &TcContext, meta: &PacketMeta, new_be: u16) -> bool
     } else {
         (meta.l4_off + UDP_CSUM_OFF, BPF_F_MARK_MANGLED_0 as u64)
     };
-    let size = core::mem::size_of::<u16>() as u64;
-    if ctx
-        .l4_csum_replace(csum_off, meta.sport_be as u64, new_be as u64, flags | size)
-        .is_err()
-    {
+    let old_be = meta.sport_be;
+    if ctx.store(meta.l4_off, &new_be, 0).is_err() {
         return false;
     }
-    ctx.store(meta.l4_off, &new_be, 0).is_ok()
+    let size = core::mem::size_of::<u16>() as u64;
+    if ctx.l4_csum_replace(csum_off, old_be as u64, new_be as u64, flags | size).is_err() {
+        let _ = ctx.store(meta.l4_off, &old_be, 0);
+        return false;
+    }
+    true
 }

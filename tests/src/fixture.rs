@@ -162,6 +162,16 @@ impl Fixture {
         self.maps.set_binding(info.id, b).unwrap();
     }
 
+    /// The fast-path slot `idx` as the programs see it now.
+    pub fn slot(&self, idx: u32) -> havip_common::VipSlot {
+        self.maps.slot(idx).unwrap()
+    }
+
+    /// Writes fast-path slot `idx` as havipd does.
+    pub fn write_slot(maps: &mut Maps, idx: u32, slot: havip_common::VipSlot) {
+        maps.set_slot(idx, slot).unwrap();
+    }
+
     /// A VIP's counters in class `class`, summed over CPUs.
     pub fn class_counters(&self, ip: &str, class: &str) -> havip_common::ClassCounters {
         let key = VipKey::from(ip.parse::<IpAddr>().unwrap());

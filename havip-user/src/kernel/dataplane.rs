@@ -28,6 +28,7 @@ use crate::{
     kernel::map_layout::{self, MapShape},
     kernel::pins::{ensure_bpffs, Hook, PinLayout},
     kernel::plan::{Actual, Changes},
+    kernel::versioned::VersionedArray,
 };
 
 /// The compiled eBPF object, embedded at build time (see build.rs).
@@ -55,12 +56,14 @@ pub fn object_map_shapes() -> anyhow::Result<&'static BTreeMap<String, MapShape>
 /// live stats while havipd is stopped.
 pub struct Maps {
     pub vips: HashMap<MapData, VipKey, VipInfo>,
-    pub vip_slots: Array<MapData, VipSlot>,
+    /// Written by publication (see `kernel::versioned`).
+    pub vip_slots: VersionedArray<VipSlot>,
     pub remap_in: HashMap<MapData, RemapKey, PortValue>,
     pub remap_out: HashMap<MapData, RemapKey, PortValue>,
     pub port_bitmap: Array<MapData, u64>,
     pub nics: HashMap<MapData, u32, NicInfo>,
-    pub bindings: Array<MapData, Binding>,
+    /// Written by publication (see `kernel::versioned`).
+    pub bindings: VersionedArray<Binding>,
     pub fences: Array<MapData, Fence>,
     pub nic_stats: PerCpuArray<MapData, NicCounters>,
     pub probe_slots: Array<MapData, ProbeSlot>,
@@ -122,12 +125,12 @@ impl Maps {
         map_layout::check(pins, object_map_shapes()?)?;
         Ok(Self {
             vips: open_pinned(pins, m::VIPS)?.try_into()?,
-            vip_slots: open_pinned(pins, m::VIP_SLOTS)?.try_into()?,
+            vip_slots: VersionedArray::new(open_pinned(pins, m::VIP_SLOTS)?, m::VIP_SLOTS)?,
             remap_in: open_pinned(pins, m::REMAP_IN)?.try_into()?,
             remap_out: open_pinned(pins, m::REMAP_OUT)?.try_into()?,
             port_bitmap: open_pinned(pins, m::PORT_BITMAP)?.try_into()?,
             nics: open_pinned(pins, m::NICS)?.try_into()?,
-            bindings: open_pinned(pins, m::BINDINGS)?.try_into()?,
+            bindings: VersionedArray::new(open_pinned(pins, m::BINDINGS)?, m::BINDINGS)?,
             fences: open_pinned(pins, m::FENCES)?.try_into()?,
             nic_stats: open_pinned(pins, m::NIC_STATS)?.try_into()?,
             probe_slots: open_pinned(pins, m::PROBE_SLOTS)?.try_into()?,
@@ -227,10 +230,10 @@ impl Maps {
             self.vips.insert(k, v, 0)?;
         }
         for (i, v) in &ch.slot_writes {
-            self.vip_slots.set(*i, v, 0)?;
+            self.vip_slots.publish(*i, *v)?;
         }
         for &i in &ch.slot_clears {
-            self.vip_slots.set(i, VipSlot::default(), 0)?;
+            self.vip_slots.publish(i, VipSlot::default())?;
         }
         for k in &ch.vip_deletes {
             self.vips.remove(k)?;
@@ -267,7 +270,7 @@ impl Maps {
         let zeros = PerCpuValues::try_from(vec![VipCounters::default(); n])?;
         self.vip_stats.set(id, zeros, 0)?;
         // A new VIP starts unbound; a freed id forgets its NIC.
-        self.bindings.set(id, Binding::default(), 0)?;
+        self.bindings.publish(id, Binding::default())?;
         // ...and serves nothing until the cluster service confirms it (cluster VIPs only
         // read their fence): a reused id never inherits another VIP's serve-until time.
         self.fences.set(id, Fence::default(), 0)?;
@@ -278,9 +281,19 @@ impl Maps {
         Ok(self.bindings.get(&vip_id, 0)?)
     }
 
-    /// Moves a VIP: one array element, read by both programs on their next packet.
+    /// Moves a VIP: one publication, read whole by both programs from their next packet.
     pub fn set_binding(&mut self, vip_id: u32, b: Binding) -> anyhow::Result<()> {
-        Ok(self.bindings.set(vip_id, b, 0)?)
+        self.bindings.publish(vip_id, b)
+    }
+
+    /// The current version of fast-path slot `idx`.
+    pub fn slot(&self, idx: u32) -> anyhow::Result<VipSlot> {
+        Ok(self.vip_slots.get(&idx, 0)?)
+    }
+
+    /// Publishes fast-path slot `idx` (`plan` decides what slots hold; this writes one).
+    pub fn set_slot(&mut self, idx: u32, slot: VipSlot) -> anyhow::Result<()> {
+        self.vip_slots.publish(idx, slot)
     }
 
     pub fn zero_nic_stats(&mut self, index: u32) -> anyhow::Result<()> {

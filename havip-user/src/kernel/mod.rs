@@ -13,3 +13,4 @@ pub mod pins;
 pub mod plan;
 pub mod probe_socket;
 pub mod qdisc;
+pub mod versioned;

@@ -152,7 +152,12 @@ pub fn render(snap: Option<&Snapshot>, daemon: &DaemonMetrics) -> String {
     x.counter("havip_vip_tx", "Bytes from the VIP seen by TC (frames, L2 header included)", Some(Unit::Bytes), per_vip(|v| v.tx.bytes));
     x.counter("havip_vip_remapped_packets", "VIP packets whose port was rewritten, by direction (rx: XDP, tx: TC)", None, per_dir(|d| d.remapped));
     x.counter("havip_vip_passed_packets", "VIP packets left as they were (no mapping for the port, or not TCP/UDP)", None, per_dir(|d| d.passed));
-    x.counter("havip_vip_dropped_packets", "VIP packets dropped by havip", None, per_dir(|d| d.dropped));
+    x.counter(
+        "havip_vip_dropped_packets",
+        "Packets of the VIP dropped by havip (rx: invalid neighbour solicitations for it; tx: fenced, or its owning NIC gone); reasons in havip_packets_total",
+        None,
+        per_dir(|d| d.dropped),
+    );
     x.counter(
         "havip_vip_protocol_packets",
         "VIP packets by direction and protocol (tcp, udp, icmp, other)",
@@ -279,7 +284,7 @@ pub fn render(snap: Option<&Snapshot>, daemon: &DaemonMetrics) -> String {
     // Everything the programs saw, by what they did with it.
     x.counter(
         "havip_packets",
-        "Packets the programs handled, by direction (ingress: XDP, egress: TC) and outcome",
+        "Packets the programs handled, by direction (ingress: XDP, egress: TC) and outcome; the drop outcomes name why havip dropped a packet",
         None,
         s.outcomes.iter().flat_map(|(dir, per)| per.iter().map(move |(o, n)| (l2("direction", dir, "outcome", o), *n))),
     );

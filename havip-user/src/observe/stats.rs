@@ -11,7 +11,7 @@ use std::{
 use anyhow::Context;
 use aya::util::nr_cpus;
 use havip_common::{
-    maps as m, Binding, ClassCounters, ClassInfo, ClassStatsKey, CpuQueueCounters, DirCounters, Direction, NicCounters, NicInfo, Outcome, PassiveStats,
+    maps as m, BindingCell, ClassCounters, ClassInfo, ClassStatsKey, CpuQueueCounters, DirCounters, Direction, NicCounters, NicInfo, Outcome, PassiveStats,
     PeerKey, PortValue, ProbeSlot, ProbeStats, QueueCounters, RemapKey, VipCounters, VipInfo, VipKey, WireCounters,
 };
 use serde::Serialize;
@@ -322,7 +322,7 @@ impl Snapshot {
 
         let (mut bindings, mut counters) = (BTreeMap::new(), BTreeMap::new());
         if !vip_ids.is_empty() {
-            bindings = open(m::BINDINGS)?.array::<Binding>(&vip_ids)?.into_iter().collect();
+            bindings = open(m::BINDINGS)?.array::<BindingCell>(&vip_ids)?.into_iter().map(|(id, cell)| (id, cell.current())).collect();
             for (id, per_cpu) in open(m::VIP_STATS)?.percpu_array::<VipCounters>(&vip_ids, ncpus)? {
                 let mut total = VipCounters::default();
                 for c in &per_cpu {
@@ -579,17 +579,22 @@ pub fn render_table(now: &Snapshot, prev: Option<&Snapshot>) -> String {
             ));
         }
     }
-    let interesting: Vec<String> = now
-        .outcomes
-        .iter()
-        .flat_map(|(dir, per)| {
-            per.iter()
-                .filter(|(name, &n)| n > 0 && !matches!(name.as_str(), "vip_passed" | "vip_remapped"))
-                .map(move |(name, n)| format!("{dir} {name}={}", human(*n)))
-        })
-        .collect();
-    if !interesting.is_empty() {
-        out.push_str(&format!("other packets: {}\n", interesting.join(", ")));
+    // Everything else the programs did, by outcome: first what they dropped, by reason.
+    let is_drop = |name: &str| Outcome::ALL.iter().any(|o| o.name() == name && o.is_drop());
+    let outcomes = |drops: bool| -> Vec<String> {
+        now.outcomes
+            .iter()
+            .flat_map(|(dir, per)| {
+                per.iter()
+                    .filter(move |(name, &n)| n > 0 && !matches!(name.as_str(), "vip_passed" | "vip_remapped") && is_drop(name) == drops)
+                    .map(move |(name, n)| format!("{dir} {name}={}", human(*n)))
+            })
+            .collect()
+    };
+    for (label, list) in [("dropped by havip", outcomes(true)), ("other packets", outcomes(false))] {
+        if !list.is_empty() {
+            out.push_str(&format!("{label}: {}\n", list.join(", ")));
+        }
     }
     out
 }
@@ -602,6 +607,21 @@ mod tests {
 
     fn vip_config(target: &str) -> String {
         format!("[[nic]]\nname = \"eth0\"\n[[nic]]\nname = \"eth1\"\n[[vip]]\naddress = \"198.18.0.1\"\nnics = [\"eth1\"]\ntargets = [\"{target}\"]\n")
+    }
+
+    #[test]
+    fn drops_are_listed_by_reason_apart_from_other_packets() {
+        let per = |v: &[(&str, u64)]| v.iter().map(|(k, n)| (k.to_string(), *n)).collect();
+        let outcomes = [
+            ("ingress".to_string(), per(&[("neigh_dropped", 4), ("nd_hop_limit", 1), ("not_ip", 3), ("vip_remapped", 9), ("fragment", 0)])),
+            ("egress".to_string(), per(&[("steer_failed", 2), ("steered", 5)])),
+        ]
+        .into_iter()
+        .collect();
+        let snap = super::Snapshot { vips: vec![], nics: vec![], paths: vec![], classes: vec![], outcomes, taken: None, bpf_calls: 0 };
+        let text = super::render_table(&snap, None);
+        assert!(text.contains("\ndropped by havip: egress steer_failed=2, ingress nd_hop_limit=1, ingress neigh_dropped=4\n"), "{text}");
+        assert!(text.contains("\nother packets: egress steered=5, ingress not_ip=3\n"), "{text}");
     }
 
     #[test]

@@ -134,7 +134,7 @@ fn ip(s: &str) -> IpAddr {
 fn add_flip_mappings(fx: &mut Fixture) {
     for vip in ["198.18.100.1", "2001:db8:100::1"] {
         let idx = vip_slot(&VipKey::from(ip(vip)));
-        let mut slot = fx.maps.vip_slots.get(&idx, 0).unwrap();
+        let mut slot = fx.slot(idx);
         let free: Vec<usize> = (0..slot.remap_in.len())
             .filter(|&i| slot.remap_in[i].proto == 0)
             .collect();
@@ -147,7 +147,7 @@ fn add_flip_mappings(fx: &mut Fixture) {
                 _pad: [0; 3],
             };
         }
-        fx.maps.vip_slots.set(idx, slot, 0).unwrap();
+        Fixture::write_slot(&mut fx.maps, idx, slot);
     }
 }
 
