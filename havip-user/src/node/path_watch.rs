@@ -50,7 +50,12 @@ pub enum Verdict {
 /// What became of one probe.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Outcome {
-    Reply { rtt: Duration },
+    /// Answered; `late` more replies came with it, answers to earlier probes already given
+    /// up on (a slow moment, not a loss: they are taken back).
+    Reply {
+        rtt: Duration,
+        late: u64,
+    },
     Lost,
 }
 
@@ -100,9 +105,10 @@ impl Default for PathWatch {
 }
 
 impl PathWatch {
-    /// How long a probe sent now is waited for.
+    /// How long a probe sent now is waited for: three smoothed RTTs, or the mean plus
+    /// four deviations as TCP's retransmission timer, and at least the floor.
     pub fn timeout(&self, s: &Settings) -> Duration {
-        let rtt = self.rtt_mean_ms.map_or(Duration::ZERO, |m| Duration::from_secs_f64(3.0 * m / 1e3));
+        let rtt = self.rtt_mean_ms.map_or(Duration::ZERO, |m| Duration::from_secs_f64((3.0 * m).max(m + 4.0 * self.rtt_var_ms2.sqrt()) / 1e3));
         rtt.max(s.timeout_floor)
     }
 
@@ -135,7 +141,7 @@ impl PathWatch {
     pub fn check(&self, now: Instant, received: u64, last_rtt: Duration, s: &Settings) -> Option<Outcome> {
         let f = self.in_flight?;
         if received > f.received_before {
-            return Some(Outcome::Reply { rtt: last_rtt });
+            return Some(Outcome::Reply { rtt: last_rtt, late: received - f.received_before - 1 });
         }
         (now.saturating_duration_since(f.sent_at) >= self.timeout(s)).then_some(Outcome::Lost)
     }
@@ -151,8 +157,15 @@ impl PathWatch {
         let before = self.verdict;
         let testing = matches!(self.verdict, Verdict::Doubt | Verdict::Failed { .. } | Verdict::Lossy { .. });
         match o {
-            Outcome::Reply { rtt } => {
-                self.replies += 1;
+            Outcome::Reply { rtt, late } => {
+                // Replies to probes given up on: take those losses back, latest first.
+                let back = late.min(u64::from(self.doubt_lost)).min(self.lost);
+                if back > 0 && testing {
+                    self.llr -= back as f64 * ((LOSS_BAD / LOSS_OK).ln() - ((1.0 - LOSS_BAD) / (1.0 - LOSS_OK)).ln());
+                    self.doubt_lost -= back as u32;
+                }
+                self.lost -= back;
+                self.replies += 1 + back;
                 self.lost_in_row = 0;
                 let ms = rtt.as_secs_f64() * 1e3;
                 match self.rtt_mean_ms {
@@ -219,7 +232,7 @@ mod tests {
         let mut w = PathWatch::default();
         let mut changes = Vec::new();
         for c in outcomes.chars() {
-            let o = if c == 'x' { Outcome::Lost } else { Outcome::Reply { rtt: Duration::from_millis(1) } };
+            let o = if c == 'x' { Outcome::Lost } else { Outcome::Reply { rtt: Duration::from_millis(1), late: 0 } };
             if let Some(v) = w.record(o, &s) {
                 changes.push(v);
             }
@@ -251,7 +264,7 @@ mod tests {
         let mut w = PathWatch::default();
         let mut at = None;
         for (i, c) in pattern.chars().enumerate() {
-            let o = if c == 'x' { Outcome::Lost } else { Outcome::Reply { rtt: Duration::from_millis(1) } };
+            let o = if c == 'x' { Outcome::Lost } else { Outcome::Reply { rtt: Duration::from_millis(1), late: 0 } };
             if let Some(Verdict::Lossy { .. }) = w.record(o, &s) {
                 at = Some(i);
                 break;
@@ -293,13 +306,13 @@ mod tests {
         w.record(Outcome::Lost, &s);
         assert!(w.due(ms(10), true, &s), "in doubt: 5 ms after the last send");
         w.sent(ms(10), 0);
-        assert_eq!(w.check(ms(11), 1, Duration::from_micros(300), &s), Some(Outcome::Reply { rtt: Duration::from_micros(300) }));
-        w.record(Outcome::Reply { rtt: Duration::from_micros(300) }, &s);
+        assert_eq!(w.check(ms(11), 1, Duration::from_micros(300), &s), Some(Outcome::Reply { rtt: Duration::from_micros(300), late: 0 }));
+        w.record(Outcome::Reply { rtt: Duration::from_micros(300), late: 0 }, &s);
         assert!(!w.due(ms(14), true, &s) && w.due(ms(15), true, &s));
         // Clean again: back to the active interval; idle paths wait longer.
         let mut clean = PathWatch::default();
         clean.sent(t0, 0);
-        clean.record(Outcome::Reply { rtt: Duration::from_millis(1) }, &s);
+        clean.record(Outcome::Reply { rtt: Duration::from_millis(1), late: 0 }, &s);
         assert!(!clean.due(ms(19), true, &s) && clean.due(ms(20), true, &s));
         assert!(!clean.due(ms(999), false, &s) && clean.due(ms(1000), false, &s));
         // UDP probes never go faster.
@@ -308,13 +321,43 @@ mod tests {
     }
 
     #[test]
+    fn late_replies_take_their_losses_back() {
+        // A stall: three probes given up on, then one reply brings the three late ones.
+        let s = Settings::default();
+        let mut w = PathWatch::default();
+        let reply = |late| Outcome::Reply { rtt: Duration::from_millis(1), late };
+        for _ in 0..20 {
+            w.record(reply(0), &s);
+        }
+        for _ in 0..3 {
+            w.record(Outcome::Lost, &s);
+        }
+        assert_eq!((w.verdict, w.lost), (Verdict::Doubt, 3));
+        w.record(reply(3), &s);
+        assert_eq!((w.lost, w.replies, w.doubt_lost), (0, 24, 0));
+        // The test is back where 4 answered probes leave it: far from lossy, soon clean.
+        assert!(w.llr < 0.0, "{}", w.llr);
+        // A stall under a real 10% loss still ends lossy: only answered probes come back.
+        let pattern: String = (0..300).map(|i| if i % 10 == 0 { 'x' } else { '.' }).collect();
+        let (w, _) = run(&pattern);
+        assert!(matches!(w.verdict, Verdict::Lossy { .. }), "{:?}", w.verdict);
+    }
+
+    #[test]
     fn the_timeout_follows_the_rtt() {
         let s = Settings::default();
         let mut w = PathWatch::default();
         assert_eq!(w.timeout(&s), Duration::from_millis(10));
-        w.record(Outcome::Reply { rtt: Duration::from_millis(20) }, &s);
+        w.record(Outcome::Reply { rtt: Duration::from_millis(20), late: 0 }, &s);
         assert_eq!(w.timeout(&s), Duration::from_millis(60));
         let (m, sd) = w.rtt_ms().unwrap();
         assert_eq!((m, sd), (20.0, 0.0));
+        // A spread-out RTT waits longer than three means: mean + 4 deviations.
+        let mut jittery = PathWatch::default();
+        for ms in [1, 9, 1, 9, 1, 9, 1, 9] {
+            jittery.record(Outcome::Reply { rtt: Duration::from_millis(ms), late: 0 }, &s);
+        }
+        let (m, sd) = jittery.rtt_ms().unwrap();
+        assert!(jittery.timeout(&s) > Duration::from_secs_f64((3.0 * m) / 1e3), "mean {m} sd {sd}: {:?}", jittery.timeout(&s));
     }
 }
