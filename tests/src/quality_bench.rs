@@ -77,6 +77,8 @@ pub struct NoiseRun {
     /// Paths put in doubt, and probes sent per second on each of the 2 paths.
     pub doubts: usize,
     pub probes_per_s_per_path: f64,
+    /// For each move: the daemon's log lines of the 3 s before it (verdicts, the decision).
+    pub moves_context: Vec<Vec<String>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -180,7 +182,22 @@ fn noise_run(what: &str, secs: u64, a: Impairment, b: Impairment, stop: &std::sy
         bursts: l.a.bursts(),
         doubts: log.lines().filter(|l| l.contains("path verdict") && l.contains("Doubt")).count(),
         probes_per_s_per_path: (sent1 - sent0) as f64 / seconds / 2.0,
+        moves_context: move_context(&log),
     }
+}
+
+/// The log lines of the 3 s before each move after the first (initial) binding.
+fn move_context(log: &str) -> Vec<Vec<String>> {
+    let lines: Vec<&str> = log.lines().collect();
+    let secs = |l: &str| crate::cluster::log_secs(l).unwrap_or(0.0);
+    lines
+        .iter()
+        .filter(|l| l.contains("VIP bound") && !l.contains("reason=initial"))
+        .map(|m| {
+            let t = secs(m);
+            lines.iter().filter(|l| (t - 3.0..=t).contains(&secs(l)) && (l.contains("path verdict") || l.contains("quality decision") || l.contains("VIP bound"))).map(|l| l.to_string()).collect()
+        })
+        .collect()
 }
 
 fn path_sent(t: &crate::topology::Topology, nic: &str) -> u64 {

@@ -5,7 +5,8 @@
 //! - **One probe in flight per path.** A probe is lost when no reply came by its deadline
 //!   (`max(timeout floor, 3 x smoothed RTT)`); a reply is its own, so its RTT is exact.
 //! - **Doubt.** A lost probe puts the path in doubt: it is probed every `doubt_interval`
-//!   instead of its usual interval until the doubt is settled. Probing fast only where it
+//!   instead of its usual interval until the doubt is settled (a lossy path, until the
+//!   test calls it clean again). Probing fast only where it
 //!   matters keeps the probe traffic of healthy paths low.
 //! - **Failed.** `fail_after` probes lost in a row: the path is dark although its link may
 //!   keep carrier (an upstream port, optic or router dropping everything). `rank` moves a
@@ -118,7 +119,9 @@ impl PathWatch {
             return false;
         }
         let every = match self.verdict {
-            Verdict::Doubt | Verdict::Failed { .. } if s.fast => s.doubt_interval,
+            // A lossy path stays under test too: fast, so a healed one is called clean in
+            // a second or two (300-odd answered probes), not half a minute at 20 ms.
+            Verdict::Doubt | Verdict::Failed { .. } | Verdict::Lossy { .. } if s.fast => s.doubt_interval,
             _ if active => s.active_interval,
             _ => s.idle_interval,
         };
@@ -315,6 +318,13 @@ mod tests {
         clean.record(Outcome::Reply { rtt: Duration::from_millis(1), late: 0 }, &s);
         assert!(!clean.due(ms(19), true, &s) && clean.due(ms(20), true, &s));
         assert!(!clean.due(ms(999), false, &s) && clean.due(ms(1000), false, &s));
+        // A lossy path is still tested fast, so a healed one is soon called clean.
+        let lossy: String = (0..100).map(|i| if i % 5 == 0 { 'x' } else { '.' }).collect();
+        let (mut l, _) = run(&lossy);
+        assert!(matches!(l.verdict, Verdict::Lossy { .. }));
+        l.sent(ms(0), 0);
+        l.record(Outcome::Reply { rtt: Duration::from_millis(1), late: 0 }, &s);
+        assert!(l.due(ms(5), true, &s), "a lossy path waits the doubt interval, not the active one");
         // UDP probes never go faster.
         let slow = Settings { fast: false, ..s };
         assert!(!w.due(ms(15), false, &slow));

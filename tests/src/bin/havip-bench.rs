@@ -430,6 +430,12 @@ fn main() -> anyhow::Result<()> {
                 "{} for {:.0} s: {} moves ({} bursts, {} doubts); {:.1} probes/s per path",
                 n.what, n.seconds, n.moves, n.bursts, n.doubts, n.probes_per_s_per_path
             );
+            for (k, m) in n.moves_context.iter().enumerate() {
+                println!("  move {}: the 3 s before it:", k + 1);
+                for l in m {
+                    println!("    {l}");
+                }
+            }
         }
         println!(
             "targets: dark path p99 <= 150 ms; 20 ms and 10% loss p50 <= 1 s, p99 <= 2 s; no move on noise: {}",
