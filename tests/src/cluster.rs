@@ -1417,7 +1417,7 @@ pub const ANNOUNCE_LAG: Duration = Duration::from_millis(5);
 
 /// Whether the claim at `evs[i]` is the start of a takeover by `node` whose announcement
 /// follows within [`ANNOUNCE_LAG`], with no claim by any other node in between.
-fn announces_next(evs: &[&NeighEvent], i: usize, node: &str, node_of: impl Fn(&NeighEvent) -> String) -> bool {
+fn announces_next<'a>(evs: &[&'a NeighEvent], i: usize, node: &str, node_of: impl Fn(&'a NeighEvent) -> &'a str) -> bool {
     let at = evs[i].at;
     for e in &evs[i + 1..] {
         if e.at.saturating_duration_since(at) > ANNOUNCE_LAG || node_of(e) != node {
@@ -1444,44 +1444,26 @@ fn announces_next(evs: &[&NeighEvent], i: usize, node: &str, node_of: impl Fn(&N
 /// so a give-back is clean. Separately, claims by two nodes within [`SIMULTANEOUS`] of
 /// each other are a [`ViolationKind::Simultaneous`] moment.
 pub fn two_owner_moments(events: &[NeighEvent], mac_to_node: &HashMap<String, String>) -> Vec<Violation> {
-    let mut by_ip: BTreeMap<IpAddr, Vec<&NeighEvent>> = BTreeMap::new();
-    for e in events {
-        by_ip.entry(e.ip).or_default().push(e);
-    }
     let mut out = Vec::new();
-    for (ip, mut evs) in by_ip {
-        evs.sort_by_key(|e| e.at);
-        let mut owner: Option<(&str, Instant)> = None;
-        let mut seen: HashSet<&str> = HashSet::new();
-        let mut last_claim: HashMap<&str, Instant> = HashMap::new();
-        let node_of = |e: &NeighEvent| mac_to_node.get(&e.mac).cloned().unwrap_or_else(|| e.mac.clone());
-        for (i, e) in evs.iter().enumerate() {
-            let node = mac_to_node.get(&e.mac).map_or(e.mac.as_str(), String::as_str);
-            let violation = |kind, other: &str, other_since| Violation {
-                kind,
-                ip,
-                at: e.at,
-                node: node.to_string(),
-                mac: e.mac.clone(),
-                other: other.to_string(),
-                other_since,
-            };
-            for (&other, &t) in &last_claim {
-                if other != node && e.at.saturating_duration_since(t) <= SIMULTANEOUS {
-                    out.push(violation(ViolationKind::Simultaneous, other, t));
-                }
+    walk(events, mac_to_node, |e, node, claim, last_claim| {
+        let violation = |kind, other: &str, other_since| Violation {
+            kind,
+            ip: e.ip,
+            at: e.at,
+            node: node.to_string(),
+            mac: e.mac.clone(),
+            other: other.to_string(),
+            other_since,
+        };
+        for (&other, &t) in last_claim {
+            if other != node && e.at.saturating_duration_since(t) <= SIMULTANEOUS {
+                out.push(violation(ViolationKind::Simultaneous, other, t));
             }
-            match owner {
-                Some((o, _)) if o == node => {}
-                Some((o, since)) if !e.kind.announcement() && seen.contains(node) && !announces_next(&evs, i, node, node_of) => {
-                    out.push(violation(ViolationKind::StaleOwner, o, since))
-                }
-                _ => owner = Some((node, e.at)),
-            }
-            seen.insert(node);
-            last_claim.insert(node, e.at);
         }
-    }
+        if let Claim::Stale { owner, since } = claim {
+            out.push(violation(ViolationKind::StaleOwner, owner, since));
+        }
+    });
     out
 }
 
@@ -1490,33 +1472,53 @@ pub fn two_owner_moments(events: &[NeighEvent], mac_to_node: &HashMap<String, St
 /// these is how close the cluster came to a two-owner moment; a negative margin would be
 /// a [`ViolationKind::StaleOwner`] moment instead.
 pub fn handoff_separations(events: &[NeighEvent], mac_to_node: &HashMap<String, String>) -> Vec<Duration> {
+    let mut out = Vec::new();
+    walk(events, mac_to_node, |e, _, claim, _| {
+        if let Claim::Takeover { old_owners_last: Some(t) } = claim {
+            out.push(e.at.saturating_duration_since(t));
+        }
+    });
+    out
+}
+
+/// One claim, as the owner tracking of [`two_owner_moments`] sees it.
+enum Claim<'a> {
+    /// By the address's owner.
+    ByOwner,
+    /// By a node that is not the owner and did not take over.
+    Stale { owner: &'a str, since: Instant },
+    /// A takeover; the previous owner's last claim, if there was one.
+    Takeover { old_owners_last: Option<Instant> },
+}
+
+/// Per address, in time order: each claim, its node, what it was, and every node's last
+/// claim before it.
+fn walk<'a>(events: &'a [NeighEvent], mac_to_node: &'a HashMap<String, String>, mut f: impl FnMut(&'a NeighEvent, &'a str, Claim<'a>, &HashMap<&'a str, Instant>)) {
+    let node_of = |e: &'a NeighEvent| mac_to_node.get(&e.mac).map_or(e.mac.as_str(), String::as_str);
     let mut by_ip: BTreeMap<IpAddr, Vec<&NeighEvent>> = BTreeMap::new();
     for e in events {
         by_ip.entry(e.ip).or_default().push(e);
     }
-    let mut out = Vec::new();
     for evs in by_ip.values_mut() {
         evs.sort_by_key(|e| e.at);
-        let mut owner: Option<&str> = None;
+        let mut owner: Option<(&str, Instant)> = None;
         let mut seen: HashSet<&str> = HashSet::new();
         let mut last_claim: HashMap<&str, Instant> = HashMap::new();
-        let node_of = |e: &NeighEvent| mac_to_node.get(&e.mac).cloned().unwrap_or_else(|| e.mac.clone());
         for (i, e) in evs.iter().enumerate() {
-            let node = mac_to_node.get(&e.mac).map_or(e.mac.as_str(), String::as_str);
-            match owner {
-                Some(o) if o == node => {}
-                Some(_) if !e.kind.announcement() && seen.contains(node) && !announces_next(evs, i, node, node_of) => {}
-                Some(o) => {
-                    out.push(e.at.saturating_duration_since(last_claim[o]));
-                    owner = Some(node);
+            let node = node_of(e);
+            let claim = match owner {
+                Some((o, _)) if o == node => Claim::ByOwner,
+                Some((o, since)) if !e.kind.announcement() && seen.contains(node) && !announces_next(evs, i, node, |e| node_of(e)) => Claim::Stale { owner: o, since },
+                old => {
+                    owner = Some((node, e.at));
+                    Claim::Takeover { old_owners_last: old.map(|(o, _)| last_claim[o]) }
                 }
-                None => owner = Some(node),
-            }
+            };
+            f(e, node, claim, &last_claim);
             seen.insert(node);
             last_claim.insert(node, e.at);
         }
     }
-    out
 }
 
 #[cfg(test)]
