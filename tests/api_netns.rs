@@ -349,7 +349,7 @@ fn a_token_file_others_may_read_or_write_is_refused_before_anything_is_applied()
             assert!(err.contains(needle), "mode {mode:o}: the refusal does not say `{needle}`:\n{err}");
         }
         assert!(!t.pin_root.exists(), "mode {mode:o}: pins were created");
-        assert!(!t.xdp_attached(), "mode {mode:o}: XDP was attached");
+        assert!(!t.ingress_attached(), "mode {mode:o}: an ingress program was attached");
         assert!(!t.server_lo_addresses().contains("198.18.100"), "mode {mode:o}: an address was installed");
         assert!(!socket_path(&t.run_dir).exists(), "mode {mode:o}: the API socket was created");
         // --check-config gives the same verdict.

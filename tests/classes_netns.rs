@@ -184,7 +184,7 @@ fn a_root_qdisc_havip_did_not_create_is_kept_unless_replacing_is_asked_for() {
     for needle in ["nic[0]", "tbf", "replace_qdisc", "nothing was applied"] {
         assert!(err.contains(needle), "the error does not say `{needle}`:\n{err}");
     }
-    assert!(!t.xdp_attached(), "programs were attached");
+    assert!(!t.ingress_attached(), "programs were attached");
     let qdisc = t.srv.exec(&["tc", "qdisc", "show", "dev", "eth0", "root"]).unwrap();
     assert!(qdisc.contains("tbf 1:"), "the foreign qdisc was touched: {qdisc}");
 

@@ -85,8 +85,8 @@ fn arp_answers(t: &Topology, vip: &str, window: Duration) -> Vec<String> {
     .unwrap()
 }
 
-fn xdp_on(t: &Topology, nic: &str) -> bool {
-    t.srv.ip(&["-d", "link", "show", "dev", nic]).map(|s| s.contains("prog/xdp")).unwrap_or(false)
+fn attached_on(t: &Topology, nic: &str) -> bool {
+    havip_tests::topology::ingress_hook_on(&t.srv, nic).is_some()
 }
 
 fn reload(t: &Topology) -> (bool, String) {
@@ -109,7 +109,7 @@ fn a_nic_deleted_and_created_again_serves_its_vips_as_the_new_device() {
     let new_mac = Topology::mac(&t.srv, "a0");
     // After the hold-down the VIPs fail back to a0: to the new device.
     wait_for("failback to the new a0", Duration::from_millis(hold + 3000), || owner(&t, VIP4) == "a0");
-    assert!(xdp_on(&t, "a0"), "the new a0 has no XDP program: it was never re-attached");
+    assert!(attached_on(&t, "a0"), "the new a0 has no XDP program: it was never re-attached");
     assert_eq!(arp_answers(&t, VIP4, Duration::from_millis(200)), vec![new_mac.clone()], "exactly one answer, from the new a0");
     // Real traffic through the new device, remapped both ways (:80 <-> :8081).
     t.cli.ip(&["neigh", "flush", "dev", "eth0"]).unwrap();
@@ -181,7 +181,7 @@ fn a_nic_removed_by_a_reload_gives_up_its_vips_before_it_is_detached() {
     let bound = log.find(&format!("VIP bound vip={VIP4} from=\"a0\" to=b0")).expect("no move off a0 logged");
     let detached = log.find("detached nic=\"a0\"").expect("no detach of a0 logged");
     assert!(bound < detached, "a0 was detached before its VIPs moved:\n{log}");
-    assert!(!xdp_on(&t, "a0"), "a0 is still attached");
+    assert!(!attached_on(&t, "a0"), "a0 is still attached");
     stop.store(true, Ordering::Relaxed);
 }
 
@@ -210,8 +210,8 @@ fn a_reload_failing_at_any_stage_says_what_it_applied_and_restores_the_previous_
         }
         assert!(out.contains("the previous configuration was restored"), "{stage}: {out}");
         // The previous configuration runs: b0 attached, c0 not, VIP2 nowhere.
-        assert!(xdp_on(&t, "a0") && xdp_on(&t, "b0"), "{stage}: a0 or b0 lost its program");
-        assert!(!xdp_on(&t, "c0"), "{stage}: c0 is still attached");
+        assert!(attached_on(&t, "a0") && attached_on(&t, "b0"), "{stage}: a0 or b0 lost its program");
+        assert!(!attached_on(&t, "c0"), "{stage}: c0 is still attached");
         assert!(!t.server_lo_addresses().contains(VIP2), "{stage}: {VIP2} is still installed");
         assert!(t.stats()["vips"].as_array().unwrap().iter().all(|v| v["vip"] != VIP2), "{stage}: {VIP2} is in the maps");
         assert_eq!(owner(&t, VIP4), "a0", "{stage}");
@@ -221,7 +221,7 @@ fn a_reload_failing_at_any_stage_says_what_it_applied_and_restores_the_previous_
     // Without a fault the same reload applies.
     let (ok, out) = reload(&t);
     assert!(ok, "{out}");
-    assert!(xdp_on(&t, "c0") && !xdp_on(&t, "b0"));
+    assert!(attached_on(&t, "c0") && !attached_on(&t, "b0"));
     assert!(t.server_lo_addresses().contains(VIP2));
     assert_eq!(owner(&t, VIP2), "c0");
 }

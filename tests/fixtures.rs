@@ -6,7 +6,7 @@ use std::net::IpAddr;
 
 use havip_common::{Direction, Outcome};
 use havip_tests::{
-    fixture::{Fixture, TC_ACT_OK, TWO_VIPS, XDP_PASS},
+    fixture::{on_each_hook, Fixture, Hook, TC_ACT_OK, TWO_VIPS, XDP_PASS},
     packets::{
         arp_request, build, fix_ipv4_header_checksum, icmp_echo, icmp_echo_with, icmpv6_checksum, inspect, l3_offset,
         neighbor_solicitation, CLIENT_MAC, L4,
@@ -60,7 +60,11 @@ fn diff(a: &[u8], b: &[u8]) -> Vec<usize> {
 
 #[test]
 fn ingress_rewrites_a_mapped_port_and_the_checksum_verifies() {
-    let mut fx = Fixture::new(TWO_VIPS);
+    on_each_hook(ingress_rewrites_a_mapped_port_and_the_checksum_verifies_on)
+}
+
+fn ingress_rewrites_a_mapped_port_and_the_checksum_verifies_on(hook: Hook) {
+    let mut fx = Fixture::new(TWO_VIPS).with_hook(hook);
     for (fam, l4, vlan) in cases() {
         let (client, vip) = addrs(fam);
         let input = build(l4, client, 40000, vip, 80, vlan, b"hello havip");
@@ -111,9 +115,15 @@ fn egress_maps_the_instance_port_back_and_the_checksum_verifies() {
 /// a frame over a page to the program as a multi-buffer frame (headers in the linear part,
 /// the rest in fragments): its IP length covers the fragments, and the programs must take
 /// it as the valid packet it is, never as malformed.
+/// XDP only: BPF_PROG_RUN takes no skb over a page. The TC hook's large packets are tested
+/// with real GSO traffic in `large_frames_netns`.
 #[test]
 fn tcp_packets_of_60_kib_are_remapped_and_the_checksum_verifies() {
-    let mut fx = Fixture::new(TWO_VIPS);
+    tcp_packets_of_60_kib_are_remapped_and_the_checksum_verifies_on(Hook::Xdp)
+}
+
+fn tcp_packets_of_60_kib_are_remapped_and_the_checksum_verifies_on(hook: Hook) {
+    let mut fx = Fixture::new(TWO_VIPS).with_hook(hook);
     for fam in ["v4", "v6"] {
         let (client, vip) = addrs(fam);
         let payload = havip_tests::topology::pattern(60 * 1024, 11);
@@ -148,7 +158,11 @@ fn tcp_packets_of_60_kib_are_remapped_and_the_checksum_verifies() {
 
 #[test]
 fn udp_over_ipv4_without_checksum_stays_without_checksum() {
-    let mut fx = Fixture::new(TWO_VIPS);
+    on_each_hook(udp_over_ipv4_without_checksum_stays_without_checksum_on)
+}
+
+fn udp_over_ipv4_without_checksum_stays_without_checksum_on(hook: Hook) {
+    let mut fx = Fixture::new(TWO_VIPS).with_hook(hook);
     let mut input = build(L4::Udp, ip(CLIENT4), 40000, ip(VIP4), 80, None, b"no checksum");
     input[14 + 20 + 6] = 0;
     input[14 + 20 + 7] = 0;
@@ -164,18 +178,36 @@ fn udp_over_ipv4_without_checksum_stays_without_checksum() {
 }
 
 #[test]
-fn udp_over_ipv6_with_the_invalid_zero_checksum_is_left_alone() {
-    let mut fx = Fixture::new(TWO_VIPS);
+fn udp_over_ipv6_with_a_zero_checksum_keeps_it_zero() {
+    on_each_hook(udp_over_ipv6_with_a_zero_checksum_keeps_it_zero_on)
+}
+
+/// On TC the port is rewritten and the zero kept: there a zero may be the partial sum of a
+/// packet whose checksum is left to offload (a veth peer's), which is valid and must reach
+/// its instance; a packet whose checksum really is zero is dropped by the stack either way.
+fn udp_over_ipv6_with_a_zero_checksum_keeps_it_zero_on(hook: Hook) {
+    let mut fx = Fixture::new(TWO_VIPS).with_hook(hook);
     let mut input = build(L4::Udp, ip(CLIENT6), 40000, ip(VIP6), 80, None, b"bad");
     input[14 + 40 + 6] = 0;
     input[14 + 40 + 7] = 0;
     let r = fx.ingress(&input);
-    assert_eq!(r.out, input);
+    match hook {
+        Hook::Xdp => assert_eq!(r.out, input),
+        Hook::Tc => {
+            let mut want = input.clone();
+            want[14 + 40 + 2..14 + 40 + 4].copy_from_slice(&8081u16.to_be_bytes());
+            assert_eq!(r.out, want, "port rewritten, checksum still zero");
+        }
+    }
 }
 
 #[test]
 fn packets_havip_does_not_own_pass_byte_for_byte() {
-    let mut fx = Fixture::new(TWO_VIPS);
+    on_each_hook(packets_havip_does_not_own_pass_byte_for_byte_on)
+}
+
+fn packets_havip_does_not_own_pass_byte_for_byte_on(hook: Hook) {
+    let mut fx = Fixture::new(TWO_VIPS).with_hook(hook);
     let untouched: Vec<(&str, Vec<u8>, Outcome)> = vec![
         ("unmapped port v4", build(L4::Tcp, ip(CLIENT4), 40000, ip(VIP4), 443, None, b"x"), Outcome::VipPassed),
         ("unmapped port v6", build(L4::Udp, ip(CLIENT6), 40000, ip(VIP6), 53, None, b"x"), Outcome::VipPassed),
@@ -202,7 +234,11 @@ fn packets_havip_does_not_own_pass_byte_for_byte() {
 
 #[test]
 fn every_truncation_of_a_valid_packet_passes_untouched() {
-    let mut fx = Fixture::new(TWO_VIPS);
+    on_each_hook(every_truncation_of_a_valid_packet_passes_untouched_on)
+}
+
+fn every_truncation_of_a_valid_packet_passes_untouched_on(hook: Hook) {
+    let mut fx = Fixture::new(TWO_VIPS).with_hook(hook);
     let (mut egress_runs, mut egress_refused) = (0, 0);
     for (fam, l4, vlan) in cases() {
         let (client, vip) = addrs(fam);
@@ -210,7 +246,16 @@ fn every_truncation_of_a_valid_packet_passes_untouched() {
         // BPF_PROG_RUN refuses XDP input shorter than an Ethernet header.
         for len in 14..full.len() {
             let input = &full[..len];
-            let r = fx.ingress(input);
+            let ip_end = l3_offset(vlan.is_some()) + if fam == "v4" { 20 } else { 40 };
+            let r = match fx.try_run(havip_common::maps::PROG_INGRESS, input, 1) {
+                Ok(r) => r,
+                // Skbs (the TC hook) shorter than their IP header are refused by the kernel,
+                // as on egress below.
+                Err(e) => {
+                    assert!(hook == Hook::Tc && len < ip_end, "ingress {fam} {l4:?} vlan={vlan:?} len={len} refused: {e}");
+                    continue;
+                }
+            };
             assert_eq!(r.action, XDP_PASS, "{fam} {l4:?} vlan={vlan:?} len={len}");
             assert_eq!(r.out, input, "{fam} {l4:?} vlan={vlan:?} truncated to {len} bytes was rewritten");
             match fx.try_run(havip_common::maps::PROG_EGRESS, input, 1) {
@@ -221,7 +266,6 @@ fn every_truncation_of_a_valid_packet_passes_untouched() {
                 // The kernel itself refuses skbs shorter than the IP header their EtherType
                 // announces; that and nothing else may be refused.
                 Err(e) => {
-                    let ip_end = l3_offset(vlan.is_some()) + if fam == "v4" { 20 } else { 40 };
                     assert!(len < ip_end, "egress {fam} {l4:?} vlan={vlan:?} len={len} refused: {e}");
                     egress_refused += 1;
                 }
@@ -235,7 +279,11 @@ fn every_truncation_of_a_valid_packet_passes_untouched() {
 
 #[test]
 fn malformed_headers_pass_untouched_and_are_counted() {
-    let mut fx = Fixture::new(TWO_VIPS);
+    on_each_hook(malformed_headers_pass_untouched_and_are_counted_on)
+}
+
+fn malformed_headers_pass_untouched_and_are_counted_on(hook: Hook) {
+    let mut fx = Fixture::new(TWO_VIPS).with_hook(hook);
     let v4 = |l4| build(l4, ip(CLIENT4), 40000, ip(VIP4), 80, None, b"payload!");
     let v6 = |l4| build(l4, ip(CLIENT6), 40000, ip(VIP6), 80, None, b"payload!");
     let l3 = 14;
@@ -282,7 +330,11 @@ fn malformed_headers_pass_untouched_and_are_counted() {
 
 #[test]
 fn ipv4_options_are_skipped_by_header_length() {
-    let mut fx = Fixture::new(TWO_VIPS);
+    on_each_hook(ipv4_options_are_skipped_by_header_length_on)
+}
+
+fn ipv4_options_are_skipped_by_header_length_on(hook: Hook) {
+    let mut fx = Fixture::new(TWO_VIPS).with_hook(hook);
     let mut p = build(L4::Tcp, ip(CLIENT4), 40000, ip(VIP4), 80, None, b"opts");
     // Insert 4 bytes of options (NOP NOP NOP EOL), IHL 6, total length + 4.
     p.splice(14 + 20..14 + 20, [1, 1, 1, 0]);
@@ -298,7 +350,11 @@ fn ipv4_options_are_skipped_by_header_length() {
 
 #[test]
 fn frames_with_ethernet_padding_are_remapped() {
-    let mut fx = Fixture::new(TWO_VIPS);
+    on_each_hook(frames_with_ethernet_padding_are_remapped_on)
+}
+
+fn frames_with_ethernet_padding_are_remapped_on(hook: Hook) {
+    let mut fx = Fixture::new(TWO_VIPS).with_hook(hook);
     let mut p = build(L4::Udp, ip(CLIENT4), 40000, ip(VIP4), 80, None, b"x");
     p.resize(60, 0); // minimum Ethernet frame: IP total length is shorter than the frame
     let r = fx.ingress(&p);
@@ -310,6 +366,10 @@ fn frames_with_ethernet_padding_are_remapped() {
 /// inline: the programs fall back to the tables and remap exactly the same.
 #[test]
 fn shared_slots_and_overflowing_mappings_take_the_table_path() {
+    on_each_hook(shared_slots_and_overflowing_mappings_take_the_table_path_on)
+}
+
+fn shared_slots_and_overflowing_mappings_take_the_table_path_on(hook: Hook) {
     use havip_common::{vip_slot, VipKey};
     let mut seen = std::collections::HashMap::new();
     let (x, y) = (0..65536u32)
@@ -327,7 +387,7 @@ fn shared_slots_and_overflowing_mappings_take_the_table_path() {
         }
         cfg += &format!("[[service.instance]]\nvip = \"{VIP6}\"\nport = {}\n", 9000 + port);
     }
-    let mut fx = Fixture::new(&cfg);
+    let mut fx = Fixture::new(&cfg).with_hook(hook);
     for vip in [x.as_str(), y.as_str(), VIP6] {
         let client = if vip.contains(':') { CLIENT6 } else { CLIENT4 };
         for port in 0..6u16 {
@@ -351,7 +411,11 @@ fn shared_slots_and_overflowing_mappings_take_the_table_path() {
 
 #[test]
 fn arp_for_a_vip_is_answered_by_its_owner_only() {
-    let mut fx = Fixture::new(TWO_VIPS);
+    on_each_hook(arp_for_a_vip_is_answered_by_its_owner_only_on)
+}
+
+fn arp_for_a_vip_is_answered_by_its_owner_only_on(hook: Hook) {
+    let mut fx = Fixture::new(TWO_VIPS).with_hook(hook);
     let req = arp_request([198, 18, 2, 2], [198, 18, 100, 1]);
     // Owned by another NIC: dropped, counted.
     fx.bind(VIP4, 9999, OWNER_MAC);
@@ -382,7 +446,11 @@ fn arp_for_a_vip_is_answered_by_its_owner_only() {
 
 #[test]
 fn neighbour_solicitations_for_a_vip_get_one_correct_advertisement() {
-    let mut fx = Fixture::new(TWO_VIPS);
+    on_each_hook(neighbour_solicitations_for_a_vip_get_one_correct_advertisement_on)
+}
+
+fn neighbour_solicitations_for_a_vip_get_one_correct_advertisement_on(hook: Hook) {
+    let mut fx = Fixture::new(TWO_VIPS).with_hook(hook);
     fx.bind(VIP6, TEST_IFINDEX, OWNER_MAC);
     for (what, src, slla) in [("with SLLA", CLIENT6, true), ("without SLLA", CLIENT6, false), ("DAD probe", "::", false)] {
         let ns = neighbor_solicitation(ip6(src), ip6(VIP6), slla);
@@ -455,7 +523,11 @@ fn solicitation_of_len(len: usize) -> Vec<u8> {
 /// Longer ones are not verified, so not answered: passed untouched, counted malformed.
 #[test]
 fn the_solicitation_checksum_covers_every_byte_of_any_length() {
-    let mut fx = Fixture::new(TWO_VIPS);
+    on_each_hook(the_solicitation_checksum_covers_every_byte_of_any_length_on)
+}
+
+fn the_solicitation_checksum_covers_every_byte_of_any_length_on(hook: Hook) {
+    let mut fx = Fixture::new(TWO_VIPS).with_hook(hook);
     fx.bind(VIP6, TEST_IFINDEX, OWNER_MAC);
     let mut bad = 0;
     for len in 24..=192 {
@@ -487,7 +559,11 @@ fn the_solicitation_checksum_covers_every_byte_of_any_length() {
 
 #[test]
 fn vip_traffic_on_a_non_owning_nic_is_accepted_and_counted_misdirected() {
-    let mut fx = Fixture::new(TWO_VIPS);
+    on_each_hook(vip_traffic_on_a_non_owning_nic_is_accepted_and_counted_misdirected_on)
+}
+
+fn vip_traffic_on_a_non_owning_nic_is_accepted_and_counted_misdirected_on(hook: Hook) {
+    let mut fx = Fixture::new(TWO_VIPS).with_hook(hook);
     fx.bind(VIP4, 9999, OWNER_MAC);
     let input = build(L4::Tcp, ip(CLIENT4), 40000, ip(VIP4), 80, None, b"late");
     let r = fx.ingress(&input);
@@ -628,8 +704,12 @@ fn every_drop_is_counted_under_its_reason() {
 /// consumed when the reply from the probed target arrives (XDP).
 #[test]
 fn probe_replies_are_measured_in_the_kernel_and_consumed() {
+    on_each_hook(probe_replies_are_measured_in_the_kernel_and_consumed_on)
+}
+
+fn probe_replies_are_measured_in_the_kernel_and_consumed_on(hook: Hook) {
     use havip_common::{PROBE_ID_BASE, PROBE_MARK};
-    let mut fx = Fixture::new(TWO_VIPS);
+    let mut fx = Fixture::new(TWO_VIPS).with_hook(hook);
     for (nic_addr, target) in [("198.18.40.1", "198.18.50.1"), ("2001:db8:40::1", "2001:db8:50::1")] {
         let slot = if target.contains(':') { 7 } else { 3 };
         fx.maps.set_probe_slot(slot, Some((TEST_IFINDEX, ip(target))), (havip_common::PROBE_KIND_ICMP, None)).unwrap();
@@ -733,9 +813,13 @@ fn the_variant_without_passive_measurement_remaps_the_same() {
 /// SYN-ACK or RST from the probed target and port is measured and consumed.
 #[test]
 fn tcp_syn_probes_are_measured_and_their_answers_consumed() {
+    on_each_hook(tcp_syn_probes_are_measured_and_their_answers_consumed_on)
+}
+
+fn tcp_syn_probes_are_measured_and_their_answers_consumed_on(hook: Hook) {
     use etherparse::PacketBuilder;
     use havip_common::{PROBE_MARK, PROBE_PORT_BASE};
-    let mut fx = Fixture::new(TWO_VIPS);
+    let mut fx = Fixture::new(TWO_VIPS).with_hook(hook);
     let (nic, target, slot) = ("198.18.40.1", "198.18.50.1", 5u32);
     fx.maps.set_probe_slot(slot, Some((TEST_IFINDEX, ip(target))), (havip_common::PROBE_KIND_TCP, Some(443))).unwrap();
     let seg = |src: &str, dst: &str, sport: u16, dport: u16, seq: u32, ack: Option<u32>, syn: bool, rst: bool| {
@@ -778,9 +862,13 @@ fn tcp_syn_probes_are_measured_and_their_answers_consumed() {
 /// probe, is measured and consumed.
 #[test]
 fn udp_probes_are_answered_by_udp_or_by_port_unreachable() {
+    on_each_hook(udp_probes_are_answered_by_udp_or_by_port_unreachable_on)
+}
+
+fn udp_probes_are_answered_by_udp_or_by_port_unreachable_on(hook: Hook) {
     use etherparse::{icmpv4::DestUnreachableHeader, Icmpv4Type, PacketBuilder};
     use havip_common::{PROBE_KIND_UDP, PROBE_MARK, PROBE_PORT_BASE};
-    let mut fx = Fixture::new(TWO_VIPS);
+    let mut fx = Fixture::new(TWO_VIPS).with_hook(hook);
     let (nic, target, slot) = ([198, 18, 40, 1], [198, 18, 50, 1], 9u32);
     fx.maps.set_probe_slot(slot, Some((TEST_IFINDEX, ip("198.18.50.1"))), (PROBE_KIND_UDP, Some(33434))).unwrap();
     let port = PROBE_PORT_BASE + slot as u16;
@@ -907,8 +995,12 @@ fn boot_ns() -> u64 {
 
 #[test]
 fn a_cluster_vip_is_answered_and_sourced_only_before_its_fence() {
+    on_each_hook(a_cluster_vip_is_answered_and_sourced_only_before_its_fence_on)
+}
+
+fn a_cluster_vip_is_answered_and_sourced_only_before_its_fence_on(hook: Hook) {
     let cfg = format!("{TWO_VIPS}\n[cluster]\nnode = \"n1\"\netcd_endpoints = [\"http://198.18.30.200:2379\"]\n");
-    let mut fx = Fixture::new(&cfg);
+    let mut fx = Fixture::new(&cfg).with_hook(hook);
     fx.bind(VIP4, TEST_IFINDEX, OWNER_MAC);
     fx.bind(VIP6, TEST_IFINDEX, OWNER_MAC);
     let id = fx.dp.vip_id(ip(VIP4)).unwrap();

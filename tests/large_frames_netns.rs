@@ -1,6 +1,6 @@
-//! Bulk TCP through a remapped VIP with the frames TCP really makes: generic XDP sees
-//! packets up to 64 KiB (GSO packets forwarded whole, as GRO-merged ones are, or frames
-//! of a 30 KiB MTU), and GSO packets up to 64 KiB leave through TC. 16 MiB each way, per
+//! Bulk TCP through a remapped VIP with the frames TCP really makes: generic XDP and the
+//! TC ingress hook see packets up to 64 KiB (GSO packets forwarded whole, as GRO-merged
+//! ones are, or frames of a 30 KiB MTU), and GSO packets up to 64 KiB leave through TC. 16 MiB each way, per
 //! address family, on every path below (native XDP on veth refuses to attach with a peer
 //! MTU over about 3.5 KiB: the programs are not loaded with `xdp.frags`, so the jumbo
 //! paths are generic). Checksums are verified by the receiving stack (see `topology`).
@@ -16,7 +16,7 @@ use std::{
 };
 
 use havip_tests::{
-    topology::{pattern, spawn_in, Topology, VIP1_V4, VIP1_V6},
+    topology::{ingress_hook_on, pattern, spawn_in, Topology, VIP1_V4, VIP1_V6},
     traffic::echo_instance,
 };
 
@@ -41,17 +41,36 @@ enum Path {
     GenericJumbo,
     /// Native XDP on veth, MTU 1500: wire-sized frames (veth turns its peer's GSO off).
     Native,
+    /// `auto` on veth, which picks the TC ingress hook, MTU 1500, GSO packets up to 64 KiB
+    /// as in `GenericGso`: TC sees them as they are (each is many segments).
+    TcGso,
+    /// `auto`, TC, MTU 9000 on every link.
+    TcJumbo,
 }
 
 impl Path {
+    /// `[node] xdp_mode` for the path.
     fn mode(self) -> &'static str {
-        if self == Path::Native { "native" } else { "generic" }
+        match self {
+            Path::Native => "native",
+            Path::TcGso | Path::TcJumbo => "auto",
+            _ => "generic",
+        }
+    }
+
+    /// The hook the kernel must show the ingress program on.
+    fn hook(self) -> &'static str {
+        match self {
+            Path::Native => "xdp-native",
+            Path::TcGso | Path::TcJumbo => "tc",
+            _ => "xdp-generic",
+        }
     }
 
     fn mtu(self) -> Option<&'static str> {
         match self {
             Path::GenericMtu30k => Some("30000"),
-            Path::GenericJumbo => Some("9000"),
+            Path::GenericJumbo | Path::TcJumbo => Some("9000"),
             _ => None,
         }
     }
@@ -78,13 +97,14 @@ fn serving_node(path: Path) -> (Topology, Arc<AtomicBool>) {
             ns.ip(&["link", "set", "dev", dev, "mtu", mtu]).unwrap_or_else(|e| panic!("{e}"));
         }
     }
-    if path == Path::GenericGso {
+    if path == Path::GenericGso || path == Path::TcGso {
         t.rtr.exec(&["ethtool", "-K", "s0", "tx", "on", "tso", "on", "gso", "on"]).unwrap_or_else(|e| panic!("{e}"));
     }
     t.write_config_raw(&config(path.mode()));
     t.start_daemon();
-    let link = t.srv.ip(&["-d", "link", "show", "dev", "eth0"]).unwrap();
-    assert_eq!(link.contains("xdpgeneric"), path.mode() == "generic", "{path:?}: not attached in {} mode: {link}", path.mode());
+    assert_eq!(ingress_hook_on(&t.srv, "eth0"), Some(path.hook()), "{path:?}: the ingress program is not where it should be");
+    let nic = &t.stats()["nics"][0];
+    assert_eq!(nic["hook"], path.hook(), "{path:?}: havip stats reports another hook: {nic}");
     let stop = Arc::new(AtomicBool::new(false));
     echo_instance(&t.srv, 8081, b"A", stop.clone());
     (t, stop)
@@ -151,13 +171,19 @@ fn run(vip: &str, path: Path) {
         }
         Path::GenericJumbo => assert!(mean > 1514 && mean <= 9014, "{path:?} {vip}: ingress saw {mean}-byte frames on average"),
         Path::Native => assert!(mean <= 1514, "{path:?} {vip}: native XDP saw {mean}-byte frames on average"),
+        Path::TcGso | Path::TcJumbo => {
+            // TC counts a GSO packet as its segments, so the mean is a wire frame's; the
+            // program runs, one per packet, show the large packets: several segments each.
+            let runs = counter(&s, &["outcomes", "ingress", "vip_remapped"]);
+            assert!(runs * 2 < rx_packets, "{path:?} {vip}: {runs} TC runs for {rx_packets} segments: no large packets");
+        }
     }
     eprintln!("{path:?} {vip}: 16 MiB each way in {took:.2?}; ingress {rx_packets} packets, {mean} bytes on average");
 }
 
 /// Every path in turn, each on a fresh node; the generic ones first (they carry the
 /// large frames).
-const PATHS: [Path; 4] = [Path::GenericGso, Path::GenericMtu30k, Path::GenericJumbo, Path::Native];
+const PATHS: [Path; 6] = [Path::GenericGso, Path::GenericMtu30k, Path::GenericJumbo, Path::TcGso, Path::TcJumbo, Path::Native];
 
 #[test]
 fn tcp_ipv4_16_mib_each_way_through_a_remapped_vip_on_every_path() {

@@ -94,13 +94,13 @@ fn invalid_configurations_are_refused_before_anything_is_applied() {
         assert!(err.contains(field), "{what}: error does not name `{field}`:\n{err}");
         assert!(err.contains("nothing was applied"), "{what}: error does not say nothing was applied:\n{err}");
         assert!(!t.pin_root.exists(), "{what}: pins were created");
-        assert!(!t.xdp_attached(), "{what}: XDP was attached");
+        assert!(!t.ingress_attached(), "{what}: an ingress program was attached");
         assert!(!t.server_lo_addresses().contains("198.18.100"), "{what}: an address was installed");
     }
     // And the good one is accepted.
     t.write_config(&good);
     t.start_daemon();
-    assert!(t.xdp_attached());
+    assert!(t.ingress_attached());
 }
 
 #[test]
@@ -217,7 +217,7 @@ fn down_removes_everything_havip_installed() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("stopped havipd"));
     assert!(!t.pin_root.exists(), "pins left behind");
-    assert!(!t.xdp_attached(), "XDP still attached");
+    assert!(!t.ingress_attached(), "an ingress program is still attached");
     let live: Vec<u32> = aya::programs::loaded_links().filter_map(Result::ok).map(|l| l.id()).collect();
     for id in links {
         assert!(!live.contains(&id), "link {id} still exists after down");

@@ -110,7 +110,7 @@ fn serving_node() -> (Topology, Arc<AtomicBool>) {
     let mut t = Topology::new();
     t.write_config(&config());
     t.start_daemon();
-    assert!(t.xdp_attached());
+    assert!(t.ingress_attached());
     let stop = Arc::new(AtomicBool::new(false));
     start_instances(&t, stop.clone());
     (t, stop)

@@ -141,6 +141,9 @@ pub const PROG_EGRESS: &str = "havip_egress";
 /// The same programs with passive TCP measurement compiled in (`[passive] tcp`).
 pub const PROG_INGRESS_PASSIVE: &str = "havip_ingress_p";
 pub const PROG_EGRESS_PASSIVE: &str = "havip_egress_p";
+/// The ingress program for the TC hook (virtual NICs), without and with passive TCP.
+pub const PROG_INGRESS_TC: &str = "havip_ingress_tc";
+pub const PROG_INGRESS_TC_PASSIVE: &str = "havip_ingress_tc_p";
 /// XDP program the cpumap runs on a class's CPU: counts what each CPU queue delivered.
 pub const PROG_CPU_QUEUE: &str = "havip_cpu_queue";
 /// Raw tracepoint program on `xdp_cpumap_enqueue`: the kernel's queue-full drops.

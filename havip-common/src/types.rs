@@ -293,7 +293,10 @@ pub struct PortValue {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct NicInfo {
     pub mac: [u8; 6],
-    pub _pad: [u8; 2],
+    /// The [`IngressHook`] its ingress program runs on (0: not recorded).
+    pub hook: u8,
+    /// Why that hook ([`HookReason`]).
+    pub hook_reason: u8,
     /// Interface name, NUL-padded (IFNAMSIZ).
     pub name: [u8; 16],
     /// Index into `NIC_STATS`.
@@ -621,5 +624,59 @@ mod tests {
         let k6 = VipKey::from("2001:db8::1".parse::<Ipv6Addr>().unwrap().to_canonical());
         assert_eq!(VipKey::from_words(k6.words()), k6);
         assert_eq!(vip_slot(&k6), vip_slot_words(k6.words()));
+    }
+}
+
+/// Where a NIC's ingress program runs (see `kernel::ingress_hook` in havip-user).
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IngressHook {
+    XdpNative = 1,
+    XdpGeneric = 2,
+    Tc = 3,
+}
+
+impl IngressHook {
+    pub fn from_u8(v: u8) -> Option<Self> {
+        [Self::XdpNative, Self::XdpGeneric, Self::Tc].into_iter().find(|h| *h as u8 == v)
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::XdpNative => "xdp-native",
+            Self::XdpGeneric => "xdp-generic",
+            Self::Tc => "tc",
+        }
+    }
+}
+
+/// Why a NIC's ingress runs where it does.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HookReason {
+    /// `[node] xdp_mode` names the hook.
+    Configured = 1,
+    /// A NIC with its own driver: native XDP runs before any skb is built.
+    DriverNic = 2,
+    /// A virtual NIC (veth, ...): TC keeps its full speed, XDP does not.
+    VirtualNic = 3,
+    /// A virtual NIC where classes have CPU queues, which only XDP can feed.
+    VirtualNicCpuQueues = 4,
+    /// The driver refused native XDP.
+    NativeRefused = 5,
+}
+
+impl HookReason {
+    pub fn from_u8(v: u8) -> Option<Self> {
+        [Self::Configured, Self::DriverNic, Self::VirtualNic, Self::VirtualNicCpuQueues, Self::NativeRefused].into_iter().find(|r| *r as u8 == v)
+    }
+    /// One line for logs and `havip stats`.
+    pub fn explain(self) -> &'static str {
+        match self {
+            Self::Configured => "set by node.xdp_mode",
+            Self::DriverNic => "NIC with a driver: native XDP runs before any skb is built",
+            Self::VirtualNic => "virtual NIC: XDP halves veth throughput (native) or copies large packets (generic); TC does neither",
+            Self::VirtualNicCpuQueues => "virtual NIC whose classes have CPU queues, which only XDP can feed",
+            Self::NativeRefused => "the driver refused native XDP",
+        }
     }
 }

@@ -41,15 +41,15 @@ pub fn counters(vip_id: u32, class: u32) -> Option<&'static mut ClassCounters> {
 }
 
 /// Ingress: hands the frame to one of the class's CPU queues, a flow always to the same one
-/// (order within a flow is kept). Returns the XDP action, or `None` when the class has no
-/// queue (the caller passes the frame on the normal path). The frame carries a
+/// (order within a flow is kept). Returns whether it did: false when the class has no
+/// queue or the queue's CPU has none (the caller passes the frame on the normal path). The frame carries a
 /// [`ClassMeta`] in its XDP metadata for the program on the queue's CPU.
 /// Call last: adjusting the metadata invalidates every packet pointer.
 #[inline(always)]
-pub fn to_cpu_queue(ctx: &XdpContext, meta: &PacketMeta, class: u32, info: *const ClassInfo) -> Option<u32> {
+pub fn to_cpu_queue(ctx: &XdpContext, meta: &PacketMeta, class: u32, info: *const ClassInfo) -> bool {
     let n = unsafe { (*info).ncpus } as usize;
     if n == 0 || n > CLASS_CPUS_MAX {
-        return None;
+        return false;
     }
     let s = meta.src[0] ^ meta.src[1];
     let h = ((s ^ (s >> 32)) as u32 ^ ((meta.sport_be as u32) << 16 | meta.dport_be as u32)).wrapping_mul(0x9e37_79b1);
@@ -63,7 +63,7 @@ pub fn to_cpu_queue(ctx: &XdpContext, meta: &PacketMeta, class: u32, info: *cons
         }
     }
     // A CPU without a queue (removed by a reload racing this packet): pass normally.
-    Some(CPUMAP.redirect(cpu, xdp_action::XDP_PASS as u64).unwrap_or(xdp_action::XDP_PASS))
+    CPUMAP.redirect(cpu, xdp_action::XDP_PASS as u64) == Ok(xdp_action::XDP_REDIRECT)
 }
 
 /// Egress: puts the packet into the class's HTB class.

@@ -29,13 +29,7 @@ pub fn icmpv6_sum<P: Packet>(pkt: &P, l3_off: usize, l4_off: usize, len: usize) 
     }
     let ip: *const Ipv6Hdr = pkt.header(l3_off)?;
     let (src, dst) = (rd(unsafe { &raw const (*ip).src }), rd(unsafe { &raw const (*ip).dst }));
-    let mut acc = 0u64;
-    for w in [src[0], src[1], dst[0], dst[1]] {
-        acc = add64(acc, w);
-    }
-    // Upper-layer length and next header, as 32-bit big-endian words.
-    acc = add64(acc, (len as u32).to_be() as u64);
-    acc = add64(acc, (IPPROTO_ICMPV6 as u32).to_be() as u64);
+    let mut acc = pseudo_header(src, dst, len);
     // Whole 8-byte words, then the tail of up to 7 bytes: 4, 2 and 1 at offsets that keep
     // every piece on the 16-bit word boundaries of the message (a lone last byte is the
     // high-order byte of a word padded with zero: in memory order, its own value).
@@ -61,4 +55,27 @@ pub fn icmpv6_sum<P: Packet>(pkt: &P, l3_off: usize, l4_off: usize, len: usize) 
         acc = add64(acc, (rd(pkt.header::<u16>(l4_off + off - 1)?) >> 8) as u64);
     }
     Some(fold64(acc))
+}
+
+/// The unfolded sum of the ICMPv6 pseudo-header.
+#[inline(always)]
+fn pseudo_header(src: [u64; 2], dst: [u64; 2], len: usize) -> u64 {
+    let mut acc = 0u64;
+    for w in [src[0], src[1], dst[0], dst[1]] {
+        acc = add64(acc, w);
+    }
+    // Upper-layer length and next header, as 32-bit big-endian words.
+    acc = add64(acc, (len as u32).to_be() as u64);
+    add64(acc, (IPPROTO_ICMPV6 as u32).to_be() as u64)
+}
+
+/// The same sum for a message not yet in the packet: `body`, in memory order, from `src`
+/// to `dst` (so a reply is written whole, its checksum included, in one store).
+#[inline(always)]
+pub fn icmpv6_sum_of<const N: usize>(src: [u64; 2], dst: [u64; 2], body: &[u64; N]) -> u16 {
+    let mut acc = pseudo_header(src, dst, N * size_of::<u64>());
+    for w in body {
+        acc = add64(acc, *w);
+    }
+    fold64(acc)
 }

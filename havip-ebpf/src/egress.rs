@@ -7,46 +7,20 @@ use aya_ebpf::{
 use havip_common::{Direction, Outcome, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
 
 use crate::{
-    parse::{self, Packet, Parsed},
-    classes, fence, passive, probe, remap, stats, steer, vips,
+    hook::{Hook, SkbPacket},
+    parse::Parsed,
+    classes, fence, passive, probe,
+    remap::{self, Side},
+    stats, steer, vips,
 };
-
-/// An skb; direct access covers only its linear part, lengths are checked against skb->len.
-pub struct SkbPacket<'a>(pub &'a TcContext);
-
-impl Packet for SkbPacket<'_> {
-    #[inline(always)]
-    fn start(&self) -> usize {
-        self.0.data()
-    }
-    #[inline(always)]
-    fn end(&self) -> usize {
-        self.0.data_end()
-    }
-    #[inline(always)]
-    fn covers(&self, off: usize, len: usize) -> bool {
-        off + len <= self.0.len() as usize
-    }
-}
-
-/// Headers we may need in the linear area: Ethernet + VLAN + IPv4 with options + TCP.
-const MAX_HEADERS: u32 = 14 + 4 + 60 + 60;
 
 #[inline(always)]
 pub fn try_egress<const PASSIVE: bool>(ctx: &TcContext) -> Result<(i32, Outcome), Outcome> {
-    let parsed = match parse::parse(&SkbPacket(ctx)) {
-        // Headers may sit partly outside the linear area: pull them in and try once more.
-        Err(Outcome::Malformed) => {
-            let want = core::cmp::min(ctx.len(), MAX_HEADERS);
-            ctx.pull_data(want).map_err(|_| Outcome::Malformed)?;
-            parse::parse(&SkbPacket(ctx))?
-        }
-        other => other?,
-    };
-    let Parsed::Ip(meta) = parsed else { return Err(Outcome::NotIp) };
+    let pkt = SkbPacket(ctx);
+    let Parsed::Ip(meta) = pkt.parse()? else { return Err(Outcome::NotIp) };
     if meta.proto == IPPROTO_ICMP || meta.proto == IPPROTO_ICMPV6 || meta.proto == IPPROTO_TCP || meta.proto == IPPROTO_UDP {
         let mark = unsafe { (*ctx.skb.skb).mark };
-        if let Some(o) = probe::on_egress(&SkbPacket(ctx), &meta, mark) {
+        if let Some(o) = probe::on_egress(&pkt, &meta, mark) {
             return Ok((TC_ACT_OK, o));
         }
     }
@@ -77,17 +51,15 @@ pub fn try_egress<const PASSIVE: bool>(ctx: &TcContext) -> Result<(i32, Outcome)
     }
 
     // A GSO packet leaves as several segments, each with its own headers.
-    let segs = unsafe { (*ctx.skb.skb).gso_segs } as u64;
-    let segs = if segs == 0 { 1 } else { segs };
-    let bytes = ctx.len() as u64 + (segs - 1) * meta.hdr_len as u64;
+    let (segs, bytes) = pkt.wire_count(&meta);
 
     let (outcome, vip_port_be) = match remap::lookup_egress(&meta, &vip) {
-        Some(designated_be) if remap::rewrite_sport_tc(ctx, &meta, designated_be) => (Outcome::VipRemapped, designated_be),
+        Some(designated_be) if remap::rewrite_port_tc(ctx, &meta, Side::Source, designated_be) => (Outcome::VipRemapped, designated_be),
         _ => (Outcome::VipPassed, meta.sport_be),
     };
     if let Some(b) = binding {
         if PASSIVE && meta.proto == IPPROTO_TCP {
-            passive::on_egress(&SkbPacket(ctx), &meta, vip.id, b.nic_index, vip_port_be);
+            passive::on_egress(&pkt, &meta, vip.id, b.nic_index, vip_port_be);
         }
     }
     if let Some((class_id, info)) = classes::of(&vip, meta.proto, vip_port_be) {

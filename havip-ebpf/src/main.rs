@@ -7,6 +7,7 @@ mod classes;
 mod csum;
 mod egress;
 mod fence;
+mod hook;
 mod ingress;
 mod maps;
 mod neigh;
@@ -25,12 +26,23 @@ use aya_ebpf::{
     programs::{RawTracePointContext, TcContext, XdpContext},
 };
 use havip_common::Direction;
+use hook::{SkbPacket, Verdict, XdpPacket};
 
 #[inline(always)]
 fn ingress<const PASSIVE: bool>(ctx: XdpContext) -> u32 {
-    let (action, outcome) = ingress::try_ingress::<PASSIVE>(&ctx).unwrap_or_else(|o| (XDP_PASS, o));
+    let pkt = XdpPacket(&ctx);
+    let (verdict, outcome) = ingress::try_ingress::<_, PASSIVE>(&pkt).unwrap_or_else(|o| (Verdict::Pass, o));
     stats::count_outcome(Direction::Ingress, outcome);
-    action
+    XdpPacket::action(verdict)
+}
+
+/// Ingress on TC instead of XDP (virtual NICs, see `hook`): the same logic.
+#[inline(always)]
+fn ingress_tc<const PASSIVE: bool>(ctx: TcContext) -> i32 {
+    let pkt = SkbPacket(&ctx);
+    let (verdict, outcome) = ingress::try_ingress::<_, PASSIVE>(&pkt).unwrap_or_else(|o| (Verdict::Pass, o));
+    stats::count_outcome(Direction::Ingress, outcome);
+    pkt.action(verdict)
 }
 
 #[inline(always)]
@@ -50,6 +62,11 @@ pub fn havip_egress(ctx: TcContext) -> i32 {
     egress::<false>(ctx)
 }
 
+#[classifier]
+pub fn havip_ingress_tc(ctx: TcContext) -> i32 {
+    ingress_tc::<false>(ctx)
+}
+
 /// The same with passive TCP measurement (`[passive] tcp`).
 #[xdp]
 pub fn havip_ingress_p(ctx: XdpContext) -> u32 {
@@ -59,6 +76,11 @@ pub fn havip_ingress_p(ctx: XdpContext) -> u32 {
 #[classifier]
 pub fn havip_egress_p(ctx: TcContext) -> i32 {
     egress::<true>(ctx)
+}
+
+#[classifier]
+pub fn havip_ingress_tc_p(ctx: TcContext) -> i32 {
+    ingress_tc::<true>(ctx)
 }
 
 /// Runs on a class's CPU for each frame taken off its queue (attached through the cpumap).
@@ -78,9 +100,9 @@ pub fn havip_queue_drops(ctx: RawTracePointContext) -> i32 {
 /// Parse-and-pass: the baseline for the per-packet cost benchmark. Never attached.
 #[xdp]
 pub fn havip_baseline(ctx: XdpContext) -> u32 {
-    let (action, outcome) = ingress::try_baseline(&ctx).unwrap_or_else(|o| (XDP_PASS, o));
+    let (verdict, outcome) = ingress::try_baseline(&XdpPacket(&ctx)).unwrap_or_else(|o| (Verdict::Pass, o));
     stats::count_outcome(Direction::Ingress, outcome);
-    action
+    XdpPacket::action(verdict)
 }
 
 #[cfg(not(test))]

@@ -114,3 +114,16 @@ pub static CPU_QUEUES: PerCpuArray<CpuQueueCounters> = PerCpuArray::pinned(havip
 /// 0 -> the id of `CPUMAP`.
 #[map(name = "HAVIP_CPUMAP_ID")]
 pub static CPUMAP_ID: Array<u32> = Array::pinned(1, 0);
+
+/// Per-CPU room to build ARP/ND replies in before they are stored into the packet. Not on
+/// the stack: the stack is 512 bytes, most of it the fast path's, and the verifier refuses
+/// misaligned stack access, where wire headers put their addresses (a map value may be
+/// accessed misaligned). Not pinned: nothing outside one program run reads it.
+#[map(name = "HAVIP_SCRATCH")]
+pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// See [`SCRATCH`].
+#[repr(C, align(8))]
+pub struct Scratch {
+    pub bytes: [u8; 96],
+}

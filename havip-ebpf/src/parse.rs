@@ -56,6 +56,7 @@ pub fn rd<T: Copy>(p: *const T) -> T {
 }
 
 #[repr(C)]
+#[derive(Clone, Copy)]
 pub struct EthHdr {
     pub dst: [u8; 6],
     pub src: [u8; 6],
@@ -83,6 +84,7 @@ pub struct Ipv4Hdr {
 }
 
 #[repr(C)]
+#[derive(Clone, Copy)]
 pub struct Ipv6Hdr {
     pub ver_tc_flow: u32,
     pub payload_len: u16,

@@ -121,9 +121,18 @@ pub fn rewrite_dport_xdp<P: Packet>(pkt: &P, meta: &PacketMeta, new_be: u16) -> 
     true
 }
 
-/// TC: rewrites the source port through the skb helpers, which handle every checksum
-/// state the stack can hand us: complete checksums are updated, partial ones (left to
-/// offload, which also covers the port) are left alone, and a UDP zero stays zero.
+/// Which port of a TCP/UDP header.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Source,
+    Destination,
+}
+
+/// TC: rewrites a port through the skb helpers, which handle every checksum state the
+/// stack can hand us: complete checksums are updated, partial ones (left to offload, which
+/// also covers the port) are left alone, and a UDP zero stays zero. A complete receive
+/// checksum (`skb->csum`) stays right too: the port and the checksum field change by
+/// amounts that cancel in the sum.
 ///
 /// The port and its checksum change together or not at all. The port is stored first: if
 /// that fails, nothing was written. The checksum update comes second and is given the old
@@ -134,19 +143,22 @@ pub fn rewrite_dport_xdp<P: Packet>(pkt: &P, meta: &PacketMeta, new_be: u16) -> 
 /// writable. (The other order would leave a changed checksum over the old port if the
 /// store failed.) Returns whether the packet was rewritten.
 #[inline(always)]
-pub fn rewrite_sport_tc(ctx: &TcContext, meta: &PacketMeta, new_be: u16) -> bool {
+pub fn rewrite_port_tc(ctx: &TcContext, meta: &PacketMeta, side: Side, new_be: u16) -> bool {
     let (csum_off, flags) = if meta.proto == IPPROTO_TCP {
         (meta.l4_off + TCP_CSUM_OFF, 0)
     } else {
         (meta.l4_off + UDP_CSUM_OFF, BPF_F_MARK_MANGLED_0 as u64)
     };
-    let old_be = meta.sport_be;
-    if ctx.store(meta.l4_off, &new_be, 0).is_err() {
+    let (port_off, old_be) = match side {
+        Side::Source => (meta.l4_off, meta.sport_be),
+        Side::Destination => (meta.l4_off + 2, meta.dport_be),
+    };
+    if ctx.store(port_off, &new_be, 0).is_err() {
         return false;
     }
     let size = core::mem::size_of::<u16>() as u64;
     if ctx.l4_csum_replace(csum_off, old_be as u64, new_be as u64, flags | size).is_err() {
-        let _ = ctx.store(meta.l4_off, &old_be, 0);
+        let _ = ctx.store(port_off, &old_be, 0);
         return false;
     }
     true

@@ -41,7 +41,32 @@ pub struct Fixture {
     /// controller only changes through the dataplane's verbs.
     pub maps: Maps,
     pins: PinLayout,
+    /// Which ingress program `ingress` runs.
+    hook: Hook,
 }
+
+/// The hook an ingress test runs on: the XDP program, or the TC ingress program (whose
+/// actions `Fixture` translates to the XDP ones they stand for, so one test checks both:
+/// TC_ACT_OK is XDP_PASS, TC_ACT_SHOT XDP_DROP, and TC_ACT_REDIRECT, which the TC ingress
+/// program returns only to send a reply back out of its NIC, XDP_TX).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    Xdp,
+    Tc,
+}
+
+/// Runs an ingress test on each hook, saying which one on the way (a failure names it).
+pub fn on_each_hook(test: impl Fn(Hook)) {
+    for hook in [Hook::Xdp, Hook::Tc] {
+        eprintln!("-- on the {hook:?} ingress hook");
+        test(hook);
+    }
+}
+
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
+const XDP_DROP: u32 = 1;
+const XDP_TX: u32 = 3;
 
 /// Output of one program run.
 #[derive(Debug)]
@@ -71,7 +96,13 @@ impl Fixture {
         let cfg = Config::parse(config, "fixture").unwrap_or_else(|e| fail("the fixture's config", e.into()));
         dp.apply_desired(&Desired::from_config(&cfg)).unwrap_or_else(|e| fail("applying the fixture's config", e));
         let maps = Maps::open(&pins).unwrap_or_else(|e| fail("opening the pinned maps", e));
-        Self { dp, maps, pins }
+        Self { dp, maps, pins, hook: Hook::Xdp }
+    }
+
+    /// The same fixture with `ingress` running the program of `hook`.
+    pub fn with_hook(mut self, hook: Hook) -> Self {
+        self.hook = hook;
+        self
     }
 
     /// Where this fixture's maps are pinned.
@@ -92,6 +123,9 @@ impl Fixture {
         opts.data_in = Some(input);
         opts.data_out = Some(&mut out);
         opts.repeat = repeat;
+        if prog == m::PROG_INGRESS && self.hook == Hook::Tc {
+            return self.run_tc_ingress(input, repeat);
+        }
         // `PROG_INGRESS` / `PROG_EGRESS` name whichever variant this fixture loaded.
         let prog = if prog == m::PROG_INGRESS { self.dp.ingress } else { prog };
         let r = if prog == m::PROG_EGRESS {
@@ -101,6 +135,30 @@ impl Fixture {
         }?;
         out.truncate(r.data_size_out as usize);
         Ok(Run { action: r.return_value, out, duration_ns: r.duration.as_nanos() })
+    }
+
+    /// The TC ingress program on `input`, as if received on the test's loopback (ifindex
+    /// 1, set in the partial `__sk_buff` BPF_PROG_RUN takes: `ingress_ifindex` at offset
+    /// 36, `ifindex` at 40), its action translated (see [`Hook`]).
+    fn run_tc_ingress(&mut self, input: &[u8], repeat: u32) -> Result<Run, aya::programs::ProgramError> {
+        let mut ctx = [0u8; 44];
+        ctx[36..40].copy_from_slice(&1u32.to_ne_bytes());
+        ctx[40..44].copy_from_slice(&1u32.to_ne_bytes());
+        let mut out = vec![0u8; input.len() + 256];
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(input);
+        opts.data_out = Some(&mut out);
+        opts.ctx_in = Some(&ctx);
+        opts.repeat = repeat;
+        let r = self.dp.tc_ingress().unwrap().test_run(opts)?;
+        out.truncate(r.data_size_out as usize);
+        let action = match r.return_value {
+            TC_ACT_OK => XDP_PASS,
+            TC_ACT_SHOT => XDP_DROP,
+            TC_ACT_REDIRECT => XDP_TX,
+            other => panic!("the TC ingress program returned {other}, which it never should"),
+        };
+        Ok(Run { action, out, duration_ns: r.duration.as_nanos() })
     }
 
     /// TC egress of a packet carrying skb mark `mark` (BPF_PROG_RUN takes a partial

@@ -48,7 +48,7 @@ pub fn counters_of(id: u32) -> VipCounters {
 /// named `lo` in the NICS map, counter slot 0).
 pub fn fill_counters(fx: &mut Fixture) {
     let ncpus = aya::util::nr_cpus().unwrap();
-    fx.dp.set_nic(1, "lo", [2, 0, 0, 0, 0, 1], 0).unwrap();
+    fx.dp.set_nic(1, "lo", [2, 0, 0, 0, 0, 1], 0, None).unwrap();
     let ids: Vec<u32> = fx.maps.vips.iter().map(|e| e.unwrap().1.id).collect();
     for id in ids {
         let values = PerCpuValues::try_from(vec![counters_of(id); ncpus]).unwrap();

@@ -330,12 +330,13 @@ impl Topology {
         n
     }
 
-    /// (link id, program id) of the pinned XDP and TC links on eth0.
+    /// (link id, program id) of the pinned ingress (XDP or TC) and egress links on eth0.
     pub fn links(&self) -> Vec<(u32, u32)> {
         use aya::programs::links::{FdLink, PinnedLink};
         let pins = havip_user::kernel::pins::PinLayout::new(&self.pin_root);
-        [havip_user::kernel::pins::Hook::Xdp, havip_user::kernel::pins::Hook::TcEgress]
+        havip_user::kernel::pins::Hook::ALL
             .into_iter()
+            .filter(|hook| pins.link("eth0", *hook).exists())
             .map(|hook| {
                 let link = FdLink::from(PinnedLink::from_pin(pins.link("eth0", hook)).expect("link pinned"));
                 let info = link.info().unwrap();
@@ -349,9 +350,9 @@ impl Topology {
         self.srv.ip(&["addr", "show", "dev", "lo"]).unwrap()
     }
 
-    /// Is an XDP program attached to the server's eth0?
-    pub fn xdp_attached(&self) -> bool {
-        self.srv.ip(&["-d", "link", "show", "dev", "eth0"]).unwrap().contains("prog/xdp")
+    /// Is an ingress program (XDP or TC) attached to the server's eth0?
+    pub fn ingress_attached(&self) -> bool {
+        ingress_hook_on(&self.srv, "eth0").is_some()
     }
 }
 
@@ -396,4 +397,22 @@ pub fn pattern(len: usize, seed: u32) -> Vec<u8> {
             x as u8
         })
         .collect()
+}
+
+/// Which ingress hook has a program on `nic` in `ns`, as the kernel reports it:
+/// `xdp-native`, `xdp-generic`, `tc` (a TCX ingress program), or `None`.
+pub fn ingress_hook_on(ns: &Netns, nic: &str) -> Option<&'static str> {
+    let link = ns.ip(&["-d", "link", "show", "dev", nic]).ok()?;
+    if link.contains("xdpgeneric") {
+        return Some("xdp-generic");
+    }
+    if link.contains("prog/xdp") {
+        return Some("xdp-native");
+    }
+    let nic = nic.to_string();
+    let tc = havip_user::kernel::netns::in_netns(&ns.name, move || {
+        aya::programs::SchedClassifier::query_tcx(&nic, aya::programs::TcAttachType::Ingress).map(|(_, progs)| progs.len()).unwrap_or(0)
+    })
+    .unwrap_or(0);
+    (tc > 0).then_some("tc")
 }

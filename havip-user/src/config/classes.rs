@@ -115,6 +115,11 @@ impl Classes {
     pub fn needs_htb(&self) -> bool {
         self.classes.values().any(|c| c.egress.is_some())
     }
+
+    /// Whether any class has CPU queues (which only an XDP hook can feed).
+    pub fn cpu_queues(&self) -> bool {
+        self.classes.values().any(|c| !c.cpus.is_empty())
+    }
 }
 
 pub const DEFAULT_EGRESS_RATE_BPS: u64 = 10_000_000_000;
@@ -420,6 +425,7 @@ class = "bulk"
             ("queue size zero", "cpus = [1]", "cpus = [1]\nqueue_size = 0", "class.bulk.queue_size"),
             ("shared CPU, other queue size", "cpus = [1]", "cpus = [0]\nqueue_size = 64", "class.latency.queue_size"),
             ("bad class name", "[class.bulk]", "[class.Bulk]", "class.Bulk"),
+            ("TC hook with CPU queues", "[[nic]]\nname = \"a0\"", "[node]\nxdp_mode = \"tc\"\n[[nic]]\nname = \"a0\"", "node.xdp_mode"),
             ("rate above the maximum", "rate = \"20mbit\"", "rate = \"10001gbit\"", "class.bulk.rate"),
             ("ceiling above the maximum", "ceil = \"50mbit\"", "ceil = \"18446744073gbit\"", "class.bulk.ceil"),
             ("NIC rate above the maximum", "egress_rate = \"100mbit\"", "egress_rate = \"10000.001gbit\"", "nic[0].egress_rate"),
@@ -441,6 +447,14 @@ class = "bulk"
             };
             assert!(err.errors.iter().any(|e| e.field.starts_with(field)), "{what}: expected an error at {field}, got {err}");
         }
+    }
+
+    #[test]
+    fn the_tc_hook_is_accepted_where_no_class_has_cpu_queues() {
+        let text = format!("[node]\nxdp_mode = \"tc\"\n{}", CLASSED.replace("cpus = [0]\n", "").replace("cpus = [1]\n", ""));
+        let c = parse(&text).unwrap_or_else(|e| panic!("{e}"));
+        assert!(!c.classes.cpu_queues());
+        assert!(parse(CLASSED).unwrap().classes.cpu_queues());
     }
 
     #[test]

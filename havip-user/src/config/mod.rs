@@ -89,8 +89,10 @@ pub struct NodeSection {
     /// host is up (the VIPA idea), so applications bound to a VIP survive NIC changes.
     #[serde(default = "default_vip_interface")]
     pub vip_interface: String,
-    /// How the XDP program attaches: `auto` (native, generic with a warning where the
-    /// driver cannot), `native` (fail if the driver cannot) or `generic`.
+    /// Where the ingress program attaches: `auto` (native XDP on NICs with a driver, TC on
+    /// virtual NICs such as veth, generic XDP on those where classes have CPU queues; see
+    /// `kernel::ingress_hook`), `native` (XDP in the driver, fail if it cannot), `generic`
+    /// (XDP on the skb) or `tc` (a TC ingress program).
     #[serde(default)]
     pub xdp_mode: XdpModeSetting,
 }
@@ -174,6 +176,7 @@ pub enum XdpModeSetting {
     Auto,
     Native,
     Generic,
+    Tc,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -875,6 +878,14 @@ pub fn validate_on(file: &ConfigFile, online_cpus: &BTreeSet<u32>) -> Result<Con
 
     let metrics = metrics::validate(&file.metrics, &mut err);
     let classes = classes::validate(file, &mut vips, online_cpus, &mut err);
+    if file.node.xdp_mode == XdpModeSetting::Tc {
+        if let Some((name, _)) = file.class.iter().find(|(_, c)| c.cpus.as_ref().is_some_and(|v| !v.is_empty())) {
+            err(
+                "node.xdp_mode".into(),
+                format!("\"tc\" cannot feed the CPU queues of class `{name}` (only XDP can redirect to a CPU): use \"auto\" or \"generic\", or drop the class's cpus"),
+            );
+        }
+    }
     let pool_size = file.vip.iter().filter(|v| v.pool).count();
     if file.pool.reserve > pool_size {
         err("pool.reserve".into(), format!("{} is more than the {pool_size} pool VIP(s) (`[[vip]] pool = true`)", file.pool.reserve));

@@ -18,13 +18,13 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use havip_common::{
-    maps as m, Binding, ClassCounters, ClassInfo, ClassStatsKey, CpuQueueCounters, Fence, NicCounters, NicInfo, PassiveStats, PeerKey, PortValue, ProbeSlot,
-    ProbeStats, QueueCounters, RemapKey, VipCounters, VipInfo, VipKey, VipSlot,
+    maps as m, Binding, ClassCounters, ClassInfo, ClassStatsKey, CpuQueueCounters, Fence, HookReason, IngressHook, NicCounters, NicInfo, PassiveStats, PeerKey,
+    PortValue, ProbeSlot, ProbeStats, QueueCounters, RemapKey, VipCounters, VipInfo, VipKey, VipSlot,
 };
 use tracing::{info, warn};
 
 use crate::{
-    config::XdpModeSetting,
+    kernel::ingress_hook::Choice,
     kernel::map_layout::{self, MapShape},
     kernel::pins::{ensure_bpffs, Hook, PinLayout},
     kernel::plan::{Actual, Changes},
@@ -405,7 +405,9 @@ pub struct AttachReport {
     pub nic: String,
     /// True if links pinned by an earlier controller were kept (and given the new programs).
     pub adopted: bool,
-    pub xdp_mode: &'static str,
+    /// Where its ingress program runs, and why.
+    pub hook: IngressHook,
+    pub reason: HookReason,
 }
 
 /// Programs loaded in this process plus the pinned maps. The controller changes the
@@ -423,6 +425,7 @@ pub struct Dataplane {
     actual: Option<Actual>,
     /// The program variants loaded (with or without passive TCP measurement).
     pub ingress: &'static str,
+    pub ingress_tc: &'static str,
     pub egress: &'static str,
 }
 
@@ -448,7 +451,11 @@ impl Dataplane {
     /// Like `open`; `passive_tcp` switches passive TCP RTT measurement (a load-time
     /// constant of the programs: off, it costs nothing per packet).
     pub fn open_with(pin_root: &Path, passive_tcp: bool) -> anyhow::Result<Self> {
-        let (ingress, egress) = if passive_tcp { (m::PROG_INGRESS_PASSIVE, m::PROG_EGRESS_PASSIVE) } else { (m::PROG_INGRESS, m::PROG_EGRESS) };
+        let (ingress, ingress_tc, egress) = if passive_tcp {
+            (m::PROG_INGRESS_PASSIVE, m::PROG_INGRESS_TC_PASSIVE, m::PROG_EGRESS_PASSIVE)
+        } else {
+            (m::PROG_INGRESS, m::PROG_INGRESS_TC, m::PROG_EGRESS)
+        };
         ensure_bpffs(pin_root)?;
         let pins = PinLayout::new(pin_root);
         // The loader adopts any pinned map of the right name, whatever its shape: check first.
@@ -465,14 +472,16 @@ impl Dataplane {
             let prog: &mut Xdp = ebpf.program_mut(name).context("program missing from object")?.try_into()?;
             prog.load().with_context(|| format!("the kernel refused program {name}"))?;
         }
-        let tc: &mut SchedClassifier = ebpf.program_mut(egress).context("program missing")?.try_into()?;
-        tc.load().with_context(|| format!("the kernel refused program {egress}"))?;
+        for name in [ingress_tc, egress] {
+            let tc: &mut SchedClassifier = ebpf.program_mut(name).context("program missing")?.try_into()?;
+            tc.load().with_context(|| format!("the kernel refused program {name}"))?;
+        }
         let cpu: &mut Xdp = ebpf.program_mut(m::PROG_CPU_QUEUE).context("program missing")?.try_into()?;
         cpu.load().context("the kernel refused the CPU-queue program")?;
         let mut maps = Maps::open(&pins)?;
         let cpumap_id = maps.cpumap_raw.info().context("reading the cpumap's id")?.id();
         maps.cpumap_id.set(0, cpumap_id, 0)?;
-        Ok(Self { pins, ebpf, maps, actual: None, ingress, egress })
+        Ok(Self { pins, ebpf, maps, actual: None, ingress, ingress_tc, egress })
     }
 
     /// Counts the kernel's CPU-queue drops from now on (tracepoint `xdp_cpumap_enqueue`),
@@ -561,7 +570,7 @@ impl Dataplane {
 
     /// Pins the loaded programs (replacing pins of an earlier version).
     pub fn pin_programs(&mut self) -> anyhow::Result<()> {
-        for (pin, name) in [(m::PROG_INGRESS, self.ingress), (m::PROG_EGRESS, self.egress)] {
+        for (pin, name) in [(m::PROG_INGRESS, self.ingress), (m::PROG_INGRESS_TC, self.ingress_tc), (m::PROG_EGRESS, self.egress)] {
             let path = self.pins.prog(pin);
             let _ = std::fs::remove_file(&path);
             let prog = self.ebpf.program_mut(name).context("program missing")?;
@@ -575,19 +584,53 @@ impl Dataplane {
     }
 
     pub fn tc(&mut self) -> anyhow::Result<&mut SchedClassifier> {
-        Ok(self.ebpf.program_mut(self.egress).context("program missing")?.try_into()?)
+        self.classifier(self.egress)
     }
 
-    /// Attaches ingress and egress programs to `nic`. Where links are already pinned for it,
-    /// they are kept and atomically switched to this process's programs: traffic is never
-    /// without a program.
-    pub fn attach(&mut self, nic: &str, mode: XdpModeSetting) -> anyhow::Result<AttachReport> {
-        let (xdp_adopted, xdp_mode) = self.attach_xdp(nic, mode)?;
-        let tc_adopted = self.attach_tc(nic)?;
-        Ok(AttachReport { nic: nic.to_string(), adopted: xdp_adopted && tc_adopted, xdp_mode })
+    /// The TC ingress program (variant as loaded).
+    pub fn tc_ingress(&mut self) -> anyhow::Result<&mut SchedClassifier> {
+        self.classifier(self.ingress_tc)
     }
 
-    fn attach_xdp(&mut self, nic: &str, mode: XdpModeSetting) -> anyhow::Result<(bool, &'static str)> {
+    fn classifier(&mut self, name: &str) -> anyhow::Result<&mut SchedClassifier> {
+        Ok(self.ebpf.program_mut(name).context("program missing")?.try_into()?)
+    }
+
+    /// Attaches the ingress program to `nic` on the hook `choice` names (its fallback if the
+    /// kernel refuses that), and the egress program. Where links are already pinned for
+    /// it, they are kept and atomically switched to this process's programs: traffic is
+    /// never without a program. A pinned link on the other ingress hook (a reload changed
+    /// the choice) goes once the new one is in place; for that moment both see packets,
+    /// which is harmless (the second finds the port already rewritten, or the ARP/ND
+    /// request already answered and gone).
+    pub fn attach(&mut self, nic: &str, choice: Choice) -> anyhow::Result<AttachReport> {
+        let ((hook, reason), ingress_adopted) = match self.attach_ingress(nic, choice.first.0) {
+            Ok(adopted) => (choice.first, adopted),
+            Err(e) => match choice.fallback {
+                Some((hook, reason)) => {
+                    warn!(nic, refused = choice.first.0.name(), error = %format!("{e:#}"), fallback = hook.name(), "ingress hook refused; falling back");
+                    ((hook, reason), self.attach_ingress(nic, hook)?)
+                }
+                None => return Err(e),
+            },
+        };
+        let other = if hook == IngressHook::Tc { Hook::Xdp } else { Hook::TcIngress };
+        drop_link(&self.pins, nic, other)?;
+        let tc_adopted = self.attach_tc(nic, Hook::TcEgress)?;
+        Ok(AttachReport { nic: nic.to_string(), adopted: ingress_adopted && tc_adopted, hook, reason })
+    }
+
+    fn attach_ingress(&mut self, nic: &str, hook: IngressHook) -> anyhow::Result<bool> {
+        match hook {
+            IngressHook::XdpNative => self.attach_xdp(nic, XdpMode::Driver),
+            IngressHook::XdpGeneric => self.attach_xdp(nic, XdpMode::Skb),
+            IngressHook::Tc => self.attach_tc(nic, Hook::TcIngress),
+        }
+    }
+
+    /// Attaches (or adopts, returning true) the XDP link of `nic`. An adopted link keeps
+    /// the mode it was made in.
+    fn attach_xdp(&mut self, nic: &str, mode: XdpMode) -> anyhow::Result<bool> {
         let path = self.pins.link(nic, Hook::Xdp);
         std::fs::create_dir_all(self.pins.nic_dir(nic))?;
         let ingress = self.ingress;
@@ -599,7 +642,7 @@ impl Dataplane {
                     Ok(id) => {
                         // The pin still holds the link; our copy of the fd can go.
                         let _ = prog.take_link(id)?;
-                        return Ok((true, "adopted"));
+                        return Ok(true);
                     }
                     Err(e) => {
                         warn!(nic, error = %e, "pinned XDP link is stale (NIC gone or replaced); attaching anew");
@@ -610,28 +653,24 @@ impl Dataplane {
             Err(e) if is_not_found(&e) => {}
             Err(e) => return Err(e).with_context(|| format!("reading pinned link {}", path.display())),
         }
-        let busy_hint = |e: &aya::programs::ProgramError| {
-            format!("attaching XDP to {nic} failed: {e}. If another XDP program is attached there, remove it first (ip link set dev {nic} xdp off)")
-        };
-        let (id, used) = match mode {
-            XdpModeSetting::Native => (prog.attach(nic, XdpMode::Driver).map_err(|e| anyhow::anyhow!(busy_hint(&e)))?, "native"),
-            XdpModeSetting::Generic => (prog.attach(nic, XdpMode::Skb).map_err(|e| anyhow::anyhow!(busy_hint(&e)))?, "generic"),
-            XdpModeSetting::Auto => match prog.attach(nic, XdpMode::Driver) {
-                Ok(id) => (id, "native"),
-                Err(e) => {
-                    warn!(nic, error = %e, "native XDP not available on this NIC; falling back to generic (slower) XDP");
-                    (prog.attach(nic, XdpMode::Skb).map_err(|e| anyhow::anyhow!(busy_hint(&e)))?, "generic")
-                }
-            },
-        };
+        let id = prog.attach(nic, mode).map_err(|e| {
+            anyhow::anyhow!("attaching XDP ({mode:?}) to {nic} failed: {e}. If another XDP program is attached there, remove it first (ip link set dev {nic} xdp off)")
+        })?;
         let link: FdLink = prog.take_link(id)?.try_into().context("XDP attached without a bpf_link (kernel < 5.9?)")?;
         link.pin(&path).with_context(|| format!("pinning {}", path.display()))?;
-        Ok((false, used))
+        Ok(false)
     }
 
-    fn attach_tc(&mut self, nic: &str) -> anyhow::Result<bool> {
-        let path = self.pins.link(nic, Hook::TcEgress);
-        let prog = self.tc()?;
+    /// Attaches (or adopts, returning true) a TC link of `nic`: the ingress or the egress
+    /// program.
+    fn attach_tc(&mut self, nic: &str, hook: Hook) -> anyhow::Result<bool> {
+        let (name, attach_type) = match hook {
+            Hook::TcIngress => (self.ingress_tc, TcAttachType::Ingress),
+            _ => (self.egress, TcAttachType::Egress),
+        };
+        let path = self.pins.link(nic, hook);
+        std::fs::create_dir_all(self.pins.nic_dir(nic))?;
+        let prog = self.classifier(name)?;
         match PinnedLink::from_pin(&path) {
             Ok(pinned) => {
                 let link = SchedClassifierLink::try_from(FdLink::from(pinned))?;
@@ -649,15 +688,17 @@ impl Dataplane {
             Err(e) if is_not_found(&e) => {}
             Err(e) => return Err(e).with_context(|| format!("reading pinned link {}", path.display())),
         }
-        let id = prog.attach(nic, TcAttachType::Egress).with_context(|| format!("attaching the TC egress program to {nic} failed"))?;
+        let id = prog.attach(nic, attach_type).with_context(|| format!("attaching the TC {} program to {nic} failed", hook.suffix()))?;
         let link: FdLink = prog.take_link(id)?.try_into().context("TC attached without a bpf_link (kernel < 6.6?)")?;
         link.pin(&path).with_context(|| format!("pinning {}", path.display()))?;
         Ok(false)
     }
 
-    /// Records a NIC's identity for the CLI and the programs; `index` is its `NIC_STATS` slot.
-    pub fn set_nic(&mut self, ifindex: u32, name: &str, mac: [u8; 6], index: u32) -> anyhow::Result<()> {
-        let info = NicInfo { mac, index, name: havip_common::names::padded(name), ..Default::default() };
+    /// Records a NIC's identity for the CLI and the programs; `index` is its `NIC_STATS`
+    /// slot, `hook` where its ingress runs and why.
+    pub fn set_nic(&mut self, ifindex: u32, name: &str, mac: [u8; 6], index: u32, hook: Option<(IngressHook, HookReason)>) -> anyhow::Result<()> {
+        let (hook, hook_reason) = hook.map_or((0, 0), |(h, r)| (h as u8, r as u8));
+        let info = NicInfo { mac, index, name: havip_common::names::padded(name), hook, hook_reason, ..Default::default() };
         self.maps.nics.insert(ifindex, info, 0)?;
         Ok(())
     }
@@ -672,22 +713,28 @@ impl Dataplane {
 
 /// Detaches havip from `nic` by dropping its pinned links.
 pub fn detach(pins: &PinLayout, nic: &str) -> anyhow::Result<()> {
-    for hook in [Hook::Xdp, Hook::TcEgress] {
-        let path = pins.link(nic, hook);
-        match PinnedLink::from_pin(&path) {
-            Ok(link) => {
-                // Unpinning drops the last reference once our fd closes: the link detaches.
-                drop(link.unpin().with_context(|| format!("unpinning {}", path.display()))?);
-                info!(nic, hook = hook.suffix(), "detached");
-            }
-            Err(e) if is_not_found(&e) => {}
-            Err(e) => {
-                warn!(nic, error = %e, "pinned link unreadable; removing the pin");
-                let _ = std::fs::remove_file(&path);
-            }
-        }
+    for hook in Hook::ALL {
+        drop_link(pins, nic, hook)?;
     }
     let _ = std::fs::remove_dir(pins.nic_dir(nic));
+    Ok(())
+}
+
+/// Detaches one hook of `nic` by dropping its pinned link, if there is one.
+fn drop_link(pins: &PinLayout, nic: &str, hook: Hook) -> anyhow::Result<()> {
+    let path = pins.link(nic, hook);
+    match PinnedLink::from_pin(&path) {
+        Ok(link) => {
+            // Unpinning drops the last reference once our fd closes: the link detaches.
+            drop(link.unpin().with_context(|| format!("unpinning {}", path.display()))?);
+            info!(nic, hook = hook.suffix(), "detached");
+        }
+        Err(e) if is_not_found(&e) => {}
+        Err(e) => {
+            warn!(nic, error = %e, "pinned link unreadable; removing the pin");
+            let _ = std::fs::remove_file(&path);
+        }
+    }
     Ok(())
 }
 

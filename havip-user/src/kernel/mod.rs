@@ -6,6 +6,7 @@ pub mod bpf_read;
 pub mod classes;
 pub mod clock;
 pub mod dataplane;
+pub mod ingress_hook;
 pub mod map_layout;
 pub mod netlink;
 pub mod netns;

@@ -19,21 +19,32 @@ pub struct LinkInfo {
     pub mac: [u8; 6],
     /// Administratively up and with carrier (IFF_UP and IFF_LOWER_UP).
     pub up: bool,
+    /// The rtnetlink kind of a virtual device (`veth`, `vlan`, `bridge`, ...); `None` for
+    /// a NIC with a driver of its own.
+    pub kind: Option<String>,
 }
 
 impl LinkInfo {
     pub fn from_message(msg: &netlink_packet_route::link::LinkMessage) -> Option<Self> {
         let mut mac = [0u8; 6];
         let mut name = None;
+        let mut kind = None;
         for attr in &msg.attributes {
             match attr {
                 LinkAttribute::Address(a) if a.len() == 6 => mac.copy_from_slice(a),
                 LinkAttribute::IfName(n) => name = Some(n.clone()),
+                LinkAttribute::LinkInfo(infos) => {
+                    for i in infos {
+                        if let netlink_packet_route::link::LinkInfo::Kind(k) = i {
+                            kind = Some(k.to_string());
+                        }
+                    }
+                }
                 _ => {}
             }
         }
         let flags = &msg.header.flags;
-        Some(Self { name: name?, index: msg.header.index, mac, up: flags.contains(&LinkFlag::Up) && flags.contains(&LinkFlag::LowerUp) })
+        Some(Self { name: name?, index: msg.header.index, mac, up: flags.contains(&LinkFlag::Up) && flags.contains(&LinkFlag::LowerUp), kind })
     }
 }
 

@@ -16,13 +16,18 @@ pub struct PinLayout {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Hook {
     Xdp,
+    /// Ingress on TC instead of XDP (see `kernel::ingress_hook`).
+    TcIngress,
     TcEgress,
 }
 
 impl Hook {
+    pub const ALL: [Hook; 3] = [Hook::Xdp, Hook::TcIngress, Hook::TcEgress];
+
     pub fn suffix(self) -> &'static str {
         match self {
             Hook::Xdp => "xdp",
+            Hook::TcIngress => "tc-ingress",
             Hook::TcEgress => "tc-egress",
         }
     }

@@ -5,6 +5,7 @@
 
 use std::{net::IpAddr, time::Instant};
 
+use havip_common::{HookReason, IngressHook};
 use tracing::{info, warn};
 
 use crate::{
@@ -58,10 +59,12 @@ impl Node {
     /// Records `name`'s new ifindex and MAC in the NIC table and the NICS map; the old
     /// ifindex entry goes, so the programs and the CLI never see a dead device.
     fn refresh_nic(&mut self, name: &str, ifindex: u32, mac: [u8; 6], old: crate::node::nics::Nic) {
+        // The hook stays recorded as it was until the re-attach records the new one.
+        let hook = self.dp.nic_infos().get(&old.ifindex).and_then(|i| Some((IngressHook::from_u8(i.hook)?, HookReason::from_u8(i.hook_reason)?)));
         if let Err(e) = self.dp.remove_nic(old.ifindex) {
             warn!(nic = name, error = %format!("{e:#}"), "cannot remove the old NIC entry");
         }
-        if let Err(e) = self.dp.set_nic(ifindex, name, mac, old.index) {
+        if let Err(e) = self.dp.set_nic(ifindex, name, mac, old.index, hook) {
             warn!(nic = name, error = %format!("{e:#}"), "cannot record the new NIC entry");
         }
         self.nics.insert(name, crate::node::nics::Nic { ifindex, mac, index: old.index });
@@ -76,7 +79,7 @@ impl Node {
         for name in names {
             let event = match self.nl.link(&name).await {
                 Ok(Some(l)) => (l, false),
-                Ok(None) => (LinkInfo { name: name.clone(), index: 0, mac: [0; 6], up: false }, true),
+                Ok(None) => (LinkInfo { name: name.clone(), index: 0, mac: [0; 6], up: false, kind: None }, true),
                 Err(e) => {
                     warn!(nic = %name, error = %format!("{e:#}"), "cannot read the link state");
                     continue;

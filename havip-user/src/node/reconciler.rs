@@ -22,6 +22,7 @@ use crate::{
     kernel::{
         classes::htb_spec,
         dataplane,
+        ingress_hook::{self, NicKind},
         netlink::{LinkInfo, Netlink},
         plan::Desired,
         qdisc,
@@ -253,7 +254,8 @@ impl Node {
         let slot_of = |name: &str| known.values().find(|i| i.name() == name).map(|i| i.index);
         let mut used: BTreeSet<u32> = res.nics.iter().filter_map(|n| slot_of(&n.name)).collect();
         for nic in &res.nics {
-            let report = self.dp.attach(&nic.name, cfg.xdp_mode)?;
+            let kind = NicKind { virtual_kind: nic.kind.clone() };
+            let report = self.dp.attach(&nic.name, ingress_hook::choose(cfg.xdp_mode, &kind, cfg.classes.cpu_queues()))?;
             let index = match slot_of(&nic.name) {
                 Some(i) => i,
                 None => {
@@ -263,7 +265,7 @@ impl Node {
                     i
                 }
             };
-            self.dp.set_nic(nic.index, &nic.name, nic.mac, index)?;
+            self.dp.set_nic(nic.index, &nic.name, nic.mac, index, Some((report.hook, report.reason)))?;
             let was = self.nics.get(&nic.name).cloned();
             self.nics.insert(&nic.name, Nic { ifindex: nic.index, mac: nic.mac, index });
             // The link state as the kernel has it now starts a new history when it differs
@@ -273,9 +275,21 @@ impl Node {
             if self.links.get(&nic.name).is_none_or(|l| l.up != nic.up) {
                 self.links.insert(nic.name.clone(), LinkState { up: nic.up, since: Instant::now() });
             }
-            if !self.state.nics.contains(&nic.name) || new_device && was.is_some() {
-                info!(nic = %nic.name, ifindex = nic.index, xdp = report.xdp_mode, adopted = report.adopted, up = nic.up, "attached");
-                applied.note(format!("attached {} ({})", nic.name, report.xdp_mode));
+            let hook_changed = known.get(&nic.index).is_some_and(|i| i.hook != report.hook as u8);
+            if !self.state.nics.contains(&nic.name) || new_device && was.is_some() || hook_changed {
+                info!(
+                    nic = %nic.name,
+                    ifindex = nic.index,
+                    hook = report.hook.name(),
+                    why = report.reason.explain(),
+                    kind = nic.kind.as_deref().unwrap_or("driver"),
+                    xdp_mode = ?cfg.xdp_mode,
+                    cpu_queues = cfg.classes.cpu_queues(),
+                    adopted = report.adopted,
+                    up = nic.up,
+                    "attached"
+                );
+                applied.note(format!("attached {} ({}: {})", nic.name, report.hook.name(), report.reason.explain()));
             }
         }
         let mut nics: Vec<String> = self.state.nics.clone();

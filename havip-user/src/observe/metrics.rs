@@ -204,6 +204,12 @@ pub fn render(snap: Option<&Snapshot>, daemon: &DaemonMetrics) -> String {
     );
 
     // Per NIC: the VIP traffic each carried.
+    x.gauge(
+        "havip_nic_ingress_hook",
+        "1 for the hook each NIC's ingress program runs on (xdp-native, xdp-generic, tc)",
+        None,
+        s.nics.iter().map(|n| (l2("nic", &n.nic, "hook", &n.hook), 1.0)),
+    );
     let per_nic = |f: fn(&havip_common::NicCounters) -> u64| s.nics.iter().map(move |n| (l1("nic", &n.nic), f(&n.counters)));
     x.counter("havip_nic_rx_packets", "VIP packets received while this NIC owned the VIP", None, per_nic(|c| c.rx_packets));
     x.counter("havip_nic_rx", "VIP bytes received while this NIC owned the VIP", Some(Unit::Bytes), per_nic(|c| c.rx_bytes));
@@ -474,7 +480,7 @@ mod tests {
         };
         Snapshot {
             vips: vec![vip("198.18.0.1", "eth0"), vip("2001:db8::1", "-")],
-            nics: vec![NicStats { nic: "eth0".into(), ifindex: 2, counters: Default::default() }],
+            nics: vec![NicStats { nic: "eth0".into(), ifindex: 2, hook: "tc".into(), hook_reason: "virtual NIC".into(), counters: Default::default() }],
             paths: vec![PathStats {
                 nic: "eth0".into(),
                 target: "198.18.0.9".parse().unwrap(),

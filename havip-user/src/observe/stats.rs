@@ -11,7 +11,7 @@ use std::{
 use anyhow::Context;
 use aya::util::nr_cpus;
 use havip_common::{
-    maps as m, BindingCell, ClassCounters, ClassInfo, ClassStatsKey, CpuQueueCounters, DirCounters, Direction, NicCounters, NicInfo, Outcome, PassiveStats,
+    maps as m, BindingCell, ClassCounters, HookReason, IngressHook, ClassInfo, ClassStatsKey, CpuQueueCounters, DirCounters, Direction, NicCounters, NicInfo, Outcome, PassiveStats,
     PeerKey, PortValue, ProbeSlot, ProbeStats, QueueCounters, RemapKey, VipCounters, VipInfo, VipKey, WireCounters,
 };
 use serde::Serialize;
@@ -197,6 +197,10 @@ pub struct PeerStats {
 pub struct NicStats {
     pub nic: String,
     pub ifindex: u32,
+    /// Where its ingress program runs (`xdp-native`, `xdp-generic`, `tc`; `-` if not
+    /// recorded) and why.
+    pub hook: String,
+    pub hook_reason: String,
     pub counters: NicCounters,
 }
 
@@ -379,7 +383,13 @@ impl Snapshot {
                 let per_cpu = per_index.get(&info.index).with_context(|| format!("NIC slot {} is beyond the NIC counters", info.index))?;
                 let mut c = NicCounters::default();
                 per_cpu.iter().for_each(|x| c.add(x));
-                nics.push(NicStats { nic: info.name().to_string(), ifindex: *ifindex, counters: c });
+                nics.push(NicStats {
+                    nic: info.name().to_string(),
+                    ifindex: *ifindex,
+                    hook: IngressHook::from_u8(info.hook).map_or("-", IngressHook::name).to_string(),
+                    hook_reason: HookReason::from_u8(info.hook_reason).map_or("-", HookReason::explain).to_string(),
+                    counters: c,
+                });
             }
         }
         nics.sort_by(|a, b| a.nic.cmp(&b.nic));
@@ -564,12 +574,16 @@ pub fn render_table(now: &Snapshot, prev: Option<&Snapshot>) -> String {
         }
     }
     if !now.nics.is_empty() {
-        out.push_str(&format!("\n{:<10} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8}\n", "NIC", "VIP IN", "IN BYTES", "VIP OUT", "OUT BYTES", "ARP ANS", "ND ANS"));
+        out.push_str(&format!(
+            "\n{:<10} {:<11} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8}\n",
+            "NIC", "HOOK", "VIP IN", "IN BYTES", "VIP OUT", "OUT BYTES", "ARP ANS", "ND ANS"
+        ));
         for n in &now.nics {
             let c = &n.counters;
             out.push_str(&format!(
-                "{:<10} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8}\n",
+                "{:<10} {:<11} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8}\n",
                 n.nic,
+                n.hook,
                 human(c.rx_packets),
                 human_bytes(c.rx_bytes),
                 human(c.tx_packets),
@@ -577,6 +591,14 @@ pub fn render_table(now: &Snapshot, prev: Option<&Snapshot>) -> String {
                 human(c.arp_replies),
                 human(c.nd_replies)
             ));
+        }
+        // Why each hook, once per distinct reason.
+        let mut reasons: Vec<(&str, &str)> = now.nics.iter().map(|n| (n.hook.as_str(), n.hook_reason.as_str())).filter(|(h, _)| *h != "-").collect();
+        reasons.sort();
+        reasons.dedup();
+        for (hook, why) in reasons {
+            let nics: Vec<&str> = now.nics.iter().filter(|n| n.hook == hook && n.hook_reason == why).map(|n| n.nic.as_str()).collect();
+            out.push_str(&format!("  {} on {}: {why}\n", hook, nics.join(", ")));
         }
     }
     // Everything else the programs did, by outcome: first what they dropped, by reason.
