@@ -940,6 +940,11 @@ fn a_classed_vip_goes_to_its_class_cpu_queue_remapped_and_counted() {
     let c = fx.class_counters(VIP4, "latency");
     assert_eq!((c.rx_packets, c.rx_bytes, c.rx_queued), (1, frame.len() as u64, 1));
     assert_eq!(fx.class_counters(VIP4, "bulk").rx_packets, 0);
+    // Run again and again on the same frame (as the bench does), it still carries exactly
+    // one ClassMeta, written each run: metadata does not pile up until the store is skipped.
+    let r = fx.time(havip_common::maps::PROG_INGRESS, &out.to_vec(), 10);
+    assert_eq!(r.out.len(), frame.len() + 8, "metadata piled up over repeated runs");
+    assert_eq!(r.out[4..8], id.to_ne_bytes());
 }
 
 #[test]

@@ -56,7 +56,13 @@ pub fn to_cpu_queue(ctx: &XdpContext, meta: &PacketMeta, class: u32, info: *cons
     // Multiply-shift instead of `%`: the verifier tracks the bound (< n <= 8) through it.
     let i = (((h >> 16) as usize) * n) >> 16;
     let cpu = unsafe { (*info).cpus[i] };
-    if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -(core::mem::size_of::<ClassMeta>() as i32)) } == 0 {
+    // Metadata of exactly one ClassMeta: a fresh frame has none (grow by one); a frame run
+    // again by BPF_PROG_RUN keeps the last run's (grow by nothing, so the bench times the
+    // helper and the store every run instead of a full metadata area after a few). The
+    // pointer difference needs CAP_PERFMON, which havipd has.
+    let size = core::mem::size_of::<ClassMeta>() as i32;
+    let have = (ctx.data() - ctx.metadata()) as i32;
+    if unsafe { bpf_xdp_adjust_meta(ctx.ctx, have - size) } == 0 {
         let (m, data) = (ctx.metadata(), ctx.data());
         if m + core::mem::size_of::<ClassMeta>() <= data {
             unsafe { *(m as *mut ClassMeta) = ClassMeta { magic: CLASS_META_MAGIC, class } };

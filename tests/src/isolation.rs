@@ -1,8 +1,8 @@
 //! The class-isolation scenario, shared by its test and `cargo xtask bench`: a node with a
 //! latency-sensitive UDP service on one VIP and a bulk TCP service on another, behind a
 //! 40 Mbit/s bottleneck with a deep buffer; the latency service's p99 round trip is
-//! measured idle and under a bulk download, without classes and then with them (applied
-//! by a reload, without restarting havipd).
+//! measured idle and under a bulk download, without classes, then shaped with one class
+//! for both, then with a class each (applied by reloads, without restarting havipd).
 
 use std::{
     sync::{
@@ -62,7 +62,12 @@ pub struct Latency {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Isolation {
+    /// No classes, no shaping, segmentation offload as the kernel has it.
     pub without_classes: Latency,
+    /// Shaped just below the bottleneck with segmentation as `with_classes` has it, both
+    /// services in one class: what shaping alone does, without prioritisation.
+    pub shaped_one_class: Latency,
+    /// Shaped the same, each service in its own class (latency first).
     pub with_classes: Latency,
     /// True if the reload that added the classes kept the programs attached.
     pub programs_kept: bool,
@@ -104,16 +109,20 @@ pub fn run() -> Isolation {
     // 40 Mbit/s) and queue at the bottleneck: shape wire-sized packets (see the README).
     t.srv.ip(&["link", "set", "dev", "eth0", "gso_max_segs", "1"]).unwrap();
     let links = t.links();
-    t.write_config_raw(&format!(
-        "[[nic]]\nname = \"eth0\"\negress_rate = \"36mbit\"\n{}",
-        two_services("class = \"latency\"", "class = \"bulk\"", &egress_classes("36mbit"))
-    ));
-    let out = t.havip(&["reload"]);
-    assert!(out.status.success(), "reload failed: {}", String::from_utf8_lossy(&out.stderr));
+    let reload = |body: String| {
+        t.write_config_raw(&format!("[[nic]]\nname = \"eth0\"\negress_rate = \"36mbit\"\n{body}"));
+        let out = t.havip(&["reload"]);
+        assert!(out.status.success(), "reload failed: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    // The same shaping and segmentation, one class for both: the baseline that separates
+    // what prioritisation does from what shaping does.
+    reload(two_services("class = \"all\"", "class = \"all\"", "[class.all]\nrate = \"36mbit\"\nceil = \"36mbit\"\npriority = 0\n"));
+    let shaped_one_class = measure(&t);
+    reload(two_services("class = \"latency\"", "class = \"bulk\"", &egress_classes("36mbit")));
     let programs_kept = t.links() == links;
     let with_classes = measure(&t);
     let v = t.vip_stats(VIP2_V4);
     let bulk_class_tx_bytes = v["classes"][0]["tx_bytes"].as_u64().unwrap_or(0);
     stop.store(true, Ordering::Relaxed);
-    Isolation { without_classes, with_classes, programs_kept, bulk_class_tx_bytes }
+    Isolation { without_classes, shaped_one_class, with_classes, programs_kept, bulk_class_tx_bytes }
 }

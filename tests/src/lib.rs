@@ -16,6 +16,7 @@ pub mod relay;
 pub mod scrape;
 pub mod topology;
 pub mod traffic;
+pub mod veth_speed;
 pub mod wire;
 
 use std::path::PathBuf;
