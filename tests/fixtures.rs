@@ -1203,7 +1203,7 @@ fn a_fast_path_slot_rewritten_during_a_packet_is_seen_whole() {
     assert_eq!((a.key, a.remap_in[0]), (VipKey::from(ip(&x)), remap(80, 8081)), "the configured slot");
     a.remap_in[0] = remap(80, 8082);
     let mut b =
-        VipSlot { key: VipKey::from(ip(&y)), info: VipInfo { id: a.info.id + 1, flags: 0, class: 0, _pad: 0 }, flags: SLOT_OWNED, ..Default::default() };
+        VipSlot { key: VipKey::from(ip(&y)), info: VipInfo { id: a.info.id + 1, flags: 0, class: 0, class_stats: 0 }, flags: SLOT_OWNED, ..Default::default() };
     b.remap_in[0] = remap(80, 9091);
     b.remap_out[0] = remap(9091, 80);
     let input = build(L4::Tcp, ip(CLIENT4), 40000, ip(&x), 80, None, b"race");

@@ -39,7 +39,17 @@ pub struct ClassInfo {
     pub name: [u8; 16],
 }
 
-/// Key of `CLASS_STATS`: one VIP's traffic in one class.
+/// A port's own class (value of `PORT_CLASSES`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct PortClass {
+    /// Class id (`CLASSES` index).
+    pub class: u32,
+    /// `CLASS_STATS` index of (VIP, class).
+    pub stats: u32,
+}
+
+/// Key of `CLASS_STATS_INDEX`: one VIP's traffic in one class.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct ClassStatsKey {
@@ -93,6 +103,7 @@ pub struct CpuQueueCounters {
 const _: () = assert!(size_of::<ClassMeta>() == 8);
 const _: () = assert!(size_of::<ClassInfo>() == 8 + 4 * CLASS_CPUS_MAX + 16);
 const _: () = assert!(size_of::<ClassStatsKey>() == 8);
+const _: () = assert!(size_of::<PortClass>() == 8);
 const _: () = assert!(size_of::<ClassCounters>() == 5 * 8);
 const _: () = assert!(size_of::<QueueCounters>() == 2 * 8);
 const _: () = assert!(size_of::<CpuQueueCounters>() == 2 * 8);
@@ -101,6 +112,7 @@ const _: () = assert!(size_of::<CpuQueueCounters>() == 2 * 8);
 mod pod {
     unsafe impl aya::Pod for super::ClassInfo {}
     unsafe impl aya::Pod for super::ClassStatsKey {}
+    unsafe impl aya::Pod for super::PortClass {}
     unsafe impl aya::Pod for super::ClassCounters {}
     unsafe impl aya::Pod for super::QueueCounters {}
     unsafe impl aya::Pod for super::CpuQueueCounters {}

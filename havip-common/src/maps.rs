@@ -11,7 +11,7 @@
 /// meaning (a field added, removed, reordered or reinterpreted), even one that keeps the
 /// size: havipd also compares each pinned map's type, key size, value size and capacity
 /// with the programs' own, but only the version catches a change of meaning.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// `0 -> u32`: the [`LAYOUT_VERSION`] the pinned maps were created with. Written by havipd
 /// when it creates fresh pins, read by havipd and the CLI before they trust any other map.
@@ -106,15 +106,22 @@ pub const OUTCOMES_LEN: u32 = 2 * crate::types::Outcome::COUNT;
 
 /// `class id -> ClassInfo{CPUs, skb priority}`. Written by havipd, read by both programs.
 pub const CLASSES: &str = "HAVIP_CLASSES";
-/// `RemapKey{vip_id, proto, designated port} -> u32 class id`: ports with a class of their
-/// own, consulted only for VIPs flagged `VIP_PORT_CLASSES`. Written by havipd, read by both.
+/// `RemapKey{vip_id, proto, designated port} -> PortClass{class id, counters index}`: ports
+/// with a class of their own, consulted only for VIPs flagged `VIP_PORT_CLASSES`. Written
+/// by havipd, read by both.
 pub const PORT_CLASSES: &str = "HAVIP_PORT_CLASSES";
 pub const PORT_CLASSES_MAX: u32 = 16384;
-/// Per-CPU `ClassStatsKey{vip_id, class} -> ClassCounters`. Entries are created by havipd
-/// (zeroed) for every (VIP, class) the config can produce, so the programs only look up.
-/// Written by both programs, read by the CLI.
+/// Per-CPU `u32 index -> ClassCounters`: one VIP's traffic in one class. An array, so a
+/// packet's count is an inlined access, not a hash lookup: the index comes with the class
+/// (`VipInfo::class_stats` for the VIP's own class, `PortClass::stats` for a port's).
+/// havipd assigns the indices (`CLASS_STATS_INDEX`) and zeroes an entry before any packet
+/// can be counted in it. Written by both programs, read by the CLI.
 pub const CLASS_STATS: &str = "HAVIP_CLASS_STATS";
 pub const CLASS_STATS_MAX: u32 = 16384;
+/// `ClassStatsKey{vip_id, class} -> u32`: which `CLASS_STATS` entry counts which (VIP,
+/// class). Written by havipd, read by havipd (a restart keeps each pair's counters) and the
+/// CLI. The programs never read it.
+pub const CLASS_STATS_INDEX: &str = "HAVIP_CLASS_STATS_INDEX";
 /// Cpumap `cpu -> {queue size, program}`: the classes' ingress CPU queues. Written by
 /// havipd, used by the XDP ingress program's redirect.
 pub const CPUMAP: &str = "HAVIP_CPUMAP";
@@ -129,9 +136,9 @@ pub const CPU_QUEUES: &str = "HAVIP_CPU_QUEUES";
 pub const CPUMAP_ID: &str = "HAVIP_CPUMAP_ID";
 
 /// Every map, for pin handling and teardown.
-pub const ALL: [&str; 25] = [
+pub const ALL: [&str; 26] = [
     LAYOUT, VIPS, VIP_SLOTS, REMAP_IN, REMAP_OUT, PORT_BITMAP, NICS, BINDINGS, FENCES, NIC_STATS, VIP_STATS, OUTCOMES, PROBE_SLOTS,
-    PROBE_SENT, PROBE_STATS, TCP_SAMPLE_SEQ, TCP_SAMPLE_TIME, PEER_QUALITY, CLASSES, PORT_CLASSES, CLASS_STATS, CPUMAP,
+    PROBE_SENT, PROBE_STATS, TCP_SAMPLE_SEQ, TCP_SAMPLE_TIME, PEER_QUALITY, CLASSES, PORT_CLASSES, CLASS_STATS, CLASS_STATS_INDEX, CPUMAP,
     QUEUE_STATS, CPU_QUEUES, CPUMAP_ID,
 ];
 

@@ -87,7 +87,8 @@ pub struct VipInfo {
     pub flags: u32,
     /// The VIP's default application class (`CLASSES` index, 0: none).
     pub class: u32,
-    pub _pad: u32,
+    /// `CLASS_STATS` index of (this VIP, `class`); unused without a class.
+    pub class_stats: u32,
 }
 
 /// Which NIC owns a VIP on the wire: answers ARP/NDP for it and carries its traffic.

@@ -8,7 +8,7 @@ use aya_ebpf::{
     programs::{RawTracePointContext, TcContext, XdpContext},
 };
 use havip_common::{
-    ClassCounters, ClassInfo, ClassMeta, ClassStatsKey, RemapKey, CLASS_CPUS_MAX, CLASS_META_MAGIC, IPPROTO_TCP,
+    ClassCounters, ClassInfo, ClassMeta, RemapKey, CLASS_CPUS_MAX, CLASS_META_MAGIC, IPPROTO_TCP,
     IPPROTO_UDP, VIP_PORT_CLASSES,
 };
 
@@ -18,26 +18,35 @@ use crate::{
     vips::VipHit,
 };
 
+/// A packet's class: its id, its `CLASS_STATS` index for this VIP, its settings.
+#[derive(Clone, Copy)]
+pub struct Class {
+    pub id: u32,
+    pub stats: u32,
+    pub info: *const ClassInfo,
+}
+
 /// The class of a VIP packet: its (proto, VIP-side port)'s own class, else the VIP's.
 /// `port_be` is the designated port, as the peer addresses it, in both directions.
 #[inline(always)]
-pub fn of(vip: &VipHit, proto: u8, port_be: u16) -> Option<(u32, *const ClassInfo)> {
-    let mut id = vip.class;
+pub fn of(vip: &VipHit, proto: u8, port_be: u16) -> Option<Class> {
+    let (mut id, mut stats) = (vip.class, vip.class_stats);
     if vip.flags & VIP_PORT_CLASSES != 0 && (proto == IPPROTO_TCP || proto == IPPROTO_UDP) {
         if let Some(c) = unsafe { PORT_CLASSES.get(RemapKey::new(vip.id, proto, port_be)) } {
-            id = *c;
+            (id, stats) = (c.class, c.stats);
         }
     }
     if id == 0 {
         return None;
     }
-    Some((id, CLASSES.get_ptr(id)?))
+    Some(Class { id, stats, info: CLASSES.get_ptr(id)? })
 }
 
-/// This CPU's counters of (VIP, class); havipd creates the entries, the programs only count.
+/// This CPU's counters of (VIP, class), by the class's index; havipd zeroed the entry
+/// before handing the index out, the programs only count.
 #[inline(always)]
-pub fn counters(vip_id: u32, class: u32) -> Option<&'static mut ClassCounters> {
-    CLASS_STATS.get_ptr_mut(ClassStatsKey { vip_id, class }).map(|p| unsafe { &mut *p })
+pub fn counters(stats: u32) -> Option<&'static mut ClassCounters> {
+    CLASS_STATS.get_ptr_mut(stats).map(|p| unsafe { &mut *p })
 }
 
 /// Ingress: hands the frame to one of the class's CPU queues, a flow always to the same one

@@ -36,7 +36,7 @@ pub fn try_egress<const PASSIVE: bool>(ctx: &TcContext) -> Result<(i32, Outcome)
 
     // Leaving by a NIC that does not own the VIP: hand it to the owner, whose own egress
     // pass remaps and counts it (or drop it, counted, if the owner's NIC is gone).
-    let binding = steer::binding(vip.id);
+    let binding = steer::owner(vip.id);
     if let Some(b) = binding {
         if b.ifindex != steer::egress_ifindex(ctx) {
             let (action, outcome) = steer::redirect_to(ctx, b.ifindex);
@@ -62,9 +62,9 @@ pub fn try_egress<const PASSIVE: bool>(ctx: &TcContext) -> Result<(i32, Outcome)
             passive::on_egress(&pkt, &meta, vip.id, b.nic_index, vip_port_be);
         }
     }
-    if let Some((class_id, info)) = classes::of(&vip, meta.proto, vip_port_be) {
-        classes::set_priority(ctx, info);
-        if let Some(c) = classes::counters(vip.id, class_id) {
+    if let Some(class) = classes::of(&vip, meta.proto, vip_port_be) {
+        classes::set_priority(ctx, class.info);
+        if let Some(c) = classes::counters(class.stats) {
             c.tx_packets += segs;
             c.tx_bytes += bytes;
         }

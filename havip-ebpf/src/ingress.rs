@@ -34,7 +34,7 @@ pub fn try_ingress<H: Hook, const PASSIVE: bool>(pkt: &H) -> Result<(Verdict, Ou
 
     // Arriving on the owning NIC counts for that NIC; anywhere else it is misdirected
     // (a stale neighbour cache during a move) and still accepted.
-    let binding = steer::binding(vip.id);
+    let binding = steer::owner(vip.id);
     let on_owner = match binding {
         Some(b) if b.ifindex == pkt.ingress_ifindex() => {
             if let Some(n) = stats::nic(b.nic_index) {
@@ -69,9 +69,9 @@ pub fn try_ingress<H: Hook, const PASSIVE: bool>(pkt: &H) -> Result<(Verdict, Ou
             _ => rx.passed += packets,
         }
     }
-    let Some((class_id, info)) = class else { return Ok((Verdict::Pass, outcome)) };
-    let queued = pkt.to_cpu_queue(&meta, class_id, info);
-    if let Some(c) = classes::counters(vip.id, class_id) {
+    let Some(class) = class else { return Ok((Verdict::Pass, outcome)) };
+    let queued = pkt.to_cpu_queue(&meta, class.id, class.info);
+    if let Some(c) = classes::counters(class.stats) {
         c.rx_packets += packets;
         c.rx_bytes += bytes;
         if queued == Verdict::Queued {

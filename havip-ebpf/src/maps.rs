@@ -5,11 +5,11 @@
 use aya_ebpf::{
     bindings::BPF_F_MMAPABLE,
     macros::map,
-    maps::{Array, CpuMap, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, CpuMap, HashMap, LruHashMap, PerCpuArray},
 };
 use havip_common::{
     maps as m, BindingCell, ClassCounters, ClassInfo, ClassStatsKey, CpuQueueCounters, Fence, NicCounters, NicInfo, PassiveStats, PeerKey, PortValue,
-    ProbeSlot, ProbeStats, QueueCounters, RemapKey, SlotCell, VipCounters, VipInfo, VipKey,
+    PortClass, ProbeSlot, ProbeStats, QueueCounters, RemapKey, SlotCell, VipCounters, VipInfo, VipKey,
 };
 
 /// 0 -> the layout version the pins were created with (see `havip_common::maps::LAYOUT`).
@@ -91,13 +91,20 @@ pub static PEER_QUALITY: LruHashMap<PeerKey, PassiveStats> = LruHashMap::pinned(
 #[map(name = "HAVIP_CLASSES")]
 pub static CLASSES: Array<ClassInfo> = Array::pinned(havip_common::CLASSES_MAX, 0);
 
-/// (VIP id, protocol, designated port) -> class id, for ports with a class of their own.
+/// (VIP id, protocol, designated port) -> class id and counters, for ports with a class of
+/// their own.
 #[map(name = "HAVIP_PORT_CLASSES")]
-pub static PORT_CLASSES: HashMap<RemapKey, u32> = HashMap::pinned(m::PORT_CLASSES_MAX, 0);
+pub static PORT_CLASSES: HashMap<RemapKey, PortClass> = HashMap::pinned(m::PORT_CLASSES_MAX, 0);
 
-/// (VIP id, class) -> per-CPU counters; entries pre-created by havipd.
+/// Counters index (from the class's VIP info or port class) -> per-CPU counters of one
+/// (VIP, class); havipd zeroes an entry before it hands out its index.
 #[map(name = "HAVIP_CLASS_STATS")]
-pub static CLASS_STATS: PerCpuHashMap<ClassStatsKey, ClassCounters> = PerCpuHashMap::pinned(m::CLASS_STATS_MAX, 0);
+pub static CLASS_STATS: PerCpuArray<ClassCounters> = PerCpuArray::pinned(m::CLASS_STATS_MAX, 0);
+
+/// (VIP id, class) -> its `CLASS_STATS` index. The programs never read it: declared here
+/// so that it is created and pinned with the others, for havipd and the CLI.
+#[map(name = "HAVIP_CLASS_STATS_INDEX")]
+pub static CLASS_STATS_INDEX: HashMap<ClassStatsKey, u32> = HashMap::pinned(m::CLASS_STATS_MAX, 0);
 
 /// CPU -> the classes' ingress queue on it.
 #[map(name = "HAVIP_CPUMAP")]

@@ -23,6 +23,26 @@ pub fn binding(vip_id: u32) -> Option<Binding> {
     (b.ifindex != 0).then_some(b)
 }
 
+/// The owning NIC of a bound VIP, as the packet paths need it.
+#[derive(Clone, Copy)]
+pub struct Owner {
+    pub ifindex: u32,
+    /// Index into `NIC_STATS`.
+    pub nic_index: u32,
+}
+
+const _: () = assert!(core::mem::offset_of!(Binding, ifindex) == 0 && core::mem::offset_of!(Binding, nic_index) == 4);
+
+/// Like [`binding`], reading only the one word the per-packet paths use (ifindex and NIC
+/// index): one load per attempt instead of the whole binding.
+#[inline(always)]
+pub fn owner(vip_id: u32) -> Option<Owner> {
+    let cell = BINDINGS.get_ptr(vip_id)?;
+    let w = versioned::read(cell, |b| unsafe { read_volatile(b as *const u64) })?;
+    let o = Owner { ifindex: w as u32, nic_index: (w >> 32) as u32 };
+    (o.ifindex != 0).then_some(o)
+}
+
 /// The NIC this skb is leaving through.
 #[inline(always)]
 pub fn egress_ifindex(ctx: &TcContext) -> u32 {

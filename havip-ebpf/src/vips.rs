@@ -17,6 +17,8 @@ pub struct VipHit {
     /// `VipInfo::flags` and default class.
     pub flags: u32,
     pub class: u32,
+    /// `CLASS_STATS` index of (this VIP, `class`).
+    pub class_stats: u32,
     /// The inline mappings of the direction the VIP was looked up for, copied out of the
     /// slot's version that matched (`None` when found through `VIPS`: ask the tables).
     pub inline: Option<InlineRemaps>,
@@ -33,7 +35,7 @@ pub struct InlineRemaps {
 /// info, the flags and one direction's mappings.
 struct SlotCopy {
     key: [u64; 2],
-    /// `VipInfo` (id, flags, class, pad) as two words.
+    /// `VipInfo` (id, flags, class, class_stats) as two words.
     info: [u64; 2],
     /// `VipSlot::flags` in the low half.
     flags: u64,
@@ -42,7 +44,9 @@ struct SlotCopy {
 
 // The word offsets `copy_slot` reads at.
 const _: () = assert!(offset_of!(VipSlot, key) == 0 && offset_of!(VipSlot, info) == 16 && offset_of!(VipSlot, flags) == 32);
-const _: () = assert!(offset_of!(VipInfo, id) == 0 && offset_of!(VipInfo, flags) == 4 && offset_of!(VipInfo, class) == 8);
+const _: () = assert!(
+    offset_of!(VipInfo, id) == 0 && offset_of!(VipInfo, flags) == 4 && offset_of!(VipInfo, class) == 8 && offset_of!(VipInfo, class_stats) == 12
+);
 const _: () = assert!(offset_of!(VipSlot, remap_in) == 40 && offset_of!(VipSlot, remap_out) == 40 + 8 * INLINE_REMAPS);
 
 /// Volatile word loads of one slot version (see `versioned::read`).
@@ -77,6 +81,7 @@ pub fn lookup(addr: [u64; 2], dir: Direction) -> Option<VipHit> {
             id: s.info[0] as u32,
             flags: (s.info[0] >> 32) as u32,
             class: s.info[1] as u32,
+            class_stats: (s.info[1] >> 32) as u32,
             inline: Some(InlineRemaps { entries: s.remaps, overflow }),
         });
     }
@@ -89,5 +94,5 @@ pub fn lookup(addr: [u64; 2], dir: Direction) -> Option<VipHit> {
 #[inline(always)]
 fn from_table(addr: [u64; 2]) -> Option<VipHit> {
     let info = unsafe { VIPS.get(VipKey::from_words(addr)) }?;
-    Some(VipHit { id: info.id, flags: info.flags, class: info.class, inline: None })
+    Some(VipHit { id: info.id, flags: info.flags, class: info.class, class_stats: info.class_stats, inline: None })
 }

@@ -245,7 +245,8 @@ impl Fixture {
         let info = self.maps.vips.get(&key, 0).expect("not a VIP");
         let class = self.maps.class_ids().unwrap()[class];
         let mut t = havip_common::ClassCounters::default();
-        for c in self.maps.class_stats.get(&havip_common::ClassStatsKey { vip_id: info.id, class }, 0).unwrap().iter() {
+        let index = self.maps.class_stats_index.get(&havip_common::ClassStatsKey { vip_id: info.id, class }, 0).expect("no counters for this (VIP, class)");
+        for c in self.maps.class_stats.get(&index, 0).unwrap().iter() {
             t.add(c);
         }
         t

@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, io, mem::size_of, path::Path, sync::OnceLock};
 
 use anyhow::{bail, Context};
 use aya::{
-    maps::{Array, CpuMap, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues},
+    maps::{Array, CpuMap, HashMap, Map, MapData, PerCpuArray, PerCpuValues},
     programs::{
         links::{FdLink, LinkError, PinnedLink},
         tc::SchedClassifierLink,
@@ -19,7 +19,7 @@ use aya::{
 };
 use havip_common::{
     maps as m, Binding, ClassCounters, ClassInfo, ClassStatsKey, CpuQueueCounters, Fence, HookReason, IngressHook, NicCounters, NicInfo, PassiveStats, PeerKey,
-    PortValue, ProbeSlot, ProbeStats, QueueCounters, RemapKey, VipCounters, VipInfo, VipKey, VipSlot,
+    PortClass, PortValue, ProbeSlot, ProbeStats, QueueCounters, RemapKey, VipCounters, VipInfo, VipKey, VipSlot,
 };
 use tracing::{info, warn};
 
@@ -72,8 +72,9 @@ pub struct Maps {
     pub vip_stats: PerCpuArray<MapData, VipCounters>,
     pub outcomes: PerCpuArray<MapData, u64>,
     pub classes: Array<MapData, ClassInfo>,
-    pub port_classes: HashMap<MapData, RemapKey, u32>,
-    pub class_stats: PerCpuHashMap<MapData, ClassStatsKey, ClassCounters>,
+    pub port_classes: HashMap<MapData, RemapKey, PortClass>,
+    pub class_stats: PerCpuArray<MapData, ClassCounters>,
+    pub class_stats_index: HashMap<MapData, ClassStatsKey, u32>,
     pub cpumap: CpuMap<MapData>,
     /// The same cpumap untyped: its fd for deletes, its id for the tracepoint's filter.
     cpumap_raw: MapData,
@@ -141,6 +142,7 @@ impl Maps {
             classes: open_pinned(pins, m::CLASSES)?.try_into()?,
             port_classes: open_pinned(pins, m::PORT_CLASSES)?.try_into()?,
             class_stats: open_pinned(pins, m::CLASS_STATS)?.try_into()?,
+            class_stats_index: open_pinned(pins, m::CLASS_STATS_INDEX)?.try_into()?,
             cpumap: open_pinned(pins, m::CPUMAP)?.try_into()?,
             cpumap_raw: MapData::from_pin(pins.map(m::CPUMAP)).context("opening the pinned cpumap")?,
             queue_stats: open_pinned(pins, m::QUEUE_STATS)?.try_into()?,
@@ -172,7 +174,7 @@ impl Maps {
             }
         }
         let port_classes = self.port_classes.iter().collect::<Result<BTreeMap<_, _>, _>>()?;
-        let class_stats = self.class_stats.keys().collect::<Result<_, _>>()?;
+        let class_stats = self.class_stats_index.iter().collect::<Result<_, _>>()?;
         let mut cpumap = BTreeMap::new();
         for cpu in 0..self.cpumap.len() {
             // Unset entries read back as ENOENT.
@@ -208,8 +210,10 @@ impl Maps {
             self.cpumap.set(cpu, size, Some(prog), 0).with_context(|| format!("creating the queue of CPU {cpu}"))?;
         }
         let n = nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
-        for k in &ch.class_stats_creates {
-            self.class_stats.insert(k, PerCpuValues::try_from(vec![ClassCounters::default(); n])?, 0)?;
+        for (k, i) in &ch.class_stats_creates {
+            // Zeroed before the pair is recorded, and both before any VIP or port names it.
+            self.class_stats.set(*i, PerCpuValues::try_from(vec![ClassCounters::default(); n])?, 0)?;
+            self.class_stats_index.insert(k, i, 0)?;
         }
         for (i, v) in &ch.class_upserts {
             self.classes.set(*i, v, 0)?;
@@ -254,7 +258,8 @@ impl Maps {
             self.classes.set(i, ClassInfo::default(), 0)?;
         }
         for k in &ch.class_stats_deletes {
-            self.class_stats.remove(k)?;
+            // The entry's counts stay until its index is handed out again, zeroed.
+            self.class_stats_index.remove(k)?;
         }
         for &cpu in &ch.cpumap_deletes {
             remove_cpumap_entry(&self.cpumap_raw, cpu)?;

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use havip_common::{
-    maps::PORT_WORDS, vip_slot, ClassInfo, ClassStatsKey, InlineRemap, PortValue, RemapKey, VipInfo, VipKey, VipSlot, INLINE_REMAPS, SLOT_IN_OVERFLOW,
+    maps::{CLASS_STATS_MAX, PORT_WORDS}, vip_slot, ClassInfo, ClassStatsKey, InlineRemap, PortClass, PortValue, RemapKey, VipInfo, VipKey, VipSlot, INLINE_REMAPS, SLOT_IN_OVERFLOW,
     SLOT_OUT_OVERFLOW, SLOT_OWNED, SLOT_SHARED, VIP_FENCED, VIP_PORT_CLASSES,
 };
 
@@ -54,8 +54,9 @@ pub struct Actual {
     pub slots: BTreeMap<u32, VipSlot>,
     /// Non-empty entries of `CLASSES`.
     pub classes: BTreeMap<u32, ClassInfo>,
-    pub port_classes: BTreeMap<RemapKey, u32>,
-    pub class_stats: BTreeSet<ClassStatsKey>,
+    pub port_classes: BTreeMap<RemapKey, PortClass>,
+    /// (VIP id, class) -> its `CLASS_STATS` index (`CLASS_STATS_INDEX`).
+    pub class_stats: BTreeMap<ClassStatsKey, u32>,
     /// CPU -> queue size of the cpumap entries that run this havipd's CPU-queue program
     /// (entries of an earlier program count as absent, so they are rewritten).
     pub cpumap: BTreeMap<u32, u32>,
@@ -76,10 +77,10 @@ pub struct Changes {
     pub zero_new_stats: Vec<u32>,
     /// CPU queues (cpu, size) created or resized before a class points at them.
     pub cpumap_sets: Vec<(u32, u32)>,
-    /// Zeroed (VIP, class) counters created before packets of that class can occur.
-    pub class_stats_creates: Vec<ClassStatsKey>,
+    /// (VIP, class) counters given their index, zeroed, before a VIP or port names it.
+    pub class_stats_creates: Vec<(ClassStatsKey, u32)>,
     pub class_upserts: Vec<(u32, ClassInfo)>,
-    pub port_class_upserts: Vec<(RemapKey, u32)>,
+    pub port_class_upserts: Vec<(RemapKey, PortClass)>,
     /// Bitmap words set to the union of old and new bits, before mappings appear.
     pub bitmap_grow: Vec<(u32, u64)>,
     pub remap_in_upserts: Vec<(RemapKey, PortValue)>,
@@ -153,7 +154,6 @@ pub fn plan(desired: &Desired, actual: &Actual) -> Changes {
     let used: BTreeSet<u32> = actual.vips.values().map(|v| v.id).collect();
     let mut free_ids = (0u32..).filter(|id| !used.contains(id));
     let mut ids: BTreeMap<VipKey, u32> = BTreeMap::new();
-    let mut infos: BTreeMap<VipKey, VipInfo> = BTreeMap::new();
     for key in &desired.vips {
         let id = match actual.vips.get(key) {
             Some(old) => old.id,
@@ -163,9 +163,54 @@ pub fn plan(desired: &Desired, actual: &Actual) -> Changes {
                 id
             }
         };
+        ids.insert(*key, id);
+    }
+
+    // (VIP, class) counters: every class a VIP's traffic can be counted in, each at a
+    // `CLASS_STATS` index. A pair keeps its index (and counts) across reloads and
+    // restarts; a new pair takes the lowest index no pair holds now, and only when there
+    // is none left one a pair leaving in this round held (whose last packets might then
+    // count for the new pair).
+    let mut want_stats = BTreeSet::new();
+    for key in &desired.vips {
+        if class_of(key) != 0 {
+            want_stats.insert(ClassStatsKey { vip_id: ids[key], class: class_of(key) });
+        }
+    }
+    let port_class_ids: BTreeMap<RemapKey, ClassStatsKey> = desired
+        .port_classes
+        .iter()
+        .filter_map(|(&(vip, proto, port), class)| {
+            let (id, class) = (*ids.get(&vip)?, *class_ids.get(class)?);
+            Some((RemapKey::new(id, proto, port.to_be()), ClassStatsKey { vip_id: id, class }))
+        })
+        .collect();
+    want_stats.extend(port_class_ids.values().copied());
+    let held: BTreeSet<u32> = actual.class_stats.values().copied().collect();
+    let kept: BTreeSet<u32> = actual.class_stats.iter().filter(|(k, _)| want_stats.contains(k)).map(|(_, i)| *i).collect();
+    let mut free_stats = (0..CLASS_STATS_MAX).filter(|i| !held.contains(i)).chain((0..CLASS_STATS_MAX).filter(|i| held.contains(i) && !kept.contains(i)));
+    let mut stats_index: BTreeMap<ClassStatsKey, u32> = BTreeMap::new();
+    for k in &want_stats {
+        let i = match actual.class_stats.get(k) {
+            Some(&i) => i,
+            None => {
+                // The capacity check at config load keeps pairs within CLASS_STATS_MAX.
+                let i = free_stats.next().expect("more (VIP, class) pairs than CLASS_STATS_MAX passed the capacity check");
+                ch.class_stats_creates.push((*k, i));
+                i
+            }
+        };
+        stats_index.insert(*k, i);
+    }
+    ch.class_stats_deletes = actual.class_stats.keys().filter(|k| !want_stats.contains(k)).copied().collect();
+
+    let mut infos: BTreeMap<VipKey, VipInfo> = BTreeMap::new();
+    for key in &desired.vips {
+        let id = ids[key];
         let flags = if has_port_classes.contains(key) { VIP_PORT_CLASSES } else { 0 } | if desired.fenced { VIP_FENCED } else { 0 };
-        let info = VipInfo { id, flags, class: class_of(key), _pad: 0 };
-        ids.insert(*key, info.id);
+        let class = class_of(key);
+        let class_stats = if class != 0 { stats_index[&ClassStatsKey { vip_id: id, class }] } else { 0 };
+        let info = VipInfo { id, flags, class, class_stats };
         infos.insert(*key, info);
         if actual.vips.get(key) != Some(&info) {
             ch.vip_upserts.push((*key, info));
@@ -231,25 +276,10 @@ pub fn plan(desired: &Desired, actual: &Actual) -> Changes {
     ch.slot_writes = want_slots.iter().filter(|(i, v)| actual.slots.get(i) != Some(v)).map(|(i, v)| (*i, *v)).collect();
     ch.slot_clears = actual.slots.keys().filter(|i| !want_slots.contains_key(i)).copied().collect();
 
-    // Ports with their own class, and the (VIP, class) counters every class of a VIP needs.
-    let mut want_ports = BTreeMap::new();
-    let mut want_stats = BTreeSet::new();
-    for info in infos.values() {
-        if info.class != 0 {
-            want_stats.insert(ClassStatsKey { vip_id: info.id, class: info.class });
-        }
-    }
-    for (&(vip, proto, port), class) in &desired.port_classes {
-        let (Some(&id), Some(&class)) = (ids.get(&vip), class_ids.get(class)) else {
-            continue;
-        };
-        want_ports.insert(RemapKey::new(id, proto, port.to_be()), class);
-        want_stats.insert(ClassStatsKey { vip_id: id, class });
-    }
+    // Ports with their own class, each with its (VIP, class) counters.
+    let want_ports: BTreeMap<RemapKey, PortClass> = port_class_ids.iter().map(|(rk, k)| (*rk, PortClass { class: k.class, stats: stats_index[k] })).collect();
     ch.port_class_upserts = want_ports.iter().filter(|(k, v)| actual.port_classes.get(k) != Some(v)).map(|(k, v)| (*k, *v)).collect();
     ch.port_class_deletes = actual.port_classes.keys().filter(|k| !want_ports.contains_key(k)).copied().collect();
-    ch.class_stats_creates = want_stats.difference(&actual.class_stats).copied().collect();
-    ch.class_stats_deletes = actual.class_stats.difference(&want_stats).copied().collect();
 
     for (i, &new) in bitmap.iter().enumerate() {
         let old = actual.port_bitmap.get(i).copied().unwrap_or(0);
@@ -465,9 +495,12 @@ mod tests {
         let info = a.vips[&key("198.18.0.1")];
         assert_eq!((info.class, info.flags), (latency, VIP_PORT_CLASSES));
         assert_eq!(a.slots[&vip_slot(&key("198.18.0.1"))].info, info, "the fast path carries the class too");
-        assert_eq!(a.port_classes[&RemapKey::new(info.id, 6, 9000u16.to_be())], bulk);
-        let stats: Vec<_> = a.class_stats.iter().map(|k| (k.vip_id, k.class)).collect();
-        assert_eq!(stats, [(info.id, bulk), (info.id, latency)]);
+        // Each (VIP, class) pair has its own counters, and the VIP and the port carry the
+        // index of theirs.
+        let stats: Vec<_> = a.class_stats.iter().map(|(k, i)| (k.vip_id, k.class, *i)).collect();
+        assert_eq!(stats, [(info.id, bulk, 0), (info.id, latency, 1)]);
+        assert_eq!(a.port_classes[&RemapKey::new(info.id, 6, 9000u16.to_be())], PortClass { class: bulk, stats: 0 });
+        assert_eq!(info.class_stats, 1);
         assert_eq!(a.classes[&latency].skb_priority, 0, "no rate: no HTB class");
         assert_ne!(a.classes[&bulk].skb_priority, 0);
 
@@ -478,5 +511,34 @@ mod tests {
         assert_eq!(ch.cpumap_deletes, vec![0, 1]);
         assert_eq!(a.vips[&key("198.18.0.1")].class, 0);
         assert!(a.classes.is_empty() && a.port_classes.is_empty() && a.class_stats.is_empty() && a.cpumap.is_empty());
+    }
+
+    /// A (VIP, class) pair keeps its counters' index across reloads; a new pair takes an
+    /// index no pair holds, and one freed in the same round only when none is left.
+    #[test]
+    fn class_counter_indices_are_kept_and_new_pairs_take_unheld_ones() {
+        let mut a = Actual::default();
+        let cfg = |vips: &[(&str, &str)]| {
+            let mut text = "[[nic]]\nname = \"a0\"\n[class.gold]\n[class.bronze]\n".to_string();
+            for (vip, class) in vips {
+                text += &format!("[[vip]]\naddress = \"{vip}\"\nclass = \"{class}\"\n");
+            }
+            let file: crate::config::ConfigFile = toml::from_str(&text).unwrap();
+            Desired::from_config(&crate::config::validate_on(&file, &[0, 1].into_iter().collect()).unwrap())
+        };
+        converge(&cfg(&[("198.18.0.1", "gold"), ("198.18.0.2", "bronze")]), &mut a);
+        let index_of = |a: &Actual, vip: &str| a.vips[&key(vip)].class_stats;
+        let (one, two) = (index_of(&a, "198.18.0.1"), index_of(&a, "198.18.0.2"));
+        assert_ne!(one, two);
+        // .2 leaves, .3 arrives in the same round: .1 keeps its index, .3 does not take .2's.
+        let ch = converge(&cfg(&[("198.18.0.1", "gold"), ("198.18.0.3", "gold")]), &mut a);
+        assert_eq!(index_of(&a, "198.18.0.1"), one);
+        let three = index_of(&a, "198.18.0.3");
+        assert!(three != one && three != two, "a new pair took an index held this round");
+        assert_eq!(ch.class_stats_creates.len(), 1, "only the new pair is created (and zeroed)");
+        assert_eq!(ch.class_stats_deletes.len(), 1);
+        // The next round may reuse .2's old index: it is free now.
+        converge(&cfg(&[("198.18.0.1", "gold"), ("198.18.0.3", "gold"), ("198.18.0.4", "bronze")]), &mut a);
+        assert_eq!(index_of(&a, "198.18.0.4"), two);
     }
 }

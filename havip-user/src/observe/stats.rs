@@ -309,16 +309,19 @@ impl Snapshot {
         let class_infos: BTreeMap<u32, ClassInfo> =
             open(m::CLASSES)?.array_all::<ClassInfo>()?.into_iter().filter(|(_, c)| *c != ClassInfo::default()).collect();
         let class_name = |id: u32| class_infos.get(&id).map(|c| c.name().to_string()).unwrap_or_else(|| format!("#{id}"));
-        // In key order: each VIP's classes by class id.
-        let class_stats: BTreeMap<ClassStatsKey, ClassCounters> = open(m::CLASS_STATS)?
-            .percpu_hash::<ClassStatsKey, ClassCounters>(ncpus)?
-            .into_iter()
-            .map(|(k, per_cpu)| {
-                let mut counters = ClassCounters::default();
-                per_cpu.iter().for_each(|c| counters.add(c));
-                (k, counters)
-            })
-            .collect();
+        // In key order: each VIP's classes by class id. The index map says which entry of
+        // the counters array counts which (VIP, class); only those entries are read.
+        let index: BTreeMap<u32, ClassStatsKey> = open(m::CLASS_STATS_INDEX)?.hash::<ClassStatsKey, u32>()?.into_iter().map(|(k, i)| (i, k)).collect();
+        let mut class_stats: BTreeMap<ClassStatsKey, ClassCounters> = BTreeMap::new();
+        if !index.is_empty() {
+            for (i, per_cpu) in open(m::CLASS_STATS)?.percpu_array::<ClassCounters>(&bpf_read::runs(index.keys().copied(), RUN_GAP), ncpus)? {
+                if let Some(k) = index.get(&i) {
+                    let mut counters = ClassCounters::default();
+                    per_cpu.iter().for_each(|c| counters.add(c));
+                    class_stats.insert(*k, counters);
+                }
+            }
+        }
         let mut vip_class_stats: BTreeMap<u32, Vec<VipClassStats>> = BTreeMap::new();
         for (k, counters) in &class_stats {
             vip_class_stats.entry(k.vip_id).or_default().push(VipClassStats { class: class_name(k.class), counters: *counters });
