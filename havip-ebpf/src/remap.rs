@@ -21,16 +21,16 @@ enum Inline {
 }
 
 /// Scans a slot's inline mappings (words copied out of one version of the slot, see
-/// `vips`). The loop is bounded and unrolled.
+/// `vips`). Each entry is compared as one word: `from_be` in bits 0-15, `to_be` in 16-31,
+/// `proto` in 32-39 (an empty entry's proto is 0, which no TCP/UDP packet has, so the
+/// four compares need no early exit). Unrolled.
 #[inline(always)]
 fn scan(inline: &InlineRemaps, proto: u8, port_be: u16) -> Inline {
+    const MATCH_BITS: u64 = 0xff_0000_ffff;
+    let want = (proto as u64) << 32 | port_be as u64;
     for raw in inline.entries {
-        let e: InlineRemap = unsafe { core::mem::transmute(raw) };
-        if e.proto == 0 {
-            break;
-        }
-        if e.proto == proto && e.from_be == port_be {
-            return Inline::Found(e.to_be);
+        if raw & MATCH_BITS == want {
+            return Inline::Found((raw >> 16) as u16);
         }
     }
     if inline.overflow {
@@ -39,6 +39,14 @@ fn scan(inline: &InlineRemaps, proto: u8, port_be: u16) -> Inline {
         Inline::Absent
     }
 }
+
+// The word layout `scan` relies on.
+const _: () = assert!(
+    core::mem::offset_of!(InlineRemap, from_be) == 0
+        && core::mem::offset_of!(InlineRemap, to_be) == 2
+        && core::mem::offset_of!(InlineRemap, proto) == 4
+        && core::mem::size_of::<InlineRemap>() == 8
+);
 
 /// Cheap pre-check: is `port_be` mapped for any VIP in this direction?
 #[inline(always)]

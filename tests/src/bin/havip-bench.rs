@@ -110,13 +110,13 @@ fn print_partitions(p: &havip_tests::cluster_bench::Partitions) {
 struct Row {
     case: String,
     program: String,
-    /// Kernel-timed mean (whole ns) and wall-timed mean (fractional) per run.
+    /// Kernel-timed mean (whole ns) and CPU-time mean (fractional) per run.
     ns_per_packet: f64,
-    wall_ns_per_packet: f64,
-    /// Wall-timed ns over the baseline's, and the ratio of the wall-timed means.
+    cpu_ns_per_packet: f64,
+    /// CPU-time ns over the baseline's, and the ratio of the CPU-time means.
     extra_ns: f64,
     ratio_to_baseline: f64,
-    samples_wall_ns: Vec<f64>,
+    samples_cpu_ns: Vec<f64>,
 }
 
 #[derive(Serialize)]
@@ -124,7 +124,7 @@ struct PerPacket {
     method: String,
     repeat: u32,
     rounds: usize,
-    baseline_wall_ns: f64,
+    baseline_cpu_ns: f64,
     rows: Vec<Row>,
     /// The passive TCP sampling path, timed as pairs of single runs (see `sampling_pairs`).
     sampling: Sampling,
@@ -312,14 +312,14 @@ fn per_packet(args: &Args) -> PerPacket {
         .zip(samples)
         .zip(&medians)
         .zip(kernel)
-        .map(|(((c, samples_wall_ns), &ns), mut k)| Row {
+        .map(|(((c, samples_cpu_ns), &ns), mut k)| Row {
             case: c.name.to_string(),
             program: c.prog.to_string(),
             ns_per_packet: median(&mut k),
-            wall_ns_per_packet: ns,
+            cpu_ns_per_packet: ns,
             extra_ns: ns - baseline,
             ratio_to_baseline: ns / baseline,
-            samples_wall_ns,
+            samples_cpu_ns,
         })
         .collect();
     let sampling = sampling_pairs(&mut fx, &mut fx_passive);
@@ -329,10 +329,10 @@ fn per_packet(args: &Args) -> PerPacket {
     let classed = rows.iter().find(|r| r.case.contains("class")).unwrap().extra_ns;
     let (t_remap, t_class) = (10.0, 15.0);
     PerPacket {
-        method: "BPF_PROG_RUN, `repeat` runs per call, wall-timed (the kernel's whole-ns mean beside it); median of interleaved rounds".into(),
+        method: "BPF_PROG_RUN, `repeat` runs per call, timed by the thread's CPU time (the kernel's whole-ns mean beside it); median of interleaved rounds".into(),
         repeat: args.repeat,
         rounds: args.rounds,
-        baseline_wall_ns: baseline,
+        baseline_cpu_ns: baseline,
         rows,
         sampling,
         target_remap_max_extra_ns: t_remap,
@@ -395,9 +395,9 @@ fn main() -> anyhow::Result<()> {
         );
         let pp = per_packet(&args);
         println!("\nIngress XDP per-packet cost (BPF_PROG_RUN, {} runs per call), kernel {kernel}", args.repeat);
-        println!("{:<56} {:>9} {:>9} {:>9} {:>8}", "case", "kernel ns", "wall ns", "extra ns", "x base");
+        println!("{:<56} {:>9} {:>9} {:>9} {:>8}", "case", "kernel ns", "CPU ns", "extra ns", "x base");
         for r in &pp.rows {
-            println!("{:<56} {:>9.0} {:>9.2} {:>9.2} {:>8.2}", r.case, r.ns_per_packet, r.wall_ns_per_packet, r.extra_ns, r.ratio_to_baseline);
+            println!("{:<56} {:>9.0} {:>9.2} {:>9.2} {:>8.2}", r.case, r.ns_per_packet, r.cpu_ns_per_packet, r.extra_ns, r.ratio_to_baseline);
         }
         let sm = &pp.sampling;
         println!(
