@@ -105,6 +105,10 @@ fn serving_node(path: Path) -> (Topology, Arc<AtomicBool>) {
     assert_eq!(ingress_hook_on(&t.srv, "eth0"), Some(path.hook()), "{path:?}: the ingress program is not where it should be");
     let nic = &t.stats()["nics"][0];
     assert_eq!(nic["hook"], path.hook(), "{path:?}: havip stats reports another hook: {nic}");
+    // The log line of the attach names the hook and why.
+    let log = t.daemon_log();
+    let attached = log.lines().find(|l| l.contains("attached") && l.contains("eth0")).unwrap_or_else(|| panic!("{path:?}: no attach line in\n{log}"));
+    assert!(attached.contains(&format!("hook=\"{}\"", path.hook())) && attached.contains("why="), "{path:?}: {attached}");
     let stop = Arc::new(AtomicBool::new(false));
     echo_instance(&t.srv, 8081, b"A", stop.clone());
     (t, stop)
@@ -169,9 +173,9 @@ fn run(vip: &str, path: Path) {
         Path::GenericGso | Path::GenericMtu30k => {
             assert!(mean > 9014, "{path:?} {vip}: ingress saw {mean}-byte packets on average: no large frames")
         }
-        Path::GenericJumbo => assert!(mean > 1514 && mean <= 9014, "{path:?} {vip}: ingress saw {mean}-byte frames on average"),
+        Path::GenericJumbo | Path::TcJumbo => assert!(mean > 1514 && mean <= 9014, "{path:?} {vip}: ingress saw {mean}-byte frames on average"),
         Path::Native => assert!(mean <= 1514, "{path:?} {vip}: native XDP saw {mean}-byte frames on average"),
-        Path::TcGso | Path::TcJumbo => {
+        Path::TcGso => {
             // TC counts a GSO packet as its segments, so the mean is a wire frame's; the
             // program runs, one per packet, show the large packets: several segments each.
             let runs = counter(&s, &["outcomes", "ingress", "vip_remapped"]);

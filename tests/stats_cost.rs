@@ -14,10 +14,10 @@ use havip_user::observe::stats::Snapshot;
 
 /// Three calls for the layout version (see `map_layout`), and at most three for each map the
 /// read needs (open it, read its layout, one batch),
-/// for the 14 maps a dataplane using every feature makes it read: NICS, VIPS, REMAP_IN,
-/// PROBE_SLOTS, PROBE_STATS, PEER_QUALITY, CLASSES, CLASS_STATS, BINDINGS, VIP_STATS,
-/// NIC_STATS, OUTCOMES, QUEUE_STATS, CPU_QUEUES.
-const MAX_CALLS: u64 = 3 + 3 * 14;
+/// for the 15 maps a dataplane using every feature makes it read: NICS, VIPS, REMAP_IN,
+/// PROBE_SLOTS, PROBE_STATS, PEER_QUALITY, CLASSES, CLASS_STATS_INDEX, CLASS_STATS,
+/// BINDINGS, VIP_STATS, NIC_STATS, OUTCOMES, QUEUE_STATS, CPU_QUEUES.
+const MAX_CALLS: u64 = 3 + 3 * 15;
 
 /// Four VIPs, one with a class that has a CPU queue, each reaching an instance.
 const CONFIG: &str = r#"

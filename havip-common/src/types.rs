@@ -660,7 +660,8 @@ pub enum HookReason {
     DriverNic = 2,
     /// A virtual NIC (veth, ...): TC keeps its full speed, XDP does not.
     VirtualNic = 3,
-    /// A virtual NIC where classes have CPU queues, which only XDP can feed.
+    /// A virtual NIC where classes have CPU queues, which only XDP can feed (native: a
+    /// generic redirect loses the frame's class on the way).
     VirtualNicCpuQueues = 4,
     /// The driver refused native XDP.
     NativeRefused = 5,
@@ -676,7 +677,7 @@ impl HookReason {
             Self::Configured => "set by node.xdp_mode",
             Self::DriverNic => "NIC with a driver: native XDP runs before any skb is built",
             Self::VirtualNic => "virtual NIC: XDP halves veth throughput (native) or copies large packets (generic); TC does neither",
-            Self::VirtualNicCpuQueues => "virtual NIC whose classes have CPU queues, which only XDP can feed",
+            Self::VirtualNicCpuQueues => "virtual NIC whose classes have CPU queues, which only native XDP feeds with the class intact",
             Self::NativeRefused => "the driver refused native XDP",
         }
     }

@@ -90,7 +90,7 @@ pub struct NodeSection {
     #[serde(default = "default_vip_interface")]
     pub vip_interface: String,
     /// Where the ingress program attaches: `auto` (native XDP on NICs with a driver, TC on
-    /// virtual NICs such as veth, generic XDP on those where classes have CPU queues; see
+    /// virtual NICs such as veth unless classes have CPU queues; see
     /// `kernel::ingress_hook`), `native` (XDP in the driver, fail if it cannot), `generic`
     /// (XDP on the skb) or `tc` (a TC ingress program).
     #[serde(default)]

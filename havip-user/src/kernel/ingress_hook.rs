@@ -9,8 +9,13 @@
 //! before any skb exists and is the fastest hook there is.
 //!
 //! What TC cannot do: redirect into a class's CPU queue (the cpumap takes XDP frames
-//! only). Where classes have CPU queues, a virtual NIC gets generic XDP instead, so queues
-//! keep working; the choice and its reason are logged and shown by `havip stats`.
+//! only). Where classes have CPU queues, a virtual NIC gets native XDP as any NIC does:
+//! generic XDP could redirect, but a generic redirect drops the XDP metadata that tells
+//! the queue's CPU the frame's class (the kernel keeps metadata only for XDP_PASS), and
+//! the kernel accounts a generic cpumap enqueue differently. Generic XDP is the fallback
+//! where the driver refuses native (veth above a peer MTU of about 3.5 KiB), with those
+//! per-class queue counts missing. The choice and its reason are logged and shown by
+//! `havip stats`.
 
 use havip_common::{HookReason, IngressHook};
 
@@ -46,7 +51,7 @@ pub fn choose(mode: XdpModeSetting, kind: &NicKind, cpu_queues: bool) -> Choice 
             let without_native = if cpu_queues { H::XdpGeneric } else { H::Tc };
             match kind.virtual_kind {
                 None => Choice { first: (H::XdpNative, R::DriverNic), fallback: Some((without_native, R::NativeRefused)) },
-                Some(_) if cpu_queues => Choice { first: (H::XdpGeneric, R::VirtualNicCpuQueues), fallback: None },
+                Some(_) if cpu_queues => Choice { first: (H::XdpNative, R::VirtualNicCpuQueues), fallback: Some((H::XdpGeneric, R::NativeRefused)) },
                 Some(_) => Choice { first: (H::Tc, R::VirtualNic), fallback: None },
             }
         }
@@ -69,10 +74,10 @@ mod tests {
             // auto: native on a driver NIC, falling back to TC (or generic XDP for queues)
             (XdpModeSetting::Auto, None, false, Choice { first: (H::XdpNative, R::DriverNic), fallback: Some((H::Tc, R::NativeRefused)) }),
             (XdpModeSetting::Auto, None, true, Choice { first: (H::XdpNative, R::DriverNic), fallback: Some((H::XdpGeneric, R::NativeRefused)) }),
-            // auto: TC on virtual NICs, generic XDP where CPU queues need XDP
+            // auto: TC on virtual NICs, native XDP (then generic) where CPU queues need XDP
             (XdpModeSetting::Auto, Some("veth"), false, Choice { first: (H::Tc, R::VirtualNic), fallback: None }),
             (XdpModeSetting::Auto, Some("vlan"), false, Choice { first: (H::Tc, R::VirtualNic), fallback: None }),
-            (XdpModeSetting::Auto, Some("veth"), true, Choice { first: (H::XdpGeneric, R::VirtualNicCpuQueues), fallback: None }),
+            (XdpModeSetting::Auto, Some("veth"), true, Choice { first: (H::XdpNative, R::VirtualNicCpuQueues), fallback: Some((H::XdpGeneric, R::NativeRefused)) }),
             // explicit settings: exactly that hook, no fallback, whatever the NIC
             (XdpModeSetting::Native, Some("veth"), false, Choice { first: (H::XdpNative, R::Configured), fallback: None }),
             (XdpModeSetting::Generic, None, false, Choice { first: (H::XdpGeneric, R::Configured), fallback: None }),
