@@ -10,6 +10,8 @@
 //! - `decide`: who should own each VIP, pure.
 //! - `record`, `wire`: the etcd record and the heartbeat datagram.
 //! - `store`: etcd; `service`: the thread that runs it all; `clock`: CLOCK_BOOTTIME.
+//! - `vipgen`: which address of a network to hand out next (the managing node's VIP
+//!   generation by rule, issue 13), pure.
 
 pub mod decide;
 pub mod peers;
@@ -17,4 +19,5 @@ pub mod record;
 pub mod service;
 pub mod store;
 pub mod timing;
+pub mod vipgen;
 pub mod wire;

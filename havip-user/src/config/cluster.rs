@@ -54,6 +54,9 @@ pub struct ClusterSection {
     /// The other nodes.
     #[serde(default)]
     pub peer: Vec<PeerSection>,
+    /// Address spaces the managing node generates VIPs from (see `config::networks`).
+    #[serde(default)]
+    pub network: Vec<super::networks::NetworkSection>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -104,6 +107,7 @@ pub struct Cluster {
     pub giveback_hold_down: Duration,
     pub restart_grace: Duration,
     pub peers: Vec<Peer>,
+    pub networks: Vec<super::networks::Network>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -218,6 +222,7 @@ pub fn validate(section: Option<&ClusterSection>, errs: &mut Vec<FieldError>) ->
             ),
         });
     }
+    let networks = super::networks::validate(&s.network, errs);
     if errs.len() > before {
         return None;
     }
@@ -233,6 +238,7 @@ pub fn validate(section: Option<&ClusterSection>, errs: &mut Vec<FieldError>) ->
         giveback_hold_down: Duration::from_millis(s.giveback_hold_down_ms),
         restart_grace: Duration::from_millis(s.restart_grace_ms),
         peers: s.peer.iter().map(|p| Peer { name: p.name.clone(), addresses: p.addresses.clone() }).collect(),
+        networks,
     })
 }
 

@@ -13,6 +13,7 @@ pub mod capacity;
 pub mod classes;
 pub mod cluster;
 pub mod metrics;
+pub mod networks;
 pub mod probe;
 pub mod ranking;
 pub mod rate;
