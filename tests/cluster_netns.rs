@@ -494,3 +494,82 @@ fn lab_takeover_wait_ms(log: &str) -> f64 {
     let v = line.split("takeover_wait_us=").nth(1).and_then(|r| r.split_whitespace().next()).and_then(|n| n.parse::<f64>().ok()).expect("no takeover_wait_us");
     v / 1e3
 }
+
+/// The managing node as node `k` sees it: (manager, term, this node manages, writes refused
+/// as deposed).
+fn manager_seen(lab: &ClusterLab, k: usize) -> Option<(String, u64, bool, u64)> {
+    let out = lab.havip(k, &["cluster", "status", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    let m = &v["manager"];
+    Some((m["manager"].as_str()?.to_string(), m["term"].as_u64()?, m["this_node"].as_bool()?, m["deposed_writes"].as_u64()?))
+}
+
+/// Waits until every node in `ks` names the same manager other than `not`; returns it.
+fn wait_manager(lab: &ClusterLab, ks: &[usize], not: Option<&str>, within: Duration) -> (String, u64) {
+    let t = Instant::now();
+    loop {
+        let seen: Vec<_> = ks.iter().map(|&k| manager_seen(lab, k)).collect();
+        if let Some(Some((m, term, _, _))) = seen.first() {
+            if seen.iter().all(|s| s.as_ref().is_some_and(|s| &s.0 == m && s.1 == *term)) && Some(m.as_str()) != not {
+                return (m.clone(), *term);
+            }
+        }
+        assert!(t.elapsed() < within, "no agreed manager within {within:?}: {seen:?}");
+        sleep(Duration::from_millis(20));
+    }
+}
+
+/// The manager's state record in etcd: (node, term).
+fn manager_state(lab: &ClusterLab) -> Option<(String, u64)> {
+    let out = lab.etcdctl(&["get", "--print-value-only", &format!("{}/manager-state", lab.key_prefix())]);
+    let v: serde_json::Value = serde_json::from_slice(String::from_utf8_lossy(&out.stdout).trim().as_bytes()).ok()?;
+    Some((v["node"].as_str()?.to_string(), v["term"].as_u64()?))
+}
+
+#[test]
+fn one_managing_node_is_elected_and_a_deposed_one_cannot_write() {
+    let mut r = Run::start(3, 1, same);
+    let all = [1, 2, 3];
+    let (first, term) = wait_manager(&r.lab, &all, None, Duration::from_secs(10));
+    let k_first = all.into_iter().find(|&k| r.lab.node_name(k) == first).unwrap();
+    // Exactly one node believes it manages, and its guarded writes land.
+    let managing: Vec<usize> = all.into_iter().filter(|&k| manager_seen(&r.lab, k).is_some_and(|m| m.2)).collect();
+    assert_eq!(managing, [k_first], "nodes that believe they manage");
+    let t = Instant::now();
+    while manager_state(&r.lab) != Some((first.clone(), term)) {
+        assert!(t.elapsed() < Duration::from_secs(3), "the manager's state record never showed it: {:?}", manager_state(&r.lab));
+        sleep(Duration::from_millis(20));
+    }
+
+    // Paused, the manager stops renewing its lease: another node is elected, with a newer term.
+    r.lab.pause_node(k_first);
+    let paused_at = Instant::now();
+    let others: Vec<usize> = all.into_iter().filter(|&k| k != k_first).collect();
+    let (second, term2) = wait_manager(&r.lab, &others, Some(&first), Duration::from_secs(10));
+    eprintln!("{second} elected {:?} after {first} was paused (term {term} -> {term2})", paused_at.elapsed());
+    assert!(term2 > term, "the new term {term2} is not newer than {term}");
+    let t = Instant::now();
+    while manager_state(&r.lab).map(|s| s.0) != Some(second.clone()) {
+        assert!(t.elapsed() < Duration::from_secs(3), "the new manager's writes do not land: {:?}", manager_state(&r.lab));
+        sleep(Duration::from_millis(20));
+    }
+
+    // Resumed, the old manager still believes it manages and tries its next write: etcd
+    // refuses it (its leader key is gone), so the record never shows it again.
+    r.lab.resume_node(k_first);
+    let t = Instant::now();
+    let mut refused = false;
+    while t.elapsed() < Duration::from_millis(1500) {
+        let state = manager_state(&r.lab);
+        assert_eq!(state.as_ref().map(|s| s.0.as_str()), Some(second.as_str()), "a deposed manager's write landed: {state:?}");
+        refused |= manager_seen(&r.lab, k_first).is_some_and(|m| m.3 > 0);
+        sleep(Duration::from_millis(20));
+    }
+    let log = r.lab.node_log(k_first);
+    assert!(refused, "the old manager never tried a write and had it refused:\n{}", tail(&log));
+    assert!(log.contains("managing node: write refused"), "no log line of the refusal:\n{}", tail(&log));
+    // It campaigns again and follows the new manager.
+    assert_eq!(wait_manager(&r.lab, &all, Some(&first), Duration::from_secs(5)), (second, term2));
+    assert!(!manager_seen(&r.lab, k_first).unwrap().2, "the old manager still believes it manages");
+    r.finish();
+}

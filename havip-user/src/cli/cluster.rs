@@ -45,7 +45,17 @@ pub fn render(s: &Status) -> String {
         Some(age) => format!("last read {age} ms ago, {} µs", s.etcd_read_latency_us.unwrap_or(0)),
         None => "never read".into(),
     };
-    out += &format!("node {}   etcd {} ({etcd})   lease {} ms, takeover wait {:.1} ms\n\n", s.node, s.etcd_endpoints.join(","), s.lease_ms, s.takeover_wait_ms);
+    out += &format!("node {}   etcd {} ({etcd})   lease {} ms, takeover wait {:.1} ms\n", s.node, s.etcd_endpoints.join(","), s.lease_ms, s.takeover_wait_ms);
+    let m = &s.manager;
+    out += &match (&m.manager, m.term) {
+        (Some(name), Some(term)) => format!(
+            "managing node {name} (term {term}{})   elections won here {}, writes refused as deposed {}\n\n",
+            if m.this_node { ", this node" } else { "" },
+            m.elections_won,
+            m.deposed_writes
+        ),
+        _ => format!("managing node: none elected (or etcd unreachable)   elections won here {}\n\n", m.elections_won),
+    };
     out += &format!("{:<12} {:<10} {:>12} {:>10}  {}\n", "PEER", "HEALTH", "ALIVE FOR", "RTT", "PATHS (received/lost, last heard)");
     for p in &s.peers {
         let health = if p.alive {

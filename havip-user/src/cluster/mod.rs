@@ -10,10 +10,12 @@
 //! - `decide`: who should own each VIP, pure.
 //! - `record`, `wire`: the etcd record and the heartbeat datagram.
 //! - `store`: etcd; `service`: the thread that runs it all; `clock`: CLOCK_BOOTTIME.
+//! - `manager`: the managing node's election and leadership-guarded writes.
 //! - `vipgen`: which address of a network to hand out next (the managing node's VIP
 //!   generation by rule, issue 13), pure.
 
 pub mod decide;
+pub mod manager;
 pub mod peers;
 pub mod record;
 pub mod service;

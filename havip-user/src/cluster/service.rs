@@ -23,6 +23,7 @@ use tracing::{info, warn};
 
 use super::{
     decide::{self, Action, Local},
+    manager::{self, ManagerStatus},
     peers::Peers,
     record::{self, NodeMark, VipRecord},
     store::{Marks, Records, Snapshot, Store},
@@ -55,6 +56,9 @@ pub struct Status {
     pub peers: Vec<PeerStatus>,
     pub vips: Vec<VipStatus>,
     pub counters: Counters,
+    /// The managing node (see `manager`).
+    #[serde(default)]
+    pub manager: ManagerStatus,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -262,6 +266,8 @@ struct Service {
     announcer: Option<Arc<Announcer>>,
     announce: (u32, Duration),
     status: Arc<Mutex<Status>>,
+    /// What the managing-node task reports (copied into `status` on each publish).
+    manager: Arc<Mutex<ManagerStatus>>,
     started_at: Duration,
     vips: ClusterVips,
     records: Records,
@@ -312,6 +318,7 @@ impl Service {
             announcer: Announcer::new().map(Arc::new).map_err(|e| warn!(error = %format!("{e:#}"), "cannot announce takeovers")).ok(),
             announce,
             status,
+            manager: Arc::new(Mutex::new(ManagerStatus::default())),
             started_at: clock::now(),
             vips: Vec::new(),
             records: Records::new(),
@@ -342,6 +349,7 @@ impl Service {
         let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
         let (write_tx, write_rx) = mpsc::unbounded_channel();
         tokio::spawn(reader(store.clone(), self.t.confirm_every, ev_tx.clone()));
+        tokio::spawn(manager::run(self.c.clone(), self.manager.clone()));
         let mark = NodeMark { node: self.c.node.clone(), incarnation: self.peers.incarnation, every_ms: 0, count: 0 };
         tokio::spawn(marker(store.clone(), mark, self.mark_every.subscribe(), ev_tx.clone()));
         tokio::spawn(writer(store, write_rx, ev_tx));
@@ -859,7 +867,9 @@ impl Service {
 
     fn publish(&mut self) {
         let now = clock::now();
+        let manager = self.manager.lock().map(|m| m.clone()).unwrap_or_default();
         let mut st = self.status.lock().expect("status lock");
+        st.manager = manager;
         st.etcd_last_ok_ms = self.records_at.map(|t| now.saturating_sub(t).as_millis() as u64);
         st.etcd_read_latency_us = self.read_latency.map(|d| d.as_micros() as u64);
         st.takeover_wait_ms = self.t.takeover_wait.as_secs_f64() * 1e3;

@@ -356,6 +356,16 @@ fn cluster(x: &mut Exposition, c: &ClusterStatus) {
         Some(Unit::Seconds),
         c.etcd_last_ok_ms.map_or(f64::NAN, |m| m as f64 / 1000.0),
     );
+    let m = &c.manager;
+    x.gauge(
+        "havip_cluster_manager_term",
+        "The managing node's term (its election key's revision), labelled with its name; no series while none is elected",
+        None,
+        m.manager.iter().map(|name| (l1("manager", name), m.term.unwrap_or(0) as f64)),
+    );
+    x.gauge1("havip_cluster_manager_here", "1 while this node is the managing node", None, if m.this_node { 1.0 } else { 0.0 });
+    x.counter1("havip_cluster_manager_elections_won", "Elections for the managing node this node won", m.elections_won);
+    x.counter1("havip_cluster_manager_writes_refused", "Guarded writes etcd refused because this node was no longer the manager", m.deposed_writes);
     x.gauge("havip_cluster_vip_serving", "1 while this node serves the cluster VIP (its kernel fence is open)", None, c.vips.iter().map(|v| (l1("vip", v.vip), if v.here == "serving" { 1.0 } else { 0.0 })));
     x.gauge("havip_cluster_vip_epoch", "The VIP's ownership epoch in etcd (the record's revision)", None, c.vips.iter().map(|v| (l1("vip", v.vip), v.epoch as f64)));
     x.gauge("havip_cluster_vip_lease_left", "Time left on this node's kernel fence for the VIP", Some(Unit::Seconds), c.vips.iter().map(|v| (l1("vip", v.vip), v.lease_left_ms as f64 / 1000.0)));
