@@ -573,3 +573,116 @@ fn one_managing_node_is_elected_and_a_deposed_one_cannot_write() {
     assert!(!manager_seen(&r.lab, k_first).unwrap().2, "the old manager still believes it manages");
     r.finish();
 }
+
+const SPARES: &str = "\n[[cluster.network]]\nname = \"prod\"\nprefix = \"198.18.200.0/24\"\n\
+                      [[cluster.network.range]]\nfirst = \"198.18.200.10\"\nlast = \"198.18.200.99\"\n\
+                      [cluster.spares]\nnetwork = \"prod\"\nlow = 2\nhigh = 4\n";
+
+fn with_spares(cfg: String) -> String {
+    cfg + SPARES
+}
+
+/// The ledger in etcd: address -> (node, state).
+fn ledger(lab: &ClusterLab) -> std::collections::BTreeMap<String, (String, String)> {
+    let prefix = format!("{}-manager/alloc/prod/", lab.key_prefix());
+    let out = lab.etcdctl(&["get", "--prefix", &prefix]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let lines: Vec<&str> = text.lines().collect();
+    lines
+        .chunks(2)
+        .filter_map(|kv| {
+            let v: serde_json::Value = serde_json::from_str(kv.get(1)?).ok()?;
+            Some((kv[0].strip_prefix(&prefix)?.to_string(), (v["node"].as_str()?.to_string(), v["state"].as_str()?.to_string())))
+        })
+        .collect()
+}
+
+/// Spares per node in the ledger.
+fn spares_of(l: &std::collections::BTreeMap<String, (String, String)>, node: &str) -> Vec<String> {
+    l.iter().filter(|(_, (n, s))| n == node && s == "spare").map(|(a, _)| a.clone()).collect()
+}
+
+/// Marks `n` of `node`'s spares granted, as a node granting them does.
+fn grant(lab: &ClusterLab, node: &str, n: usize) {
+    for a in spares_of(&ledger(lab), node).into_iter().take(n) {
+        let key = format!("{}-manager/alloc/prod/{a}", lab.key_prefix());
+        let rec = format!("{{\"node\":\"{node}\",\"state\":\"granted\",\"app\":\"test\"}}");
+        assert!(lab.etcdctl(&["put", &key, &rec]).status.success());
+    }
+}
+
+/// Waits until every node has `high` (4) spares in the ledger; checks that no address
+/// ever changed node (an address handed out twice would).
+fn wait_full(lab: &ClusterLab, seen: &mut std::collections::BTreeMap<String, String>, within: Duration) {
+    let t = Instant::now();
+    loop {
+        let l = ledger(lab);
+        for (a, (n, _)) in &l {
+            let was = seen.entry(a.clone()).or_insert_with(|| n.clone());
+            assert_eq!(was, n, "{a} was handed to {was}, now to {n}: handed out twice");
+        }
+        if ["n1", "n2", "n3"].iter().all(|n| spares_of(&l, n).len() == 4) {
+            return;
+        }
+        assert!(t.elapsed() < within, "pools not full within {within:?}: {l:?}");
+        sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn the_manager_keeps_every_spare_pool_topped_up_and_a_new_one_continues() {
+    let mut r = Run::start(3, 1, with_spares);
+    let all = [1, 2, 3];
+    let (first, _) = wait_manager(&r.lab, &all, None, Duration::from_secs(10));
+    let k_first = all.into_iter().find(|&k| r.lab.node_name(k) == first).unwrap();
+    let mut seen = std::collections::BTreeMap::new();
+    wait_full(&r.lab, &mut seen, Duration::from_secs(10));
+    assert_eq!(ledger(&r.lab).len(), 12, "3 nodes x high 4");
+    assert!(seen.keys().all(|a| {
+        let a: std::net::Ipv4Addr = a.parse().unwrap();
+        (10..=99).contains(&a.octets()[3]) && a.octets()[..3] == [198, 18, 200]
+    }));
+    // Every node shows the pools (havip cluster pools reads the same ledger).
+    let out = r.lab.havip(2, &["cluster", "pools", "--json"]);
+    let pools: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let t = Instant::now();
+    let mut pools = pools;
+    while pools["n3"]["spares"].as_array().map_or(0, Vec::len) != 4 {
+        assert!(t.elapsed() < Duration::from_secs(3), "havip cluster pools on n2: {pools}");
+        sleep(Duration::from_millis(100));
+        pools = serde_json::from_slice(&r.lab.havip(2, &["cluster", "pools", "--json"]).stdout).unwrap_or_default();
+    }
+
+    // A node grants three of its four spares: below low water, it is topped up to four.
+    let other = if first == "n2" { "n3" } else { "n2" };
+    grant(&r.lab, other, 3);
+    wait_full(&r.lab, &mut seen, Duration::from_secs(5));
+    assert_eq!(ledger(&r.lab).len(), 15);
+
+    // The manager is killed; a node grants meanwhile; the next manager tops it up, and no
+    // address is handed out twice across the two managers.
+    r.lab.kill_node(k_first);
+    let survivors: Vec<usize> = all.into_iter().filter(|&k| k != k_first).collect();
+    let last = survivors.iter().map(|&k| r.lab.node_name(k).to_string()).find(|n| n != other).expect("two survivors");
+    let last = last.as_str();
+    grant(&r.lab, last, 3);
+    let (second, _) = wait_manager(&r.lab, &survivors, Some(&first), Duration::from_secs(10));
+    // The killed node's pool stays as it was (its spares are not taken back yet); the others fill.
+    let t = Instant::now();
+    loop {
+        let l = ledger(&r.lab);
+        for (a, (n, _)) in &l {
+            let was = seen.entry(a.clone()).or_insert_with(|| n.clone());
+            assert_eq!(was, n, "{a} was handed to {was}, now to {n}: handed out twice");
+        }
+        if spares_of(&l, last).len() == 4 {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "{last} not topped up by the new manager {second}: {l:?}");
+        sleep(Duration::from_millis(50));
+    }
+    let k_second = all.into_iter().find(|&k| r.lab.node_name(k) == second).unwrap();
+    assert!(r.lab.node_log(k_second).contains("managing node: spares topped up"), "{}", tail(&r.lab.node_log(k_second)));
+    assert_eq!(ledger(&r.lab).len(), 18);
+    r.finish();
+}

@@ -16,14 +16,33 @@ pub enum ClusterCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Every node's spare VIPs and granted ones, as the managing node's ledger in etcd holds
+    /// them (with `[cluster.spares]`).
+    Pools {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub fn run(loc: &Locations, cmd: ClusterCommand) -> anyhow::Result<()> {
-    let ClusterCommand::Status { json } = cmd;
+    let (json, pools) = match cmd {
+        ClusterCommand::Status { json } => (json, false),
+        ClusterCommand::Pools { json } => (json, true),
+    };
     let (status, v) = crate::api::client::call(&loc.run_dir, "GET", "/v1/cluster", None)?;
     if !(200..300).contains(&status) {
         let why = v.get("error").and_then(|e| e.as_str()).map(str::to_string).unwrap_or_else(|| v.to_string());
         anyhow::bail!("{}", refusal(status, &why));
+    }
+    if pools {
+        let s: Status = serde_json::from_value(v)?;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&s.manager.pools)?);
+        } else {
+            print!("{}", render_pools(&s));
+        }
+        return Ok(());
     }
     if json {
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -32,6 +51,19 @@ pub fn run(loc: &Locations, cmd: ClusterCommand) -> anyhow::Result<()> {
     let s: Status = serde_json::from_value(v)?;
     print!("{}", render(&s));
     Ok(())
+}
+
+fn render_pools(s: &Status) -> String {
+    let mut out = String::new();
+    if s.manager.pools.is_empty() {
+        return "no spare pools: configure [cluster.spares] (network, low, high)\n".into();
+    }
+    out += &format!("{:<12} {:>7} {:>8}  {}\n", "NODE", "SPARES", "GRANTED", "SPARE VIPS");
+    for (node, l) in &s.manager.pools {
+        let addrs: Vec<String> = l.spares.iter().map(|a| a.to_string()).collect();
+        out += &format!("{:<12} {:>7} {:>8}  {}\n", node, l.spares.len(), l.granted, addrs.join(" "));
+    }
+    out
 }
 
 fn ms(v: Option<u64>) -> String {

@@ -1,7 +1,8 @@
-//! The managing node (issue 13, first piece): one node of the cluster, elected through
+//! The managing node (issue 13, first pieces): one node of the cluster, elected through
 //! etcd's election API, with every write it makes guarded by its leadership in the same
-//! transaction. What it manages (VIP generation by `vipgen`, placement, spare pools)
-//! builds on this; today it proves and publishes its leadership.
+//! transaction. Its duty so far: keeping every node's spare pool between its water marks
+//! (`pools`, addresses by the rules of `vipgen`). Placement of granted VIPs, requests
+//! forwarded to it and rebalancing build on this.
 //!
 //! - Every node campaigns on `<key_prefix>/manager` with a lease of [`ELECTION_TTL_S`]
 //!   (etcd rounds it up to its minimum: 3/2 of its election timeout, whole seconds) kept
@@ -14,21 +15,28 @@
 //!   of its leader key with its term. Once the key is gone (or is someone else's), the
 //!   write fails, so a deposed manager that wakes up cannot change anything: it sees the
 //!   refusal, counts it, logs it and campaigns again.
-//! - The manager rewrites `<key_prefix>/manager-state` (its name and term) every
-//!   [`STATE_EVERY`] that way: the record the cluster can read the manager from, and the
-//!   proof that guarded writes keep a deposed one out.
-//! - Every node reads the election's leader every [`OBSERVE_EVERY`] for
-//!   `havip cluster status`.
+//! - Every [`STATE_EVERY`] the manager reads the ledger, and writes the spares it adds
+//!   together with `<key_prefix>/manager-state` (its name and term) in one transaction:
+//!   guarded by its leadership, and by each new spare's key being absent, so an address
+//!   is never handed out twice, whichever manager writes.
+//! - Every node reads the election's leader every [`OBSERVE_EVERY`], and the pools every
+//!   [`POOLS_EVERY`], for `havip cluster status` and `havip cluster pools`.
 
 use std::{
     sync::{Arc, Mutex},
     time::Duration,
 };
 
-use etcd_client::{Client, Compare, CompareOp, ConnectOptions, Txn, TxnOp};
+use std::collections::{BTreeMap, BTreeSet};
+
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, Txn, TxnOp};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
+use super::{
+    pools::{self, AllocRecord, PoolLevel},
+    vipgen::AddrKey,
+};
 use crate::config::cluster::Cluster;
 
 /// Time to live of the campaign's lease, s (etcd raises it to its minimum).
@@ -39,6 +47,8 @@ pub const STATE_EVERY: Duration = Duration::from_millis(250);
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How often every node reads who the manager is.
 pub const OBSERVE_EVERY: Duration = Duration::from_millis(100);
+/// How often every node reads the spare pools (a read of the whole ledger).
+pub const POOLS_EVERY: Duration = Duration::from_millis(500);
 
 /// The manager as `havip cluster status` shows it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -53,6 +63,9 @@ pub struct ManagerStatus {
     pub elections_won: u64,
     /// Guarded writes refused because this node was no longer the manager.
     pub deposed_writes: u64,
+    /// Every node's spare pool as the ledger shows it (with `[cluster.spares]`).
+    #[serde(default)]
+    pub pools: BTreeMap<String, PoolLevel>,
 }
 
 /// The record the manager keeps current (`<key_prefix>/manager-state`).
@@ -134,21 +147,66 @@ async fn term(c: &Cluster, status: &Arc<Mutex<ManagerStatus>>) -> anyhow::Result
         // shows up here too: its key is gone, so the next write is refused.)
         let mut tick = tokio::time::interval(STATE_EVERY);
         let mut writes = 0u64;
+        let mut random = seed();
         loop {
             tick.tick().await;
             writes += 1;
-            let state = ManagerState { node: c.node.clone(), term, writes };
-            let guard = Compare::create_revision(leader.key(), CompareOp::Equal, leader.rev());
-            let put = TxnOp::put(state_key(&c.key_prefix), serde_json::to_vec(&state)?, None);
-            let resp = match tokio::time::timeout(WRITE_TIMEOUT, client.txn(Txn::new().when(vec![guard]).and_then(vec![put]))).await {
-                Ok(r) => r?,
-                Err(_) => anyhow::bail!("a guarded write took over {} ms (etcd unreachable?): standing down (term {term})", WRITE_TIMEOUT.as_millis()),
+            random = xorshift(random);
+            // The duty: spares for every node below its low water mark.
+            let (ops, guards, added) = match (&c.spares, c.spares.as_ref().and_then(|sp| c.networks.iter().find(|n| n.name == sp.network))) {
+                (Some(sp), Some(net)) => {
+                    let (records, retired) = with_timeout(read_ledger(&mut client, &c.key_prefix)).await?;
+                    let t = pools::top_up(&c.all_nodes(), sp, net, &records, &retired, random);
+                    if !t.short.is_empty() {
+                        warn!(network = %net.name, nodes = ?t.short, "managing node: network has no free address left for these nodes' spares; add a range or release VIPs");
+                    }
+                    let mut ops = Vec::new();
+                    let mut guards = Vec::new();
+                    for (addr, node) in &t.add {
+                        let key = pools::alloc_key(&c.key_prefix, &net.name, *addr);
+                        guards.push(Compare::create_revision(key.as_bytes(), CompareOp::Equal, 0));
+                        let rec = AllocRecord { node: node.clone(), state: pools::State::Spare, app: None, do_not_reassign: false };
+                        ops.push(TxnOp::put(key, serde_json::to_vec(&rec)?, None));
+                    }
+                    let levels = pools::levels(&c.all_nodes(), &net.name, &records);
+                    (ops, guards, Some((t.add, levels)))
+                }
+                _ => (Vec::new(), Vec::new(), None),
             };
-            if !resp.succeeded() {
-                update(status, |m| m.deposed_writes += 1);
-                warn!(node = %c.node, term, "managing node: write refused, this node is no longer the manager (its leader key is gone); standing down");
-                return Ok(());
+            let state = ManagerState { node: c.node.clone(), term, writes };
+            let mut when = vec![Compare::create_revision(leader.key(), CompareOp::Equal, leader.rev())];
+            when.extend(guards);
+            let mut then = ops;
+            then.push(TxnOp::put(state_key(&c.key_prefix), serde_json::to_vec(&state)?, None));
+            let resp = with_timeout(async { Ok(client.txn(Txn::new().when(when).and_then(then)).await?) }).await?;
+            if resp.succeeded() {
+                if let Some((added, levels)) = added.filter(|(a, _)| !a.is_empty()) {
+                    let mut per_node: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+                    for (a, n) in &added {
+                        per_node.entry(n.as_str()).or_default().push(a.to_string());
+                    }
+                    for (node, addrs) in per_node {
+                        let had = levels.get(node).map_or(0, |l| l.spares.len());
+                        let sp = c.spares.as_ref().expect("spares configured");
+                        info!(term, node, had, low = sp.low, high = sp.high, added = ?addrs, "managing node: spares topped up");
+                    }
+                }
+                continue;
             }
+            // Refused: either this node is no longer the manager, or a ledger key it meant
+            // to create exists after all (then the next round reads it and picks again).
+            let still_leader = with_timeout(async { Ok(client.get(leader.key(), None).await?) })
+                .await?
+                .kvs()
+                .first()
+                .is_some_and(|kv| kv.create_revision() == leader.rev());
+            if still_leader {
+                warn!(node = %c.node, term, "managing node: a spare it meant to add exists already; reading the ledger again");
+                continue;
+            }
+            update(status, |m| m.deposed_writes += 1);
+            warn!(node = %c.node, term, "managing node: write refused, this node is no longer the manager (its leader key is gone); standing down");
+            return Ok(());
         }
     }
     .await;
@@ -161,8 +219,11 @@ async fn term(c: &Cluster, status: &Arc<Mutex<ManagerStatus>>) -> anyhow::Result
 /// Who the manager is, for every node's status.
 async fn observe(c: Cluster, status: Arc<Mutex<ManagerStatus>>) {
     let mut client = None;
+    let mut round = 0u64;
+    let pools_every = (POOLS_EVERY.as_millis() / OBSERVE_EVERY.as_millis()).max(1) as u64;
     loop {
         tokio::time::sleep(OBSERVE_EVERY).await;
+        round += 1;
         if client.is_none() {
             client = connect(&c).await.ok();
         }
@@ -172,9 +233,53 @@ async fn observe(c: Cluster, status: Arc<Mutex<ManagerStatus>>) {
             // No leader ("election: no leader") or etcd unreachable: none known.
             _ => None,
         };
+        let pools = match &c.spares {
+            _ if round % pools_every != 0 => None,
+            Some(sp) => match tokio::time::timeout(Duration::from_millis(500), read_ledger(cl, &c.key_prefix)).await {
+                Ok(Ok((records, _))) => Some(pools::levels(&c.all_nodes(), &sp.network, &records)),
+                _ => None,
+            },
+            None => Some(BTreeMap::new()),
+        };
         update(&status, |m| {
             m.manager = seen.as_ref().map(|s| s.0.clone());
             m.term = seen.as_ref().map(|s| s.1);
+            if let Some(p) = pools {
+                m.pools = p;
+            }
         });
     }
+}
+
+/// Runs an etcd request with [`WRITE_TIMEOUT`]: an unreachable etcd ends the term.
+async fn with_timeout<T>(f: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    match tokio::time::timeout(WRITE_TIMEOUT, f).await {
+        Ok(r) => r,
+        Err(_) => anyhow::bail!("an etcd request took over {} ms (etcd unreachable?): standing down", WRITE_TIMEOUT.as_millis()),
+    }
+}
+
+/// The ledger: every handed-out address and every retired one.
+pub async fn read_ledger(client: &mut Client, key_prefix: &str) -> anyhow::Result<(BTreeMap<AddrKey, AllocRecord>, BTreeSet<AddrKey>)> {
+    let resp = client.get(pools::ledger_prefix(key_prefix), Some(GetOptions::new().with_prefix())).await?;
+    let mut records = BTreeMap::new();
+    for kv in resp.kvs() {
+        let (Ok(key), Ok(rec)) = (kv.key_str(), serde_json::from_slice::<AllocRecord>(kv.value())) else { continue };
+        if let Some(k) = pools::parse_alloc_key(key_prefix, key) {
+            records.insert(k, rec);
+        }
+    }
+    // Retired addresses come with releases, which are not built yet: none so far.
+    Ok((records, BTreeSet::new()))
+}
+
+fn seed() -> u64 {
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
+    t | 1
+}
+
+fn xorshift(mut x: u64) -> u64 {
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^ (x << 17)
 }

@@ -11,12 +11,14 @@
 //! - `record`, `wire`: the etcd record and the heartbeat datagram.
 //! - `store`: etcd; `service`: the thread that runs it all; `clock`: CLOCK_BOOTTIME.
 //! - `manager`: the managing node's election and leadership-guarded writes.
+//! - `pools`: which spare VIPs the manager adds for which node, pure.
 //! - `vipgen`: which address of a network to hand out next (the managing node's VIP
 //!   generation by rule, issue 13), pure.
 
 pub mod decide;
 pub mod manager;
 pub mod peers;
+pub mod pools;
 pub mod record;
 pub mod service;
 pub mod store;

@@ -57,6 +57,28 @@ pub struct ClusterSection {
     /// Address spaces the managing node generates VIPs from (see `config::networks`).
     #[serde(default)]
     pub network: Vec<super::networks::NetworkSection>,
+    /// Spare VIPs the managing node keeps assigned to every node (see `cluster::pools`).
+    #[serde(default)]
+    pub spares: Option<SparesSection>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SparesSection {
+    /// The `[[cluster.network]]` spares are generated from.
+    pub network: String,
+    /// A node with fewer spares than this is topped up...
+    pub low: u32,
+    /// ...to this many.
+    pub high: u32,
+}
+
+/// Validated `[cluster.spares]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Spares {
+    pub network: String,
+    pub low: u32,
+    pub high: u32,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -108,6 +130,7 @@ pub struct Cluster {
     pub restart_grace: Duration,
     pub peers: Vec<Peer>,
     pub networks: Vec<super::networks::Network>,
+    pub spares: Option<Spares>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -223,6 +246,19 @@ pub fn validate(section: Option<&ClusterSection>, errs: &mut Vec<FieldError>) ->
         });
     }
     let networks = super::networks::validate(&s.network, errs);
+    let spares = s.spares.as_ref().map(|sp| Spares { network: sp.network.clone(), low: sp.low, high: sp.high });
+    if let Some(sp) = &s.spares {
+        if !s.network.iter().any(|n| n.name == sp.network) {
+            let known: Vec<&str> = s.network.iter().map(|n| n.name.as_str()).collect();
+            errs.push(FieldError { field: "cluster.spares.network".into(), reason: format!("`{}` is not a [[cluster.network]] (known: {})", sp.network, known.join(", ")) });
+        }
+        if sp.high == 0 || sp.low > sp.high || sp.high > 1024 {
+            errs.push(FieldError {
+                field: "cluster.spares".into(),
+                reason: format!("low {} and high {} must satisfy 0 <= low <= high, 1 <= high <= 1024", sp.low, sp.high),
+            });
+        }
+    }
     if errs.len() > before {
         return None;
     }
@@ -239,6 +275,7 @@ pub fn validate(section: Option<&ClusterSection>, errs: &mut Vec<FieldError>) ->
         restart_grace: Duration::from_millis(s.restart_grace_ms),
         peers: s.peer.iter().map(|p| Peer { name: p.name.clone(), addresses: p.addresses.clone() }).collect(),
         networks,
+        spares,
     })
 }
 

@@ -337,6 +337,14 @@ method = "random"
         assert_eq!(cfg.cluster.unwrap().networks[0].ranges[0].size(), 10);
         let err = crate::config::Config::parse(&base.replace("198.18.200.19", "198.18.201.19"), "t").expect_err("range outside its network");
         assert!(err.errors.iter().any(|e| e.field == "cluster.network[0].range[0].last"), "{err}");
+        // Spare pools name a network and sane water marks.
+        let spares = |net: &str, low: u32, high: u32| format!("{base}[cluster.spares]\nnetwork = \"{net}\"\nlow = {low}\nhigh = {high}\n");
+        let cfg = crate::config::Config::parse(&spares("prod", 2, 4), "t").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(cfg.cluster.unwrap().spares.unwrap().high, 4);
+        for (text, field) in [(spares("nope", 2, 4), "cluster.spares.network"), (spares("prod", 5, 4), "cluster.spares"), (spares("prod", 0, 0), "cluster.spares")] {
+            let err = crate::config::Config::parse(&text, "t").expect_err(field);
+            assert!(err.errors.iter().any(|e| e.field == field), "{field}: {err}");
+        }
     }
 
     #[test]

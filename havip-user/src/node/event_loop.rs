@@ -172,9 +172,9 @@ async fn serve(opts: DaemonOptions, exporter: StartExporter) -> anyhow::Result<(
     node.metrics.applied(true, generation);
 
     if let Some(c) = cfg.cluster.clone() {
-        if !c.networks.is_empty() {
+        if !c.networks.is_empty() && c.spares.is_none() {
             let names: Vec<&str> = c.networks.iter().map(|n| n.name.as_str()).collect();
-            warn!(networks = ?names, "cluster.network rules are checked but not used yet: this version has no managing node to generate VIPs from them");
+            warn!(networks = ?names, "cluster.network rules are checked but unused: only spare pools ([cluster.spares]) draw VIPs from them so far");
         }
         let announce = (cfg.failover.announce_count, cfg.failover.announce_interval);
         let handle = cluster::service::start(c, cluster_vips(&cfg), cfg.nics.clone(), PinLayout::new(&node.opts.pin_root), announce)?;

@@ -1,0 +1,190 @@
+//! Spare pools (issue 13): the managing node keeps every node supplied with a few VIPs
+//! assigned to it in advance, so that a node can answer an application's request from its
+//! own spares at once, also while no manager is elected. Pure: the manager reads the
+//! ledger from etcd, calls [`top_up`], and writes what it returns in one transaction
+//! guarded by its leadership (see `manager`).
+//!
+//! The ledger: one record per handed-out address, `<key_prefix>-manager/alloc/<network>/
+//! <address>` (a sibling of the VIP records' prefix, so the nodes' frequent confirmation
+//! reads of VIP records never carry it). A spare names the node it is assigned to; a node
+//! that grants one marks it granted (its own write, compared on the record's revision).
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use serde::{Deserialize, Serialize};
+
+use super::vipgen::{self, AddrKey, Allocation, Ledger};
+use crate::config::{cluster::Spares, networks::Network};
+
+/// The state of a handed-out address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    /// Assigned to a node, not yet granted to an application.
+    Spare,
+    /// Granted to an application.
+    Granted,
+}
+
+/// One ledger record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AllocRecord {
+    pub node: String,
+    pub state: State,
+    /// The application it was granted to (`None` while spare).
+    #[serde(default)]
+    pub app: Option<String>,
+    #[serde(default)]
+    pub do_not_reassign: bool,
+}
+
+pub fn ledger_prefix(key_prefix: &str) -> String {
+    format!("{key_prefix}-manager/alloc/")
+}
+
+pub fn alloc_key(key_prefix: &str, network: &str, addr: IpAddr) -> String {
+    format!("{}{network}/{addr}", ledger_prefix(key_prefix))
+}
+
+/// (network, address) of a ledger key.
+pub fn parse_alloc_key(key_prefix: &str, key: &str) -> Option<AddrKey> {
+    let rest = key.strip_prefix(&ledger_prefix(key_prefix))?;
+    let (net, addr) = rest.split_once('/')?;
+    Some((net.to_string(), addr.parse().ok()?))
+}
+
+/// A node's pool as the ledger shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolLevel {
+    pub spares: Vec<IpAddr>,
+    pub granted: usize,
+}
+
+/// Every node's pool in `network` (nodes with none included as empty).
+pub fn levels(nodes: &[String], network: &str, records: &BTreeMap<AddrKey, AllocRecord>) -> BTreeMap<String, PoolLevel> {
+    let mut out: BTreeMap<String, PoolLevel> = nodes.iter().map(|n| (n.clone(), PoolLevel::default())).collect();
+    for ((net, addr), r) in records {
+        if net != network {
+            continue;
+        }
+        let level = out.entry(r.node.clone()).or_default();
+        match r.state {
+            State::Spare => level.spares.push(*addr),
+            State::Granted => level.granted += 1,
+        }
+    }
+    out
+}
+
+/// What one top-up adds: (address, node), and the nodes it could not fill (the network
+/// ran out).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TopUp {
+    pub add: Vec<(IpAddr, String)>,
+    pub short: Vec<String>,
+}
+
+/// The spares to add so that every node below `low` spares has `high` again. Addresses
+/// come from `net` by its rules, never one the ledger holds or has retired; a spare's
+/// "application" for the `hash` method is its node, so a node's spares cluster together.
+/// `random` seeds the `random` method.
+pub fn top_up(nodes: &[String], spares: &Spares, net: &Network, records: &BTreeMap<AddrKey, AllocRecord>, retired: &BTreeSet<AddrKey>, random: u64) -> TopUp {
+    let mut ledger = Ledger {
+        allocated: records.iter().map(|(k, r)| (k.clone(), Allocation { app: r.app.clone().unwrap_or_default(), do_not_reassign: r.do_not_reassign })).collect(),
+        retired: retired.clone(),
+    };
+    let mut out = TopUp::default();
+    let none = BTreeSet::new();
+    for (i, (node, level)) in levels(nodes, &net.name, records).into_iter().enumerate() {
+        if !nodes.contains(&node) || level.spares.len() as u32 >= spares.low {
+            continue;
+        }
+        for j in level.spares.len() as u32..spares.high {
+            match vipgen::choose(net, &ledger, &node, &none, random.wrapping_add((i as u64) << 32 | j as u64)) {
+                Ok(addr) => {
+                    vipgen::allocate(&mut ledger, net, addr, &node, false);
+                    out.add.push((addr, node.clone()));
+                }
+                Err(_) => {
+                    out.short.push(node.clone());
+                    break;
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::networks::{Method, Prefix, Range};
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn prod(last: &str) -> Network {
+        Network {
+            name: "prod".into(),
+            prefix: Prefix { addr: ip("198.18.200.0"), len: 24 },
+            ranges: vec![Range { first: ip("198.18.200.10"), last: ip(last), method: Method::Sequential, exclude: BTreeSet::new(), reassign: true }],
+        }
+    }
+
+    fn nodes() -> Vec<String> {
+        ["n1", "n2", "n3"].map(String::from).to_vec()
+    }
+
+    fn apply(records: &mut BTreeMap<AddrKey, AllocRecord>, t: &TopUp) {
+        for (a, n) in &t.add {
+            assert!(records.insert(("prod".into(), *a), AllocRecord { node: n.clone(), state: State::Spare, app: None, do_not_reassign: false }).is_none(), "{a} handed out twice");
+        }
+    }
+
+    #[test]
+    fn every_node_below_low_is_topped_up_to_high_without_repeating_an_address() {
+        let sp = Spares { network: "prod".into(), low: 2, high: 4 };
+        let net = prod("198.18.200.99");
+        let mut records = BTreeMap::new();
+        let t = top_up(&nodes(), &sp, &net, &records, &BTreeSet::new(), 7);
+        assert_eq!(t.add.len(), 12);
+        apply(&mut records, &t);
+        assert!(levels(&nodes(), "prod", &records).values().all(|l| l.spares.len() == 4));
+        // Nothing to do at high water, nor at low water.
+        assert!(top_up(&nodes(), &sp, &net, &records, &BTreeSet::new(), 7).add.is_empty());
+        // n2 grants three: 1 spare < low 2, so it gets three new ones; the others nothing.
+        for a in levels(&nodes(), "prod", &records)["n2"].spares[..3].to_vec() {
+            records.get_mut(&("prod".to_string(), a)).unwrap().state = State::Granted;
+        }
+        let t = top_up(&nodes(), &sp, &net, &records, &BTreeSet::new(), 7);
+        assert_eq!(t.add.iter().map(|(_, n)| n.as_str()).collect::<Vec<_>>(), ["n2", "n2", "n2"]);
+        apply(&mut records, &t);
+        let l = levels(&nodes(), "prod", &records);
+        assert_eq!((l["n2"].spares.len(), l["n2"].granted), (4, 3));
+    }
+
+    #[test]
+    fn a_full_network_fills_what_it_can_and_says_who_is_short() {
+        let sp = Spares { network: "prod".into(), low: 2, high: 4 };
+        // 10 addresses for 3 nodes x 4.
+        let t = top_up(&nodes(), &sp, &prod("198.18.200.19"), &BTreeMap::new(), &BTreeSet::new(), 0);
+        assert_eq!(t.add.len(), 10);
+        assert_eq!(t.short, ["n3"]);
+        // A retired address is never used.
+        let retired = BTreeSet::from([("prod".to_string(), ip("198.18.200.10"))]);
+        let t = top_up(&nodes(), &sp, &prod("198.18.200.19"), &BTreeMap::new(), &retired, 0);
+        assert!(t.add.iter().all(|(a, _)| *a != ip("198.18.200.10")));
+    }
+
+    #[test]
+    fn ledger_keys_round_trip() {
+        let k = alloc_key("/havip", "prod", ip("2001:db8::5"));
+        assert_eq!(k, "/havip-manager/alloc/prod/2001:db8::5");
+        assert_eq!(parse_alloc_key("/havip", &k), Some(("prod".to_string(), ip("2001:db8::5"))));
+        assert_eq!(parse_alloc_key("/havip", "/havip/vips/198.18.0.1"), None);
+    }
+}
