@@ -43,7 +43,7 @@ pub struct GapStats {
 }
 
 impl GapStats {
-    fn of(samples_ms: Vec<f64>) -> Self {
+    pub fn of(samples_ms: Vec<f64>) -> Self {
         assert!(!samples_ms.is_empty(), "no samples");
         GapStats {
             trials: samples_ms.len(),

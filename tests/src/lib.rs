@@ -9,6 +9,7 @@ pub mod failover;
 pub mod fixture;
 pub mod isolation;
 pub mod load;
+pub mod manager_bench;
 pub mod packets;
 pub mod paths;
 pub mod quality_bench;

@@ -1,0 +1,140 @@
+//! The managing node's failover for `cargo xtask bench` (section `manager`): three havipd
+//! nodes and one etcd member (the lab's: 500 ms election timeout, so a 1 s minimum lease)
+//! in namespaces.
+//!
+//! - **Measured:** the manager's havipd is SIGKILLed at a random moment of its lease; the
+//!   time until a surviving node reports another manager. Path check per trial: exactly
+//!   one survivor won exactly one election, with a newer term.
+//! - **Baseline:** the same lease mechanics without havip: an `etcdctl lease keep-alive`
+//!   renewing a 1 s lease that holds a key, SIGKILLed at a random moment; the time until
+//!   the key is gone. The ratio shows what the election adds on top of etcd's lease.
+
+use std::{
+    process::{Command, Stdio},
+    thread::sleep,
+    time::{Duration, Instant},
+};
+
+use serde::Serialize;
+
+use crate::{cluster::ClusterLab, cluster_bench::GapStats};
+
+#[derive(Debug, Serialize)]
+pub struct ManagerFailover {
+    pub failover: GapStats,
+    pub lease_expiry_baseline: GapStats,
+    pub p50_ratio: f64,
+    pub p99_ratio: f64,
+}
+
+/// (manager, term, elections won here) as node `k` reports it.
+fn seen(lab: &ClusterLab, k: usize) -> Option<(String, u64, u64)> {
+    let out = lab.havip(k, &["cluster", "status", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    let m = &v["manager"];
+    Some((m["manager"].as_str()?.to_string(), m["term"].as_u64()?, m["elections_won"].as_u64()?))
+}
+
+/// A pseudo-random delay of 300-700 ms (a random point of a 1 s lease's renewal cycle).
+fn random_delay(i: usize) -> Duration {
+    let x = (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40;
+    Duration::from_millis(300 + x % 400)
+}
+
+/// Waits until nodes `ks` agree on a manager other than `not`.
+fn wait_agreed(lab: &ClusterLab, ks: &[usize], not: Option<&str>, within: Duration) -> (String, u64) {
+    let t = Instant::now();
+    loop {
+        let s: Vec<_> = ks.iter().map(|&k| seen(lab, k)).collect();
+        if let Some(Some((m, term, _))) = s.first() {
+            if s.iter().all(|x| x.as_ref().is_some_and(|x| &x.0 == m && x.1 == *term)) && Some(m.as_str()) != not {
+                return (m.clone(), *term);
+            }
+        }
+        assert!(t.elapsed() < within, "no agreed manager within {within:?}: {s:?}");
+        sleep(Duration::from_millis(10));
+    }
+}
+
+fn havip_trial(lab: &mut ClusterLab, i: usize) -> f64 {
+    let all = [1usize, 2, 3];
+    let (m, term) = wait_agreed(lab, &all, None, Duration::from_secs(10));
+    let k = all.into_iter().find(|&k| lab.node_name(k) == m).unwrap();
+    let survivors: Vec<usize> = all.into_iter().filter(|&x| x != k).collect();
+    let won_before: Vec<u64> = survivors.iter().map(|&s| seen(lab, s).map_or(0, |x| x.2)).collect();
+    sleep(random_delay(i));
+    lab.kill_node(k);
+    let t0 = Instant::now();
+    let dt = loop {
+        if let Some((now, t, _)) = seen(lab, survivors[0]) {
+            if now != m {
+                assert!(t > term, "trial {i}: the new manager {now} has term {t}, not newer than {term}");
+                break t0.elapsed();
+            }
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "trial {i}: no new manager 10 s after {m} was killed");
+        sleep(Duration::from_millis(5));
+    };
+    // Path: exactly one survivor won exactly one election.
+    let (new, _) = wait_agreed(lab, &survivors, Some(&m), Duration::from_secs(5));
+    let won_after: Vec<u64> = survivors.iter().map(|&s| seen(lab, s).map_or(0, |x| x.2)).collect();
+    let grew: u64 = won_after.iter().zip(&won_before).map(|(a, b)| a - b).sum();
+    assert_eq!(grew, 1, "trial {i}: elections won by the survivors grew by {grew} (new manager {new})");
+    lab.start_node(k);
+    dt.as_secs_f64() * 1e3
+}
+
+fn etcdctl_ok(lab: &ClusterLab, args: &[&str]) -> String {
+    let out = lab.etcdctl(args);
+    assert!(out.status.success(), "etcdctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+fn baseline_trial(lab: &ClusterLab, i: usize) -> f64 {
+    // "lease 694d9b8b1f4b2a0c granted with TTL(1s)"
+    let granted = etcdctl_ok(lab, &["lease", "grant", "1"]);
+    let id = granted.split_whitespace().nth(1).expect("lease id").to_string();
+    let key = format!("{}-bench/lease-{i}", lab.key_prefix());
+    etcdctl_ok(lab, &["put", "--lease", &id, &key, "x"]);
+    let mut keeper = Command::new("ip")
+        .args(["netns", "exec", &lab.switch_ns().name, "etcdctl", "--endpoints", &lab.etcd_endpoints().join(","), "lease", "keep-alive", &id])
+        .env("ETCDCTL_API", "3")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("etcdctl lease keep-alive");
+    sleep(random_delay(i));
+    assert!(!etcdctl_ok(lab, &["get", &key]).trim().is_empty(), "trial {i}: the key expired while kept alive");
+    let _ = keeper.kill();
+    let _ = keeper.wait();
+    let t0 = Instant::now();
+    loop {
+        if etcdctl_ok(lab, &["get", &key]).trim().is_empty() {
+            return t0.elapsed().as_secs_f64() * 1e3;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "trial {i}: the lease never expired");
+        sleep(Duration::from_millis(5));
+    }
+}
+
+/// `trials` of each, interleaved.
+pub fn run(trials: usize) -> ManagerFailover {
+    let mut lab = ClusterLab::new(3, 1);
+    for k in 1..=3 {
+        lab.start_node(k);
+    }
+    let (mut fail, mut base) = (Vec::new(), Vec::new());
+    for i in 0..trials {
+        eprint!("\r  manager failover: trial {}/{trials}   ", i + 1);
+        fail.push(havip_trial(&mut lab, i));
+        base.push(baseline_trial(&lab, i));
+    }
+    eprintln!();
+    let (failover, lease_expiry_baseline) = (GapStats::of(fail), GapStats::of(base));
+    ManagerFailover {
+        p50_ratio: failover.p50_ms / lease_expiry_baseline.p50_ms,
+        p99_ratio: failover.p99_ms / lease_expiry_baseline.p99_ms,
+        failover,
+        lease_expiry_baseline,
+    }
+}
