@@ -686,3 +686,42 @@ fn the_manager_keeps_every_spare_pool_topped_up_and_a_new_one_continues() {
     assert_eq!(ledger(&r.lab).len(), 18);
     r.finish();
 }
+
+/// The ledger with each record's whole JSON.
+fn ledger_json(lab: &ClusterLab) -> std::collections::BTreeMap<String, serde_json::Value> {
+    let prefix = format!("{}-manager/alloc/prod/", lab.key_prefix());
+    let text = String::from_utf8_lossy(&lab.etcdctl(&["get", "--prefix", &prefix]).stdout).to_string();
+    let lines: Vec<&str> = text.lines().collect();
+    lines.chunks(2).filter_map(|kv| Some((kv[0].strip_prefix(&prefix)?.to_string(), serde_json::from_str(kv.get(1)?).ok()?))).collect()
+}
+
+#[test]
+fn a_spare_someone_else_answers_for_is_replaced_and_never_used() {
+    let mut lab = ClusterLab::new(3, 1);
+    // A host on the nodes' link already uses the first address of the range.
+    lab.client_ns().ip(&["addr", "add", "198.18.200.10/32", "dev", "eth0"]).unwrap();
+    // low = high: a node short of one spare is topped up at once.
+    for k in 1..=3 {
+        let cfg = with_spares(lab.node_config(k, &[CLUSTER_VIP], "")).replace("low = 2", "low = 4");
+        lab.start_node_with(k, &cfg);
+    }
+    let t = Instant::now();
+    let l = loop {
+        let l = ledger_json(&lab);
+        let ready = ["n1", "n2", "n3"].iter().all(|n| l.values().filter(|r| r["node"] == *n && r["state"] == "spare" && r["checked"] == true).count() == 4);
+        if ready {
+            break l;
+        }
+        assert!(t.elapsed() < Duration::from_secs(15), "pools not full of checked spares: {l:#?}");
+        sleep(Duration::from_millis(100));
+    };
+    // The address in use was handed out (sequential: first), found on the wire, and
+    // stays in the ledger as a conflict: nobody has it as a spare.
+    assert_eq!(l.get("198.18.200.10").map(|r| r["state"].clone()), Some(serde_json::json!("conflict")), "{l:#?}");
+    assert_eq!(l.len(), 13, "12 checked spares and the conflict");
+    let holder = l["198.18.200.10"]["node"].as_str().unwrap().to_string();
+    let k = [1, 2, 3].into_iter().find(|&k| lab.node_name(k) == holder).unwrap();
+    assert!(lab.node_log(k).contains("spare VIP in use on the link"), "{}", tail(&lab.node_log(k)));
+    let pools: serde_json::Value = serde_json::from_slice(&lab.havip(k, &["cluster", "pools", "--json"]).stdout).unwrap_or_default();
+    assert_eq!(pools[&holder]["conflicts"], 1, "{pools}");
+}

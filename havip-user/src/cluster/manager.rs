@@ -37,7 +37,7 @@ use super::{
     pools::{self, AllocRecord, PoolLevel},
     vipgen::AddrKey,
 };
-use crate::config::cluster::Cluster;
+use crate::{config::cluster::Cluster, kernel::addr_probe};
 
 /// Time to live of the campaign's lease, s (etcd raises it to its minimum).
 pub const ELECTION_TTL_S: i64 = 1;
@@ -165,7 +165,7 @@ async fn term(c: &Cluster, status: &Arc<Mutex<ManagerStatus>>) -> anyhow::Result
                     for (addr, node) in &t.add {
                         let key = pools::alloc_key(&c.key_prefix, &net.name, *addr);
                         guards.push(Compare::create_revision(key.as_bytes(), CompareOp::Equal, 0));
-                        let rec = AllocRecord { node: node.clone(), state: pools::State::Spare, app: None, do_not_reassign: false };
+                        let rec = AllocRecord { node: node.clone(), state: pools::State::Spare, app: None, do_not_reassign: false, checked: false };
                         ops.push(TxnOp::put(key, serde_json::to_vec(&rec)?, None));
                     }
                     let levels = pools::levels(&c.all_nodes(), &net.name, &records);
@@ -261,16 +261,72 @@ async fn with_timeout<T>(f: impl std::future::Future<Output = anyhow::Result<T>>
 
 /// The ledger: every handed-out address and every retired one.
 pub async fn read_ledger(client: &mut Client, key_prefix: &str) -> anyhow::Result<(BTreeMap<AddrKey, AllocRecord>, BTreeSet<AddrKey>)> {
+    let records = read_ledger_revisions(client, key_prefix).await?.into_iter().map(|(k, (r, _))| (k, r)).collect();
+    // Retired addresses come with releases, which are not built yet: none so far.
+    Ok((records, BTreeSet::new()))
+}
+
+/// The ledger's records with their mod revisions (for writes compared on them).
+async fn read_ledger_revisions(client: &mut Client, key_prefix: &str) -> anyhow::Result<BTreeMap<AddrKey, (AllocRecord, i64)>> {
     let resp = client.get(pools::ledger_prefix(key_prefix), Some(GetOptions::new().with_prefix())).await?;
     let mut records = BTreeMap::new();
     for kv in resp.kvs() {
         let (Ok(key), Ok(rec)) = (kv.key_str(), serde_json::from_slice::<AllocRecord>(kv.value())) else { continue };
         if let Some(k) = pools::parse_alloc_key(key_prefix, key) {
-            records.insert(k, rec);
+            records.insert(k, (rec, kv.mod_revision()));
         }
     }
-    // Retired addresses come with releases, which are not built yet: none so far.
-    Ok((records, BTreeSet::new()))
+    Ok(records)
+}
+
+/// Every node's duty for its own spares: check each new one on the wire once (an ARP
+/// probe or duplicate address detection on each of its NICs, see `kernel::addr_probe`)
+/// before it can be used, and record the result in the ledger, compared on the record's
+/// revision: checked, or a conflict when someone answered (the manager then replaces it
+/// and never hands the address out). Each conflict is logged on one line.
+pub async fn check_spares(c: Cluster, nics: Vec<String>) {
+    if c.spares.is_none() {
+        return;
+    }
+    let mut client = None;
+    loop {
+        tokio::time::sleep(POOLS_EVERY).await;
+        if client.is_none() {
+            client = connect(&c).await.ok();
+        }
+        let Some(cl) = client.as_mut() else { continue };
+        let records = match with_timeout(read_ledger_revisions(cl, &c.key_prefix)).await {
+            Ok(r) => r,
+            Err(_) => continue,
+        };
+        let mine: Vec<(AddrKey, AllocRecord, i64)> =
+            records.into_iter().filter(|(_, (r, _))| r.node == c.node && r.state == pools::State::Spare && !r.checked).map(|(k, (r, rev))| (k, r, rev)).collect();
+        // All of them at once: each check takes about half a second.
+        let checks: Vec<_> = mine
+            .iter()
+            .map(|((_, addr), _, _)| {
+                let (addr, nics) = (*addr, nics.clone());
+                tokio::task::spawn_blocking(move || {
+                    nics.iter().find(|n| matches!(addr_probe::nic_link(n).and_then(|(ix, mac)| addr_probe::someone_holds(ix, mac, addr)), Ok(true))).cloned()
+                })
+            })
+            .collect();
+        for (((net, addr), rec, rev), check) in mine.into_iter().zip(checks) {
+            let Ok(held_on) = check.await else { continue };
+            let mut new = rec.clone();
+            match &held_on {
+                Some(nic) => {
+                    new.state = pools::State::Conflict;
+                    warn!(network = %net, %addr, %nic, "spare VIP in use on the link (someone answered the probe): marked conflict, the manager replaces it");
+                }
+                None => new.checked = true,
+            }
+            let key = pools::alloc_key(&c.key_prefix, &net, addr);
+            let Ok(value) = serde_json::to_vec(&new) else { continue };
+            let txn = Txn::new().when(vec![Compare::mod_revision(key.as_bytes(), CompareOp::Equal, rev)]).and_then(vec![TxnOp::put(key.as_bytes(), value, None)]);
+            let _ = with_timeout(async { Ok(cl.txn(txn).await?) }).await;
+        }
+    }
 }
 
 fn seed() -> u64 {

@@ -27,6 +27,9 @@ pub enum State {
     Spare,
     /// Granted to an application.
     Granted,
+    /// Its node found someone else answering for it on the link: never handed out (the
+    /// record stays, so the generator skips the address).
+    Conflict,
 }
 
 /// One ledger record.
@@ -39,6 +42,9 @@ pub struct AllocRecord {
     pub app: Option<String>,
     #[serde(default)]
     pub do_not_reassign: bool,
+    /// Its node probed the link (ARP probe / DAD) and nobody answered for it.
+    #[serde(default)]
+    pub checked: bool,
 }
 
 pub fn ledger_prefix(key_prefix: &str) -> String {
@@ -59,8 +65,15 @@ pub fn parse_alloc_key(key_prefix: &str, key: &str) -> Option<AddrKey> {
 /// A node's pool as the ledger shows it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PoolLevel {
+    /// Spares, checked on the wire or not yet.
     pub spares: Vec<IpAddr>,
+    /// Of those, not yet checked on the wire.
+    #[serde(default)]
+    pub unchecked: usize,
     pub granted: usize,
+    /// Addresses its checks found in use by someone else.
+    #[serde(default)]
+    pub conflicts: usize,
 }
 
 /// Every node's pool in `network` (nodes with none included as empty).
@@ -72,8 +85,12 @@ pub fn levels(nodes: &[String], network: &str, records: &BTreeMap<AddrKey, Alloc
         }
         let level = out.entry(r.node.clone()).or_default();
         match r.state {
-            State::Spare => level.spares.push(*addr),
+            State::Spare => {
+                level.spares.push(*addr);
+                level.unchecked += usize::from(!r.checked);
+            }
             State::Granted => level.granted += 1,
+            State::Conflict => level.conflicts += 1,
         }
     }
     out
@@ -141,7 +158,7 @@ mod tests {
 
     fn apply(records: &mut BTreeMap<AddrKey, AllocRecord>, t: &TopUp) {
         for (a, n) in &t.add {
-            assert!(records.insert(("prod".into(), *a), AllocRecord { node: n.clone(), state: State::Spare, app: None, do_not_reassign: false }).is_none(), "{a} handed out twice");
+            assert!(records.insert(("prod".into(), *a), AllocRecord { node: n.clone(), state: State::Spare, app: None, do_not_reassign: false, checked: false }).is_none(), "{a} handed out twice");
         }
     }
 
@@ -165,6 +182,27 @@ mod tests {
         apply(&mut records, &t);
         let l = levels(&nodes(), "prod", &records);
         assert_eq!((l["n2"].spares.len(), l["n2"].granted), (4, 3));
+    }
+
+    #[test]
+    fn a_conflicting_address_is_no_spare_and_is_never_handed_out_again() {
+        let sp = Spares { network: "prod".into(), low: 2, high: 4 };
+        let net = prod("198.18.200.99");
+        let mut records = BTreeMap::new();
+        let t = top_up(&nodes(), &sp, &net, &records, &BTreeSet::new(), 0);
+        apply(&mut records, &t);
+        let first = levels(&nodes(), "prod", &records)["n1"].spares[0];
+        records.get_mut(&("prod".to_string(), first)).unwrap().state = State::Conflict;
+        let l = levels(&nodes(), "prod", &records);
+        assert_eq!((l["n1"].spares.len(), l["n1"].conflicts), (3, 1));
+        // 3 is not below low 2: nothing yet. Two grants later it is, and the conflicting
+        // address stays out.
+        for a in l["n1"].spares[..2].to_vec() {
+            records.get_mut(&("prod".to_string(), a)).unwrap().state = State::Granted;
+        }
+        let t = top_up(&nodes(), &sp, &net, &records, &BTreeSet::new(), 0);
+        assert_eq!(t.add.len(), 3);
+        assert!(t.add.iter().all(|(a, _)| *a != first), "the conflicting address came back");
     }
 
     #[test]

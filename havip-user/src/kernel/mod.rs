@@ -1,6 +1,7 @@
 //! Everything that touches the kernel. Nothing here decides anything: the node layer says
 //! what to do, these modules do it.
 
+pub mod addr_probe;
 pub mod announce;
 pub mod bpf_read;
 pub mod classes;
