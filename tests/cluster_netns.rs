@@ -725,3 +725,79 @@ fn a_spare_someone_else_answers_for_is_replaced_and_never_used() {
     let pools: serde_json::Value = serde_json::from_slice(&lab.havip(k, &["cluster", "pools", "--json"]).stdout).unwrap_or_default();
     assert_eq!(pools[&holder]["conflicts"], 1, "{pools}");
 }
+
+/// Requests a VIP on node `k`'s API; returns it.
+fn request_vip(lab: &ClusterLab, k: usize, app: &str, service_port: u16, instance_port: u16) -> Result<String, String> {
+    let out = lab.havip(k, &["vip", "request", "--app", app, "--service-port", &service_port.to_string(), "--instance-port", &instance_port.to_string(), "--json", "--protocol", "udp"]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    match v["vip"].as_str() {
+        Some(vip) if out.status.success() => Ok(vip.to_string()),
+        _ => Err(text),
+    }
+}
+
+#[test]
+fn a_vip_granted_from_a_nodes_spares_serves_and_fails_over_like_any_cluster_vip() {
+    let mut lab = ClusterLab::new(3, 1);
+    lab.client_ns().ip(&["route", "add", "198.18.200.0/24", "dev", "eth0"]).unwrap();
+    for k in 1..=3 {
+        let cfg = with_spares(lab.node_config(k, &[CLUSTER_VIP], ""));
+        lab.start_node_with(k, &cfg);
+    }
+    let _echo = lab.echo_on_all_nodes(PORT);
+    // n2's spares must have been checked on the wire before one can be granted.
+    let t = Instant::now();
+    let vip = loop {
+        match request_vip(&lab, 2, "billing", 7100, PORT) {
+            Ok(v) => break v,
+            Err(e) => assert!(t.elapsed() < Duration::from_secs(10), "no VIP granted on n2: {e}"),
+        }
+        sleep(Duration::from_millis(200));
+    };
+    let l = ledger_json(&lab);
+    assert_eq!(l[&vip]["state"], "granted", "{l:#?}");
+    assert_eq!((l[&vip]["node"].as_str(), l[&vip]["app"].as_str()), (Some("n2"), Some("billing")));
+    // Clients reach VIP:7100, remapped to the application's port 7000, on n2.
+    let probes = ProbeStream::start(lab.client_ns(), &vip, 7100, Duration::from_millis(2));
+    sleep(Duration::from_millis(1500));
+    // n2 fails: its successor (n1, first by name) serves the VIP.
+    lab.kill_node(2);
+    lab.node_links(2, false);
+    sleep(Duration::from_millis(1500));
+    let report = probes.stop();
+    eprintln!("granted {vip}: answered by {:?}, longest gap {:?}", report.answered_by, report.longest_gap);
+    assert!(report.answered_by.get("n2").copied().unwrap_or(0) > 100, "n2 did not serve its granted VIP: {:?}", report.answered_by);
+    assert!(report.answered_by.get("n1").copied().unwrap_or(0) > 100, "n1 did not take the granted VIP over: {:?}", report.answered_by);
+    assert!(report.tail_gap() < Duration::from_millis(100), "not answered at the end: {:?}", report.tail_gap());
+    // Each grant takes a spare: n2 is topped up again by the manager (if n2 is not it).
+    assert!(lab.node_log(1).contains("cluster grants applied"), "{}", tail(&lab.node_log(1)));
+}
+
+#[test]
+fn a_request_is_served_from_spares_while_the_manager_is_gone() {
+    let mut r = Run::start(3, 1, with_spares);
+    let all = [1, 2, 3];
+    let mut seen = std::collections::BTreeMap::new();
+    wait_full(&r.lab, &mut seen, Duration::from_secs(10));
+    // Every spare checked on the wire.
+    let t = Instant::now();
+    while ledger_json(&r.lab).values().any(|v| v["state"] == "spare" && v["checked"] != true) {
+        assert!(t.elapsed() < Duration::from_secs(5), "spares not checked");
+        sleep(Duration::from_millis(50));
+    }
+    let (m, term) = wait_manager(&r.lab, &all, None, Duration::from_secs(10));
+    let k_m = all.into_iter().find(|&k| r.lab.node_name(k) == m).unwrap();
+    let k = all.into_iter().find(|&k| k != k_m).unwrap();
+    r.lab.pause_node(k_m);
+    let asked = Instant::now();
+    let vip = request_vip(&r.lab, k, "during-failover", 7200, PORT).unwrap_or_else(|e| panic!("the request failed while the manager was paused: {e}"));
+    let took = asked.elapsed();
+    // Answered before any other node became manager: the old one's lease has not even run
+    // out yet, so no manager took part.
+    let now = manager_seen(&r.lab, k).map(|s| (s.0, s.1));
+    eprintln!("{vip} granted on n{k} in {took:?} with the manager {m} paused; n{k} sees manager {now:?}");
+    assert_eq!(now, Some((m.clone(), term)), "a new manager was elected before the grant was answered");
+    r.lab.resume_node(k_m);
+    r.finish();
+}

@@ -165,7 +165,7 @@ async fn term(c: &Cluster, status: &Arc<Mutex<ManagerStatus>>) -> anyhow::Result
                     for (addr, node) in &t.add {
                         let key = pools::alloc_key(&c.key_prefix, &net.name, *addr);
                         guards.push(Compare::create_revision(key.as_bytes(), CompareOp::Equal, 0));
-                        let rec = AllocRecord { node: node.clone(), state: pools::State::Spare, app: None, do_not_reassign: false, checked: false };
+                        let rec = AllocRecord { node: node.clone(), state: pools::State::Spare, app: None, do_not_reassign: false, checked: false, grant: None };
                         ops.push(TxnOp::put(key, serde_json::to_vec(&rec)?, None));
                     }
                     let levels = pools::levels(&c.all_nodes(), &net.name, &records);
@@ -279,12 +279,13 @@ async fn read_ledger_revisions(client: &mut Client, key_prefix: &str) -> anyhow:
     Ok(records)
 }
 
-/// Every node's duty for its own spares: check each new one on the wire once (an ARP
+/// Every node's duty for its own spares (and the granted VIPs it publishes to the node):
+/// check each new one on the wire once (an ARP
 /// probe or duplicate address detection on each of its NICs, see `kernel::addr_probe`)
 /// before it can be used, and record the result in the ledger, compared on the record's
 /// revision: checked, or a conflict when someone answered (the manager then replaces it
 /// and never hands the address out). Each conflict is logged on one line.
-pub async fn check_spares(c: Cluster, nics: Vec<String>) {
+pub async fn check_spares(c: Cluster, nics: Vec<String>, grants: tokio::sync::watch::Sender<Vec<pools::GrantedVip>>) {
     if c.spares.is_none() {
         return;
     }
@@ -299,6 +300,14 @@ pub async fn check_spares(c: Cluster, nics: Vec<String>) {
             Ok(r) => r,
             Err(_) => continue,
         };
+        // Every node serves (or stands by for) every granted VIP: publish them.
+        let plain: BTreeMap<AddrKey, AllocRecord> = records.iter().map(|(k, (r, _))| (k.clone(), r.clone())).collect();
+        let now = pools::granted(&plain);
+        grants.send_if_modified(|g| {
+            let changed = *g != now;
+            *g = now;
+            changed
+        });
         let mine: Vec<(AddrKey, AllocRecord, i64)> =
             records.into_iter().filter(|(_, (r, _))| r.node == c.node && r.state == pools::State::Spare && !r.checked).map(|(k, (r, rev))| (k, r, rev)).collect();
         // All of them at once: each check takes about half a second.
@@ -338,4 +347,24 @@ fn xorshift(mut x: u64) -> u64 {
     x ^= x << 13;
     x ^= x >> 7;
     x ^ (x << 17)
+}
+
+/// Grants one of this node's checked spares to `app`: the ledger record goes from spare to
+/// granted, compared on its revision (a record changed meanwhile is tried no further: the
+/// next spare is). Needs no manager. `Ok(None)`: no checked spare left here.
+pub async fn grant_spare(c: &Cluster, app: &str, grant: pools::Grant) -> anyhow::Result<Option<(String, std::net::IpAddr)>> {
+    let mut client = with_timeout(async { connect(c).await }).await?;
+    for _ in 0..4 {
+        let records = with_timeout(read_ledger_revisions(&mut client, &c.key_prefix)).await?;
+        let plain: BTreeMap<AddrKey, AllocRecord> = records.iter().map(|(k, (r, _))| (k.clone(), r.clone())).collect();
+        let Some((net, addr)) = pools::next_spare(&c.node, &plain) else { return Ok(None) };
+        let (rec, rev) = records[&(net.clone(), addr)].clone();
+        let new = AllocRecord { state: pools::State::Granted, app: Some(app.to_string()), grant: Some(grant.clone()), ..rec };
+        let key = pools::alloc_key(&c.key_prefix, &net, addr);
+        let txn = Txn::new().when(vec![Compare::mod_revision(key.as_bytes(), CompareOp::Equal, rev)]).and_then(vec![TxnOp::put(key.as_bytes(), serde_json::to_vec(&new)?, None)]);
+        if with_timeout(async { Ok(client.txn(txn).await?) }).await?.succeeded() {
+            return Ok(Some((net, addr)));
+        }
+    }
+    anyhow::bail!("this node's spares kept changing under the grant; try again")
 }

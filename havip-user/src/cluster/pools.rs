@@ -17,7 +17,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use super::vipgen::{self, AddrKey, Allocation, Ledger};
-use crate::config::{cluster::Spares, networks::Network};
+use crate::config::{cluster::Spares, networks::Network, Protocol};
 
 /// The state of a handed-out address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -45,6 +45,43 @@ pub struct AllocRecord {
     /// Its node probed the link (ARP probe / DAD) and nobody answered for it.
     #[serde(default)]
     pub checked: bool,
+    /// What the application asked for, once granted.
+    #[serde(default)]
+    pub grant: Option<Grant>,
+}
+
+/// An application's use of a granted VIP: clients reach `VIP:service_port`, delivered to
+/// the application's `instance_port` on whichever node serves the VIP.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Grant {
+    pub protocol: Protocol,
+    pub service_port: u16,
+    pub instance_port: u16,
+    pub exclusive: bool,
+}
+
+/// A granted VIP as every node serves it: owned by the node it was granted on, the others
+/// its successors in name order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrantedVip {
+    pub addr: IpAddr,
+    pub node: String,
+    pub app: String,
+    pub grant: Grant,
+}
+
+/// The granted VIPs of the ledger.
+pub fn granted(records: &BTreeMap<AddrKey, AllocRecord>) -> Vec<GrantedVip> {
+    records
+        .iter()
+        .filter(|(_, r)| r.state == State::Granted)
+        .filter_map(|((_, addr), r)| Some(GrantedVip { addr: *addr, node: r.node.clone(), app: r.app.clone()?, grant: r.grant.clone()? }))
+        .collect()
+}
+
+/// The spare `node` hands out next: its lowest checked one.
+pub fn next_spare(node: &str, records: &BTreeMap<AddrKey, AllocRecord>) -> Option<AddrKey> {
+    records.iter().find(|(_, r)| r.node == node && r.state == State::Spare && r.checked).map(|(k, _)| k.clone())
 }
 
 pub fn ledger_prefix(key_prefix: &str) -> String {
@@ -158,7 +195,7 @@ mod tests {
 
     fn apply(records: &mut BTreeMap<AddrKey, AllocRecord>, t: &TopUp) {
         for (a, n) in &t.add {
-            assert!(records.insert(("prod".into(), *a), AllocRecord { node: n.clone(), state: State::Spare, app: None, do_not_reassign: false, checked: false }).is_none(), "{a} handed out twice");
+            assert!(records.insert(("prod".into(), *a), AllocRecord { node: n.clone(), state: State::Spare, app: None, do_not_reassign: false, checked: false, grant: None }).is_none(), "{a} handed out twice");
         }
     }
 

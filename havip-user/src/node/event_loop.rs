@@ -203,6 +203,9 @@ async fn serve(opts: DaemonOptions, exporter: StartExporter) -> anyhow::Result<(
     // bounds how late a lost probe is noticed.
     let mut watch_tick = tokio::time::interval(WATCH_EVERY);
     watch_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    // Cluster mode: the granted VIPs of the spare pools' ledger (never changes standalone).
+    let (_no_grants, idle) = tokio::sync::watch::channel(Vec::new());
+    let mut grants = node.cluster.as_ref().map_or(idle, |c| c.grants());
     loop {
         tokio::select! {
             biased;
@@ -235,6 +238,10 @@ async fn serve(opts: DaemonOptions, exporter: StartExporter) -> anyhow::Result<(
                 }
             }
             _ = watch_tick.tick() => node.watch_round(),
+            Ok(()) = grants.changed() => {
+                let now = grants.borrow_and_update().clone();
+                node.on_grants(now).await;
+            }
             _ = rank_tick.tick() => node.rank_round(),
             Some((call, reply)) = rx.recv() => {
                 let r = node.on_api(call).await;
@@ -267,6 +274,7 @@ impl Node {
     /// One API call, decided here on the node's task so calls never race each other.
     async fn on_api(&mut self, call: Call) -> Reply {
         match call {
+            Call::Request(r) if self.file_cfg.cluster.is_some() => self.cluster_request(r).await,
             Call::Request(r) => self.pool_request(r).await,
             Call::Release { app, vip } => self.pool_release(&app, vip).await,
             Call::List => self.pool_list(),
@@ -346,6 +354,11 @@ impl Node {
                 }
                 if let Some(c) = &self.cluster {
                     c.set_vips(cluster_vips(&self.cfg));
+                }
+                // The cluster's granted VIPs are not in the file: serve them again.
+                let grants = self.cluster.as_ref().map(|c| c.grants().borrow().clone()).unwrap_or_default();
+                if !grants.is_empty() {
+                    self.on_grants(grants).await;
                 }
                 self.finish_reload(generation, true, summary);
             }

@@ -29,6 +29,7 @@ pub mod rank;
 pub mod reconciler;
 pub mod state;
 
+mod cluster_grants;
 mod event_loop;
 mod explain;
 mod links;
