@@ -801,3 +801,46 @@ fn a_request_is_served_from_spares_while_the_manager_is_gone() {
     r.lab.resume_node(k_m);
     r.finish();
 }
+
+#[test]
+fn a_released_vip_stops_being_served_and_a_do_not_reassign_one_never_comes_back() {
+    let mut lab = ClusterLab::new(3, 1);
+    lab.client_ns().ip(&["route", "add", "198.18.200.0/24", "dev", "eth0"]).unwrap();
+    // The whole range is do-not-reassign.
+    for k in 1..=3 {
+        let cfg = with_spares(lab.node_config(k, &[CLUSTER_VIP], "")).replace("last = \"198.18.200.99\"\n", "last = \"198.18.200.99\"\nreassign = false\n");
+        lab.start_node_with(k, &cfg);
+    }
+    let _echo = lab.echo_on_all_nodes(PORT);
+    let t = Instant::now();
+    let vip = loop {
+        match request_vip(&lab, 1, "shortlived", 7100, PORT) {
+            Ok(v) => break v,
+            Err(e) => assert!(t.elapsed() < Duration::from_secs(10), "no VIP granted: {e}"),
+        }
+        sleep(Duration::from_millis(200));
+    };
+    let probes = ProbeStream::start(lab.client_ns(), &vip, 7100, Duration::from_millis(2));
+    sleep(Duration::from_millis(500));
+    // Released through another node's API: every node stops serving it.
+    let out = lab.havip(2, &["vip", "release", "--app", "shortlived"]);
+    assert!(out.status.success(), "release: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    sleep(Duration::from_millis(1500));
+    let report = probes.stop();
+    assert!(report.answered > 100, "the granted VIP was never served: {report:?}");
+    assert!(report.tail_gap() > Duration::from_millis(500), "still answered after the release: tail gap {:?}", report.tail_gap());
+    let l = ledger_json(&lab);
+    assert_eq!(l[&vip]["state"], "retired", "{l:#?}");
+    // Never handed out again: the next grants on every node avoid it.
+    for (i, k) in [1, 2, 3, 1, 2, 3].into_iter().enumerate() {
+        let t = Instant::now();
+        let v = loop {
+            match request_vip(&lab, k, &format!("next{i}"), 7100, PORT) {
+                Ok(v) => break v,
+                Err(e) => assert!(t.elapsed() < Duration::from_secs(5), "request {i} on n{k}: {e}"),
+            }
+            sleep(Duration::from_millis(100));
+        };
+        assert_ne!(v, vip, "a retired address was granted again");
+    }
+}

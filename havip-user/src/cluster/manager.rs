@@ -368,3 +368,29 @@ pub async fn grant_spare(c: &Cluster, app: &str, grant: pools::Grant) -> anyhow:
     }
     anyhow::bail!("this node's spares kept changing under the grant; try again")
 }
+
+/// Releases `app`'s granted VIPs (or only `vip`) in every network of the cluster: each
+/// record deleted, or kept as retired under do-not-reassign, compared on its revision.
+/// Needs no manager. Returns the addresses released.
+pub async fn release_grants(c: &Cluster, app: &str, vip: Option<std::net::IpAddr>) -> anyhow::Result<Vec<std::net::IpAddr>> {
+    let mut client = with_timeout(async { connect(c).await }).await?;
+    let records = with_timeout(read_ledger_revisions(&mut client, &c.key_prefix)).await?;
+    let plain: BTreeMap<AddrKey, AllocRecord> = records.iter().map(|(k, (r, _))| (k.clone(), r.clone())).collect();
+    let mut done = Vec::new();
+    for net in &c.networks {
+        for ((n, addr), after) in pools::release(app, vip, net, &plain) {
+            let key = pools::alloc_key(&c.key_prefix, &n, addr);
+            let rev = records[&(n.clone(), addr)].1;
+            let op = match &after {
+                Some(rec) => TxnOp::put(key.as_bytes(), serde_json::to_vec(rec)?, None),
+                None => TxnOp::delete(key.as_bytes(), None),
+            };
+            let txn = Txn::new().when(vec![Compare::mod_revision(key.as_bytes(), CompareOp::Equal, rev)]).and_then(vec![op]);
+            if with_timeout(async { Ok(client.txn(txn).await?) }).await?.succeeded() {
+                info!(%app, %addr, network = %n, retired = after.is_some(), "cluster VIP released");
+                done.push(addr);
+            }
+        }
+    }
+    Ok(done)
+}

@@ -30,6 +30,8 @@ pub enum State {
     /// Its node found someone else answering for it on the link: never handed out (the
     /// record stays, so the generator skips the address).
     Conflict,
+    /// Released under do-not-reassign: never handed out again (the record stays).
+    Retired,
 }
 
 /// One ledger record.
@@ -76,6 +78,20 @@ pub fn granted(records: &BTreeMap<AddrKey, AllocRecord>) -> Vec<GrantedVip> {
         .iter()
         .filter(|(_, r)| r.state == State::Granted)
         .filter_map(|((_, addr), r)| Some(GrantedVip { addr: *addr, node: r.node.clone(), app: r.app.clone()?, grant: r.grant.clone()? }))
+        .collect()
+}
+
+/// What releasing `app`'s VIPs does to the ledger: each granted record of the app (or only
+/// the one at `vip`) is deleted (its address free again) or, under do-not-reassign (the
+/// allocation's or its range's), kept as retired.
+pub fn release(app: &str, vip: Option<IpAddr>, net: &Network, records: &BTreeMap<AddrKey, AllocRecord>) -> Vec<(AddrKey, Option<AllocRecord>)> {
+    records
+        .iter()
+        .filter(|((n, addr), r)| *n == net.name && r.state == State::Granted && r.app.as_deref() == Some(app) && vip.is_none_or(|v| v == *addr))
+        .map(|((n, addr), r)| {
+            let keep = r.do_not_reassign || net.ranges.iter().find(|x| x.contains(*addr)).is_some_and(|x| !x.reassign);
+            ((n.clone(), *addr), keep.then(|| AllocRecord { state: State::Retired, ..r.clone() }))
+        })
         .collect()
 }
 
@@ -128,6 +144,7 @@ pub fn levels(nodes: &[String], network: &str, records: &BTreeMap<AddrKey, Alloc
             }
             State::Granted => level.granted += 1,
             State::Conflict => level.conflicts += 1,
+            State::Retired => {}
         }
     }
     out
@@ -253,6 +270,28 @@ mod tests {
         let retired = BTreeSet::from([("prod".to_string(), ip("198.18.200.10"))]);
         let t = top_up(&nodes(), &sp, &prod("198.18.200.19"), &BTreeMap::new(), &retired, 0);
         assert!(t.add.iter().all(|(a, _)| *a != ip("198.18.200.10")));
+    }
+
+    #[test]
+    fn a_release_frees_the_address_or_retires_it_under_do_not_reassign() {
+        let mut net = prod("198.18.200.99");
+        let grant = Grant { protocol: Protocol::Udp, service_port: 7100, instance_port: 7000, exclusive: true };
+        let rec = |app: &str| AllocRecord { node: "n1".into(), state: State::Granted, app: Some(app.into()), do_not_reassign: false, checked: true, grant: Some(grant.clone()) };
+        let records = BTreeMap::from([
+            (("prod".to_string(), ip("198.18.200.10")), rec("a")),
+            (("prod".to_string(), ip("198.18.200.11")), rec("a")),
+            (("prod".to_string(), ip("198.18.200.12")), rec("b")),
+        ]);
+        // Both of a's, freed; b's untouched.
+        let r = release("a", None, &net, &records);
+        assert_eq!(r.iter().map(|(k, v)| (k.1, v.is_none())).collect::<Vec<_>>(), [(ip("198.18.200.10"), true), (ip("198.18.200.11"), true)]);
+        // Only one of them.
+        assert_eq!(release("a", Some(ip("198.18.200.11")), &net, &records).len(), 1);
+        // A do-not-reassign range retires them instead.
+        net.ranges[0].reassign = false;
+        let r = release("a", None, &net, &records);
+        assert!(r.iter().all(|(_, v)| v.as_ref().is_some_and(|v| v.state == State::Retired)));
+        assert!(release("nobody", None, &net, &records).is_empty());
     }
 
     #[test]

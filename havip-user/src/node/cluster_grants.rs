@@ -65,6 +65,23 @@ impl Node {
         }
     }
 
+    /// `DELETE /v1/vips/{app}` in cluster mode: the app's granted VIPs (or the one at
+    /// `vip`) leave the ledger (or stay retired under do-not-reassign) and stop being
+    /// served here at once, on the other nodes at their next read of the ledger.
+    pub(super) async fn cluster_release(&mut self, app: &str, vip: Option<std::net::IpAddr>) -> Reply {
+        let c = self.file_cfg.cluster.clone().ok_or_else(|| ApiError::NotFound("this node runs standalone".into()))?;
+        let released = manager::release_grants(&c, app, vip).await.map_err(|e| ApiError::Failed(format!("the ledger in etcd: {e:#}")))?;
+        if released.is_empty() {
+            return Err(ApiError::NotFound(format!("`{app}` holds no cluster VIP{}", vip.map(|v| format!(" {v}")).unwrap_or_default())));
+        }
+        let grants: Vec<GrantedVip> =
+            self.cluster.as_ref().map(|h| h.grants().borrow().clone()).unwrap_or_default().into_iter().filter(|g| !released.contains(&g.addr)).collect();
+        if let Err(e) = self.apply_grants(&grants).await {
+            error!(%app, error = %format!("{e:#}"), "released VIPs could not be removed here yet");
+        }
+        Ok(Answer::json(serde_json::json!({ "released": released })))
+    }
+
     /// `POST /v1/vips` in cluster mode: one of this node's checked spares, granted and
     /// served before the reply.
     pub(super) async fn cluster_request(&mut self, r: VipRequest) -> Reply {

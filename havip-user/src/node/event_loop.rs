@@ -276,6 +276,7 @@ impl Node {
         match call {
             Call::Request(r) if self.file_cfg.cluster.is_some() => self.cluster_request(r).await,
             Call::Request(r) => self.pool_request(r).await,
+            Call::Release { app, vip } if self.file_cfg.cluster.is_some() => self.cluster_release(&app, vip).await,
             Call::Release { app, vip } => self.pool_release(&app, vip).await,
             Call::List => self.pool_list(),
             Call::Bind { vip, nic } => self.operator_bind(vip, nic),
