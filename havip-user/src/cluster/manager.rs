@@ -148,6 +148,8 @@ async fn term(c: &Cluster, status: &Arc<Mutex<ManagerStatus>>) -> anyhow::Result
         let mut tick = tokio::time::interval(STATE_EVERY);
         let mut writes = 0u64;
         let mut random = seed();
+        // Nodes a capped round left short of high: the next round goes on with them.
+        let mut filling = BTreeSet::new();
         loop {
             tick.tick().await;
             writes += 1;
@@ -156,7 +158,8 @@ async fn term(c: &Cluster, status: &Arc<Mutex<ManagerStatus>>) -> anyhow::Result
             let (ops, guards, added) = match (&c.spares, c.spares.as_ref().and_then(|sp| c.networks.iter().find(|n| n.name == sp.network))) {
                 (Some(sp), Some(net)) => {
                     let (records, retired) = with_timeout(read_ledger(&mut client, &c.key_prefix)).await?;
-                    let t = pools::top_up(&c.all_nodes(), sp, net, &records, &retired, random);
+                    let t = pools::top_up(&c.all_nodes(), sp, net, &records, &retired, &filling, random);
+                    filling = t.filling.clone();
                     if !t.short.is_empty() {
                         warn!(network = %net.name, nodes = ?t.short, "managing node: network has no free address left for these nodes' spares; add a range or release VIPs");
                     }
@@ -285,7 +288,12 @@ async fn read_ledger_revisions(client: &mut Client, key_prefix: &str) -> anyhow:
 /// before it can be used, and record the result in the ledger, compared on the record's
 /// revision: checked, or a conflict when someone answered (the manager then replaces it
 /// and never hands the address out). Each conflict is logged on one line.
-pub async fn check_spares(c: Cluster, nics: Vec<String>, grants: tokio::sync::watch::Sender<Vec<pools::GrantedVip>>) {
+pub async fn check_spares(
+    c: Cluster,
+    nics: Vec<String>,
+    grants: tokio::sync::watch::Sender<Vec<pools::GrantedVip>>,
+    spares: tokio::sync::watch::Sender<Vec<CachedSpare>>,
+) {
     if c.spares.is_none() {
         return;
     }
@@ -308,6 +316,13 @@ pub async fn check_spares(c: Cluster, nics: Vec<String>, grants: tokio::sync::wa
             *g = now;
             changed
         });
+        // This node's checked spares with their revisions: a request tries these first.
+        let own: Vec<CachedSpare> = records
+            .iter()
+            .filter(|(_, (r, _))| r.node == c.node && r.state == pools::State::Spare && r.checked)
+            .map(|(k, (r, rev))| CachedSpare { key: k.clone(), record: r.clone(), revision: *rev })
+            .collect();
+        spares.send_replace(own);
         let mine: Vec<(AddrKey, AllocRecord, i64)> =
             records.into_iter().filter(|(_, (r, _))| r.node == c.node && r.state == pools::State::Spare && !r.checked).map(|(k, (r, rev))| (k, r, rev)).collect();
         // All of them at once: each check takes about half a second.
@@ -349,13 +364,43 @@ fn xorshift(mut x: u64) -> u64 {
     x ^ (x << 17)
 }
 
+/// One of this node's checked spares as the last read of the ledger showed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CachedSpare {
+    pub key: AddrKey,
+    pub record: AllocRecord,
+    pub revision: i64,
+}
+
+/// A node's connection to the ledger for its API calls, kept across calls (a connection
+/// costs round trips a request should not pay).
+#[derive(Clone)]
+pub struct LedgerClient(Client);
+
+impl LedgerClient {
+    pub async fn connect(c: &Cluster) -> anyhow::Result<Self> {
+        Ok(Self(with_timeout(async { connect(c).await }).await?))
+    }
+}
+
 /// Grants one of this node's checked spares to `app`: the ledger record goes from spare to
 /// granted, compared on its revision (a record changed meanwhile is tried no further: the
-/// next spare is). Needs no manager. `Ok(None)`: no checked spare left here.
-pub async fn grant_spare(c: &Cluster, app: &str, grant: pools::Grant) -> anyhow::Result<Option<(String, std::net::IpAddr)>> {
-    let mut client = with_timeout(async { connect(c).await }).await?;
+/// next spare is). `cached` (from the last periodic read) is tried first; then the ledger
+/// is read. Needs no manager. `Ok(None)`: no checked spare left here.
+pub async fn grant_spare(c: &Cluster, ledger: &mut LedgerClient, cached: &[CachedSpare], app: &str, grant: pools::Grant) -> anyhow::Result<Option<(String, std::net::IpAddr)>> {
+    let client = &mut ledger.0;
+    // First the spares the last read showed: one round trip when the cache is current.
+    for s in cached.iter().take(2) {
+        let (net, addr) = s.key.clone();
+        let new = AllocRecord { state: pools::State::Granted, app: Some(app.to_string()), grant: Some(grant.clone()), ..s.record.clone() };
+        let key = pools::alloc_key(&c.key_prefix, &net, addr);
+        let txn = Txn::new().when(vec![Compare::mod_revision(key.as_bytes(), CompareOp::Equal, s.revision)]).and_then(vec![TxnOp::put(key.as_bytes(), serde_json::to_vec(&new)?, None)]);
+        if with_timeout(async { Ok(client.txn(txn).await?) }).await?.succeeded() {
+            return Ok(Some((net, addr)));
+        }
+    }
     for _ in 0..4 {
-        let records = with_timeout(read_ledger_revisions(&mut client, &c.key_prefix)).await?;
+        let records = with_timeout(read_ledger_revisions(client, &c.key_prefix)).await?;
         let plain: BTreeMap<AddrKey, AllocRecord> = records.iter().map(|(k, (r, _))| (k.clone(), r.clone())).collect();
         let Some((net, addr)) = pools::next_spare(&c.node, &plain) else { return Ok(None) };
         let (rec, rev) = records[&(net.clone(), addr)].clone();
@@ -372,9 +417,9 @@ pub async fn grant_spare(c: &Cluster, app: &str, grant: pools::Grant) -> anyhow:
 /// Releases `app`'s granted VIPs (or only `vip`) in every network of the cluster: each
 /// record deleted, or kept as retired under do-not-reassign, compared on its revision.
 /// Needs no manager. Returns the addresses released.
-pub async fn release_grants(c: &Cluster, app: &str, vip: Option<std::net::IpAddr>) -> anyhow::Result<Vec<std::net::IpAddr>> {
-    let mut client = with_timeout(async { connect(c).await }).await?;
-    let records = with_timeout(read_ledger_revisions(&mut client, &c.key_prefix)).await?;
+pub async fn release_grants(c: &Cluster, ledger: &mut LedgerClient, app: &str, vip: Option<std::net::IpAddr>) -> anyhow::Result<Vec<std::net::IpAddr>> {
+    let client = &mut ledger.0;
+    let records = with_timeout(read_ledger_revisions(client, &c.key_prefix)).await?;
     let plain: BTreeMap<AddrKey, AllocRecord> = records.iter().map(|(k, (r, _))| (k.clone(), r.clone())).collect();
     let mut done = Vec::new();
     for net in &c.networks {

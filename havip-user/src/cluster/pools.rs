@@ -150,19 +150,35 @@ pub fn levels(nodes: &[String], network: &str, records: &BTreeMap<AddrKey, Alloc
     out
 }
 
-/// What one top-up adds: (address, node), and the nodes it could not fill (the network
-/// ran out).
+/// What one top-up adds: (address, node), the nodes it could not fill (the network ran
+/// out), and the nodes still short of `high` because the round's limit was reached (the
+/// next round goes on with them even though they are no longer below `low`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TopUp {
     pub add: Vec<(IpAddr, String)>,
     pub short: Vec<String>,
+    pub filling: BTreeSet<String>,
 }
 
-/// The spares to add so that every node below `low` spares has `high` again. Addresses
+/// The most spares one top-up adds: they go into one etcd transaction with a compare and a
+/// put each, and etcd refuses transactions of more than 128 operations (its default
+/// `--max-txn-ops`). The rest follow in the next round.
+pub const MAX_ADDS: usize = 100;
+
+/// The spares to add so that every node below `low` spares (or still `filling` from the
+/// previous round) has `high` again, at most [`MAX_ADDS`] of them (nodes in name order). Addresses
 /// come from `net` by its rules, never one the ledger holds or has retired; a spare's
 /// "application" for the `hash` method is its node, so a node's spares cluster together.
 /// `random` seeds the `random` method.
-pub fn top_up(nodes: &[String], spares: &Spares, net: &Network, records: &BTreeMap<AddrKey, AllocRecord>, retired: &BTreeSet<AddrKey>, random: u64) -> TopUp {
+pub fn top_up(
+    nodes: &[String],
+    spares: &Spares,
+    net: &Network,
+    records: &BTreeMap<AddrKey, AllocRecord>,
+    retired: &BTreeSet<AddrKey>,
+    filling: &BTreeSet<String>,
+    random: u64,
+) -> TopUp {
     let mut ledger = Ledger {
         allocated: records.iter().map(|(k, r)| (k.clone(), Allocation { app: r.app.clone().unwrap_or_default(), do_not_reassign: r.do_not_reassign })).collect(),
         retired: retired.clone(),
@@ -170,10 +186,15 @@ pub fn top_up(nodes: &[String], spares: &Spares, net: &Network, records: &BTreeM
     let mut out = TopUp::default();
     let none = BTreeSet::new();
     for (i, (node, level)) in levels(nodes, &net.name, records).into_iter().enumerate() {
-        if !nodes.contains(&node) || level.spares.len() as u32 >= spares.low {
+        let have = level.spares.len() as u32;
+        if !nodes.contains(&node) || have >= spares.high || (have >= spares.low && !filling.contains(&node)) {
             continue;
         }
-        for j in level.spares.len() as u32..spares.high {
+        for j in have..spares.high {
+            if out.add.len() >= MAX_ADDS {
+                out.filling.insert(node.clone());
+                break;
+            }
             match vipgen::choose(net, &ledger, &node, &none, random.wrapping_add((i as u64) << 32 | j as u64)) {
                 Ok(addr) => {
                     vipgen::allocate(&mut ledger, net, addr, &node, false);
@@ -221,17 +242,17 @@ mod tests {
         let sp = Spares { network: "prod".into(), low: 2, high: 4 };
         let net = prod("198.18.200.99");
         let mut records = BTreeMap::new();
-        let t = top_up(&nodes(), &sp, &net, &records, &BTreeSet::new(), 7);
+        let t = top_up(&nodes(), &sp, &net, &records, &BTreeSet::new(), &BTreeSet::new(), 7);
         assert_eq!(t.add.len(), 12);
         apply(&mut records, &t);
         assert!(levels(&nodes(), "prod", &records).values().all(|l| l.spares.len() == 4));
         // Nothing to do at high water, nor at low water.
-        assert!(top_up(&nodes(), &sp, &net, &records, &BTreeSet::new(), 7).add.is_empty());
+        assert!(top_up(&nodes(), &sp, &net, &records, &BTreeSet::new(), &BTreeSet::new(), 7).add.is_empty());
         // n2 grants three: 1 spare < low 2, so it gets three new ones; the others nothing.
         for a in levels(&nodes(), "prod", &records)["n2"].spares[..3].to_vec() {
             records.get_mut(&("prod".to_string(), a)).unwrap().state = State::Granted;
         }
-        let t = top_up(&nodes(), &sp, &net, &records, &BTreeSet::new(), 7);
+        let t = top_up(&nodes(), &sp, &net, &records, &BTreeSet::new(), &BTreeSet::new(), 7);
         assert_eq!(t.add.iter().map(|(_, n)| n.as_str()).collect::<Vec<_>>(), ["n2", "n2", "n2"]);
         apply(&mut records, &t);
         let l = levels(&nodes(), "prod", &records);
@@ -243,7 +264,7 @@ mod tests {
         let sp = Spares { network: "prod".into(), low: 2, high: 4 };
         let net = prod("198.18.200.99");
         let mut records = BTreeMap::new();
-        let t = top_up(&nodes(), &sp, &net, &records, &BTreeSet::new(), 0);
+        let t = top_up(&nodes(), &sp, &net, &records, &BTreeSet::new(), &BTreeSet::new(), 0);
         apply(&mut records, &t);
         let first = levels(&nodes(), "prod", &records)["n1"].spares[0];
         records.get_mut(&("prod".to_string(), first)).unwrap().state = State::Conflict;
@@ -254,21 +275,45 @@ mod tests {
         for a in l["n1"].spares[..2].to_vec() {
             records.get_mut(&("prod".to_string(), a)).unwrap().state = State::Granted;
         }
-        let t = top_up(&nodes(), &sp, &net, &records, &BTreeSet::new(), 0);
+        let t = top_up(&nodes(), &sp, &net, &records, &BTreeSet::new(), &BTreeSet::new(), 0);
         assert_eq!(t.add.len(), 3);
         assert!(t.add.iter().all(|(a, _)| *a != first), "the conflicting address came back");
+    }
+
+    /// More than one transaction's worth: filled over several rounds, each within etcd's
+    /// limit on operations per transaction.
+    #[test]
+    fn a_large_top_up_is_spread_over_rounds_within_the_transaction_limit() {
+        let sp = Spares { network: "prod".into(), low: 100, high: 130 };
+        let net = Network { prefix: Prefix { addr: ip("198.18.200.0"), len: 22 }, ..prod("198.18.200.10") };
+        let net = Network { ranges: vec![Range { last: ip("198.18.203.250"), ..net.ranges[0].clone() }], ..net };
+        let mut records = BTreeMap::new();
+        let mut rounds = 0;
+        let mut filling = BTreeSet::new();
+        loop {
+            let t = top_up(&nodes(), &sp, &net, &records, &BTreeSet::new(), &filling, 1);
+            if t.add.is_empty() {
+                break;
+            }
+            assert!(t.add.len() <= MAX_ADDS, "{} additions in one round", t.add.len());
+            apply(&mut records, &t);
+            filling = t.filling;
+            rounds += 1;
+        }
+        assert_eq!(records.len(), 390);
+        assert_eq!(rounds, 4);
     }
 
     #[test]
     fn a_full_network_fills_what_it_can_and_says_who_is_short() {
         let sp = Spares { network: "prod".into(), low: 2, high: 4 };
         // 10 addresses for 3 nodes x 4.
-        let t = top_up(&nodes(), &sp, &prod("198.18.200.19"), &BTreeMap::new(), &BTreeSet::new(), 0);
+        let t = top_up(&nodes(), &sp, &prod("198.18.200.19"), &BTreeMap::new(), &BTreeSet::new(), &BTreeSet::new(), 0);
         assert_eq!(t.add.len(), 10);
         assert_eq!(t.short, ["n3"]);
         // A retired address is never used.
         let retired = BTreeSet::from([("prod".to_string(), ip("198.18.200.10"))]);
-        let t = top_up(&nodes(), &sp, &prod("198.18.200.19"), &BTreeMap::new(), &retired, 0);
+        let t = top_up(&nodes(), &sp, &prod("198.18.200.19"), &BTreeMap::new(), &retired, &BTreeSet::new(), 0);
         assert!(t.add.iter().all(|(a, _)| *a != ip("198.18.200.10")));
     }
 

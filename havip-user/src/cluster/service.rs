@@ -23,7 +23,7 @@ use tracing::{info, warn};
 
 use super::{
     decide::{self, Action, Local},
-    manager::{self, ManagerStatus},
+    manager::{self, CachedSpare, ManagerStatus},
     pools::GrantedVip,
     peers::Peers,
     record::{self, NodeMark, VipRecord},
@@ -131,6 +131,8 @@ pub struct Handle {
     status: Arc<Mutex<Status>>,
     /// The granted VIPs of the spare pools' ledger (see `manager::check_spares`).
     grants: watch::Receiver<Vec<GrantedVip>>,
+    /// This node's checked spares as last read (requests try them first).
+    spares: watch::Receiver<Vec<CachedSpare>>,
     vips: watch::Sender<ClusterVips>,
     stop: Option<oneshot::Sender<oneshot::Sender<()>>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -144,6 +146,11 @@ impl Handle {
     /// Where the service publishes its status (every 100 ms), for the metrics exporter.
     pub fn status_source(&self) -> Arc<Mutex<Status>> {
         self.status.clone()
+    }
+
+    /// This node's checked spares as the last periodic read of the ledger showed them.
+    pub fn cached_spares(&self) -> Vec<CachedSpare> {
+        self.spares.borrow().clone()
     }
 
     /// The granted VIPs, changed whenever the ledger's set changes.
@@ -176,6 +183,7 @@ pub fn start(cluster: Cluster, vips: ClusterVips, nics: Vec<String>, pins: PinLa
     let status = Arc::new(Mutex::new(Status { node: cluster.node.clone(), etcd_endpoints: cluster.etcd_endpoints.clone(), ..Default::default() }));
     let (vips_tx, vips_rx) = watch::channel(vips);
     let (grants_tx, grants_rx) = watch::channel(Vec::new());
+    let (spares_tx, spares_rx) = watch::channel(Vec::new());
     let (stop_tx, stop_rx) = oneshot::channel();
     let maps = Maps::open(&pins).context("opening the maps for the cluster fences")?;
     let fences = FenceView::open(&pins).context("opening the fence maps for announcements")?;
@@ -198,10 +206,10 @@ pub fn start(cluster: Cluster, vips: ClusterVips, nics: Vec<String>, pins: PinLa
                 }
             };
             let svc = Service::new(cluster, nics, maps, fences, recv, st, announce);
-            svc.run(store, vips_rx, stop_rx, grants_tx).await;
+            svc.run(store, vips_rx, stop_rx, grants_tx, spares_tx).await;
         });
     })?;
-    Ok(Handle { status, grants: grants_rx, vips: vips_tx, stop: Some(stop_tx), thread: Some(thread) })
+    Ok(Handle { status, grants: grants_rx, spares: spares_rx, vips: vips_tx, stop: Some(stop_tx), thread: Some(thread) })
 }
 
 fn bind_receiver(port: u16) -> anyhow::Result<tokio::net::UdpSocket> {
@@ -359,13 +367,14 @@ impl Service {
         mut vips_rx: watch::Receiver<ClusterVips>,
         mut stop_rx: oneshot::Receiver<oneshot::Sender<()>>,
         grants: watch::Sender<Vec<GrantedVip>>,
+        spares: watch::Sender<Vec<CachedSpare>>,
     ) {
         self.set_vips(vips_rx.borrow_and_update().clone());
         let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
         let (write_tx, write_rx) = mpsc::unbounded_channel();
         tokio::spawn(reader(store.clone(), self.t.confirm_every, ev_tx.clone()));
         tokio::spawn(manager::run(self.c.clone(), self.manager.clone()));
-        tokio::spawn(manager::check_spares(self.c.clone(), self.paths.iter().map(|p| p.nic.clone()).collect(), grants));
+        tokio::spawn(manager::check_spares(self.c.clone(), self.paths.iter().map(|p| p.nic.clone()).collect(), grants, spares));
         let mark = NodeMark { node: self.c.node.clone(), incarnation: self.peers.incarnation, every_ms: 0, count: 0 };
         tokio::spawn(marker(store.clone(), mark, self.mark_every.subscribe(), ev_tx.clone()));
         tokio::spawn(writer(store, write_rx, ev_tx));

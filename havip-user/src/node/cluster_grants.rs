@@ -45,6 +45,26 @@ pub(super) fn overlay(cfg: &Config, grants: &[GrantedVip]) -> Config {
 }
 
 impl Node {
+    /// The connection to the ledger: the kept one, or a new one.
+    async fn ledger(&mut self, c: &crate::config::cluster::Cluster) -> Result<manager::LedgerClient, ApiError> {
+        match self.ledger.take() {
+            Some(l) => Ok(l),
+            None => manager::LedgerClient::connect(c).await.map_err(|e| ApiError::Failed(format!("cannot reach etcd for the ledger: {e:#}"))),
+        }
+    }
+
+    /// Keeps `ledger` for the next call when `r` succeeded (a failed call may have left the
+    /// connection broken: the next call makes a new one).
+    fn keep_ledger<T>(&mut self, ledger: manager::LedgerClient, r: anyhow::Result<T>) -> Result<T, ApiError> {
+        match r {
+            Ok(v) => {
+                self.ledger = Some(ledger);
+                Ok(v)
+            }
+            Err(e) => Err(ApiError::Failed(format!("the ledger in etcd: {e:#}"))),
+        }
+    }
+
     /// Applies the file's configuration plus `grants` (VIP stages only) and hands the
     /// cluster service the VIPs it now owns or stands by for.
     pub(super) async fn apply_grants(&mut self, grants: &[GrantedVip]) -> anyhow::Result<String> {
@@ -70,7 +90,9 @@ impl Node {
     /// served here at once, on the other nodes at their next read of the ledger.
     pub(super) async fn cluster_release(&mut self, app: &str, vip: Option<std::net::IpAddr>) -> Reply {
         let c = self.file_cfg.cluster.clone().ok_or_else(|| ApiError::NotFound("this node runs standalone".into()))?;
-        let released = manager::release_grants(&c, app, vip).await.map_err(|e| ApiError::Failed(format!("the ledger in etcd: {e:#}")))?;
+        let mut ledger = self.ledger(&c).await?;
+        let released = manager::release_grants(&c, &mut ledger, app, vip).await;
+        let released = self.keep_ledger(ledger, released)?;
         if released.is_empty() {
             return Err(ApiError::NotFound(format!("`{app}` holds no cluster VIP{}", vip.map(|v| format!(" {v}")).unwrap_or_default())));
         }
@@ -93,7 +115,18 @@ impl Node {
             return Err(ApiError::Failed("cluster grants take no targets or class yet; ask without them".into()));
         }
         let grant = Grant { protocol: r.protocol, service_port: r.service_port, instance_port: r.instance_port, exclusive: r.exclusive };
-        let granted = manager::grant_spare(&c, &r.app, grant.clone()).await.map_err(|e| ApiError::Failed(format!("the ledger in etcd: {e:#}")))?;
+        let started = std::time::Instant::now();
+        let mut ledger = self.ledger(&c).await?;
+        // The last read's spares, less those this node granted since (the read lags).
+        let mut cached = self.cluster.as_ref().map(|h| h.cached_spares()).unwrap_or_default();
+        self.granted_since_read.retain(|k| cached.iter().any(|s| &s.key == k));
+        cached.retain(|s| !self.granted_since_read.contains(&s.key));
+        let granted = manager::grant_spare(&c, &mut ledger, &cached, &r.app, grant.clone()).await;
+        let granted = self.keep_ledger(ledger, granted)?;
+        let ledger_ms = started.elapsed().as_secs_f64() * 1e3;
+        if let Some(k) = &granted {
+            self.granted_since_read.insert(k.clone());
+        }
         let Some((network, vip)) = granted else {
             return Err(ApiError::Failed(format!("node {} has no checked spare VIP left; the managing node tops pools up within a second, ask again", c.node)));
         };
@@ -105,7 +138,14 @@ impl Node {
         if let Err(e) = self.apply_grants(&grants).await {
             error!(app = %r.app, %vip, error = %format!("{e:#}"), "granted VIP could not be applied here yet");
         }
-        info!(app = %r.app, %vip, %network, node = %c.node, service_port = grant.service_port, instance_port = grant.instance_port, "cluster VIP granted from this node's spares");
-        Ok(Answer::created(serde_json::json!({ "vip": vip, "network": network, "node": c.node, "service_port": grant.service_port, "instance_port": grant.instance_port })))
+        let apply_ms = started.elapsed().as_secs_f64() * 1e3 - ledger_ms;
+        info!(
+            app = %r.app, %vip, %network, node = %c.node, service_port = grant.service_port, instance_port = grant.instance_port,
+            ledger_ms = format!("{ledger_ms:.2}"), apply_ms = format!("{apply_ms:.2}"), "cluster VIP granted from this node's spares"
+        );
+        Ok(Answer::created(serde_json::json!({
+            "vip": vip, "network": network, "node": c.node, "service_port": grant.service_port, "instance_port": grant.instance_port,
+            "took_ms": { "ledger": ledger_ms, "apply": apply_ms },
+        })))
     }
 }

@@ -150,6 +150,8 @@ async fn serve(opts: DaemonOptions, exporter: StartExporter) -> anyhow::Result<(
     let mut node = Node {
         mover: Mover::new(&opts.run_dir),
         cluster: None,
+        ledger: None,
+        granted_since_read: Default::default(),
         opts,
         nl,
         dp,

@@ -77,6 +77,10 @@ struct Node {
     mover: Mover,
     /// Cluster mode's service (heartbeats, ownership, fences); `None` standalone.
     cluster: Option<crate::cluster::service::Handle>,
+    /// Cluster mode: the connection API calls use for the spare pools' ledger.
+    ledger: Option<crate::cluster::manager::LedgerClient>,
+    /// Spares this node granted since the last read of the ledger (see `cluster_grants`).
+    granted_since_read: std::collections::BTreeSet<crate::cluster::vipgen::AddrKey>,
     /// Controller health for the metrics endpoint (rebinds, applies).
     metrics: Arc<DaemonMetrics>,
 }
