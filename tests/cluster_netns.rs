@@ -724,6 +724,9 @@ fn a_spare_someone_else_answers_for_is_replaced_and_never_used() {
     assert!(lab.node_log(k).contains("spare VIP in use on the link"), "{}", tail(&lab.node_log(k)));
     let pools: serde_json::Value = serde_json::from_slice(&lab.havip(k, &["cluster", "pools", "--json"]).stdout).unwrap_or_default();
     assert_eq!(pools[&holder]["conflicts"], 1, "{pools}");
+    // And in the metrics, for every node.
+    assert_eq!(lab.metric(k, &format!("havip_cluster_pool_conflicts{{node=\"{holder}\"}}")), Some(1.0), "{}", lab.metrics(k));
+    assert_eq!(lab.metric(k, &format!("havip_cluster_pool_spares{{node=\"{holder}\"}}")), Some(4.0));
 }
 
 /// Requests a VIP on node `k`'s API; returns it.
@@ -758,6 +761,19 @@ fn a_vip_granted_from_a_nodes_spares_serves_and_fails_over_like_any_cluster_vip(
     let l = ledger_json(&lab);
     assert_eq!(l[&vip]["state"], "granted", "{l:#?}");
     assert_eq!((l[&vip]["node"].as_str(), l[&vip]["app"].as_str()), (Some("n2"), Some("billing")));
+    // `havip cluster vips` lists the granted VIP among the cluster's, owned by n2.
+    let t = Instant::now();
+    loop {
+        let vips: serde_json::Value = serde_json::from_slice(&lab.havip(3, &["cluster", "vips", "--json"]).stdout).unwrap_or_default();
+        let row = vips.as_array().and_then(|a| a.iter().find(|v| v["vip"] == vip.as_str()).cloned());
+        if row.as_ref().is_some_and(|r| r["owner"] == "n2") {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(3), "n3 does not list {vip} owned by n2: {vips}");
+        sleep(Duration::from_millis(50));
+    }
+    let nodes: serde_json::Value = serde_json::from_slice(&lab.havip(3, &["cluster", "nodes", "--json"]).stdout).unwrap_or_default();
+    assert_eq!(nodes["peers"].as_array().map(Vec::len), Some(2), "{nodes}");
     // Clients reach VIP:7100, remapped to the application's port 7000, on n2.
     let probes = ProbeStream::start(lab.client_ns(), &vip, 7100, Duration::from_millis(2));
     sleep(Duration::from_millis(1500));

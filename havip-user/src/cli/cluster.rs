@@ -1,4 +1,5 @@
-//! `havip cluster status`: the cluster as this node sees it, from havipd's API.
+//! `havip cluster status|vips|nodes|pools`: the cluster as this node sees it, from
+//! havipd's API.
 
 use clap::Subcommand;
 
@@ -23,33 +24,54 @@ pub enum ClusterCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Each cluster VIP (configured or granted): owner, epoch, this node's state, lease left.
+    Vips {
+        #[arg(long)]
+        json: bool,
+    },
+    /// The nodes: the managing node, and each peer's health, heartbeat RTT and loss per path.
+    Nodes {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Which part of the status a command prints.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Part {
+    All,
+    Pools,
+    Vips,
+    Nodes,
 }
 
 pub fn run(loc: &Locations, cmd: ClusterCommand) -> anyhow::Result<()> {
-    let (json, pools) = match cmd {
-        ClusterCommand::Status { json } => (json, false),
-        ClusterCommand::Pools { json } => (json, true),
+    let (json, part) = match cmd {
+        ClusterCommand::Status { json } => (json, Part::All),
+        ClusterCommand::Pools { json } => (json, Part::Pools),
+        ClusterCommand::Vips { json } => (json, Part::Vips),
+        ClusterCommand::Nodes { json } => (json, Part::Nodes),
     };
     let (status, v) = crate::api::client::call(&loc.run_dir, "GET", "/v1/cluster", None)?;
     if !(200..300).contains(&status) {
         let why = v.get("error").and_then(|e| e.as_str()).map(str::to_string).unwrap_or_else(|| v.to_string());
         anyhow::bail!("{}", refusal(status, &why));
     }
-    if pools {
-        let s: Status = serde_json::from_value(v)?;
-        if json {
-            println!("{}", serde_json::to_string_pretty(&s.manager.pools)?);
-        } else {
-            print!("{}", render_pools(&s));
-        }
-        return Ok(());
-    }
+    let s: Status = serde_json::from_value(v.clone())?;
+    let (text, part_json) = match part {
+        Part::All => (render(&s), v),
+        Part::Pools => (render_pools(&s), serde_json::to_value(&s.manager.pools)?),
+        Part::Vips => (render_vips(&s), serde_json::to_value(&s.vips)?),
+        Part::Nodes => (
+            render_nodes(&s),
+            serde_json::json!({ "node": s.node, "manager": s.manager.manager, "term": s.manager.term, "peers": s.peers }),
+        ),
+    };
     if json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(());
+        println!("{}", serde_json::to_string_pretty(&part_json)?);
+    } else {
+        print!("{text}");
     }
-    let s: Status = serde_json::from_value(v)?;
-    print!("{}", render(&s));
     Ok(())
 }
 
@@ -58,10 +80,10 @@ fn render_pools(s: &Status) -> String {
     if s.manager.pools.is_empty() {
         return "no spare pools: configure [cluster.spares] (network, low, high)\n".into();
     }
-    out += &format!("{:<12} {:>7} {:>8}  {}\n", "NODE", "SPARES", "GRANTED", "SPARE VIPS");
+    out += &format!("{:<12} {:>7} {:>10} {:>8} {:>10}  {}\n", "NODE", "SPARES", "UNCHECKED", "GRANTED", "CONFLICTS", "SPARE VIPS");
     for (node, l) in &s.manager.pools {
         let addrs: Vec<String> = l.spares.iter().map(|a| a.to_string()).collect();
-        out += &format!("{:<12} {:>7} {:>8}  {}\n", node, l.spares.len(), l.granted, addrs.join(" "));
+        out += &format!("{:<12} {:>7} {:>10} {:>8} {:>10}  {}\n", node, l.spares.len(), l.unchecked, l.granted, l.conflicts, addrs.join(" "));
     }
     out
 }
@@ -72,6 +94,28 @@ fn ms(v: Option<u64>) -> String {
 
 /// The tables, as text.
 pub fn render(s: &Status) -> String {
+    let mut out = render_nodes(s);
+    out += "\n";
+    out += &render_vips(s);
+    let c = &s.counters;
+    let claims: Vec<String> = c.claims.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    out += &format!(
+        "\nheartbeats sent {} received {}; etcd reads {} failed {}; acknowledged extensions {}; claims [{}] lost {}; starts {} stops {}\n",
+        c.heartbeats_sent,
+        c.heartbeats_received,
+        c.confirmations,
+        c.confirmation_failures,
+        c.acked_extensions,
+        claims.join(", "),
+        c.claims_lost,
+        c.starts,
+        c.stops
+    );
+    out
+}
+
+/// This node, etcd, the managing node and the peers.
+fn render_nodes(s: &Status) -> String {
     let mut out = String::new();
     let etcd = match s.etcd_last_ok_ms {
         Some(age) => format!("last read {age} ms ago, {} µs", s.etcd_read_latency_us.unwrap_or(0)),
@@ -101,7 +145,12 @@ pub fn render(s: &Status) -> String {
         let rtt = p.rtt_us.map_or("-".into(), |r| format!("{r} µs"));
         out += &format!("{:<12} {:<10} {:>12} {:>10}  {}\n", p.name, health, ms(Some(p.alive_for_ms)), rtt, paths.join("  "));
     }
-    out += &format!("\n{:<40} {:<12} {:>8} {:<9} {:>10}  {}\n", "VIP", "OWNER", "EPOCH", "HERE", "LEASE", "CANDIDATES");
+    out
+}
+
+/// Each cluster VIP's owner, epoch, state here and lease left.
+fn render_vips(s: &Status) -> String {
+    let mut out = format!("{:<40} {:<12} {:>8} {:<9} {:>10}  {}\n", "VIP", "OWNER", "EPOCH", "HERE", "LEASE", "CANDIDATES");
     for v in &s.vips {
         out += &format!(
             "{:<40} {:<12} {:>8} {:<9} {:>10}  {}\n",
@@ -113,19 +162,5 @@ pub fn render(s: &Status) -> String {
             v.candidates.join(",")
         );
     }
-    let c = &s.counters;
-    let claims: Vec<String> = c.claims.iter().map(|(k, v)| format!("{k} {v}")).collect();
-    out += &format!(
-        "\nheartbeats sent {} received {}; etcd reads {} failed {}; acknowledged extensions {}; claims [{}] lost {}; starts {} stops {}\n",
-        c.heartbeats_sent,
-        c.heartbeats_received,
-        c.confirmations,
-        c.confirmation_failures,
-        c.acked_extensions,
-        claims.join(", "),
-        c.claims_lost,
-        c.starts,
-        c.stops
-    );
     out
 }

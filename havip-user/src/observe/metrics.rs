@@ -365,6 +365,10 @@ fn cluster(x: &mut Exposition, c: &ClusterStatus) {
     );
     x.gauge1("havip_cluster_manager_here", "1 while this node is the managing node", None, if m.this_node { 1.0 } else { 0.0 });
     x.counter1("havip_cluster_manager_elections_won", "Elections for the managing node this node won", m.elections_won);
+    x.gauge("havip_cluster_pool_spares", "Spare VIPs assigned to each node (checked on the link or not yet), from the ledger", None, m.pools.iter().map(|(n, l)| (l1("node", n), l.spares.len() as f64)));
+    x.gauge("havip_cluster_pool_unchecked", "Of each node's spares, those not yet checked on the link", None, m.pools.iter().map(|(n, l)| (l1("node", n), l.unchecked as f64)));
+    x.gauge("havip_cluster_pool_granted", "VIPs granted to applications on each node, from the ledger", None, m.pools.iter().map(|(n, l)| (l1("node", n), l.granted as f64)));
+    x.gauge("havip_cluster_pool_conflicts", "Addresses each node's checks found in use on the link", None, m.pools.iter().map(|(n, l)| (l1("node", n), l.conflicts as f64)));
     x.counter1("havip_cluster_manager_writes_refused", "Guarded writes etcd refused because this node was no longer the manager", m.deposed_writes);
     x.gauge("havip_cluster_vip_serving", "1 while this node serves the cluster VIP (its kernel fence is open)", None, c.vips.iter().map(|v| (l1("vip", v.vip), if v.here == "serving" { 1.0 } else { 0.0 })));
     x.gauge("havip_cluster_vip_epoch", "The VIP's ownership epoch in etcd (the record's revision)", None, c.vips.iter().map(|v| (l1("vip", v.vip), v.epoch as f64)));
