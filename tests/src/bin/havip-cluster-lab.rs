@@ -128,8 +128,13 @@ fn node_lines(lab: &ClusterLab, faults: &[Fault]) -> Vec<String> {
                 None => "etcd never answered".into(),
             };
             let serving: Vec<&str> = v["vips"].as_array().into_iter().flatten().filter(|x| x["here"] == "serving").filter_map(|x| x["vip"].as_str()).collect();
+            // The managing node, as this node sees it (marked when it is this node).
+            let manager = match (v["manager"]["manager"].as_str(), v["manager"]["this_node"].as_bool()) {
+                (Some(_), Some(true)) => "  MANAGER".to_string(),
+                _ => String::new(),
+            };
             format!(
-                "{name:<4} havipd up   hears [{}]  {etcd:<22} serves [{}]",
+                "{name:<4} havipd up   hears [{}]  {etcd:<22} serves [{}]{manager}",
                 if hears.is_empty() { "nobody".to_string() } else { hears.join(" ") },
                 serving.join(" ")
             )
