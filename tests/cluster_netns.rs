@@ -860,3 +860,57 @@ fn a_released_vip_stops_being_served_and_a_do_not_reassign_one_never_comes_back(
         assert_ne!(v, vip, "a retired address was granted again");
     }
 }
+
+#[test]
+fn three_hundred_concurrent_requests_over_three_nodes_each_get_their_own_vip() {
+    let mut lab = ClusterLab::new(3, 1);
+    let spares = SPARES.replace("low = 2\nhigh = 4", "low = 100\nhigh = 110").replace("prefix = \"198.18.200.0/24\"", "prefix = \"198.18.200.0/22\"").replace("last = \"198.18.200.99\"", "last = \"198.18.203.250\"");
+    for k in 1..=3 {
+        let cfg = lab.node_config(k, &[CLUSTER_VIP], "") + &spares;
+        lab.start_node_with(k, &cfg);
+    }
+    // Every node holds at least 100 checked spares.
+    let t = Instant::now();
+    loop {
+        let l = ledger_json(&lab);
+        if ["n1", "n2", "n3"].iter().all(|n| l.values().filter(|r| r["node"] == *n && r["state"] == "spare" && r["checked"] == true).count() >= 100) {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "pools not filled with checked spares");
+        sleep(Duration::from_millis(200));
+    }
+    // 100 concurrent requests on each node's API, 300 in all.
+    let dirs: Vec<std::path::PathBuf> = (1..=3).map(|k| lab.node_run_dir(k).to_path_buf()).collect();
+    let threads: Vec<_> = (0..300)
+        .map(|i| {
+            let dir = dirs[i % 3].clone();
+            std::thread::spawn(move || {
+                let body = serde_json::json!({ "app": format!("app{i}"), "protocol": "udp", "service_port": 7100, "instance_port": 7000 });
+                havip_user::api::client::call(&dir, "POST", "/v1/vips", Some(body)).map(|(status, v)| (status, v, i % 3 + 1))
+            })
+        })
+        .collect();
+    let mut vips = std::collections::BTreeSet::new();
+    for t in threads {
+        let (status, v, k) = t.join().expect("request thread").expect("calling the API");
+        assert_eq!(status, 201, "{v}");
+        assert_eq!(v["node"], format!("n{k}"), "granted on another node than asked: {v}");
+        assert!(vips.insert(v["vip"].as_str().unwrap().to_string()), "{} granted twice", v["vip"]);
+    }
+    assert_eq!(vips.len(), 300);
+    // The ledger agrees: 300 granted records, one per application; and the pools are
+    // topped up again to at least low.
+    let t = Instant::now();
+    loop {
+        let l = ledger_json(&lab);
+        let granted: Vec<&serde_json::Value> = l.values().filter(|r| r["state"] == "granted").collect();
+        assert_eq!(granted.len(), 300);
+        let apps: std::collections::BTreeSet<&str> = granted.iter().filter_map(|r| r["app"].as_str()).collect();
+        assert_eq!(apps.len(), 300);
+        if ["n1", "n2", "n3"].iter().all(|n| l.values().filter(|r| r["node"] == *n && r["state"] == "spare").count() >= 100) {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "pools not topped up again after the burst");
+        sleep(Duration::from_millis(200));
+    }
+}
