@@ -584,16 +584,9 @@ fn with_spares(cfg: String) -> String {
 
 /// The ledger in etcd: address -> (node, state).
 fn ledger(lab: &ClusterLab) -> std::collections::BTreeMap<String, (String, String)> {
-    let prefix = format!("{}-manager/alloc/prod/", lab.key_prefix());
-    let out = lab.etcdctl(&["get", "--prefix", &prefix]);
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let lines: Vec<&str> = text.lines().collect();
-    lines
-        .chunks(2)
-        .filter_map(|kv| {
-            let v: serde_json::Value = serde_json::from_str(kv.get(1)?).ok()?;
-            Some((kv[0].strip_prefix(&prefix)?.to_string(), (v["node"].as_str()?.to_string(), v["state"].as_str()?.to_string())))
-        })
+    ledger_json(lab)
+        .into_iter()
+        .filter_map(|(a, v)| Some((a, (v["node"].as_str()?.to_string(), v["state"].as_str()?.to_string()))))
         .collect()
 }
 

@@ -43,6 +43,8 @@ use crate::{config::cluster::Cluster, kernel::addr_probe};
 pub const ELECTION_TTL_S: i64 = 1;
 /// How often the manager rewrites its state record (a guarded write).
 pub const STATE_EVERY: Duration = Duration::from_millis(250);
+/// How many of its new spares a node checks on the link at once.
+pub const CONCURRENT_CHECKS: usize = 16;
 /// How long a guarded write may take before the manager stands down.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How often every node reads who the manager is.
@@ -98,15 +100,57 @@ fn update(status: &Arc<Mutex<ManagerStatus>>, f: impl FnOnce(&mut ManagerStatus)
     }
 }
 
-/// Runs the election and, while elected, the manager's duties; never returns.
+/// Starts the managing-node tasks (election and duties, the spare checks, the leader
+/// observer) on a thread and runtime of their own: their etcd calls, reconnections and
+/// link probes must never delay the cluster service's heartbeats and confirmations,
+/// which keep the VIPs' fences open.
+pub fn start_thread(
+    c: Cluster,
+    status: Arc<Mutex<ManagerStatus>>,
+    nics: Vec<String>,
+    grants: tokio::sync::watch::Sender<Vec<pools::GrantedVip>>,
+    spares: tokio::sync::watch::Sender<Vec<CachedSpare>>,
+) {
+    let spawned = std::thread::Builder::new().name("havip-manager".into()).spawn(move || {
+        let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(rt) => rt,
+            Err(e) => {
+                warn!(error = %e, "cannot start the managing-node runtime; this node takes no part in it");
+                return;
+            }
+        };
+        rt.block_on(async move {
+            tokio::join!(run(c.clone(), status), check_spares(c, nics, grants, spares));
+        });
+    });
+    if let Err(e) = spawned {
+        warn!(error = %e, "cannot start the managing-node thread; this node takes no part in it");
+    }
+}
+
+/// Runs the election and, while elected, the manager's duties; never returns. While etcd
+/// is unreachable it retries with a growing pause (200 ms to 2 s) and logs the first
+/// failure of a run of them, not each one.
 pub async fn run(c: Cluster, status: Arc<Mutex<ManagerStatus>>) {
     tokio::spawn(observe(c.clone(), status.clone()));
+    let mut failures = 0u32;
     loop {
-        if let Err(e) = term(&c, &status).await {
-            warn!(error = %format!("{e:#}"), "managing node: election round ended; campaigning again in 200 ms");
+        let started = std::time::Instant::now();
+        match term(&c, &status).await {
+            Ok(()) => failures = 0,
+            Err(e) => {
+                // A round that lasted (a term, a long wait in the campaign) ended: a new
+                // run of failures, if any, starts here.
+                let lasted = started.elapsed() > Duration::from_secs(5);
+                if failures == 0 || lasted {
+                    warn!(error = %format!("{e:#}"), "managing node: election round ended; retrying with a growing pause while etcd does not answer");
+                }
+                failures = if lasted { 0 } else { failures + 1 };
+            }
         }
         update(&status, |m| m.this_node = false);
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        let pause = Duration::from_millis(200u64.saturating_mul(1 << failures.min(4))).min(Duration::from_secs(2));
+        tokio::time::sleep(pause).await;
     }
 }
 
@@ -325,7 +369,9 @@ pub async fn check_spares(
         spares.send_replace(own);
         let mine: Vec<(AddrKey, AllocRecord, i64)> =
             records.into_iter().filter(|(_, (r, _))| r.node == c.node && r.state == pools::State::Spare && !r.checked).map(|(k, (r, rev))| (k, r, rev)).collect();
-        // All of them at once: each check takes about half a second.
+        // Up to CONCURRENT_CHECKS at once (each takes about half a second): a burst of new
+        // spares costs a few seconds of checks, not hundreds of sockets at once.
+        let mine: Vec<_> = mine.into_iter().take(CONCURRENT_CHECKS).collect();
         let checks: Vec<_> = mine
             .iter()
             .map(|((_, addr), _, _)| {

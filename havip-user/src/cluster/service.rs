@@ -373,8 +373,7 @@ impl Service {
         let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
         let (write_tx, write_rx) = mpsc::unbounded_channel();
         tokio::spawn(reader(store.clone(), self.t.confirm_every, ev_tx.clone()));
-        tokio::spawn(manager::run(self.c.clone(), self.manager.clone()));
-        tokio::spawn(manager::check_spares(self.c.clone(), self.paths.iter().map(|p| p.nic.clone()).collect(), grants, spares));
+        manager::start_thread(self.c.clone(), self.manager.clone(), self.paths.iter().map(|p| p.nic.clone()).collect(), grants, spares);
         let mark = NodeMark { node: self.c.node.clone(), incarnation: self.peers.incarnation, every_ms: 0, count: 0 };
         tokio::spawn(marker(store.clone(), mark, self.mark_every.subscribe(), ev_tx.clone()));
         tokio::spawn(writer(store, write_rx, ev_tx));

@@ -84,8 +84,10 @@ pub fn claims(f: &[u8], own: [u8; 6], addr: IpAddr) -> bool {
 /// Probes `addr` on interface `ifindex` from `mac` and listens for an answer: true if
 /// someone on the link holds it. Blocks for about half a second.
 pub fn someone_holds(ifindex: u32, mac: [u8; 6], addr: IpAddr) -> anyhow::Result<bool> {
-    const ETH_P_ALL: u16 = 0x0003;
-    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, (ETH_P_ALL.to_be()) as i32) };
+    // Only the frames that can answer: ARP, or IPv6 (a socket of all protocols would get a
+    // copy of every frame on the link while it listens).
+    let proto: u16 = if addr.is_ipv4() { 0x0806 } else { 0x86dd };
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, (proto.to_be()) as i32) };
     if fd < 0 {
         bail!("AF_PACKET socket: {}", std::io::Error::last_os_error());
     }
@@ -93,7 +95,7 @@ pub fn someone_holds(ifindex: u32, mac: [u8; 6], addr: IpAddr) -> anyhow::Result
     let sock = unsafe { OwnedFd::from_raw_fd(fd) };
     let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
     sll.sll_family = libc::AF_PACKET as u16;
-    sll.sll_protocol = ETH_P_ALL.to_be();
+    sll.sll_protocol = proto.to_be();
     sll.sll_ifindex = ifindex as i32;
     if unsafe { libc::bind(sock.as_raw_fd(), (&raw const sll).cast(), std::mem::size_of::<libc::sockaddr_ll>() as u32) } < 0 {
         bail!("binding to ifindex {ifindex}: {}", std::io::Error::last_os_error());
