@@ -1,12 +1,14 @@
 //! `cargo xtask bench`: havip's performance figures, each as a ratio to a baseline measured
 //! in the same run, printed as a table and saved as JSON.
 //!
-//! Per-packet cost (BPF_PROG_RUN, the kernel's own timing of `repeat` runs): the ingress
-//! program on a non-VIP packet, a VIP packet with no mapping, and a remapped VIP packet,
-//! against `havip_baseline` (the same parse, then pass). The kernel reuses one buffer for
-//! every repetition, so the remapped case maps 80 -> 8081 and 8081 -> 80: every repetition
-//! rewrites. Cases are interleaved over several rounds and the median kept, so drift of
-//! the machine hits all of them alike.
+//! Per-packet cost (BPF_PROG_RUN, `repeat` runs per call, timed by the thread's CPU time
+//! beside the kernel's whole-ns mean): the ingress program on a non-VIP packet, a VIP
+//! packet with no mapping, remapped VIP packets, the passive and classed variants, against
+//! `havip_baseline` (the same parse, then pass), as extra ns and as a ratio. Each case
+//! checks its action and that its path's counter grew by exactly `repeat`. The kernel
+//! reuses one buffer for every repetition, so the remapped case maps 80 -> 8081 and
+//! 8081 -> 80: every repetition rewrites. Cases are interleaved over several rounds and the
+//! median kept, so drift of the machine hits all of them alike.
 
 use std::{collections::BTreeMap, net::IpAddr, path::PathBuf};
 
