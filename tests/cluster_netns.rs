@@ -733,6 +733,19 @@ fn request_vip(lab: &ClusterLab, k: usize, app: &str, service_port: u16, instanc
     }
 }
 
+/// Requests a VIP on node `k` until one is granted (its spares must be checked on the link
+/// first), for at most `within`.
+fn wait_granted(lab: &ClusterLab, k: usize, app: &str, within: Duration) -> String {
+    let t = Instant::now();
+    loop {
+        match request_vip(lab, k, app, 7100, PORT) {
+            Ok(v) => return v,
+            Err(e) => assert!(t.elapsed() < within, "no VIP granted to {app} on n{k} within {within:?}: {e}"),
+        }
+        sleep(Duration::from_millis(100));
+    }
+}
+
 #[test]
 fn a_vip_granted_from_a_nodes_spares_serves_and_fails_over_like_any_cluster_vip() {
     let mut lab = ClusterLab::new(3, 1);
@@ -742,15 +755,7 @@ fn a_vip_granted_from_a_nodes_spares_serves_and_fails_over_like_any_cluster_vip(
         lab.start_node_with(k, &cfg);
     }
     let _echo = lab.echo_on_all_nodes(PORT);
-    // n2's spares must have been checked on the wire before one can be granted.
-    let t = Instant::now();
-    let vip = loop {
-        match request_vip(&lab, 2, "billing", 7100, PORT) {
-            Ok(v) => break v,
-            Err(e) => assert!(t.elapsed() < Duration::from_secs(10), "no VIP granted on n2: {e}"),
-        }
-        sleep(Duration::from_millis(200));
-    };
+    let vip = wait_granted(&lab, 2, "billing", Duration::from_secs(10));
     let l = ledger_json(&lab);
     assert_eq!(l[&vip]["state"], "granted", "{l:#?}");
     assert_eq!((l[&vip]["node"].as_str(), l[&vip]["app"].as_str()), (Some("n2"), Some("billing")));
@@ -821,14 +826,7 @@ fn a_released_vip_stops_being_served_and_a_do_not_reassign_one_never_comes_back(
         lab.start_node_with(k, &cfg);
     }
     let _echo = lab.echo_on_all_nodes(PORT);
-    let t = Instant::now();
-    let vip = loop {
-        match request_vip(&lab, 1, "shortlived", 7100, PORT) {
-            Ok(v) => break v,
-            Err(e) => assert!(t.elapsed() < Duration::from_secs(10), "no VIP granted: {e}"),
-        }
-        sleep(Duration::from_millis(200));
-    };
+    let vip = wait_granted(&lab, 1, "shortlived", Duration::from_secs(10));
     let probes = ProbeStream::start(lab.client_ns(), &vip, 7100, Duration::from_millis(2));
     sleep(Duration::from_millis(500));
     // Released through another node's API: every node stops serving it.
@@ -842,14 +840,7 @@ fn a_released_vip_stops_being_served_and_a_do_not_reassign_one_never_comes_back(
     assert_eq!(l[&vip]["state"], "retired", "{l:#?}");
     // Never handed out again: the next grants on every node avoid it.
     for (i, k) in [1, 2, 3, 1, 2, 3].into_iter().enumerate() {
-        let t = Instant::now();
-        let v = loop {
-            match request_vip(&lab, k, &format!("next{i}"), 7100, PORT) {
-                Ok(v) => break v,
-                Err(e) => assert!(t.elapsed() < Duration::from_secs(5), "request {i} on n{k}: {e}"),
-            }
-            sleep(Duration::from_millis(100));
-        };
+        let v = wait_granted(&lab, k, &format!("next{i}"), Duration::from_secs(5));
         assert_ne!(v, vip, "a retired address was granted again");
     }
 }
