@@ -23,16 +23,7 @@ pub const LISTEN_AFTER: Duration = Duration::from_millis(200);
 
 /// An ARP probe for `addr` from `mac` (sender address 0.0.0.0), broadcast.
 pub fn arp_probe(mac: [u8; 6], addr: Ipv4Addr) -> Vec<u8> {
-    let mut f = Vec::with_capacity(60);
-    f.extend_from_slice(&[0xff; 6]);
-    f.extend_from_slice(&mac);
-    f.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0x00, 6, 4, 0, 1]);
-    f.extend_from_slice(&mac);
-    f.extend_from_slice(&[0; 4]);
-    f.extend_from_slice(&[0; 6]);
-    f.extend_from_slice(&addr.octets());
-    f.resize(60, 0);
-    f
+    super::announce::arp_request(mac, Ipv4Addr::UNSPECIFIED, addr)
 }
 
 /// The solicited-node multicast address of `a` (ff02::1:ffXX:XXXX).

@@ -11,18 +11,24 @@ use std::{
 use anyhow::bail;
 use havip_common::csum;
 
-/// A gratuitous ARP request: "who has VIP? tell VIP at `mac`", broadcast.
-pub fn gratuitous_arp(mac: [u8; 6], vip: Ipv4Addr) -> Vec<u8> {
+/// A broadcast ARP request from `mac`: "who has `target`? tell `sender`", padded to the
+/// Ethernet minimum.
+pub fn arp_request(mac: [u8; 6], sender: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
     let mut f = Vec::with_capacity(60);
     f.extend_from_slice(&[0xff; 6]);
     f.extend_from_slice(&mac);
     f.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0x00, 6, 4, 0, 1]);
     f.extend_from_slice(&mac);
-    f.extend_from_slice(&vip.octets());
+    f.extend_from_slice(&sender.octets());
     f.extend_from_slice(&[0; 6]);
-    f.extend_from_slice(&vip.octets());
+    f.extend_from_slice(&target.octets());
     f.resize(60, 0);
     f
+}
+
+/// A gratuitous ARP request: "who has VIP? tell VIP at `mac`", broadcast.
+pub fn gratuitous_arp(mac: [u8; 6], vip: Ipv4Addr) -> Vec<u8> {
+    arp_request(mac, vip, vip)
 }
 
 /// An unsolicited neighbour advertisement for `vip` at `mac` to all nodes, with the
