@@ -9,7 +9,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use havip_tests::cluster::{handoff_separations, log_secs, two_owner_moments, ArpAsker, ClusterLab, EchoResponder, NeighCapture, ProbeReport, ProbeStream, CLUSTER_VIP};
+use havip_tests::cluster::{
+    handoff_separations, log_secs, two_owner_moments, ArpAsker, ClusterLab, EchoResponder, NeighCapture, ProbeReport, ProbeStream, CLUSTER_VIP,
+};
 
 const PORT: u16 = 7000;
 
@@ -319,10 +321,7 @@ fn a_fence_that_lapsed_and_reopens_is_announced_again() {
     let events = r.capture.take().unwrap().stop();
     let n1 = r.lab.node_log(1);
     assert!(n1.contains("serving again after the fence lapsed; announcing"), "{}", tail(&n1));
-    assert!(
-        events.iter().any(|e| e.at >= restored && e.kind.announcement() && macs.contains(&e.mac)),
-        "no announcement from n1 after etcd returned"
-    );
+    assert!(events.iter().any(|e| e.at >= restored && e.kind.announcement() && macs.contains(&e.mac)), "no announcement from n1 after etcd returned");
     assert!(report.longest_gap > Duration::from_millis(300), "the fence did not lapse during the cut: longest gap {:?}", report.longest_gap);
     assert!(report.tail_gap() < Duration::from_millis(100), "the stream did not resume: {:?}", report.tail_gap());
     assert!(two_owner_moments(&events, &r.lab.mac_to_node()).is_empty());
@@ -584,10 +583,7 @@ fn with_spares(cfg: String) -> String {
 
 /// The ledger in etcd: address -> (node, state).
 fn ledger(lab: &ClusterLab) -> std::collections::BTreeMap<String, (String, String)> {
-    ledger_json(lab)
-        .into_iter()
-        .filter_map(|(a, v)| Some((a, (v["node"].as_str()?.to_string(), v["state"].as_str()?.to_string()))))
-        .collect()
+    ledger_json(lab).into_iter().filter_map(|(a, v)| Some((a, (v["node"].as_str()?.to_string(), v["state"].as_str()?.to_string())))).collect()
 }
 
 /// Spares per node in the ledger.
@@ -599,7 +595,8 @@ fn spares_of(l: &std::collections::BTreeMap<String, (String, String)>, node: &st
 fn grant(lab: &ClusterLab, node: &str, n: usize) {
     for a in spares_of(&ledger(lab), node).into_iter().take(n) {
         let key = format!("{}-manager/alloc/prod/{a}", lab.key_prefix());
-        let rec = format!("{{\"node\":\"{node}\",\"state\":\"granted\",\"app\":\"test\"}}");
+        // Granted with no uses recorded: it counts as granted, and nobody serves it.
+        let rec = format!("{{\"node\":\"{node}\",\"state\":\"granted\"}}");
         assert!(lab.etcdctl(&["put", &key, &rec]).status.success());
     }
 }
@@ -724,7 +721,22 @@ fn a_spare_someone_else_answers_for_is_replaced_and_never_used() {
 
 /// Requests a VIP on node `k`'s API; returns it.
 fn request_vip(lab: &ClusterLab, k: usize, app: &str, service_port: u16, instance_port: u16) -> Result<String, String> {
-    let out = lab.havip(k, &["vip", "request", "--app", app, "--service-port", &service_port.to_string(), "--instance-port", &instance_port.to_string(), "--json", "--protocol", "udp"]);
+    let out = lab.havip(
+        k,
+        &[
+            "vip",
+            "request",
+            "--app",
+            app,
+            "--service-port",
+            &service_port.to_string(),
+            "--instance-port",
+            &instance_port.to_string(),
+            "--json",
+            "--protocol",
+            "udp",
+        ],
+    );
     let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
     match v["vip"].as_str() {
@@ -758,7 +770,7 @@ fn a_vip_granted_from_a_nodes_spares_serves_and_fails_over_like_any_cluster_vip(
     let vip = wait_granted(&lab, 2, "billing", Duration::from_secs(10));
     let l = ledger_json(&lab);
     assert_eq!(l[&vip]["state"], "granted", "{l:#?}");
-    assert_eq!((l[&vip]["node"].as_str(), l[&vip]["app"].as_str()), (Some("n2"), Some("billing")));
+    assert_eq!((l[&vip]["node"].as_str(), l[&vip]["uses"][0]["app"].as_str()), (Some("n2"), Some("billing")));
     // `havip cluster vips` lists the granted VIP among the cluster's, owned by n2.
     let t = Instant::now();
     loop {
@@ -835,7 +847,12 @@ fn a_released_vip_stops_being_served_and_a_do_not_reassign_one_never_comes_back(
     sleep(Duration::from_millis(1500));
     let report = probes.stop();
     assert!(report.answered > 100, "the granted VIP was never served: {report:?}");
-    assert!(report.tail_gap() > Duration::from_millis(500), "still answered after the release: tail gap {:?}", report.tail_gap());
+    assert!(
+        report.tail_gap() > Duration::from_millis(500),
+        "still answered after the release: tail gap {:?}, answered by {:?}",
+        report.tail_gap(),
+        report.answered_by
+    );
     let l = ledger_json(&lab);
     assert_eq!(l[&vip]["state"], "retired", "{l:#?}");
     // Never handed out again: the next grants on every node avoid it.
@@ -846,9 +863,12 @@ fn a_released_vip_stops_being_served_and_a_do_not_reassign_one_never_comes_back(
 }
 
 #[test]
-fn three_hundred_concurrent_requests_over_three_nodes_each_get_their_own_vip() {
+fn three_hundred_concurrent_requests_over_three_nodes_grant_exclusive_vips_once_and_pack_shared_ones_by_port() {
     let mut lab = ClusterLab::new(3, 1);
-    let spares = SPARES.replace("low = 2\nhigh = 4", "low = 100\nhigh = 110").replace("prefix = \"198.18.200.0/24\"", "prefix = \"198.18.200.0/22\"").replace("last = \"198.18.200.99\"", "last = \"198.18.203.250\"");
+    let spares = SPARES
+        .replace("low = 2\nhigh = 4", "low = 100\nhigh = 110")
+        .replace("prefix = \"198.18.200.0/24\"", "prefix = \"198.18.200.0/22\"")
+        .replace("last = \"198.18.200.99\"", "last = \"198.18.203.250\"");
     for k in 1..=3 {
         let cfg = lab.node_config(k, &[CLUSTER_VIP], "") + &spares;
         lab.start_node_with(k, &cfg);
@@ -863,34 +883,58 @@ fn three_hundred_concurrent_requests_over_three_nodes_each_get_their_own_vip() {
         assert!(t.elapsed() < Duration::from_secs(30), "pools not filled with checked spares");
         sleep(Duration::from_millis(200));
     }
-    // 100 concurrent requests on each node's API, 300 in all.
+    // 100 concurrent requests on each node's API, 300 in all: two thirds exclusive, one
+    // third shared over five service ports (so a shared VIP can take at most five).
     let dirs: Vec<std::path::PathBuf> = (1..=3).map(|k| lab.node_run_dir(k).to_path_buf()).collect();
     let threads: Vec<_> = (0..300)
         .map(|i| {
             let dir = dirs[i % 3].clone();
             std::thread::spawn(move || {
-                let body = serde_json::json!({ "app": format!("app{i}"), "protocol": "udp", "service_port": 7100, "instance_port": 7000 });
-                havip_user::api::client::call(&dir, "POST", "/v1/vips", Some(body)).map(|(status, v)| (status, v, i % 3 + 1))
+                let shared = i % 3 == 2;
+                let port = if shared { 7101 + (i / 3 % 5) as u16 } else { 7100 };
+                let body =
+                    serde_json::json!({ "app": format!("app{i}"), "protocol": "udp", "service_port": port, "instance_port": 7000, "exclusive": !shared });
+                havip_user::api::client::call(&dir, "POST", "/v1/vips", Some(body)).map(|(status, v)| (status, v, shared))
             })
         })
         .collect();
-    let mut vips = std::collections::BTreeSet::new();
+    let mut exclusive = std::collections::BTreeSet::new();
+    let mut shared = std::collections::BTreeSet::new();
+    let mut how = std::collections::BTreeMap::<String, usize>::new();
     for t in threads {
-        let (status, v, k) = t.join().expect("request thread").expect("calling the API");
+        let (status, v, is_shared) = t.join().expect("request thread").expect("calling the API");
         assert_eq!(status, 201, "{v}");
-        assert_eq!(v["node"], format!("n{k}"), "granted on another node than asked: {v}");
-        assert!(vips.insert(v["vip"].as_str().unwrap().to_string()), "{} granted twice", v["vip"]);
+        let vip = v["vip"].as_str().unwrap().to_string();
+        *how.entry(v["how"].as_str().unwrap_or("?").to_string()).or_default() += 1;
+        if is_shared {
+            shared.insert(vip);
+        } else {
+            assert!(exclusive.insert(vip.clone()), "exclusive {vip} granted twice");
+        }
     }
-    assert_eq!(vips.len(), 300);
-    // The ledger agrees: 300 granted records, one per application; and the pools are
-    // topped up again to at least low.
+    eprintln!("granted {} exclusive and {} shared VIPs for 100 shared requests; by how: {how:?}", exclusive.len(), shared.len());
+    assert_eq!(exclusive.len(), 200);
+    assert!(shared.is_disjoint(&exclusive), "a shared request got an exclusive VIP");
+    assert!(shared.len() >= 20 && shared.len() < 100, "100 shared requests over 5 ports took {} VIPs: not packed", shared.len());
+    // The ledger agrees: every app once; an exclusive VIP has one use, a shared one only
+    // shared uses on distinct ports; and the pools are topped up again to at least low.
     let t = Instant::now();
     loop {
         let l = ledger_json(&lab);
         let granted: Vec<&serde_json::Value> = l.values().filter(|r| r["state"] == "granted").collect();
-        assert_eq!(granted.len(), 300);
-        let apps: std::collections::BTreeSet<&str> = granted.iter().filter_map(|r| r["app"].as_str()).collect();
+        let uses: Vec<&serde_json::Value> = granted.iter().flat_map(|r| r["uses"].as_array().unwrap().iter()).collect();
+        assert_eq!(uses.len(), 300);
+        let apps: std::collections::BTreeSet<&str> = uses.iter().filter_map(|u| u["app"].as_str()).collect();
         assert_eq!(apps.len(), 300);
+        for r in &granted {
+            let u = r["uses"].as_array().unwrap();
+            if u.iter().any(|u| u["exclusive"] == true) {
+                assert_eq!(u.len(), 1, "an exclusive VIP shared: {r}");
+            } else {
+                let ports: std::collections::BTreeSet<u64> = u.iter().map(|u| u["service_port"].as_u64().unwrap()).collect();
+                assert_eq!(ports.len(), u.len(), "two uses of one port on a shared VIP: {r}");
+            }
+        }
         if ["n1", "n2", "n3"].iter().all(|n| l.values().filter(|r| r["node"] == *n && r["state"] == "spare").count() >= 100) {
             break;
         }

@@ -56,6 +56,16 @@ pub struct VipRequest {
     pub service_port: u16,
     /// The port the application listens on; never changed.
     pub instance_port: u16,
+    /// Cluster mode: the `[[cluster.network]]` to take the VIP from (default: the spare
+    /// pools' network, or the only one).
+    #[serde(default)]
+    pub network: Option<String>,
+    /// Cluster mode: never moved by rebalancing (it still fails over with its node).
+    #[serde(default)]
+    pub pinned: bool,
+    /// Cluster mode: once released, the address is never handed out again.
+    #[serde(default)]
+    pub do_not_reassign: bool,
 }
 
 fn yes() -> bool {
@@ -69,11 +79,21 @@ fn tcp() -> Protocol {
 #[derive(Debug, Clone)]
 pub enum Call {
     Request(VipRequest),
-    Release { app: String, vip: Option<IpAddr> },
+    Release {
+        app: String,
+        vip: Option<IpAddr>,
+    },
     List,
-    Bind { vip: IpAddr, nic: String },
-    Unbind { vip: IpAddr },
-    Explain { vip: IpAddr },
+    Bind {
+        vip: IpAddr,
+        nic: String,
+    },
+    Unbind {
+        vip: IpAddr,
+    },
+    Explain {
+        vip: IpAddr,
+    },
     Rerank,
     /// Cluster mode: nodes, heartbeats, each VIP's owner, epoch and lease.
     ClusterStatus,

@@ -62,10 +62,7 @@ pub fn run(loc: &Locations, cmd: ClusterCommand) -> anyhow::Result<()> {
         Part::All => (render(&s), v),
         Part::Pools => (render_pools(&s), serde_json::to_value(&s.manager.pools)?),
         Part::Vips => (render_vips(&s), serde_json::to_value(&s.vips)?),
-        Part::Nodes => (
-            render_nodes(&s),
-            serde_json::json!({ "node": s.node, "manager": s.manager.manager, "term": s.manager.term, "peers": s.peers }),
-        ),
+        Part::Nodes => (render_nodes(&s), serde_json::json!({ "node": s.node, "manager": s.manager.manager, "term": s.manager.term, "peers": s.peers })),
     };
     if json {
         println!("{}", serde_json::to_string_pretty(&part_json)?);
@@ -132,6 +129,21 @@ fn render_nodes(s: &Status) -> String {
         ),
         _ => format!("managing node: none elected (or etcd unreachable)   elections won here {}\n\n", m.elections_won),
     };
+    let counts = |c: &std::collections::BTreeMap<String, u64>| {
+        if c.is_empty() {
+            "none".to_string()
+        } else {
+            c.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", ")
+        }
+    };
+    out += &format!(
+        "as manager here: {} planning round(s) (last {:.2} ms), moves: {}, forwarded requests answered {}\nrequests granted through this node: {}\n\n",
+        m.plans,
+        m.last_plan_ms,
+        counts(&m.moves),
+        m.forwarded_answered,
+        counts(&m.grants)
+    );
     out += &format!("{:<12} {:<10} {:>12} {:>10}  {}\n", "PEER", "HEALTH", "ALIVE FOR", "RTT", "PATHS (received/lost, last heard)");
     for p in &s.peers {
         let health = if p.alive {

@@ -29,6 +29,16 @@ pub enum VipCommand {
         class: Option<String>,
         #[arg(long, value_enum, default_value = "tcp")]
         protocol: ProtocolArg,
+        /// Cluster mode: the [[cluster.network]] to take the VIP from (default: the spare
+        /// pools' network).
+        #[arg(long)]
+        network: Option<String>,
+        /// Cluster mode: never moved by rebalancing (it still fails over with its node).
+        #[arg(long)]
+        pinned: bool,
+        /// Cluster mode: once released, the address is never handed out again.
+        #[arg(long)]
+        do_not_reassign: bool,
         /// Print havipd's JSON answer.
         #[arg(long)]
         json: bool,
@@ -57,7 +67,7 @@ pub enum ProtocolArg {
 
 pub fn run(loc: &Locations, cmd: VipCommand) -> anyhow::Result<()> {
     match cmd {
-        VipCommand::Request { app, service_port, instance_port, shared, targets, class, protocol, json } => {
+        VipCommand::Request { app, service_port, instance_port, shared, targets, class, protocol, network, pinned, do_not_reassign, json } => {
             let protocol = match protocol {
                 ProtocolArg::Tcp => "tcp",
                 ProtocolArg::Udp => "udp",
@@ -65,6 +75,7 @@ pub fn run(loc: &Locations, cmd: VipCommand) -> anyhow::Result<()> {
             let body = serde_json::json!({
                 "app": app, "exclusive": !shared, "targets": targets, "class": class,
                 "protocol": protocol, "service_port": service_port, "instance_port": instance_port,
+                "network": network, "pinned": pinned, "do_not_reassign": do_not_reassign,
             });
             let (status, v) = crate::api::client::call(&loc.run_dir, "POST", "/v1/vips", Some(body))?;
             if json {
@@ -74,10 +85,15 @@ pub fn run(loc: &Locations, cmd: VipCommand) -> anyhow::Result<()> {
                 bail!("{}", refusal(status, v.get("error").and_then(|e| e.as_str()).unwrap_or_default()));
             }
             if !json {
+                // Standalone the answer names the NIC; in cluster mode the node (and how).
+                let place = match (v["nic"].as_str(), v["node"].as_str()) {
+                    (Some(nic), _) => nic.to_string(),
+                    (None, Some(node)) => format!("node {node} ({})", v["how"].as_str().unwrap_or("?")),
+                    (None, None) => "no NIC yet".into(),
+                };
                 println!(
-                    "{app}: {}:{service_port} ({protocol}) -> :{instance_port}, on {}\n  {}",
+                    "{app}: {}:{service_port} ({protocol}) -> :{instance_port}, on {place}\n  {}",
                     v["vip"].as_str().unwrap_or("?"),
-                    v["nic"].as_str().unwrap_or("no NIC yet"),
                     v["why"].as_str().unwrap_or("")
                 );
             }
@@ -97,6 +113,11 @@ pub fn run(loc: &Locations, cmd: VipCommand) -> anyhow::Result<()> {
             }
             if !json {
                 for a in v["released"].as_array().into_iter().flatten() {
+                    // Cluster mode answers with the addresses released.
+                    if let Some(addr) = a.as_str() {
+                        println!("released {addr}");
+                        continue;
+                    }
                     println!("released {}:{} ({})", a["vip"].as_str().unwrap_or("?"), a["service_port"], a["protocol"].as_str().unwrap_or("?"));
                 }
             }

@@ -45,6 +45,10 @@ pub struct Inputs<'a> {
     pub vip: IpAddr,
     /// Candidates from this node's configuration (used for a record not created yet).
     pub configured: &'a [String],
+    /// `configured` is the managing node's placement (a granted VIP, ordered by the
+    /// ledger, the same on every node): the owner gives the VIP to its first candidate
+    /// rather than by the record's creation-time order. This is how rebalancing moves VIPs.
+    pub placed: bool,
     pub record: Option<(&'a VipRecord, u64)>,
     pub local: Local,
     /// The record's owner rewrote its sign of life in etcd recently: it is alive, only cut
@@ -99,7 +103,8 @@ pub fn decide(i: &Inputs, peers: &Peers, now: Duration, s: &Settings) -> Option<
         }
         // Giveback: the most preferred candidate ahead of this node that has been alive
         // for the whole hold-down.
-        for c in rec.candidates.iter().take_while(|c| *c != me) {
+        let order = if i.placed { i.configured } else { &rec.candidates };
+        for c in order.iter().take_while(|c| *c != me) {
             if peers.alive_for(c, now) >= s.giveback_hold_down && peers.alive(c, now) {
                 return Some(Action::Handover { epoch, to: c.clone() });
             }
@@ -120,7 +125,11 @@ pub fn decide(i: &Inputs, peers: &Peers, now: Duration, s: &Settings) -> Option<
         return None;
     }
     let successor = rec.candidates.iter().filter(|c| **c != rec.owner).find(|c| peers.alive(c, now))?;
-    (successor == me && fresh_for_claim(peers, Some(&rec.owner), now, s)).then(|| Action::Claim { expected: Some(epoch), from: Some(rec.owner.clone()), reason: "owner-silent" })
+    (successor == me && fresh_for_claim(peers, Some(&rec.owner), now, s)).then(|| Action::Claim {
+        expected: Some(epoch),
+        from: Some(rec.owner.clone()),
+        reason: "owner-silent",
+    })
 }
 
 #[cfg(test)]
@@ -184,7 +193,8 @@ mod tests {
         let now = 100_000;
         let p = peers(me, alive, now);
         let configured: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
-        let i = Inputs { vip: "198.18.130.1".parse().unwrap(), configured: &configured, record: record.map(|r| (r, 7)), local, owner_alive_in_etcd };
+        let i =
+            Inputs { vip: "198.18.130.1".parse().unwrap(), configured: &configured, placed: false, record: record.map(|r| (r, 7)), local, owner_alive_in_etcd };
         decide(&i, &p, ms(now), &Settings { giveback_hold_down: ms(30_000), settled, view_sent_at })
     }
 
@@ -200,8 +210,24 @@ mod tests {
             ("no record: the preferred one is dead", "b", &[("c", 0)], None, Local::Idle, true, claim_initial.clone()),
             ("no record: not settled yet, wait", "a", &all_old, None, Local::Idle, false, None),
             ("owner me, idle (restart): start at once", "a", &all_old, Some(rec("a")), Local::Idle, false, Some(Action::Start { epoch: 7, wait: false })),
-            ("owner me by a takeover I did not see complete: wait", "a", &all_old, Some(won_from("b")), Local::Idle, true, Some(Action::Start { epoch: 7, wait: true })),
-            ("owner me by a handover: start at once", "a", &all_old, Some(VipRecord { handover: true, ..won_from("b") }), Local::Idle, true, Some(Action::Start { epoch: 7, wait: false })),
+            (
+                "owner me by a takeover I did not see complete: wait",
+                "a",
+                &all_old,
+                Some(won_from("b")),
+                Local::Idle,
+                true,
+                Some(Action::Start { epoch: 7, wait: true }),
+            ),
+            (
+                "owner me by a handover: start at once",
+                "a",
+                &all_old,
+                Some(VipRecord { handover: true, ..won_from("b") }),
+                Local::Idle,
+                true,
+                Some(Action::Start { epoch: 7, wait: false }),
+            ),
             ("owner me, serving: nothing", "a", &all_old, Some(rec("a")), serving, true, None),
             ("owner other, alive: nothing", "b", &all_old, Some(rec("a")), Local::Idle, true, None),
             ("owner dead: first successor takes over", "b", &[("c", 0)], Some(rec("a")), Local::Idle, true, takeover_from("a")),
@@ -221,6 +247,40 @@ mod tests {
         }
     }
 
+    /// A granted VIP the managing node moved: the owner follows the ledger's order (its
+    /// first candidate), not the record's creation-time order; an unplaced VIP does not.
+    #[test]
+    fn a_placed_vip_is_handed_to_the_first_of_the_ledgers_order() {
+        let p = peers("a", &[("a", 0), ("b", 0), ("c", 0)], 100_000);
+        let moved: Vec<String> = ["c", "a", "b"].iter().map(|s| s.to_string()).collect();
+        let r = rec("a");
+        let s = Settings { giveback_hold_down: ms(30_000), settled: true, view_sent_at: Some(ms(100_000)) };
+        let go = |placed: bool, configured: &[String]| {
+            let i = Inputs {
+                vip: "198.18.130.1".parse().unwrap(),
+                configured,
+                placed,
+                record: Some((&r, 7)),
+                local: Local::Serving { epoch: 7 },
+                owner_alive_in_etcd: false,
+            };
+            decide(&i, &p, ms(100_000), &s)
+        };
+        assert_eq!(go(true, &moved), Some(Action::Handover { epoch: 7, to: "c".into() }));
+        assert_eq!(go(false, &moved), None, "a configured VIP keeps the record's order");
+        // The target must have been alive for the hold-down.
+        let young = peers("a", &[("a", 0), ("b", 0), ("c", 90_000)], 100_000);
+        let i = Inputs {
+            vip: "198.18.130.1".parse().unwrap(),
+            configured: &moved,
+            placed: true,
+            record: Some((&r, 7)),
+            local: Local::Serving { epoch: 7 },
+            owner_alive_in_etcd: false,
+        };
+        assert_eq!(decide(&i, &young, ms(100_000), &s), None);
+    }
+
     #[test]
     fn claims_need_a_fresh_view_read_well_into_the_owners_silence() {
         let takeover = Some(Action::Claim { expected: Some(7), from: Some("a".into()), reason: "owner-silent" });
@@ -234,11 +294,27 @@ mod tests {
         let from_a = |view: u64| {
             let now = 100_000;
             let mut p = peers("b", &[("c", 0)], now);
-            let hb = crate::cluster::wire::Heartbeat { node: "a".into(), incarnation: 1, seq: 1, path: "e".into(), restarting: false, serves: vec![], hears: vec![], acks: vec![] };
+            let hb = crate::cluster::wire::Heartbeat {
+                node: "a".into(),
+                incarnation: 1,
+                seq: 1,
+                path: "e".into(),
+                restarting: false,
+                serves: vec![],
+                hears: vec![],
+                acks: vec![],
+            };
             p.on_heartbeat(&hb, ms(99_950));
             let configured: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
             let r = rec("a");
-            let i = Inputs { vip: "198.18.130.1".parse().unwrap(), configured: &configured, record: Some((&r, 7)), local: Local::Idle, owner_alive_in_etcd: false };
+            let i = Inputs {
+                vip: "198.18.130.1".parse().unwrap(),
+                configured: &configured,
+                placed: false,
+                record: Some((&r, 7)),
+                local: Local::Idle,
+                owner_alive_in_etcd: false,
+            };
             decide(&i, &p, ms(now), &Settings { giveback_hold_down: ms(30_000), settled: true, view_sent_at: Some(ms(view)) })
         };
         assert_eq!(from_a(99_990), takeover);
@@ -253,7 +329,10 @@ mod tests {
         // Cut from its peers, not dead: no takeover (the other side of a split would take
         // it back the same way, and they would fight over it).
         assert_eq!(run_with("b", &[("c", 0)], Some(&rec("a")), Local::Idle, true, true), None);
-        assert_eq!(run_with("b", &[("c", 0)], Some(&rec("a")), Local::Idle, true, false), Some(Action::Claim { expected: Some(7), from: Some("a".into()), reason: "owner-silent" }));
+        assert_eq!(
+            run_with("b", &[("c", 0)], Some(&rec("a")), Local::Idle, true, false),
+            Some(Action::Claim { expected: Some(7), from: Some("a".into()), reason: "owner-silent" })
+        );
         // It only holds back takeovers: the owner itself still serves, a loser still stops.
         assert_eq!(run_with("a", &[], Some(&rec("a")), Local::Idle, true, true), Some(Action::Start { epoch: 7, wait: false }));
         assert_eq!(run_with("a", &[], Some(&rec("b")), Local::Serving { epoch: 7 }, true, true), Some(Action::Stop { owner: "b".into() }));

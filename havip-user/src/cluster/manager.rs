@@ -1,8 +1,8 @@
-//! The managing node (issue 13, first pieces): one node of the cluster, elected through
-//! etcd's election API, with every write it makes guarded by its leadership in the same
-//! transaction. Its duty so far: keeping every node's spare pool between its water marks
-//! (`pools`, addresses by the rules of `vipgen`). Placement of granted VIPs, requests
-//! forwarded to it and rebalancing build on this.
+//! The managing node (issue 13): one node of the cluster, elected through etcd's election
+//! API, with every write it makes guarded by its leadership in the same transaction. Its
+//! duties: keeping every node's spare pool between its water marks (`pools`, addresses by
+//! the rules of `vipgen`), answering requests forwarded to it (`requests`), and
+//! rebalancing granted VIPs across nodes (`rebalance`, every `rebalance_every`).
 //!
 //! - Every node campaigns on `<key_prefix>/manager` with a lease of [`ELECTION_TTL_S`]
 //!   (etcd rounds it up to its minimum: 3/2 of its election timeout, whole seconds) kept
@@ -19,8 +19,13 @@
 //!   together with `<key_prefix>/manager-state` (its name and term) in one transaction:
 //!   guarded by its leadership, and by each new spare's key being absent, so an address
 //!   is never handed out twice, whichever manager writes.
-//! - Every node reads the election's leader every [`OBSERVE_EVERY`], and the pools every
-//!   [`POOLS_EVERY`], for `havip cluster status` and `havip cluster pools`.
+//! - Forwarded requests are watched and answered as they come (`requests::serve_forwarded`);
+//!   a new manager first answers those its predecessor left pending.
+//! - Every node, manager or not, runs three tasks on this module's thread: it follows the
+//!   ledger ([`follow_ledger`]: the granted VIPs it serves, the view its requests use, the
+//!   wire checks of its new spares), keeps its placement report in etcd under a lease
+//!   ([`publish_report`]), and reads the election's leader every [`OBSERVE_EVERY`] and
+//!   the pools every [`POOLS_EVERY`] for `havip cluster status` and `havip cluster pools`.
 
 use std::{
     sync::{Arc, Mutex},
@@ -29,15 +34,22 @@ use std::{
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, Txn, TxnOp};
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions};
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::{
+    placement::NodeReport,
     pools::{self, AllocRecord, PoolLevel},
+    rebalance,
+    requests::{self, LedgerView},
     vipgen::AddrKey,
 };
-use crate::{config::cluster::Cluster, kernel::addr_probe};
+use crate::{
+    config::{cluster::Cluster, ranking::Settings},
+    kernel::addr_probe,
+};
 
 /// Time to live of the campaign's lease, s (etcd raises it to its minimum).
 pub const ELECTION_TTL_S: i64 = 1;
@@ -51,9 +63,11 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 pub const OBSERVE_EVERY: Duration = Duration::from_millis(100);
 /// How often every node reads the spare pools (a read of the whole ledger).
 pub const POOLS_EVERY: Duration = Duration::from_millis(500);
+/// How often a node's report for placement may be rewritten.
+pub const REPORT_EVERY: Duration = Duration::from_secs(1);
 
 /// The manager as `havip cluster status` shows it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ManagerStatus {
     /// The elected managing node (`None`: none elected, or etcd unreachable).
     pub manager: Option<String>,
@@ -68,6 +82,20 @@ pub struct ManagerStatus {
     /// Every node's spare pool as the ledger shows it (with `[cluster.spares]`).
     #[serde(default)]
     pub pools: BTreeMap<String, PoolLevel>,
+    /// Forwarded requests this node answered as the manager.
+    #[serde(default)]
+    pub forwarded_answered: u64,
+    /// Planning rounds this node ran as the manager, and the last one's planning time.
+    #[serde(default)]
+    pub plans: u64,
+    #[serde(default)]
+    pub last_plan_ms: f64,
+    /// VIPs this node moved as the manager, by reason (`rebalance::Reason`).
+    #[serde(default)]
+    pub moves: BTreeMap<String, u64>,
+    /// VIP requests this node granted, by how (`requests::How`).
+    #[serde(default)]
+    pub grants: BTreeMap<String, u64>,
 }
 
 /// The record the manager keeps current (`<key_prefix>/manager-state`).
@@ -89,7 +117,7 @@ pub fn state_key(prefix: &str) -> String {
 
 /// A client without the per-request timeout of the VIP store: a campaign waits as long as
 /// another node is the manager.
-async fn connect(c: &Cluster) -> anyhow::Result<Client> {
+pub(crate) async fn connect(c: &Cluster) -> anyhow::Result<Client> {
     let opts = ConnectOptions::new().with_connect_timeout(Duration::from_secs(2)).with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
     Ok(Client::connect(&c.etcd_endpoints, Some(opts)).await?)
 }
@@ -100,17 +128,23 @@ fn update(status: &Arc<Mutex<ManagerStatus>>, f: impl FnOnce(&mut ManagerStatus)
     }
 }
 
-/// Starts the managing-node tasks (election and duties, the spare checks, the leader
-/// observer) on a thread and runtime of their own: their etcd calls, reconnections and
-/// link probes must never delay the cluster service's heartbeats and confirmations,
-/// which keep the VIPs' fences open.
-pub fn start_thread(
-    c: Cluster,
-    status: Arc<Mutex<ManagerStatus>>,
-    nics: Vec<String>,
-    grants: tokio::sync::watch::Sender<Vec<pools::GrantedVip>>,
-    spares: tokio::sync::watch::Sender<Vec<CachedSpare>>,
-) {
+/// What the managing-node thread shares with the rest of havipd.
+pub struct Links {
+    /// The ledger's granted VIPs (every node serves or stands by for each).
+    pub grants: watch::Sender<Vec<pools::GrantedVip>>,
+    /// The ledger and the nodes' reports as last read, for requests.
+    pub view: watch::Sender<LedgerView>,
+    /// This node's report for placement, from the event loop.
+    pub report: watch::Receiver<NodeReport>,
+    /// The ranking's cost model and margins (placement uses the same).
+    pub ranking: Settings,
+}
+
+/// Starts the managing-node tasks (election and duties, following the ledger and checking
+/// this node's spares, publishing this node's report, the leader observer) on a thread and
+/// runtime of their own: their etcd calls, reconnections and link probes must never delay
+/// the cluster service's heartbeats and confirmations, which keep the VIPs' fences open.
+pub fn start_thread(c: Cluster, status: Arc<Mutex<ManagerStatus>>, nics: Vec<String>, links: Links) {
     let spawned = std::thread::Builder::new().name("havip-manager".into()).spawn(move || {
         let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
             Ok(rt) => rt,
@@ -119,8 +153,9 @@ pub fn start_thread(
                 return;
             }
         };
+        let Links { grants, view, report, ranking } = links;
         rt.block_on(async move {
-            tokio::join!(run(c.clone(), status), check_spares(c, nics, grants, spares));
+            tokio::join!(run(c.clone(), status, ranking), follow_ledger(c.clone(), nics, grants, view), publish_report(c, report));
         });
     });
     if let Err(e) = spawned {
@@ -131,12 +166,12 @@ pub fn start_thread(
 /// Runs the election and, while elected, the manager's duties; never returns. While etcd
 /// is unreachable it retries with a growing pause (200 ms to 2 s) and logs the first
 /// failure of a run of them, not each one.
-pub async fn run(c: Cluster, status: Arc<Mutex<ManagerStatus>>) {
+pub async fn run(c: Cluster, status: Arc<Mutex<ManagerStatus>>, w: Settings) {
     tokio::spawn(observe(c.clone(), status.clone()));
     let mut failures = 0u32;
     loop {
         let started = std::time::Instant::now();
-        match term(&c, &status).await {
+        match term(&c, &status, &w).await {
             Ok(()) => failures = 0,
             Err(e) => {
                 // A round that lasted (a term, a long wait in the campaign) ended: a new
@@ -156,13 +191,13 @@ pub async fn run(c: Cluster, status: Arc<Mutex<ManagerStatus>>) {
 
 /// One campaign and, if won, one term: until a guarded write is refused or the lease is
 /// lost.
-async fn term(c: &Cluster, status: &Arc<Mutex<ManagerStatus>>) -> anyhow::Result<()> {
+async fn term(c: &Cluster, status: &Arc<Mutex<ManagerStatus>>, w: &Settings) -> anyhow::Result<()> {
     let mut client = connect(c).await?;
     let lease = client.lease_grant(ELECTION_TTL_S, None).await?;
     let (lease_id, ttl) = (lease.id(), lease.ttl().max(1));
     let (mut keeper, mut acks) = client.lease_keep_alive(lease_id).await?;
     // Keep the lease alive from the start: a campaign may wait long.
-    let (lost_tx, mut lost_rx) = tokio::sync::watch::channel(false);
+    let (lost_tx, mut lost_rx) = watch::channel(false);
     let keepalive = tokio::spawn(async move {
         let every = Duration::from_millis((ttl as u64 * 1000) / 3);
         loop {
@@ -189,71 +224,27 @@ async fn term(c: &Cluster, status: &Arc<Mutex<ManagerStatus>>) -> anyhow::Result
         // Whether this node is still the manager is etcd's to say, not the lease keeper's:
         // each write carries the guard, and a refused one ends the term. (A lost lease
         // shows up here too: its key is gone, so the next write is refused.)
+        let guard = Compare::create_revision(leader.key(), CompareOp::Equal, leader.rev());
+        let mut duty = Duty { c, w, status, term, guard, writes: 0, random: seed(), filling: BTreeSet::new(), last_plan: None };
+        let (_watcher, mut requests) = requests::watch_requests(&mut client, &c.key_prefix).await?;
+        // Requests forwarded before this term (the old manager died with them pending).
+        duty.forwarded(&mut client).await?;
         let mut tick = tokio::time::interval(STATE_EVERY);
-        let mut writes = 0u64;
-        let mut random = seed();
-        // Nodes a capped round left short of high: the next round goes on with them.
-        let mut filling = BTreeSet::new();
         loop {
-            tick.tick().await;
-            writes += 1;
-            random = xorshift(random);
-            // The duty: spares for every node below its low water mark.
-            let (ops, guards, added) = match (&c.spares, c.spares.as_ref().and_then(|sp| c.networks.iter().find(|n| n.name == sp.network))) {
-                (Some(sp), Some(net)) => {
-                    let (records, retired) = with_timeout(read_ledger(&mut client, &c.key_prefix)).await?;
-                    let t = pools::top_up(&c.all_nodes(), sp, net, &records, &retired, &filling, random);
-                    filling = t.filling.clone();
-                    if !t.short.is_empty() {
-                        warn!(network = %net.name, nodes = ?t.short, "managing node: network has no free address left for these nodes' spares; add a range or release VIPs");
-                    }
-                    let mut ops = Vec::new();
-                    let mut guards = Vec::new();
-                    for (addr, node) in &t.add {
-                        let key = pools::alloc_key(&c.key_prefix, &net.name, *addr);
-                        guards.push(Compare::create_revision(key.as_bytes(), CompareOp::Equal, 0));
-                        let rec = AllocRecord { node: node.clone(), state: pools::State::Spare, app: None, do_not_reassign: false, checked: false, grant: None };
-                        ops.push(TxnOp::put(key, serde_json::to_vec(&rec)?, None));
-                    }
-                    let levels = pools::levels(&c.all_nodes(), &net.name, &records);
-                    (ops, guards, Some((t.add, levels)))
-                }
-                _ => (Vec::new(), Vec::new(), None),
-            };
-            let state = ManagerState { node: c.node.clone(), term, writes };
-            let mut when = vec![Compare::create_revision(leader.key(), CompareOp::Equal, leader.rev())];
-            when.extend(guards);
-            let mut then = ops;
-            then.push(TxnOp::put(state_key(&c.key_prefix), serde_json::to_vec(&state)?, None));
-            let resp = with_timeout(async { Ok(client.txn(Txn::new().when(when).and_then(then)).await?) }).await?;
-            if resp.succeeded() {
-                if let Some((added, levels)) = added.filter(|(a, _)| !a.is_empty()) {
-                    let mut per_node: BTreeMap<&str, Vec<String>> = BTreeMap::new();
-                    for (a, n) in &added {
-                        per_node.entry(n.as_str()).or_default().push(a.to_string());
-                    }
-                    for (node, addrs) in per_node {
-                        let had = levels.get(node).map_or(0, |l| l.spares.len());
-                        let sp = c.spares.as_ref().expect("spares configured");
-                        info!(term, node, had, low = sp.low, high = sp.high, added = ?addrs, "managing node: spares topped up");
+            tokio::select! {
+                _ = tick.tick() => {
+                    if !duty.round(&mut client, &leader).await? {
+                        return Ok(());
                     }
                 }
-                continue;
+                msg = requests.message() => {
+                    match msg? {
+                        Some(resp) if resp.events().iter().any(|e| e.event_type() == EventType::Put) => duty.forwarded(&mut client).await?,
+                        Some(_) => {}
+                        None => anyhow::bail!("etcd closed the watch on forwarded requests"),
+                    }
+                }
             }
-            // Refused: either this node is no longer the manager, or a ledger key it meant
-            // to create exists after all (then the next round reads it and picks again).
-            let still_leader = with_timeout(async { Ok(client.get(leader.key(), None).await?) })
-                .await?
-                .kvs()
-                .first()
-                .is_some_and(|kv| kv.create_revision() == leader.rev());
-            if still_leader {
-                warn!(node = %c.node, term, "managing node: a spare it meant to add exists already; reading the ledger again");
-                continue;
-            }
-            update(status, |m| m.deposed_writes += 1);
-            warn!(node = %c.node, term, "managing node: write refused, this node is no longer the manager (its leader key is gone); standing down");
-            return Ok(());
         }
     }
     .await;
@@ -261,6 +252,225 @@ async fn term(c: &Cluster, status: &Arc<Mutex<ManagerStatus>>) -> anyhow::Result
     // Best effort: hand the election on at once instead of after the lease's time.
     let _ = tokio::time::timeout(Duration::from_millis(500), client.lease_revoke(lease_id)).await;
     result
+}
+
+/// The managing node's duties within one term.
+struct Duty<'a> {
+    c: &'a Cluster,
+    w: &'a Settings,
+    status: &'a Arc<Mutex<ManagerStatus>>,
+    term: u64,
+    /// Compares the create revision of this term's leader key: in every write.
+    guard: Compare,
+    writes: u64,
+    random: u64,
+    /// Nodes a capped round left short of high: the next round goes on with them.
+    filling: BTreeSet<String>,
+    last_plan: Option<std::time::Instant>,
+}
+
+impl Duty<'_> {
+    /// Forwarded requests, as they come.
+    async fn forwarded(&mut self, client: &mut Client) -> anyhow::Result<()> {
+        self.random = xorshift(self.random);
+        let reports = with_timeout(read_reports(client, &self.c.key_prefix)).await?;
+        let n = with_timeout(requests::serve_forwarded(client, self.c, self.w, &self.guard, &reports, self.random)).await?;
+        if n > 0 {
+            update(self.status, |m| m.forwarded_answered += n as u64);
+        }
+        Ok(())
+    }
+
+    /// One tick: spares topped up with the state record, a planning round when due.
+    /// `Ok(false)`: this node is no longer the manager.
+    async fn round(&mut self, client: &mut Client, leader: &etcd_client::LeaderKey) -> anyhow::Result<bool> {
+        let c = self.c;
+        self.writes += 1;
+        self.random = xorshift(self.random);
+        let (ops, guards, added) = match (&c.spares, c.spares.as_ref().and_then(|sp| c.networks.iter().find(|n| n.name == sp.network))) {
+            (Some(sp), Some(net)) => {
+                let (records, retired) = with_timeout(read_ledger(client, &c.key_prefix)).await?;
+                let t = pools::top_up(&c.all_nodes(), sp, net, &records, &retired, &self.filling, self.random);
+                self.filling = t.filling.clone();
+                if !t.short.is_empty() {
+                    warn!(network = %net.name, nodes = ?t.short, "managing node: network has no free address left for these nodes' spares; add a range or release VIPs");
+                }
+                let mut ops = Vec::new();
+                let mut guards = Vec::new();
+                for (addr, node) in &t.add {
+                    let key = pools::alloc_key(&c.key_prefix, &net.name, *addr);
+                    guards.push(Compare::create_revision(key.as_bytes(), CompareOp::Equal, 0));
+                    ops.push(TxnOp::put(key, serde_json::to_vec(&AllocRecord::spare(node))?, None));
+                }
+                let levels = pools::levels(&c.all_nodes(), &net.name, &records);
+                (ops, guards, Some((t.add, levels)))
+            }
+            _ => (Vec::new(), Vec::new(), None),
+        };
+        let state = ManagerState { node: c.node.clone(), term: self.term, writes: self.writes };
+        let mut when = vec![self.guard.clone()];
+        when.extend(guards);
+        let mut then = ops;
+        then.push(TxnOp::put(state_key(&c.key_prefix), serde_json::to_vec(&state)?, None));
+        let resp = with_timeout(async { Ok(client.txn(Txn::new().when(when).and_then(then)).await?) }).await?;
+        if !resp.succeeded() {
+            // Refused: either this node is no longer the manager, or a ledger key it meant
+            // to create exists after all (then the next round reads it and picks again).
+            let still_leader =
+                with_timeout(async { Ok(client.get(leader.key(), None).await?) }).await?.kvs().first().is_some_and(|kv| kv.create_revision() == leader.rev());
+            if still_leader {
+                warn!(node = %c.node, term = self.term, "managing node: a spare it meant to add exists already; reading the ledger again");
+                return Ok(true);
+            }
+            update(self.status, |m| m.deposed_writes += 1);
+            warn!(node = %c.node, term = self.term, "managing node: write refused, this node is no longer the manager (its leader key is gone); standing down");
+            return Ok(false);
+        }
+        if let Some((added, levels)) = added.filter(|(a, _)| !a.is_empty()) {
+            let mut per_node: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+            for (a, n) in &added {
+                per_node.entry(n.as_str()).or_default().push(a.to_string());
+            }
+            for (node, addrs) in per_node {
+                let had = levels.get(node).map_or(0, |l| l.spares.len());
+                let sp = c.spares.as_ref().expect("spares configured");
+                info!(term = self.term, node, had, low = sp.low, high = sp.high, added = ?addrs, "managing node: spares topped up");
+            }
+        }
+        if self.last_plan.is_none_or(|t| t.elapsed() >= c.placement.rebalance_every) {
+            self.last_plan = Some(std::time::Instant::now());
+            let r = with_timeout(planning_round(client, c, self.w, &self.guard)).await?;
+            update(self.status, |m| {
+                m.plans += 1;
+                m.last_plan_ms = r.plan_ms;
+                for mv in &r.moves {
+                    *m.moves.entry(mv.reason.name().to_string()).or_insert(0) += 1;
+                }
+            });
+            for mv in &r.moves {
+                info!(term = self.term, vip = %mv.key.1, network = %mv.key.0, from = %mv.from, to = %mv.to, reason = mv.reason.name(), why = %mv.why, "managing node: VIP moved");
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// What one planning round did.
+#[derive(Debug, Clone, Default)]
+pub struct PlanReport {
+    pub moves: Vec<rebalance::Move>,
+    /// Transactions written (0 or 1).
+    pub writes: usize,
+    /// Reading the ledger, the reports and the owners, ms.
+    pub read_ms: f64,
+    /// Deciding, ms.
+    pub plan_ms: f64,
+    /// Writing the moves, ms.
+    pub write_ms: f64,
+}
+
+/// One planning round: reads the ledger, the nodes' reports and the VIPs' owners, plans
+/// (`rebalance::plan`) and writes the moves in one transaction guarded by `guard` and by
+/// each moved record's revision (a record changed meanwhile fails the round: the next one
+/// reads again).
+pub async fn planning_round(client: &mut Client, c: &Cluster, w: &Settings, guard: &Compare) -> anyhow::Result<PlanReport> {
+    let started = std::time::Instant::now();
+    let records = requests::read_records(client, &c.key_prefix).await?;
+    let reports = read_reports(client, &c.key_prefix).await?;
+    let owners = read_owners(client, &c.key_prefix).await?;
+    let read_ms = started.elapsed().as_secs_f64() * 1e3;
+    let started = std::time::Instant::now();
+    let plain: BTreeMap<AddrKey, AllocRecord> = records.iter().map(|(k, (r, _))| (k.clone(), r.clone())).collect();
+    let alive: BTreeSet<String> = reports.values().filter(|r| r.healthy).map(|r| r.node.clone()).collect();
+    let now = super::record::now_unix_ms();
+    let moves = rebalance::plan(
+        &rebalance::Inputs { nodes: &c.all_nodes(), alive: &alive, reports: &reports, records: &plain, owners: &owners, now_unix_ms: now },
+        w,
+        &c.placement,
+    );
+    let plan_ms = started.elapsed().as_secs_f64() * 1e3;
+    if moves.is_empty() {
+        return Ok(PlanReport { moves, writes: 0, read_ms, plan_ms, write_ms: 0.0 });
+    }
+    let started = std::time::Instant::now();
+    let mut when = vec![guard.clone()];
+    let mut then = Vec::new();
+    for m in &moves {
+        let (rec, rev) = &records[&m.key];
+        let key = pools::alloc_key(&c.key_prefix, &m.key.0, m.key.1);
+        when.push(Compare::mod_revision(key.as_bytes(), CompareOp::Equal, *rev));
+        let moved = AllocRecord {
+            node: m.to.clone(),
+            moved_at_unix_ms: if m.reason == rebalance::Reason::NodeGone { rec.moved_at_unix_ms } else { now },
+            ..rec.clone()
+        };
+        then.push(TxnOp::put(key, serde_json::to_vec(&moved)?, None));
+    }
+    let ok = client.txn(Txn::new().when(when).and_then(then)).await?.succeeded();
+    let write_ms = started.elapsed().as_secs_f64() * 1e3;
+    Ok(PlanReport { moves: if ok { moves } else { Vec::new() }, writes: 1, read_ms, plan_ms, write_ms })
+}
+
+pub fn reports_prefix(key_prefix: &str) -> String {
+    format!("{key_prefix}-manager/nodes/")
+}
+
+/// Every node's published report (only live nodes have one: each is held by its lease).
+pub async fn read_reports(client: &mut Client, key_prefix: &str) -> anyhow::Result<BTreeMap<String, NodeReport>> {
+    let resp = client.get(reports_prefix(key_prefix), Some(GetOptions::new().with_prefix())).await?;
+    Ok(resp.kvs().iter().filter_map(|kv| serde_json::from_slice::<NodeReport>(kv.value()).ok()).map(|r| (r.node.clone(), r)).collect())
+}
+
+/// Each VIP's owner now, from the ownership records.
+async fn read_owners(client: &mut Client, key_prefix: &str) -> anyhow::Result<BTreeMap<std::net::IpAddr, String>> {
+    let resp = client.get(super::record::vips_prefix(key_prefix), Some(GetOptions::new().with_prefix())).await?;
+    Ok(resp
+        .kvs()
+        .iter()
+        .filter_map(|kv| Some((super::record::vip_of(key_prefix, kv.key())?, serde_json::from_slice::<super::record::VipRecord>(kv.value()).ok()?.owner)))
+        .collect())
+}
+
+/// Keeps this node's report in etcd under a lease (gone with the node), rewritten when it
+/// changes, at most every [`REPORT_EVERY`].
+async fn publish_report(c: Cluster, mut report: watch::Receiver<NodeReport>) {
+    let key = format!("{}{}", reports_prefix(&c.key_prefix), c.node);
+    loop {
+        let r: anyhow::Result<()> = async {
+            let mut client = connect(&c).await?;
+            let lease = with_timeout(async { Ok(client.lease_grant(ELECTION_TTL_S, None).await?) }).await?;
+            let (id, ttl) = (lease.id(), lease.ttl().max(1));
+            let (mut keeper, mut acks) = client.lease_keep_alive(id).await?;
+            let mut keep = tokio::time::interval(Duration::from_millis(ttl as u64 * 1000 / 3));
+            let mut last_put = None;
+            loop {
+                let due =
+                    last_put.is_none_or(|t: std::time::Instant| t.elapsed() >= REPORT_EVERY) && report.has_changed().unwrap_or(false) || last_put.is_none();
+                if due {
+                    let mut r = report.borrow_and_update().clone();
+                    r.node = c.node.clone();
+                    r.at_unix_ms = super::record::now_unix_ms();
+                    with_timeout(async { Ok(client.put(key.as_bytes(), serde_json::to_vec(&r)?, Some(PutOptions::new().with_lease(id))).await?) }).await?;
+                    last_put = Some(std::time::Instant::now());
+                }
+                tokio::select! {
+                    _ = keep.tick() => {
+                        keeper.keep_alive().await?;
+                        match acks.message().await? {
+                            Some(a) if a.ttl() > 0 => {}
+                            _ => anyhow::bail!("the report's lease expired"),
+                        }
+                    }
+                    _ = tokio::time::sleep(REPORT_EVERY) => {}
+                }
+            }
+        }
+        .await;
+        if let Err(e) = r {
+            warn!(error = %format!("{e:#}"), "placement report: cannot keep it in etcd; retrying in 1 s");
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 /// Who the manager is, for every node's status.
@@ -308,93 +518,115 @@ async fn with_timeout<T>(f: impl std::future::Future<Output = anyhow::Result<T>>
 
 /// The ledger: every handed-out address and every retired one.
 pub async fn read_ledger(client: &mut Client, key_prefix: &str) -> anyhow::Result<(BTreeMap<AddrKey, AllocRecord>, BTreeSet<AddrKey>)> {
-    let records = read_ledger_revisions(client, key_prefix).await?.into_iter().map(|(k, (r, _))| (k, r)).collect();
-    // Retired addresses come with releases, which are not built yet: none so far.
+    let records = requests::read_records(client, key_prefix).await?.into_iter().map(|(k, (r, _))| (k, r)).collect();
+    // Retired addresses stay in the ledger as retired records (the generator skips them).
     Ok((records, BTreeSet::new()))
 }
 
-/// The ledger's records with their mod revisions (for writes compared on them).
-async fn read_ledger_revisions(client: &mut Client, key_prefix: &str) -> anyhow::Result<BTreeMap<AddrKey, (AllocRecord, i64)>> {
-    let resp = client.get(pools::ledger_prefix(key_prefix), Some(GetOptions::new().with_prefix())).await?;
-    let mut records = BTreeMap::new();
-    for kv in resp.kvs() {
-        let (Ok(key), Ok(rec)) = (kv.key_str(), serde_json::from_slice::<AllocRecord>(kv.value())) else { continue };
-        if let Some(k) = pools::parse_alloc_key(key_prefix, key) {
-            records.insert(k, (rec, kv.mod_revision()));
-        }
-    }
-    Ok(records)
-}
-
-/// Every node's duty for its own spares (and the granted VIPs it publishes to the node):
-/// check each new one on the wire once (an ARP
-/// probe or duplicate address detection on each of its NICs, see `kernel::addr_probe`)
-/// before it can be used, and record the result in the ledger, compared on the record's
-/// revision: checked, or a conflict when someone answered (the manager then replaces it
-/// and never hands the address out). Each conflict is logged on one line.
-pub async fn check_spares(
-    c: Cluster,
-    nics: Vec<String>,
-    grants: tokio::sync::watch::Sender<Vec<pools::GrantedVip>>,
-    spares: tokio::sync::watch::Sender<Vec<CachedSpare>>,
-) {
-    if c.spares.is_none() {
-        return;
-    }
-    let mut client = None;
+/// Every node follows the ledger: it reads it (with the nodes' reports) every
+/// [`POOLS_EVERY`] and at once when it changes, publishes the granted VIPs (every node
+/// serves or stands by for each) and the view requests use, and checks each of its new
+/// spares on the wire once (an ARP probe or duplicate address detection on each of its
+/// NICs, see `kernel::addr_probe`) before it can be used, recording the result compared on
+/// the record's revision: checked, or a conflict when someone answered (the manager then
+/// replaces it and never hands the address out). Each conflict is logged on one line.
+pub async fn follow_ledger(c: Cluster, nics: Vec<String>, grants: watch::Sender<Vec<pools::GrantedVip>>, view: watch::Sender<LedgerView>) {
+    let mut client: Option<Client> = None;
+    let checking: Arc<Mutex<BTreeSet<AddrKey>>> = Arc::default();
+    let mut changes: Option<etcd_client::WatchStream> = None;
+    let mut _watcher: Option<etcd_client::Watcher> = None;
     loop {
-        tokio::time::sleep(POOLS_EVERY).await;
+        // Wait for the period, or a change of the ledger (then a moment more, so a burst
+        // of changes costs one read).
+        match changes.as_mut() {
+            Some(stream) => {
+                let changed = tokio::select! {
+                    m = stream.message() => Some(m.is_ok_and(|m| m.is_some())),
+                    _ = tokio::time::sleep(POOLS_EVERY) => None,
+                };
+                match changed {
+                    Some(true) => tokio::time::sleep(Duration::from_millis(10)).await,
+                    Some(false) => changes = None,
+                    None => {}
+                }
+            }
+            None => tokio::time::sleep(POOLS_EVERY).await,
+        }
         if client.is_none() {
             client = connect(&c).await.ok();
         }
         let Some(cl) = client.as_mut() else { continue };
-        let records = match with_timeout(read_ledger_revisions(cl, &c.key_prefix)).await {
-            Ok(r) => r,
-            Err(_) => continue,
-        };
-        // Every node serves (or stands by for) every granted VIP: publish them.
-        let plain: BTreeMap<AddrKey, AllocRecord> = records.iter().map(|(k, (r, _))| (k.clone(), r.clone())).collect();
-        let now = pools::granted(&plain);
+        if changes.is_none() {
+            if let Ok(Ok((w, s))) =
+                tokio::time::timeout(WRITE_TIMEOUT, cl.watch(pools::ledger_prefix(&c.key_prefix), Some(WatchOptions::new().with_prefix()))).await
+            {
+                _watcher = Some(w);
+                changes = Some(s);
+            }
+        }
+        let ((records, revision), reports) =
+            match (with_timeout(requests::read_records_at(cl, &c.key_prefix)).await, with_timeout(read_reports(cl, &c.key_prefix)).await) {
+                (Ok(r), Ok(p)) => (r, p),
+                _ => {
+                    client = None;
+                    changes = None;
+                    continue;
+                }
+            };
+        let fresh = LedgerView { records, reports, revision };
+        let now = pools::granted(&fresh.plain());
+        let mine: Vec<(AddrKey, AllocRecord, i64)> = fresh
+            .records
+            .iter()
+            .filter(|(_, (r, _))| r.node == c.node && r.state == pools::State::Spare && !r.checked)
+            .map(|(k, (r, rev))| (k.clone(), r.clone(), *rev))
+            .collect();
+        // The view first: a change of the granted VIPs wakes the node, which then serves
+        // what the view says.
+        view.send_replace(fresh);
         grants.send_if_modified(|g| {
             let changed = *g != now;
             *g = now;
             changed
         });
-        // This node's checked spares with their revisions: a request tries these first.
-        let own: Vec<CachedSpare> = records
-            .iter()
-            .filter(|(_, (r, _))| r.node == c.node && r.state == pools::State::Spare && r.checked)
-            .map(|(k, (r, rev))| CachedSpare { key: k.clone(), record: r.clone(), revision: *rev })
-            .collect();
-        spares.send_replace(own);
-        let mine: Vec<(AddrKey, AllocRecord, i64)> =
-            records.into_iter().filter(|(_, (r, _))| r.node == c.node && r.state == pools::State::Spare && !r.checked).map(|(k, (r, rev))| (k, r, rev)).collect();
-        // Up to CONCURRENT_CHECKS at once (each takes about half a second): a burst of new
-        // spares costs a few seconds of checks, not hundreds of sockets at once.
-        let mine: Vec<_> = mine.into_iter().take(CONCURRENT_CHECKS).collect();
-        let checks: Vec<_> = mine
-            .iter()
-            .map(|((_, addr), _, _)| {
-                let (addr, nics) = (*addr, nics.clone());
-                tokio::task::spawn_blocking(move || {
-                    nics.iter().find(|n| matches!(addr_probe::nic_link(n).and_then(|(ix, mac)| addr_probe::someone_holds(ix, mac, addr)), Ok(true))).cloned()
-                })
-            })
-            .collect();
-        for (((net, addr), rec, rev), check) in mine.into_iter().zip(checks) {
-            let Ok(held_on) = check.await else { continue };
-            let mut new = rec.clone();
-            match &held_on {
-                Some(nic) => {
-                    new.state = pools::State::Conflict;
-                    warn!(network = %net, %addr, %nic, "spare VIP in use on the link (someone answered the probe): marked conflict, the manager replaces it");
-                }
-                None => new.checked = true,
+        // Up to CONCURRENT_CHECKS at once (each takes about half a second), on tasks of
+        // their own so the ledger keeps being followed meanwhile: a burst of new spares
+        // costs a few seconds of checks, not hundreds of sockets at once.
+        let room = CONCURRENT_CHECKS.saturating_sub(checking.lock().map_or(0, |c| c.len()));
+        for ((net, addr), rec, rev) in mine.into_iter().filter(|(k, _, _)| !checking.lock().is_ok_and(|c| c.contains(k))).take(room) {
+            if let Ok(mut set) = checking.lock() {
+                set.insert((net.clone(), addr));
             }
-            let key = pools::alloc_key(&c.key_prefix, &net, addr);
-            let Ok(value) = serde_json::to_vec(&new) else { continue };
-            let txn = Txn::new().when(vec![Compare::mod_revision(key.as_bytes(), CompareOp::Equal, rev)]).and_then(vec![TxnOp::put(key.as_bytes(), value, None)]);
-            let _ = with_timeout(async { Ok(cl.txn(txn).await?) }).await;
+            let (nics, checking, mut client, prefix) = (nics.clone(), checking.clone(), cl.clone(), c.key_prefix.clone());
+            tokio::spawn(async move {
+                let nics2 = nics.clone();
+                let held_on = tokio::task::spawn_blocking(move || {
+                    nics2.iter().find(|n| matches!(addr_probe::nic_link(n).and_then(|(ix, mac)| addr_probe::someone_holds(ix, mac, addr)), Ok(true))).cloned()
+                })
+                .await;
+                if let Ok(held_on) = held_on {
+                    let mut new = rec.clone();
+                    match &held_on {
+                        Some(nic) => {
+                            new.state = pools::State::Conflict;
+                            warn!(network = %net, %addr, %nic, "spare VIP in use on the link (someone answered the probe): marked conflict, the manager replaces it");
+                        }
+                        None => new.checked = true,
+                    }
+                    let key = pools::alloc_key(&prefix, &net, addr);
+                    if let Ok(value) = serde_json::to_vec(&new) {
+                        let txn = Txn::new().when(vec![Compare::mod_revision(key.as_bytes(), CompareOp::Equal, rev)]).and_then(vec![TxnOp::put(
+                            key.as_bytes(),
+                            value,
+                            None,
+                        )]);
+                        let _ = with_timeout(async { Ok(client.txn(txn).await?) }).await;
+                    }
+                }
+                if let Ok(mut set) = checking.lock() {
+                    set.remove(&(net, addr));
+                }
+            });
         }
     }
 }
@@ -408,80 +640,4 @@ fn xorshift(mut x: u64) -> u64 {
     x ^= x << 13;
     x ^= x >> 7;
     x ^ (x << 17)
-}
-
-/// One of this node's checked spares as the last read of the ledger showed it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CachedSpare {
-    pub key: AddrKey,
-    pub record: AllocRecord,
-    pub revision: i64,
-}
-
-/// A node's connection to the ledger for its API calls, kept across calls (a connection
-/// costs round trips a request should not pay).
-#[derive(Clone)]
-pub struct LedgerClient(Client);
-
-impl LedgerClient {
-    pub async fn connect(c: &Cluster) -> anyhow::Result<Self> {
-        Ok(Self(with_timeout(async { connect(c).await }).await?))
-    }
-}
-
-/// Grants one of this node's checked spares to `app`: the ledger record goes from spare to
-/// granted, compared on its revision (a record changed meanwhile is tried no further: the
-/// next spare is). `cached` (from the last periodic read) is tried first; then the ledger
-/// is read. Needs no manager. `Ok(None)`: no checked spare left here.
-pub async fn grant_spare(c: &Cluster, ledger: &mut LedgerClient, cached: &[CachedSpare], app: &str, grant: pools::Grant) -> anyhow::Result<Option<(String, std::net::IpAddr)>> {
-    let client = &mut ledger.0;
-    // First the spares the last read showed: one round trip when the cache is current.
-    for s in cached.iter().take(2) {
-        let (net, addr) = s.key.clone();
-        let new = AllocRecord { state: pools::State::Granted, app: Some(app.to_string()), grant: Some(grant.clone()), ..s.record.clone() };
-        let key = pools::alloc_key(&c.key_prefix, &net, addr);
-        let txn = Txn::new().when(vec![Compare::mod_revision(key.as_bytes(), CompareOp::Equal, s.revision)]).and_then(vec![TxnOp::put(key.as_bytes(), serde_json::to_vec(&new)?, None)]);
-        if with_timeout(async { Ok(client.txn(txn).await?) }).await?.succeeded() {
-            return Ok(Some((net, addr)));
-        }
-    }
-    for _ in 0..4 {
-        let records = with_timeout(read_ledger_revisions(client, &c.key_prefix)).await?;
-        let plain: BTreeMap<AddrKey, AllocRecord> = records.iter().map(|(k, (r, _))| (k.clone(), r.clone())).collect();
-        let Some((net, addr)) = pools::next_spare(&c.node, &plain) else { return Ok(None) };
-        let (rec, rev) = records[&(net.clone(), addr)].clone();
-        let new = AllocRecord { state: pools::State::Granted, app: Some(app.to_string()), grant: Some(grant.clone()), ..rec };
-        let key = pools::alloc_key(&c.key_prefix, &net, addr);
-        let txn = Txn::new().when(vec![Compare::mod_revision(key.as_bytes(), CompareOp::Equal, rev)]).and_then(vec![TxnOp::put(key.as_bytes(), serde_json::to_vec(&new)?, None)]);
-        if with_timeout(async { Ok(client.txn(txn).await?) }).await?.succeeded() {
-            return Ok(Some((net, addr)));
-        }
-    }
-    anyhow::bail!("this node's spares kept changing under the grant; try again")
-}
-
-/// Releases `app`'s granted VIPs (or only `vip`) in every network of the cluster: each
-/// record deleted, or kept as retired under do-not-reassign, compared on its revision.
-/// Needs no manager. Returns the addresses released.
-pub async fn release_grants(c: &Cluster, ledger: &mut LedgerClient, app: &str, vip: Option<std::net::IpAddr>) -> anyhow::Result<Vec<std::net::IpAddr>> {
-    let client = &mut ledger.0;
-    let records = with_timeout(read_ledger_revisions(client, &c.key_prefix)).await?;
-    let plain: BTreeMap<AddrKey, AllocRecord> = records.iter().map(|(k, (r, _))| (k.clone(), r.clone())).collect();
-    let mut done = Vec::new();
-    for net in &c.networks {
-        for ((n, addr), after) in pools::release(app, vip, net, &plain) {
-            let key = pools::alloc_key(&c.key_prefix, &n, addr);
-            let rev = records[&(n.clone(), addr)].1;
-            let op = match &after {
-                Some(rec) => TxnOp::put(key.as_bytes(), serde_json::to_vec(rec)?, None),
-                None => TxnOp::delete(key.as_bytes(), None),
-            };
-            let txn = Txn::new().when(vec![Compare::mod_revision(key.as_bytes(), CompareOp::Equal, rev)]).and_then(vec![op]);
-            if with_timeout(async { Ok(client.txn(txn).await?) }).await?.succeeded() {
-                info!(%app, %addr, network = %n, retired = after.is_some(), "cluster VIP released");
-                done.push(addr);
-            }
-        }
-    }
-    Ok(done)
 }

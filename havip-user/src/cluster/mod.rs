@@ -11,15 +11,20 @@
 //! - `record`, `wire`: the etcd record and the heartbeat datagram.
 //! - `store`: etcd; `service`: the thread that runs it all; `clock`: CLOCK_BOOTTIME.
 //! - `manager`: the managing node's election and leadership-guarded writes.
-//! - `pools`: which spare VIPs the manager adds for which node, pure.
+//! - `pools`: the ledger's records; which spare VIPs the manager adds for which node, pure.
+//! - `placement`: which node a request's VIP goes to, pure; `rebalance`: which VIPs the
+//!   manager moves in a round, pure; `requests`: granting, forwarding, releasing in etcd.
 //! - `vipgen`: which address of a network to hand out next (the managing node's VIP
 //!   generation by rule, issue 13), pure.
 
 pub mod decide;
 pub mod manager;
 pub mod peers;
+pub mod placement;
 pub mod pools;
+pub mod rebalance;
 pub mod record;
+pub mod requests;
 pub mod service;
 pub mod store;
 pub mod timing;

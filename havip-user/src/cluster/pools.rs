@@ -37,62 +37,110 @@ pub enum State {
 /// One ledger record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AllocRecord {
+    /// The node it is assigned to: a spare's holder, a granted VIP's preferred owner.
     pub node: String,
     pub state: State,
-    /// The application it was granted to (`None` while spare).
+    /// The applications using it once granted: one for an exclusive VIP, one or more with
+    /// distinct (protocol, service port) for a shared one.
     #[serde(default)]
-    pub app: Option<String>,
+    pub uses: Vec<Use>,
     #[serde(default)]
     pub do_not_reassign: bool,
     /// Its node probed the link (ARP probe / DAD) and nobody answered for it.
     #[serde(default)]
     pub checked: bool,
-    /// What the application asked for, once granted.
+    /// Do not move: rebalancing leaves it on its node.
     #[serde(default)]
-    pub grant: Option<Grant>,
+    pub pinned: bool,
+    /// When the managing node last moved it (ms since the epoch; 0: never), for the
+    /// rebalancing hold-down.
+    #[serde(default)]
+    pub moved_at_unix_ms: u64,
+}
+
+impl AllocRecord {
+    pub fn spare(node: &str) -> Self {
+        Self { node: node.to_string(), state: State::Spare, uses: Vec::new(), do_not_reassign: false, checked: false, pinned: false, moved_at_unix_ms: 0 }
+    }
+
+    /// Granted to applications that share it.
+    pub fn shared(&self) -> bool {
+        self.state == State::Granted && !self.uses.is_empty() && self.uses.iter().all(|u| !u.exclusive)
+    }
+
+    /// `u` can join this shared VIP: no use holds its (protocol, service port).
+    pub fn room_for(&self, u: &Use) -> bool {
+        self.shared() && !u.exclusive && !self.uses.iter().any(|x| x.protocol == u.protocol && x.service_port == u.service_port)
+    }
 }
 
 /// An application's use of a granted VIP: clients reach `VIP:service_port`, delivered to
 /// the application's `instance_port` on whichever node serves the VIP.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Grant {
+pub struct Use {
+    pub app: String,
     pub protocol: Protocol,
     pub service_port: u16,
     pub instance_port: u16,
     pub exclusive: bool,
+    /// Peers the application talks to: the VIP is placed (and its NIC ranked) by them.
+    #[serde(default)]
+    pub targets: Vec<IpAddr>,
+    /// Its application class (a configured `[class.NAME]`).
+    #[serde(default)]
+    pub class: Option<String>,
 }
 
-/// A granted VIP as every node serves it: owned by the node it was granted on, the others
+/// A granted VIP as every node serves it: owned by the node the ledger names, the others
 /// its successors in name order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GrantedVip {
+    pub network: String,
     pub addr: IpAddr,
     pub node: String,
-    pub app: String,
-    pub grant: Grant,
+    pub uses: Vec<Use>,
+    pub pinned: bool,
+}
+
+impl GrantedVip {
+    /// Every use's targets, once each.
+    pub fn targets(&self) -> Vec<IpAddr> {
+        let set: BTreeSet<IpAddr> = self.uses.iter().flat_map(|u| u.targets.iter().copied()).collect();
+        set.into_iter().collect()
+    }
 }
 
 /// The granted VIPs of the ledger.
 pub fn granted(records: &BTreeMap<AddrKey, AllocRecord>) -> Vec<GrantedVip> {
     records
         .iter()
-        .filter(|(_, r)| r.state == State::Granted)
-        .filter_map(|((_, addr), r)| Some(GrantedVip { addr: *addr, node: r.node.clone(), app: r.app.clone()?, grant: r.grant.clone()? }))
+        .filter(|(_, r)| r.state == State::Granted && !r.uses.is_empty())
+        .map(|((net, addr), r)| GrantedVip { network: net.clone(), addr: *addr, node: r.node.clone(), uses: r.uses.clone(), pinned: r.pinned })
         .collect()
 }
 
-/// What releasing `app`'s VIPs does to the ledger: each granted record of the app (or only
-/// the one at `vip`) is deleted (its address free again) or, under do-not-reassign (the
-/// allocation's or its range's), kept as retired.
+/// What releasing `app`'s VIPs does to the ledger: the app's uses leave each granted record
+/// of the app (or only the one at `vip`). A record left without uses is deleted (its
+/// address free again) or, under do-not-reassign (the allocation's or its range's), kept
+/// as retired; a shared one with other uses keeps them.
 pub fn release(app: &str, vip: Option<IpAddr>, net: &Network, records: &BTreeMap<AddrKey, AllocRecord>) -> Vec<(AddrKey, Option<AllocRecord>)> {
     records
         .iter()
-        .filter(|((n, addr), r)| *n == net.name && r.state == State::Granted && r.app.as_deref() == Some(app) && vip.is_none_or(|v| v == *addr))
+        .filter(|((n, addr), r)| *n == net.name && r.state == State::Granted && r.uses.iter().any(|u| u.app == app) && vip.is_none_or(|v| v == *addr))
         .map(|((n, addr), r)| {
+            let rest: Vec<Use> = r.uses.iter().filter(|u| u.app != app).cloned().collect();
+            if !rest.is_empty() {
+                return ((n.clone(), *addr), Some(AllocRecord { uses: rest, ..r.clone() }));
+            }
             let keep = r.do_not_reassign || net.ranges.iter().find(|x| x.contains(*addr)).is_some_and(|x| !x.reassign);
-            ((n.clone(), *addr), keep.then(|| AllocRecord { state: State::Retired, ..r.clone() }))
+            ((n.clone(), *addr), keep.then(|| AllocRecord { state: State::Retired, uses: Vec::new(), ..r.clone() }))
         })
         .collect()
+}
+
+/// A shared VIP on `node` that `u` can join (ports allow), lowest address first.
+pub fn packable(node: &str, u: &Use, records: &BTreeMap<AddrKey, AllocRecord>) -> Option<AddrKey> {
+    records.iter().find(|(_, r)| r.node == node && r.room_for(u)).map(|(k, _)| k.clone())
 }
 
 /// The spare `node` hands out next: its lowest checked one.
@@ -180,7 +228,10 @@ pub fn top_up(
     random: u64,
 ) -> TopUp {
     let mut ledger = Ledger {
-        allocated: records.iter().map(|(k, r)| (k.clone(), Allocation { app: r.app.clone().unwrap_or_default(), do_not_reassign: r.do_not_reassign })).collect(),
+        allocated: records
+            .iter()
+            .map(|(k, r)| (k.clone(), Allocation { app: r.uses.first().map(|u| u.app.clone()).unwrap_or_default(), do_not_reassign: r.do_not_reassign }))
+            .collect(),
         retired: retired.clone(),
     };
     let mut out = TopUp::default();
@@ -233,7 +284,7 @@ mod tests {
 
     fn apply(records: &mut BTreeMap<AddrKey, AllocRecord>, t: &TopUp) {
         for (a, n) in &t.add {
-            assert!(records.insert(("prod".into(), *a), AllocRecord { node: n.clone(), state: State::Spare, app: None, do_not_reassign: false, checked: false, grant: None }).is_none(), "{a} handed out twice");
+            assert!(records.insert(("prod".into(), *a), AllocRecord::spare(n)).is_none(), "{a} handed out twice");
         }
     }
 
@@ -320,8 +371,7 @@ mod tests {
     #[test]
     fn a_release_frees_the_address_or_retires_it_under_do_not_reassign() {
         let mut net = prod("198.18.200.99");
-        let grant = Grant { protocol: Protocol::Udp, service_port: 7100, instance_port: 7000, exclusive: true };
-        let rec = |app: &str| AllocRecord { node: "n1".into(), state: State::Granted, app: Some(app.into()), do_not_reassign: false, checked: true, grant: Some(grant.clone()) };
+        let rec = |app: &str| AllocRecord { state: State::Granted, checked: true, uses: vec![use_of(app, 7100, true)], ..AllocRecord::spare("n1") };
         let records = BTreeMap::from([
             (("prod".to_string(), ip("198.18.200.10")), rec("a")),
             (("prod".to_string(), ip("198.18.200.11")), rec("a")),
@@ -337,6 +387,32 @@ mod tests {
         let r = release("a", None, &net, &records);
         assert!(r.iter().all(|(_, v)| v.as_ref().is_some_and(|v| v.state == State::Retired)));
         assert!(release("nobody", None, &net, &records).is_empty());
+    }
+
+    fn use_of(app: &str, port: u16, exclusive: bool) -> Use {
+        Use { app: app.into(), protocol: Protocol::Udp, service_port: port, instance_port: 7000, exclusive, targets: Vec::new(), class: None }
+    }
+
+    #[test]
+    fn shared_vips_are_packed_only_where_ports_allow() {
+        let shared = |uses: Vec<Use>| AllocRecord { state: State::Granted, checked: true, uses, ..AllocRecord::spare("n1") };
+        let records = BTreeMap::from([
+            (("prod".to_string(), ip("198.18.200.10")), shared(vec![use_of("a", 80, true)])),
+            (("prod".to_string(), ip("198.18.200.11")), shared(vec![use_of("b", 80, false), use_of("c", 443, false)])),
+            (("prod".to_string(), ip("198.18.200.12")), shared(vec![use_of("d", 53, false)])),
+        ]);
+        // Port 80 is taken on .11: .12 it is. An exclusive VIP never takes a second use.
+        assert_eq!(packable("n1", &use_of("e", 80, false), &records), Some(("prod".to_string(), ip("198.18.200.12"))));
+        assert_eq!(packable("n1", &use_of("e", 22, false), &records), Some(("prod".to_string(), ip("198.18.200.11"))));
+        // Same port over another protocol is a different service.
+        assert_eq!(packable("n1", &Use { protocol: Protocol::Tcp, ..use_of("e", 53, false) }, &records), Some(("prod".to_string(), ip("198.18.200.11"))));
+        assert_eq!(packable("n1", &use_of("e", 22, true), &records), None);
+        assert_eq!(packable("n2", &use_of("e", 22, false), &records), None);
+        // Releasing one use of a shared VIP keeps the others on it.
+        let net = prod("198.18.200.99");
+        let r = release("b", None, &net, &records);
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].1.as_ref().map(|x| x.uses.iter().map(|u| u.app.as_str()).collect::<Vec<_>>()), Some(vec!["c"]));
     }
 
     #[test]

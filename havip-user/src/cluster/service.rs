@@ -23,16 +23,18 @@ use tracing::{info, warn};
 
 use super::{
     decide::{self, Action, Local},
-    manager::{self, CachedSpare, ManagerStatus},
-    pools::GrantedVip,
+    manager::{self, ManagerStatus},
     peers::Peers,
+    placement::NodeReport,
+    pools::GrantedVip,
     record::{self, NodeMark, VipRecord},
+    requests::LedgerView,
     store::{Marks, Records, Snapshot, Store},
     timing::{self, Timing},
     wire::Heartbeat,
 };
 use crate::{
-    config::cluster::Cluster,
+    config::{cluster::Cluster, ranking::Settings},
     kernel::{
         announce::Announcer,
         clock,
@@ -41,8 +43,10 @@ use crate::{
     },
 };
 
-/// A cluster VIP as the configuration gives it: address and candidate nodes.
-pub type ClusterVips = Vec<(IpAddr, Vec<String>)>;
+/// A cluster VIP as the configuration gives it: address, candidate nodes, and whether
+/// their order is the managing node's placement (a granted VIP: the ledger's node first),
+/// which the owner then follows (see `decide`).
+pub type ClusterVips = Vec<(IpAddr, Vec<String>, bool)>;
 
 /// What `havip cluster status` shows.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -129,10 +133,13 @@ pub struct Counters {
 /// The running service.
 pub struct Handle {
     status: Arc<Mutex<Status>>,
-    /// The granted VIPs of the spare pools' ledger (see `manager::check_spares`).
+    /// The granted VIPs of the ledger (see `manager::follow_ledger`).
     grants: watch::Receiver<Vec<GrantedVip>>,
-    /// This node's checked spares as last read (requests try them first).
-    spares: watch::Receiver<Vec<CachedSpare>>,
+    /// The ledger and the nodes' reports as last read (requests place by them).
+    view: watch::Receiver<LedgerView>,
+    /// This node's report for placement.
+    report: watch::Sender<NodeReport>,
+    manager: Arc<Mutex<ManagerStatus>>,
     vips: watch::Sender<ClusterVips>,
     stop: Option<oneshot::Sender<oneshot::Sender<()>>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -148,9 +155,25 @@ impl Handle {
         self.status.clone()
     }
 
-    /// This node's checked spares as the last periodic read of the ledger showed them.
-    pub fn cached_spares(&self) -> Vec<CachedSpare> {
-        self.spares.borrow().clone()
+    /// The ledger and the nodes' reports as the last read showed them.
+    pub fn view(&self) -> LedgerView {
+        self.view.borrow().clone()
+    }
+
+    /// This node's report for placement (published when it changes, at most every second).
+    pub fn set_report(&self, r: NodeReport) {
+        self.report.send_if_modified(|old| {
+            let changed = *old != r;
+            *old = r;
+            changed
+        });
+    }
+
+    /// Counts a request granted through this node, by how.
+    pub fn count_grant(&self, how: &str) {
+        if let Ok(mut m) = self.manager.lock() {
+            *m.grants.entry(how.to_string()).or_insert(0) += 1;
+        }
     }
 
     /// The granted VIPs, changed whenever the ledger's set changes.
@@ -179,11 +202,15 @@ impl Handle {
 }
 
 /// Starts the service on its own thread. `store` was checked at start (it answered).
-pub fn start(cluster: Cluster, vips: ClusterVips, nics: Vec<String>, pins: PinLayout, announce: (u32, Duration)) -> anyhow::Result<Handle> {
+pub fn start(cluster: Cluster, vips: ClusterVips, nics: Vec<String>, pins: PinLayout, announce: (u32, Duration), ranking: Settings) -> anyhow::Result<Handle> {
     let status = Arc::new(Mutex::new(Status { node: cluster.node.clone(), etcd_endpoints: cluster.etcd_endpoints.clone(), ..Default::default() }));
     let (vips_tx, vips_rx) = watch::channel(vips);
     let (grants_tx, grants_rx) = watch::channel(Vec::new());
-    let (spares_tx, spares_rx) = watch::channel(Vec::new());
+    let (view_tx, view_rx) = watch::channel(LedgerView::default());
+    let (report_tx, report_rx) = watch::channel(NodeReport { node: cluster.node.clone(), healthy: true, ..Default::default() });
+    let manager_status = Arc::new(Mutex::new(ManagerStatus::default()));
+    let links = manager::Links { grants: grants_tx, view: view_tx, report: report_rx, ranking };
+    let ms = manager_status.clone();
     let (stop_tx, stop_rx) = oneshot::channel();
     let maps = Maps::open(&pins).context("opening the maps for the cluster fences")?;
     let fences = FenceView::open(&pins).context("opening the fence maps for announcements")?;
@@ -205,11 +232,20 @@ pub fn start(cluster: Cluster, vips: ClusterVips, nics: Vec<String>, pins: PinLa
                     return;
                 }
             };
-            let svc = Service::new(cluster, nics, maps, fences, recv, st, announce);
-            svc.run(store, vips_rx, stop_rx, grants_tx, spares_tx).await;
+            let svc = Service::new(cluster, nics, maps, fences, recv, st, announce, ms);
+            svc.run(store, vips_rx, stop_rx, links).await;
         });
     })?;
-    Ok(Handle { status, grants: grants_rx, spares: spares_rx, vips: vips_tx, stop: Some(stop_tx), thread: Some(thread) })
+    Ok(Handle {
+        status,
+        grants: grants_rx,
+        view: view_rx,
+        report: report_tx,
+        manager: manager_status,
+        vips: vips_tx,
+        stop: Some(stop_tx),
+        thread: Some(thread),
+    })
 }
 
 fn bind_receiver(port: u16) -> anyhow::Result<tokio::net::UdpSocket> {
@@ -321,7 +357,16 @@ struct Service {
 }
 
 impl Service {
-    fn new(c: Cluster, nics: Vec<String>, maps: Maps, fences: FenceView, recv: tokio::net::UdpSocket, status: Arc<Mutex<Status>>, announce: (u32, Duration)) -> Self {
+    fn new(
+        c: Cluster,
+        nics: Vec<String>,
+        maps: Maps,
+        fences: FenceView,
+        recv: tokio::net::UdpSocket,
+        status: Arc<Mutex<Status>>,
+        announce: (u32, Duration),
+        manager: Arc<Mutex<ManagerStatus>>,
+    ) -> Self {
         let t = Timing::new(&c);
         let incarnation = clock::now().as_nanos() as u64 ^ ((std::process::id() as u64) << 40);
         let peers = Peers::new(&c.node, incarnation, c.peers.iter().map(|p| p.name.clone()), t);
@@ -335,7 +380,7 @@ impl Service {
             announcer: Announcer::new().map(Arc::new).map_err(|e| warn!(error = %format!("{e:#}"), "cannot announce takeovers")).ok(),
             announce,
             status,
-            manager: Arc::new(Mutex::new(ManagerStatus::default())),
+            manager,
             started_at: clock::now(),
             vips: Vec::new(),
             records: Records::new(),
@@ -366,14 +411,13 @@ impl Service {
         store: Store,
         mut vips_rx: watch::Receiver<ClusterVips>,
         mut stop_rx: oneshot::Receiver<oneshot::Sender<()>>,
-        grants: watch::Sender<Vec<GrantedVip>>,
-        spares: watch::Sender<Vec<CachedSpare>>,
+        links: manager::Links,
     ) {
         self.set_vips(vips_rx.borrow_and_update().clone());
         let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
         let (write_tx, write_rx) = mpsc::unbounded_channel();
         tokio::spawn(reader(store.clone(), self.t.confirm_every, ev_tx.clone()));
-        manager::start_thread(self.c.clone(), self.manager.clone(), self.paths.iter().map(|p| p.nic.clone()).collect(), grants, spares);
+        manager::start_thread(self.c.clone(), self.manager.clone(), self.paths.iter().map(|p| p.nic.clone()).collect(), links);
         let mark = NodeMark { node: self.c.node.clone(), incarnation: self.peers.incarnation, every_ms: 0, count: 0 };
         tokio::spawn(marker(store.clone(), mark, self.mark_every.subscribe(), ev_tx.clone()));
         tokio::spawn(writer(store, write_rx, ev_tx));
@@ -424,16 +468,16 @@ impl Service {
     }
 
     fn set_vips(&mut self, vips: ClusterVips) {
-        let keep: BTreeSet<IpAddr> = vips.iter().map(|(v, _)| *v).collect();
+        let keep: BTreeSet<IpAddr> = vips.iter().map(|(v, _, _)| *v).collect();
         self.local.retain(|v, _| keep.contains(v));
-        for (v, _) in &vips {
+        for (v, _, _) in &vips {
             self.local.entry(*v).or_insert(Local::Idle);
         }
         self.ids.clear();
         self.vips = vips;
         // Adopt what the kernel holds (a planned restart left the fences extended): the
         // fence stays as it is until this run confirms or stops the VIP.
-        for (v, _) in self.vips.clone() {
+        for (v, _, _) in self.vips.clone() {
             if let Some(id) = self.id_of(v) {
                 if let Ok(f) = self.maps.fences.get(&id, 0) {
                     if f.serve_until_ns != 0 {
@@ -661,7 +705,7 @@ impl Service {
         let settled = now.saturating_sub(self.started_at) >= self.t.suspect_after + self.t.heartbeat_every;
         let settings = decide::Settings { giveback_hold_down: self.c.giveback_hold_down, settled: settled && !self.restarting, view_sent_at: self.records_at };
         self.update_mark(now);
-        for (vip, configured) in self.vips.clone() {
+        for (vip, configured, placed) in self.vips.clone() {
             let local = self.local.get(&vip).copied().unwrap_or(Local::Idle);
             // A won VIP whose wait is over: serve on the latest confirmation.
             if let Local::Starting { epoch, not_before } = local {
@@ -678,7 +722,7 @@ impl Service {
             if let Some((r, _)) = record {
                 self.note_held(vip, &r.owner, owner_alive_in_etcd, now);
             }
-            let inputs = decide::Inputs { vip, configured: &configured, record, local, owner_alive_in_etcd };
+            let inputs = decide::Inputs { vip, configured: &configured, placed, record, local, owner_alive_in_etcd };
             let action = if self.pending_writes.contains(&vip) { None } else { decide::decide(&inputs, &self.peers, now, &settings) };
             match action {
                 None => {}
@@ -711,7 +755,8 @@ impl Service {
                     let (r, _) = record.expect("a handover has a record");
                     let rec = VipRecord {
                         owner: to.clone(),
-                        candidates: r.candidates.clone(),
+                        // A placed VIP's order is the ledger's (the managing node moved it).
+                        candidates: if placed { configured.clone() } else { r.candidates.clone() },
                         handover: true,
                         from: Some(self.c.node.clone()),
                         reason: "giveback".into(),
@@ -776,7 +821,7 @@ impl Service {
     fn begin_serving(&mut self, vip: IpAddr, epoch: u64, why: &str) {
         self.counters.starts += 1;
         info!(%vip, epoch, why, "ownership: serving");
-        let configured = self.vips.iter().find(|(v, _)| *v == vip).map(|(_, c)| c.clone()).unwrap_or_default();
+        let configured = self.vips.iter().find(|(v, _, _)| *v == vip).map(|(_, c, _)| c.clone()).unwrap_or_default();
         let _ = self.refresh_fence(vip, &configured, clock::now());
         self.announce(vip);
     }
@@ -924,7 +969,7 @@ impl Service {
         st.vips = self
             .vips
             .iter()
-            .map(|(v, configured)| {
+            .map(|(v, configured, _)| {
                 let rec = self.records.get(v);
                 let here = match self.local.get(v) {
                     // Serving as far as this node knows, but the kernel fence has run out

@@ -162,7 +162,14 @@ mod tests {
 
     #[test]
     fn sequential_takes_the_lowest_free_address_skipping_excluded_and_taken_ones() {
-        let nw = net("p", "198.18.200.0/24", vec![range("198.18.200.10", "198.18.200.13", Method::Sequential, &["198.18.200.11"], true), range("198.18.200.20", "198.18.200.21", Method::Sequential, &[], true)]);
+        let nw = net(
+            "p",
+            "198.18.200.0/24",
+            vec![
+                range("198.18.200.10", "198.18.200.13", Method::Sequential, &["198.18.200.11"], true),
+                range("198.18.200.20", "198.18.200.21", Method::Sequential, &[], true),
+            ],
+        );
         let taken = BTreeSet::from([ip("198.18.200.12")]);
         let mut l = Ledger::default();
         let got = hand_out(4, &nw, &mut l, &taken);
@@ -213,7 +220,14 @@ mod tests {
 
     #[test]
     fn a_do_not_reassign_address_is_never_handed_out_again() {
-        let nw = net("p", "198.18.200.0/24", vec![range("198.18.200.10", "198.18.200.11", Method::Sequential, &[], false), range("198.18.200.20", "198.18.200.21", Method::Sequential, &[], true)]);
+        let nw = net(
+            "p",
+            "198.18.200.0/24",
+            vec![
+                range("198.18.200.10", "198.18.200.11", Method::Sequential, &[], false),
+                range("198.18.200.20", "198.18.200.21", Method::Sequential, &[], true),
+            ],
+        );
         let mut l = Ledger::default();
         let none = BTreeSet::new();
         // By range: .10 released from a do-not-reassign range is retired.

@@ -60,6 +60,49 @@ pub struct ClusterSection {
     /// Spare VIPs the managing node keeps assigned to every node (see `cluster::pools`).
     #[serde(default)]
     pub spares: Option<SparesSection>,
+    /// How the managing node places and rebalances granted VIPs (see `cluster::placement`).
+    #[serde(default)]
+    pub placement: PlacementSection,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PlacementSection {
+    /// Most VIPs one rebalancing round moves.
+    pub move_budget: u32,
+    /// Granted-VIP counts within this many of the least loaded node's count as equal.
+    pub load_slack: u32,
+    /// Time between two rebalancing rounds, ms.
+    pub rebalance_every_ms: u64,
+    /// A moved VIP stays where it went at least this long, ms.
+    pub move_hold_down_ms: u64,
+}
+
+impl Default for PlacementSection {
+    fn default() -> Self {
+        let p = Placement::default();
+        Self {
+            move_budget: p.move_budget,
+            load_slack: p.load_slack as u32,
+            rebalance_every_ms: p.rebalance_every.as_millis() as u64,
+            move_hold_down_ms: p.move_hold_down.as_millis() as u64,
+        }
+    }
+}
+
+/// Validated `[cluster.placement]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    pub move_budget: u32,
+    pub load_slack: usize,
+    pub rebalance_every: Duration,
+    pub move_hold_down: Duration,
+}
+
+impl Default for Placement {
+    fn default() -> Self {
+        Self { move_budget: 4, load_slack: 2, rebalance_every: Duration::from_secs(2), move_hold_down: Duration::from_secs(30) }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -131,6 +174,7 @@ pub struct Cluster {
     pub peers: Vec<Peer>,
     pub networks: Vec<super::networks::Network>,
     pub spares: Option<Spares>,
+    pub placement: Placement,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -250,7 +294,10 @@ pub fn validate(section: Option<&ClusterSection>, errs: &mut Vec<FieldError>) ->
     if let Some(sp) = &s.spares {
         if !s.network.iter().any(|n| n.name == sp.network) {
             let known: Vec<&str> = s.network.iter().map(|n| n.name.as_str()).collect();
-            errs.push(FieldError { field: "cluster.spares.network".into(), reason: format!("`{}` is not a [[cluster.network]] (known: {})", sp.network, known.join(", ")) });
+            errs.push(FieldError {
+                field: "cluster.spares.network".into(),
+                reason: format!("`{}` is not a [[cluster.network]] (known: {})", sp.network, known.join(", ")),
+            });
         }
         if sp.high == 0 || sp.low > sp.high || sp.high > 1024 {
             errs.push(FieldError {
@@ -259,6 +306,13 @@ pub fn validate(section: Option<&ClusterSection>, errs: &mut Vec<FieldError>) ->
             });
         }
     }
+    let pl = &s.placement;
+    // Each move is a compare and a put in one guarded transaction: etcd takes at most 128
+    // operations in one.
+    range(errs, "placement.move_budget", pl.move_budget as u64, 0, 60, "VIPs per round (0: never rebalance)");
+    range(errs, "placement.load_slack", pl.load_slack as u64, 0, 10_000, "VIPs");
+    range(errs, "placement.rebalance_every_ms", pl.rebalance_every_ms, 100, 3_600_000, "ms");
+    range(errs, "placement.move_hold_down_ms", pl.move_hold_down_ms, 0, 86_400_000, "ms");
     if errs.len() > before {
         return None;
     }
@@ -276,6 +330,12 @@ pub fn validate(section: Option<&ClusterSection>, errs: &mut Vec<FieldError>) ->
         peers: s.peer.iter().map(|p| Peer { name: p.name.clone(), addresses: p.addresses.clone() }).collect(),
         networks,
         spares,
+        placement: Placement {
+            move_budget: pl.move_budget,
+            load_slack: pl.load_slack as usize,
+            rebalance_every: Duration::from_millis(pl.rebalance_every_ms),
+            move_hold_down: Duration::from_millis(pl.move_hold_down_ms),
+        },
     })
 }
 

@@ -31,6 +31,14 @@ pub struct Settings {
     pub top_k: Option<usize>,
 }
 
+impl Settings {
+    /// The cost of one path, lower is better (the ranking's model, see `node::rank`; the
+    /// cluster's placement uses the same): every term >= 0.
+    pub fn path_cost(&self, rtt_ms: f64, loss_pct: f64, hops: f64) -> f64 {
+        self.weight_latency * rtt_ms.max(0.0) + self.weight_loss * loss_pct.clamp(0.0, 100.0) + self.weight_hops * hops.max(0.0)
+    }
+}
+
 impl Default for Settings {
     fn default() -> Self {
         Self {

@@ -539,6 +539,11 @@ impl Dataplane {
     }
 
     /// Which NIC VIP `id` is bound to now (`ifindex` 0: none).
+    /// A VIP's counters summed over CPUs.
+    pub fn vip_counters(&self, id: u32) -> anyhow::Result<VipCounters> {
+        self.maps.vip_counters(id)
+    }
+
     pub fn binding_of(&self, id: u32) -> anyhow::Result<Binding> {
         self.maps.binding(id)
     }
@@ -659,7 +664,9 @@ impl Dataplane {
             Err(e) => return Err(e).with_context(|| format!("reading pinned link {}", path.display())),
         }
         let id = prog.attach(nic, mode).map_err(|e| {
-            anyhow::anyhow!("attaching XDP ({mode:?}) to {nic} failed: {e}. If another XDP program is attached there, remove it first (ip link set dev {nic} xdp off)")
+            anyhow::anyhow!(
+                "attaching XDP ({mode:?}) to {nic} failed: {e}. If another XDP program is attached there, remove it first (ip link set dev {nic} xdp off)"
+            )
         })?;
         let link: FdLink = prog.take_link(id)?.try_into().context("XDP attached without a bpf_link (kernel < 5.9?)")?;
         link.pin(&path).with_context(|| format!("pinning {}", path.display()))?;

@@ -1,151 +1,265 @@
-//! Cluster mode's VIP requests (issue 13): an application asks any node with spare pools
-//! (`[cluster.spares]`) for a VIP and gets one of that node's checked spares at once (the
-//! ledger record becomes granted; no manager needed). Every node serves the granted VIPs
-//! of the ledger as cluster VIPs: owned by the node it was granted on, the other nodes its
-//! successors in name order, with the application's port mapping, so the VIP moves like
-//! any configured one when its node fails.
+//! Cluster mode's VIP requests (issue 13): an application asks any node for a VIP; the
+//! node placement ranks first gets it (`cluster::requests`: packed into a shared VIP, one of
+//! that node's spares, or one the managing node generates). Every node serves the granted
+//! VIPs of the ledger as cluster VIPs: owned by the ledger's node, the other nodes its
+//! successors in name order, with each application's port mapping, targets and class, so
+//! the VIP moves like any configured one when its node fails, and follows the ledger when
+//! the managing node moves it.
+
+use std::{collections::BTreeSet, net::IpAddr};
 
 use tracing::{error, info};
 
 use crate::{
     api::{Answer, ApiError, Reply, VipRequest},
     cluster::{
-        manager,
-        pools::{Grant, GrantedVip},
+        placement::{self, NodeReport, PathReport},
+        pools::{GrantedVip, Use},
+        requests::{self, LedgerClient, Refused},
     },
     config::{Config, Remap, Vip},
     node::{
         event_loop::cluster_vips,
+        pool,
         reconciler::{resolve, Scope},
         Node,
     },
 };
 
-/// `cfg` plus the granted VIPs (a configured VIP of the same address wins).
-pub(super) fn overlay(cfg: &Config, grants: &[GrantedVip]) -> Config {
+/// `cfg` plus the granted VIPs (a configured VIP of the same address wins), and the
+/// granted ones it added.
+pub(super) fn overlay(cfg: &Config, grants: &[GrantedVip]) -> (Config, BTreeSet<IpAddr>) {
     let mut out = cfg.clone();
-    let Some(c) = &cfg.cluster else { return out };
+    let mut placed = BTreeSet::new();
+    let Some(c) = &cfg.cluster else { return (out, placed) };
     let all = c.all_nodes();
     for g in grants {
         if cfg.vips.iter().any(|v| v.address == g.addr) {
             continue;
         }
         let nodes = std::iter::once(g.node.clone()).chain(all.iter().filter(|n| **n != g.node).cloned()).collect();
-        out.vips.push(Vip { address: g.addr, nics: cfg.nics.clone(), targets: Vec::new(), class: None, port_classes: Default::default(), isolated_from: Vec::new(), nodes });
-        out.remaps.push(Remap {
-            vip: g.addr,
-            protocol: g.grant.protocol,
-            designated_port: g.grant.service_port,
-            instance_port: g.grant.instance_port,
-            service: format!("app:{}", g.app),
-        });
+        // Each use's class on its port (a class this node does not define is left out:
+        // the VIP is still served, unclassed).
+        let port_classes =
+            g.uses.iter().filter_map(|u| u.class.clone().filter(|k| cfg.classes.classes.contains_key(k)).map(|k| ((u.protocol, u.service_port), k))).collect();
+        out.vips.push(Vip { address: g.addr, nics: cfg.nics.clone(), targets: g.targets(), class: None, port_classes, isolated_from: Vec::new(), nodes });
+        for u in &g.uses {
+            out.remaps.push(Remap {
+                vip: g.addr,
+                protocol: u.protocol,
+                designated_port: u.service_port,
+                instance_port: u.instance_port,
+                service: format!("app:{}", u.app),
+            });
+        }
+        placed.insert(g.addr);
     }
     out.remaps.sort();
-    out
+    (out, placed)
 }
 
 impl Node {
     /// The connection to the ledger: the kept one, or a new one.
-    async fn ledger(&mut self, c: &crate::config::cluster::Cluster) -> Result<manager::LedgerClient, ApiError> {
+    async fn ledger(&mut self, c: &crate::config::cluster::Cluster) -> Result<LedgerClient, ApiError> {
         match self.ledger.take() {
             Some(l) => Ok(l),
-            None => manager::LedgerClient::connect(c).await.map_err(|e| ApiError::Failed(format!("cannot reach etcd for the ledger: {e:#}"))),
-        }
-    }
-
-    /// Keeps `ledger` for the next call when `r` succeeded (a failed call may have left the
-    /// connection broken: the next call makes a new one).
-    fn keep_ledger<T>(&mut self, ledger: manager::LedgerClient, r: anyhow::Result<T>) -> Result<T, ApiError> {
-        match r {
-            Ok(v) => {
-                self.ledger = Some(ledger);
-                Ok(v)
+            None => {
+                LedgerClient::connect(c).await.map_err(|e| ApiError::Unavailable(format!("cannot reach etcd for the ledger: {e:#}; check etcd and ask again")))
             }
-            Err(e) => Err(ApiError::Failed(format!("the ledger in etcd: {e:#}"))),
         }
     }
 
     /// Applies the file's configuration plus `grants` (VIP stages only) and hands the
     /// cluster service the VIPs it now owns or stands by for.
     pub(super) async fn apply_grants(&mut self, grants: &[GrantedVip]) -> anyhow::Result<String> {
-        let cfg = overlay(&self.file_cfg, grants);
+        let (cfg, placed) = overlay(&self.file_cfg, grants);
         let res = resolve(&cfg, &self.nl, Scope::Vips).await?;
         let summary = self.apply(&cfg, &res, Scope::Vips).await?;
         if let Some(c) = &self.cluster {
-            c.set_vips(cluster_vips(&cfg));
+            c.set_vips(cluster_vips(&cfg, &placed));
         }
+        self.applied_grants = Some(grants.to_vec());
         Ok(summary)
     }
 
-    /// The ledger's granted VIPs changed (a grant on any node): serve them.
-    pub(super) async fn on_grants(&mut self, grants: Vec<GrantedVip>) {
-        match self.apply_grants(&grants).await {
-            Ok(summary) => info!(granted = grants.len(), %summary, "cluster grants applied"),
-            Err(e) => error!(error = %format!("{e:#}"), granted = grants.len(), "applying the cluster's granted VIPs failed; retried on the next change or reload"),
+    /// The granted VIPs this node should serve or stand by for: the ledger as last read,
+    /// with this node's own writes the read is older than (so a grant made here is served
+    /// at once, and a release made here is not undone by a read that predates it).
+    pub(super) fn desired_grants(&mut self) -> Vec<GrantedVip> {
+        let Some(h) = &self.cluster else { return Vec::new() };
+        let view = h.view();
+        self.written.retain(|_, (_, rev)| *rev > view.revision);
+        crate::cluster::pools::granted(&view.with(&self.written).plain())
+    }
+
+    /// Serves what the ledger (and this node's own writes) say, if that differs from what
+    /// is applied: on every change of the ledger, and while own writes are pending.
+    pub(super) async fn reconcile_grants(&mut self) {
+        let desired = self.desired_grants();
+        if self.applied_grants.as_ref() == Some(&desired) {
+            return;
+        }
+        match self.apply_grants(&desired).await {
+            Ok(summary) => info!(granted = desired.len(), %summary, "cluster grants applied"),
+            Err(e) => {
+                // Retried on the next change, tick (while own writes are pending) or reload.
+                self.applied_grants = None;
+                error!(error = %format!("{e:#}"), granted = desired.len(), "applying the cluster's granted VIPs failed; retried on the next change or reload")
+            }
         }
     }
 
-    /// `DELETE /v1/vips/{app}` in cluster mode: the app's granted VIPs (or the one at
-    /// `vip`) leave the ledger (or stay retired under do-not-reassign) and stop being
-    /// served here at once, on the other nodes at their next read of the ledger.
-    pub(super) async fn cluster_release(&mut self, app: &str, vip: Option<std::net::IpAddr>) -> Reply {
+    /// `DELETE /v1/vips/{app}` in cluster mode: the app's uses leave its granted VIPs (or
+    /// the one at `vip`); a VIP left unused leaves the ledger (or stays retired under
+    /// do-not-reassign) and stops being served here at once, on the other nodes at their
+    /// next read of the ledger (they watch it).
+    pub(super) async fn cluster_release(&mut self, app: &str, vip: Option<IpAddr>) -> Reply {
         let c = self.file_cfg.cluster.clone().ok_or_else(|| ApiError::NotFound("this node runs standalone".into()))?;
         let mut ledger = self.ledger(&c).await?;
-        let released = manager::release_grants(&c, &mut ledger, app, vip).await;
-        let released = self.keep_ledger(ledger, released)?;
+        let released = requests::release(&c, &mut ledger, app, vip).await;
+        let released = match released {
+            Ok(r) => {
+                self.ledger = Some(ledger);
+                r
+            }
+            Err(e) => return Err(ApiError::Unavailable(format!("the ledger in etcd: {e:#}; nothing was released, ask again"))),
+        };
         if released.is_empty() {
             return Err(ApiError::NotFound(format!("`{app}` holds no cluster VIP{}", vip.map(|v| format!(" {v}")).unwrap_or_default())));
         }
-        let grants: Vec<GrantedVip> =
-            self.cluster.as_ref().map(|h| h.grants().borrow().clone()).unwrap_or_default().into_iter().filter(|g| !released.contains(&g.addr)).collect();
-        if let Err(e) = self.apply_grants(&grants).await {
-            error!(%app, error = %format!("{e:#}"), "released VIPs could not be removed here yet");
-        }
-        Ok(Answer::json(serde_json::json!({ "released": released })))
+        let addrs: Vec<IpAddr> = released.keys().map(|(_, a)| *a).collect();
+        // Serve at once what the ledger now says of the released VIPs.
+        self.written.extend(released);
+        self.reconcile_grants().await;
+        Ok(Answer::json(serde_json::json!({ "released": addrs })))
     }
 
-    /// `POST /v1/vips` in cluster mode: one of this node's checked spares, granted and
-    /// served before the reply.
+    /// `POST /v1/vips` in cluster mode: placed on the node ranked first, granted in the
+    /// ledger, and (when that node is this one) served before the reply; another node
+    /// serves it within a moment (it watches the ledger).
     pub(super) async fn cluster_request(&mut self, r: VipRequest) -> Reply {
         let c = self.file_cfg.cluster.clone().ok_or_else(|| ApiError::NotFound("this node runs standalone".into()))?;
-        if c.spares.is_none() {
-            return Err(ApiError::NotFound("no spare pools here: configure [cluster.spares] (network, low, high)".into()));
+        pool::check(&self.file_cfg, &r, &[])?;
+        let network = match (&r.network, &c.spares) {
+            (Some(n), _) => n.clone(),
+            (None, Some(sp)) => sp.network.clone(),
+            (None, None) => match c.networks.as_slice() {
+                [only] => only.name.clone(),
+                [] => return Err(ApiError::NotFound("no [[cluster.network]] is configured: the cluster has no addresses to grant".into())),
+                _ => return Err(ApiError::bad("network", "several [[cluster.network]] are configured and no [cluster.spares]: name the network")),
+            },
+        };
+        if !c.networks.iter().any(|n| n.name == network) {
+            let known: Vec<&str> = c.networks.iter().map(|n| n.name.as_str()).collect();
+            return Err(ApiError::bad("network", format!("`{network}` is not a [[cluster.network]] (known: {})", known.join(", "))));
         }
-        if !r.targets.is_empty() || r.class.is_some() {
-            return Err(ApiError::Failed("cluster grants take no targets or class yet; ask without them".into()));
-        }
-        let grant = Grant { protocol: r.protocol, service_port: r.service_port, instance_port: r.instance_port, exclusive: r.exclusive };
+        let u = Use {
+            app: r.app.clone(),
+            protocol: r.protocol,
+            service_port: r.service_port,
+            instance_port: r.instance_port,
+            exclusive: r.exclusive,
+            targets: r.targets.clone(),
+            class: r.class.clone(),
+        };
         let started = std::time::Instant::now();
         let mut ledger = self.ledger(&c).await?;
-        // The last read's spares, less those this node granted since (the read lags).
-        let mut cached = self.cluster.as_ref().map(|h| h.cached_spares()).unwrap_or_default();
-        self.granted_since_read.retain(|k| cached.iter().any(|s| &s.key == k));
-        cached.retain(|s| !self.granted_since_read.contains(&s.key));
-        let granted = manager::grant_spare(&c, &mut ledger, &cached, &r.app, grant.clone()).await;
-        let granted = self.keep_ledger(ledger, granted)?;
+        // What this node wrote since its last read counts (placement sees its own grants).
+        let view = self.cluster.as_ref().map(|h| h.view()).unwrap_or_default();
+        self.written.retain(|_, (_, rev)| *rev > view.revision);
+        let view = view.with(&self.written);
+        let keep = requests::Keep { pinned: r.pinned, do_not_reassign: r.do_not_reassign };
+        let granted = requests::grant(&c, &self.file_cfg.ranking, &mut ledger, &view, &network, u.clone(), keep).await;
         let ledger_ms = started.elapsed().as_secs_f64() * 1e3;
-        if let Some(k) = &granted {
-            self.granted_since_read.insert(k.clone());
-        }
-        let Some((network, vip)) = granted else {
-            return Err(ApiError::Failed(format!("node {} has no checked spare VIP left; the managing node tops pools up within a second, ask again", c.node)));
+        let g = match granted {
+            Ok(g) => {
+                self.ledger = Some(ledger);
+                g
+            }
+            Err(Refused::Conflict(m)) => {
+                self.ledger = Some(ledger);
+                return Err(ApiError::Conflict(m));
+            }
+            // The connection may be broken: the next call makes a new one.
+            Err(Refused::Unavailable(m)) => return Err(ApiError::Unavailable(m)),
         };
+        if let Some(h) = &self.cluster {
+            h.count_grant(g.how.name());
+        }
         // Serve it now rather than at the next read of the ledger.
-        let mut grants: Vec<GrantedVip> = self.cluster.as_ref().map(|h| h.grants().borrow().clone()).unwrap_or_default();
-        if !grants.iter().any(|g| g.addr == vip) {
-            grants.push(GrantedVip { addr: vip, node: c.node.clone(), app: r.app.clone(), grant: grant.clone() });
-        }
-        if let Err(e) = self.apply_grants(&grants).await {
-            error!(app = %r.app, %vip, error = %format!("{e:#}"), "granted VIP could not be applied here yet");
-        }
+        self.written.insert((g.network.clone(), g.vip), (Some(g.written.0.clone()), g.written.1));
+        self.reconcile_grants().await;
         let apply_ms = started.elapsed().as_secs_f64() * 1e3 - ledger_ms;
         info!(
-            app = %r.app, %vip, %network, node = %c.node, service_port = grant.service_port, instance_port = grant.instance_port,
-            ledger_ms = format!("{ledger_ms:.2}"), apply_ms = format!("{apply_ms:.2}"), "cluster VIP granted from this node's spares"
+            app = %r.app, vip = %g.vip, network = %g.network, node = %g.node, how = g.how.name(), why = %g.why, asked = %c.node,
+            exclusive = r.exclusive, service_port = r.service_port, instance_port = r.instance_port, targets = r.targets.len(),
+            ledger_ms = format!("{ledger_ms:.2}"), apply_ms = format!("{apply_ms:.2}"), "cluster VIP granted"
         );
         Ok(Answer::created(serde_json::json!({
-            "vip": vip, "network": network, "node": c.node, "service_port": grant.service_port, "instance_port": grant.instance_port,
+            "vip": g.vip, "network": g.network, "node": g.node, "how": g.how, "why": g.why,
+            "service_port": r.service_port, "instance_port": r.instance_port,
             "took_ms": { "ledger": ledger_ms, "apply": apply_ms },
         })))
+    }
+
+    /// `explain`'s placement part for a granted VIP: the ledger's node and every node's
+    /// standing for it now.
+    pub(super) fn explain_placement(&self, vip: IpAddr) -> Option<String> {
+        let c = self.file_cfg.cluster.as_ref()?;
+        let h = self.cluster.as_ref()?;
+        let view = h.view();
+        let g = h.grants().borrow().iter().find(|g| g.addr == vip).cloned()?;
+        let targets = g.targets();
+        let app = g.uses.first().map_or("", |u| u.app.as_str());
+        let records = view.plain();
+        let ranked = placement::rank_nodes(
+            placement::Ask { app, targets: &targets, asked: &g.node },
+            &c.all_nodes(),
+            &view.alive(),
+            &view.reports,
+            &records,
+            &self.file_cfg.ranking,
+            &c.placement,
+        );
+        let uses: Vec<String> = g.uses.iter().map(|u| format!("{} {}:{}->{}", u.app, u.protocol, u.service_port, u.instance_port)).collect();
+        Some(format!(
+            "\ncluster placement: granted in network {} on node {}{} for {}\n{}",
+            g.network,
+            g.node,
+            if g.pinned { " (pinned)" } else { "" },
+            uses.join(", "),
+            placement::render(&ranked)
+        ))
+    }
+
+    /// Publishes this node's report for placement (cluster mode, every ranking round):
+    /// health, VIPs served, bytes per second through them, and its best path (over its
+    /// NICs, by the ranking's cost model) to each target it probes.
+    pub(super) fn report_for_placement(&mut self, samples: &crate::node::prober::Samples, now: std::time::Instant) {
+        let Some(h) = &self.cluster else { return };
+        let mut paths: std::collections::BTreeMap<IpAddr, PathReport> = Default::default();
+        let w = &self.file_cfg.ranking;
+        let standing = |p: &PathReport, t: IpAddr| placement::path_cost(Some(&NodeReport { paths: [(t, *p)].into(), ..Default::default() }), &[t], w);
+        for ((_, target), s) in samples {
+            let candidate = PathReport { rtt_ms: s.rtt_ms, loss_pct: s.loss_pct, sent: s.sent, replies: s.replies };
+            let better = paths.get(target).is_none_or(|old| {
+                let ((ra, ca), (rb, cb)) = (standing(&candidate, *target), standing(old, *target));
+                ra > rb || (ra == rb && ca.unwrap_or(f64::INFINITY) < cb.unwrap_or(f64::INFINITY))
+            });
+            if better {
+                paths.insert(*target, candidate);
+            }
+        }
+        let status = h.status();
+        let served: Vec<IpAddr> = status.vips.iter().filter(|v| v.here == "serving").map(|v| v.vip).collect();
+        let bytes: u64 = served.iter().filter_map(|v| self.dp.vip_id(*v)).filter_map(|id| self.dp.vip_counters(id).ok()).map(|c| c.rx.bytes + c.tx.bytes).sum();
+        let traffic_bps = match self.traffic_prev.replace((now, bytes)) {
+            Some((t, b)) if now > t => (bytes.saturating_sub(b) as f64 / now.duration_since(t).as_secs_f64()) as u64,
+            _ => 0,
+        };
+        let report = NodeReport { node: String::new(), healthy: self.links.values().any(|l| l.up), serving: served.len(), traffic_bps, paths, at_unix_ms: 0 };
+        if let Some(h) = &self.cluster {
+            h.set_report(report);
+        }
     }
 }

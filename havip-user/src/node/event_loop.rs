@@ -151,7 +151,9 @@ async fn serve(opts: DaemonOptions, exporter: StartExporter) -> anyhow::Result<(
         mover: Mover::new(&opts.run_dir),
         cluster: None,
         ledger: None,
-        granted_since_read: Default::default(),
+        traffic_prev: None,
+        written: Default::default(),
+        applied_grants: None,
         opts,
         nl,
         dp,
@@ -174,12 +176,15 @@ async fn serve(opts: DaemonOptions, exporter: StartExporter) -> anyhow::Result<(
     node.metrics.applied(true, generation);
 
     if let Some(c) = cfg.cluster.clone() {
-        if !c.networks.is_empty() && c.spares.is_none() {
-            let names: Vec<&str> = c.networks.iter().map(|n| n.name.as_str()).collect();
-            warn!(networks = ?names, "cluster.network rules are checked but unused: only spare pools ([cluster.spares]) draw VIPs from them so far");
-        }
         let announce = (cfg.failover.announce_count, cfg.failover.announce_interval);
-        let handle = cluster::service::start(c, cluster_vips(&cfg), cfg.nics.clone(), PinLayout::new(&node.opts.pin_root), announce)?;
+        let handle = cluster::service::start(
+            c,
+            cluster_vips(&cfg, &Default::default()),
+            cfg.nics.clone(),
+            PinLayout::new(&node.opts.pin_root),
+            announce,
+            cfg.ranking.clone(),
+        )?;
         node.metrics.set_cluster(handle.status_source());
         node.cluster = Some(handle);
     }
@@ -230,6 +235,10 @@ async fn serve(opts: DaemonOptions, exporter: StartExporter) -> anyhow::Result<(
                 if node.failback_pending() {
                     node.place_all(None);
                 }
+                // Own ledger writes not yet seen in a read: keep what is served in step.
+                if !node.written.is_empty() {
+                    node.reconcile_grants().await;
+                }
             }
             _ = hup.recv() => {
                 info!("SIGHUP: reloading");
@@ -241,8 +250,8 @@ async fn serve(opts: DaemonOptions, exporter: StartExporter) -> anyhow::Result<(
             }
             _ = watch_tick.tick() => node.watch_round(),
             Ok(()) = grants.changed() => {
-                let now = grants.borrow_and_update().clone();
-                node.on_grants(now).await;
+                grants.borrow_and_update();
+                node.reconcile_grants().await;
             }
             _ = rank_tick.tick() => node.rank_round(),
             Some((call, reply)) = rx.recv() => {
@@ -355,13 +364,17 @@ impl Node {
                 if crate::faults::take("reload:slow_verdict") {
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
-                if let Some(c) = &self.cluster {
-                    c.set_vips(cluster_vips(&self.cfg));
-                }
-                // The cluster's granted VIPs are not in the file: serve them again.
-                let grants = self.cluster.as_ref().map(|c| c.grants().borrow().clone()).unwrap_or_default();
-                if !grants.is_empty() {
-                    self.on_grants(grants).await;
+                // The cluster's granted VIPs are not in the file: serve them again (which
+                // hands the cluster service the file's VIPs too).
+                let grants = self.desired_grants();
+                if grants.is_empty() {
+                    if let Some(c) = &self.cluster {
+                        c.set_vips(cluster_vips(&self.cfg, &Default::default()));
+                    }
+                    self.applied_grants = Some(Vec::new());
+                } else {
+                    self.applied_grants = None;
+                    self.reconcile_grants().await;
                 }
                 self.finish_reload(generation, true, summary);
             }
@@ -397,6 +410,7 @@ impl Node {
 }
 
 /// The cluster VIPs of a configuration with their candidate nodes.
-pub(super) fn cluster_vips(cfg: &Config) -> cluster::service::ClusterVips {
-    cfg.vips.iter().map(|v| (v.address, v.nodes.clone())).collect()
+/// The cluster VIPs of `cfg`; those in `placed` are granted VIPs ordered by the ledger.
+pub(super) fn cluster_vips(cfg: &Config, placed: &std::collections::BTreeSet<std::net::IpAddr>) -> cluster::service::ClusterVips {
+    cfg.vips.iter().map(|v| (v.address, v.nodes.clone(), placed.contains(&v.address))).collect()
 }

@@ -78,9 +78,13 @@ struct Node {
     /// Cluster mode's service (heartbeats, ownership, fences); `None` standalone.
     cluster: Option<crate::cluster::service::Handle>,
     /// Cluster mode: the connection API calls use for the spare pools' ledger.
-    ledger: Option<crate::cluster::manager::LedgerClient>,
-    /// Spares this node granted since the last read of the ledger (see `cluster_grants`).
-    granted_since_read: std::collections::BTreeSet<crate::cluster::vipgen::AddrKey>,
+    ledger: Option<crate::cluster::requests::LedgerClient>,
+    /// Ledger records this node's requests wrote, until its view of the ledger shows them.
+    written: crate::cluster::requests::Written,
+    /// The granted VIPs last applied (`None`: none yet, or the last apply failed).
+    applied_grants: Option<Vec<crate::cluster::pools::GrantedVip>>,
+    /// Bytes through the VIPs this node served at the last placement report, and when.
+    traffic_prev: Option<(std::time::Instant, u64)>,
     /// Controller health for the metrics endpoint (rebinds, applies).
     metrics: Arc<DaemonMetrics>,
 }

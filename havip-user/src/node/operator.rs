@@ -72,7 +72,7 @@ impl Node {
             weights: &self.cfg.ranking,
             quality: self.quality.get(&vip),
         });
-        Ok(Answer::message(text))
+        Ok(Answer::message(text + &self.explain_placement(vip).unwrap_or_default()))
     }
 
     pub(super) fn rerank(&mut self) -> Reply {

@@ -82,6 +82,13 @@ pub fn check(cfg: &Config, r: &VipRequest, held: &[Allocation]) -> Result<(), Ap
     if !ok_app {
         return Err(ApiError::bad("app", format!("`{}` is not an application id: use 1-64 of A-Z a-z 0-9 . _ - :", r.app)));
     }
+    if cfg.cluster.is_none() {
+        for (given, field) in [(r.network.is_some(), "network"), (r.pinned, "pinned"), (r.do_not_reassign, "do_not_reassign")] {
+            if given {
+                return Err(ApiError::bad(field, "is for cluster mode; this node runs standalone: leave it out"));
+            }
+        }
+    }
     if r.service_port == 0 {
         return Err(ApiError::bad("service_port", "0 is not a port; give the port clients address (1-65535)"));
     }
@@ -294,7 +301,18 @@ pool = true
     }
 
     fn req(app: &str, exclusive: bool, port: u16) -> VipRequest {
-        VipRequest { app: app.into(), exclusive, targets: vec![], class: None, protocol: Protocol::Tcp, service_port: port, instance_port: port + 8000 }
+        VipRequest {
+            app: app.into(),
+            exclusive,
+            targets: vec![],
+            class: None,
+            protocol: Protocol::Tcp,
+            service_port: port,
+            instance_port: port + 8000,
+            network: None,
+            pinned: false,
+            do_not_reassign: false,
+        }
     }
 
     fn grant(c: &Config, held: &mut Vec<Allocation>, r: &VipRequest, cost: impl Fn(&Vip) -> Option<(f64, String)>) -> Result<IpAddr, ApiError> {
@@ -355,6 +373,8 @@ pool = true
             (VipRequest { instance_port: 80, ..req("a", true, 80) }, "instance_port"),
             (VipRequest { targets: vec!["224.0.0.1".parse().unwrap()], ..req("a", true, 80) }, "targets[0]"),
             (VipRequest { class: Some("silver".into()), ..req("a", true, 80) }, "class"),
+            (VipRequest { network: Some("prod".into()), ..req("a", true, 80) }, "network"),
+            (VipRequest { pinned: true, ..req("a", true, 80) }, "pinned"),
         ];
         for (r, field) in cases {
             match check(&c, &r, &[]) {

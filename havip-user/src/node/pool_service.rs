@@ -24,11 +24,7 @@ impl Node {
     pub(super) async fn pool_request(&mut self, r: VipRequest) -> Reply {
         pool::check(&self.file_cfg, &r, &self.state.allocations)?;
         // Measured paths matter only for a request that names its targets.
-        let samples = if r.targets.is_empty() {
-            Default::default()
-        } else {
-            self.prober.samples(&self.dp, Instant::now(), self.cfg.ranking.window)
-        };
+        let samples = if r.targets.is_empty() { Default::default() } else { self.prober.samples(&self.dp, Instant::now(), self.cfg.ranking.window) };
         let weights = self.cfg.ranking;
         let cost = |v: &Vip| {
             if r.targets.is_empty() {

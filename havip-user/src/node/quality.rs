@@ -68,5 +68,8 @@ impl Node {
         let cfg = &self.cfg;
         self.quality.retain(|ip, _| cfg.vips.iter().any(|v| v.address == *ip && !v.targets.is_empty()));
         self.place_all(None);
+        if self.cluster.is_some() {
+            self.report_for_placement(&samples, now);
+        }
     }
 }

@@ -98,12 +98,10 @@ pub fn path_score(s: Option<&Sample>, w: &Settings) -> PathScore {
     if s.replies == 0 {
         return PathScore::Unreachable;
     }
-    let rtt = s.rtt_ms.unwrap_or(0.0).max(0.0);
     // A path the loss test called lossy counts the loss it measured, fresher than the window's.
     let tested = if let Some(Verdict::Lossy { loss_pct }) = s.verdict { loss_pct } else { 0.0 };
-    let loss = s.loss_pct.unwrap_or(0.0).max(tested).clamp(0.0, 100.0);
-    let hops = s.hops.unwrap_or(0) as f64;
-    PathScore::Cost(w.weight_latency * rtt + w.weight_loss * loss + w.weight_hops * hops)
+    let loss = s.loss_pct.unwrap_or(0.0).max(tested);
+    PathScore::Cost(w.path_cost(s.rtt_ms.unwrap_or(0.0), loss, s.hops.unwrap_or(0) as f64))
 }
 
 /// One path of a candidate, as ranked.
@@ -207,7 +205,13 @@ pub struct RoundCache<'a> {
 }
 
 impl<'a> RoundCache<'a> {
-    pub fn rank(&mut self, candidates: &'a [String], targets: &'a [IpAddr], samples: &BTreeMap<(String, IpAddr), Sample>, w: &Settings) -> &(Vec<NicScore>, bool) {
+    pub fn rank(
+        &mut self,
+        candidates: &'a [String],
+        targets: &'a [IpAddr],
+        samples: &BTreeMap<(String, IpAddr), Sample>,
+        w: &Settings,
+    ) -> &(Vec<NicScore>, bool) {
         self.ranked.entry((candidates, targets)).or_insert_with(|| rank(candidates, targets, samples, w))
     }
 }

@@ -329,7 +329,12 @@ fn cluster(x: &mut Exposition, c: &ClusterStatus) {
         None,
         c.peers.iter().flat_map(|p| p.paths.iter().map(move |q| (l2("peer", &p.name, "path", &q.path), q.lost))),
     );
-    x.gauge("havip_cluster_peer_up", "1 while the peer's heartbeats arrive (or it holds a planned-restart grace)", None, c.peers.iter().map(|p| (l1("peer", &p.name), if p.alive { 1.0 } else { 0.0 })));
+    x.gauge(
+        "havip_cluster_peer_up",
+        "1 while the peer's heartbeats arrive (or it holds a planned-restart grace)",
+        None,
+        c.peers.iter().map(|p| (l1("peer", &p.name), if p.alive { 1.0 } else { 0.0 })),
+    );
     x.gauge(
         "havip_cluster_peer_rtt",
         "Heartbeat round trip to the peer, from its latest acknowledgement",
@@ -343,13 +348,23 @@ fn cluster(x: &mut Exposition, c: &ClusterStatus) {
         [(l1("by", "etcd"), n.confirmations), (l1("by", "acknowledged"), n.acked_extensions)],
     );
     x.counter1("havip_cluster_etcd_read_failures", "etcd confirmation reads that failed", n.confirmation_failures);
-    x.counter("havip_cluster_etcd_requests", "etcd round trips, by operation (read: the confirmation of every record; write: a transaction)", None, [(l1("op", "read"), n.etcd_reads), (l1("op", "write"), n.etcd_writes)]);
+    x.counter(
+        "havip_cluster_etcd_requests",
+        "etcd round trips, by operation (read: the confirmation of every record; write: a transaction)",
+        None,
+        [(l1("op", "read"), n.etcd_reads), (l1("op", "write"), n.etcd_writes)],
+    );
     let secs = |us: u64| us as f64 / 1e6;
     let f = Family::<Labels, Counter<f64, AtomicU64>>::default();
     f.get_or_create(&l1("op", "read")).inc_by(secs(n.etcd_read_us_total));
     f.get_or_create(&l1("op", "write")).inc_by(secs(n.etcd_write_us_total));
     x.register("havip_cluster_etcd_request_seconds", "Summed etcd round-trip time, by operation (divide by havip_cluster_etcd_requests for the mean)", None, f);
-    x.gauge1("havip_cluster_etcd_last_read_latency", "The latest etcd confirmation read's round trip", Some(Unit::Seconds), c.etcd_read_latency_us.map_or(f64::NAN, |u| secs(u)));
+    x.gauge1(
+        "havip_cluster_etcd_last_read_latency",
+        "The latest etcd confirmation read's round trip",
+        Some(Unit::Seconds),
+        c.etcd_read_latency_us.map_or(f64::NAN, |u| secs(u)),
+    );
     x.gauge1(
         "havip_cluster_etcd_last_ok_age",
         "Since the latest successful etcd read was sent (NaN: none yet)",
@@ -365,14 +380,64 @@ fn cluster(x: &mut Exposition, c: &ClusterStatus) {
     );
     x.gauge1("havip_cluster_manager_here", "1 while this node is the managing node", None, if m.this_node { 1.0 } else { 0.0 });
     x.counter1("havip_cluster_manager_elections_won", "Elections for the managing node this node won", m.elections_won);
-    x.gauge("havip_cluster_pool_spares", "Spare VIPs assigned to each node (checked on the link or not yet), from the ledger", None, m.pools.iter().map(|(n, l)| (l1("node", n), l.spares.len() as f64)));
-    x.gauge("havip_cluster_pool_unchecked", "Of each node's spares, those not yet checked on the link", None, m.pools.iter().map(|(n, l)| (l1("node", n), l.unchecked as f64)));
-    x.gauge("havip_cluster_pool_granted", "VIPs granted to applications on each node, from the ledger", None, m.pools.iter().map(|(n, l)| (l1("node", n), l.granted as f64)));
-    x.gauge("havip_cluster_pool_conflicts", "Addresses each node's checks found in use on the link", None, m.pools.iter().map(|(n, l)| (l1("node", n), l.conflicts as f64)));
+    x.gauge(
+        "havip_cluster_pool_spares",
+        "Spare VIPs assigned to each node (checked on the link or not yet), from the ledger",
+        None,
+        m.pools.iter().map(|(n, l)| (l1("node", n), l.spares.len() as f64)),
+    );
+    x.gauge(
+        "havip_cluster_pool_unchecked",
+        "Of each node's spares, those not yet checked on the link",
+        None,
+        m.pools.iter().map(|(n, l)| (l1("node", n), l.unchecked as f64)),
+    );
+    x.gauge(
+        "havip_cluster_pool_granted",
+        "VIPs granted to applications on each node, from the ledger",
+        None,
+        m.pools.iter().map(|(n, l)| (l1("node", n), l.granted as f64)),
+    );
+    x.gauge(
+        "havip_cluster_pool_conflicts",
+        "Addresses each node's checks found in use on the link",
+        None,
+        m.pools.iter().map(|(n, l)| (l1("node", n), l.conflicts as f64)),
+    );
     x.counter1("havip_cluster_manager_writes_refused", "Guarded writes etcd refused because this node was no longer the manager", m.deposed_writes);
-    x.gauge("havip_cluster_vip_serving", "1 while this node serves the cluster VIP (its kernel fence is open)", None, c.vips.iter().map(|v| (l1("vip", v.vip), if v.here == "serving" { 1.0 } else { 0.0 })));
-    x.gauge("havip_cluster_vip_epoch", "The VIP's ownership epoch in etcd (the record's revision)", None, c.vips.iter().map(|v| (l1("vip", v.vip), v.epoch as f64)));
-    x.gauge("havip_cluster_vip_lease_left", "Time left on this node's kernel fence for the VIP", Some(Unit::Seconds), c.vips.iter().map(|v| (l1("vip", v.vip), v.lease_left_ms as f64 / 1000.0)));
+    x.counter(
+        "havip_cluster_moves",
+        "Granted VIPs this node moved between nodes as the managing node, by reason (node-gone, quality, load)",
+        None,
+        crate::cluster::rebalance::Reason::ALL.iter().map(|r| (l1("reason", r.name()), m.moves.get(r.name()).copied().unwrap_or(0))),
+    );
+    x.counter1("havip_cluster_plans", "Planning (rebalancing) rounds this node ran as the managing node", m.plans);
+    x.gauge1("havip_cluster_plan_last", "How long the last planning round's decision took", Some(Unit::Seconds), m.last_plan_ms / 1000.0);
+    x.counter(
+        "havip_cluster_grants",
+        "VIP requests granted through this node's API, by how (packed into a shared VIP, a node's spare, generated by the managing node)",
+        None,
+        crate::cluster::requests::How::ALL.iter().map(|h| (l1("how", h.name()), m.grants.get(h.name()).copied().unwrap_or(0))),
+    );
+    x.counter1("havip_cluster_forwarded_answered", "Requests forwarded to the managing node that this node answered as the manager", m.forwarded_answered);
+    x.gauge(
+        "havip_cluster_vip_serving",
+        "1 while this node serves the cluster VIP (its kernel fence is open)",
+        None,
+        c.vips.iter().map(|v| (l1("vip", v.vip), if v.here == "serving" { 1.0 } else { 0.0 })),
+    );
+    x.gauge(
+        "havip_cluster_vip_epoch",
+        "The VIP's ownership epoch in etcd (the record's revision)",
+        None,
+        c.vips.iter().map(|v| (l1("vip", v.vip), v.epoch as f64)),
+    );
+    x.gauge(
+        "havip_cluster_vip_lease_left",
+        "Time left on this node's kernel fence for the VIP",
+        Some(Unit::Seconds),
+        c.vips.iter().map(|v| (l1("vip", v.vip), v.lease_left_ms as f64 / 1000.0)),
+    );
 }
 
 fn encode(r: &Registry) -> String {
@@ -570,7 +635,8 @@ mod tests {
         use crate::cluster::service::{Counters, PathStatus, PeerStatus, Status, VipStatus};
         let d = DaemonMetrics::new();
         assert!(!render(None, &d).contains("havip_cluster_"), "standalone nodes have no cluster series");
-        let mut counters = Counters { heartbeats_sent: 40, confirmations: 7, acked_extensions: 2, etcd_reads: 9, etcd_read_us_total: 4_500, ..Default::default() };
+        let mut counters =
+            Counters { heartbeats_sent: 40, confirmations: 7, acked_extensions: 2, etcd_reads: 9, etcd_read_us_total: 4_500, ..Default::default() };
         counters.claims.insert("owner-silent".into(), 3);
         let status = Status {
             node: "n1".into(),
