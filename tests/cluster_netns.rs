@@ -494,30 +494,6 @@ fn lab_takeover_wait_ms(log: &str) -> f64 {
     v / 1e3
 }
 
-/// The managing node as node `k` sees it: (manager, term, this node manages, writes refused
-/// as deposed).
-fn manager_seen(lab: &ClusterLab, k: usize) -> Option<(String, u64, bool, u64)> {
-    let out = lab.havip(k, &["cluster", "status", "--json"]);
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-    let m = &v["manager"];
-    Some((m["manager"].as_str()?.to_string(), m["term"].as_u64()?, m["this_node"].as_bool()?, m["deposed_writes"].as_u64()?))
-}
-
-/// Waits until every node in `ks` names the same manager other than `not`; returns it.
-fn wait_manager(lab: &ClusterLab, ks: &[usize], not: Option<&str>, within: Duration) -> (String, u64) {
-    let t = Instant::now();
-    loop {
-        let seen: Vec<_> = ks.iter().map(|&k| manager_seen(lab, k)).collect();
-        if let Some(Some((m, term, _, _))) = seen.first() {
-            if seen.iter().all(|s| s.as_ref().is_some_and(|s| &s.0 == m && s.1 == *term)) && Some(m.as_str()) != not {
-                return (m.clone(), *term);
-            }
-        }
-        assert!(t.elapsed() < within, "no agreed manager within {within:?}: {seen:?}");
-        sleep(Duration::from_millis(20));
-    }
-}
-
 /// The manager's state record in etcd: (node, term).
 fn manager_state(lab: &ClusterLab) -> Option<(String, u64)> {
     let out = lab.etcdctl(&["get", "--print-value-only", &format!("{}/manager-state", lab.key_prefix())]);
@@ -529,10 +505,10 @@ fn manager_state(lab: &ClusterLab) -> Option<(String, u64)> {
 fn one_managing_node_is_elected_and_a_deposed_one_cannot_write() {
     let mut r = Run::start(3, 1, same);
     let all = [1, 2, 3];
-    let (first, term) = wait_manager(&r.lab, &all, None, Duration::from_secs(10));
+    let (first, term) = r.lab.wait_manager(&all, None, Duration::from_secs(10));
     let k_first = all.into_iter().find(|&k| r.lab.node_name(k) == first).unwrap();
     // Exactly one node believes it manages, and its guarded writes land.
-    let managing: Vec<usize> = all.into_iter().filter(|&k| manager_seen(&r.lab, k).is_some_and(|m| m.2)).collect();
+    let managing: Vec<usize> = all.into_iter().filter(|&k| r.lab.manager_seen(k).is_some_and(|m| m.2)).collect();
     assert_eq!(managing, [k_first], "nodes that believe they manage");
     let t = Instant::now();
     while manager_state(&r.lab) != Some((first.clone(), term)) {
@@ -544,7 +520,7 @@ fn one_managing_node_is_elected_and_a_deposed_one_cannot_write() {
     r.lab.pause_node(k_first);
     let paused_at = Instant::now();
     let others: Vec<usize> = all.into_iter().filter(|&k| k != k_first).collect();
-    let (second, term2) = wait_manager(&r.lab, &others, Some(&first), Duration::from_secs(10));
+    let (second, term2) = r.lab.wait_manager(&others, Some(&first), Duration::from_secs(10));
     eprintln!("{second} elected {:?} after {first} was paused (term {term} -> {term2})", paused_at.elapsed());
     assert!(term2 > term, "the new term {term2} is not newer than {term}");
     let t = Instant::now();
@@ -561,15 +537,15 @@ fn one_managing_node_is_elected_and_a_deposed_one_cannot_write() {
     while t.elapsed() < Duration::from_millis(1500) {
         let state = manager_state(&r.lab);
         assert_eq!(state.as_ref().map(|s| s.0.as_str()), Some(second.as_str()), "a deposed manager's write landed: {state:?}");
-        refused |= manager_seen(&r.lab, k_first).is_some_and(|m| m.3 > 0);
+        refused |= r.lab.manager_seen(k_first).is_some_and(|m| m.3 > 0);
         sleep(Duration::from_millis(20));
     }
     let log = r.lab.node_log(k_first);
     assert!(refused, "the old manager never tried a write and had it refused:\n{}", tail(&log));
     assert!(log.contains("managing node: write refused"), "no log line of the refusal:\n{}", tail(&log));
     // It campaigns again and follows the new manager.
-    assert_eq!(wait_manager(&r.lab, &all, Some(&first), Duration::from_secs(5)), (second, term2));
-    assert!(!manager_seen(&r.lab, k_first).unwrap().2, "the old manager still believes it manages");
+    assert_eq!(r.lab.wait_manager(&all, Some(&first), Duration::from_secs(5)), (second, term2));
+    assert!(!r.lab.manager_seen(k_first).unwrap().2, "the old manager still believes it manages");
     r.finish();
 }
 
@@ -623,7 +599,7 @@ fn wait_full(lab: &ClusterLab, seen: &mut std::collections::BTreeMap<String, Str
 fn the_manager_keeps_every_spare_pool_topped_up_and_a_new_one_continues() {
     let mut r = Run::start(3, 1, with_spares);
     let all = [1, 2, 3];
-    let (first, _) = wait_manager(&r.lab, &all, None, Duration::from_secs(10));
+    let (first, _) = r.lab.wait_manager(&all, None, Duration::from_secs(10));
     let k_first = all.into_iter().find(|&k| r.lab.node_name(k) == first).unwrap();
     let mut seen = std::collections::BTreeMap::new();
     wait_full(&r.lab, &mut seen, Duration::from_secs(10));
@@ -656,7 +632,7 @@ fn the_manager_keeps_every_spare_pool_topped_up_and_a_new_one_continues() {
     let last = survivors.iter().map(|&k| r.lab.node_name(k).to_string()).find(|n| n != other).expect("two survivors");
     let last = last.as_str();
     grant(&r.lab, last, 3);
-    let (second, _) = wait_manager(&r.lab, &survivors, Some(&first), Duration::from_secs(10));
+    let (second, _) = r.lab.wait_manager(&survivors, Some(&first), Duration::from_secs(10));
     // The killed node's pool stays as it was (its spares are not taken back yet); the others fill.
     let t = Instant::now();
     loop {
@@ -679,10 +655,7 @@ fn the_manager_keeps_every_spare_pool_topped_up_and_a_new_one_continues() {
 
 /// The ledger with each record's whole JSON.
 fn ledger_json(lab: &ClusterLab) -> std::collections::BTreeMap<String, serde_json::Value> {
-    let prefix = format!("{}-manager/alloc/prod/", lab.key_prefix());
-    let text = String::from_utf8_lossy(&lab.etcdctl(&["get", "--prefix", &prefix]).stdout).to_string();
-    let lines: Vec<&str> = text.lines().collect();
-    lines.chunks(2).filter_map(|kv| Some((kv[0].strip_prefix(&prefix)?.to_string(), serde_json::from_str(kv.get(1)?).ok()?))).collect()
+    lab.ledger("prod")
 }
 
 #[test]
@@ -812,7 +785,7 @@ fn a_request_is_served_from_spares_while_the_manager_is_gone() {
         assert!(t.elapsed() < Duration::from_secs(5), "spares not checked");
         sleep(Duration::from_millis(50));
     }
-    let (m, term) = wait_manager(&r.lab, &all, None, Duration::from_secs(10));
+    let (m, term) = r.lab.wait_manager(&all, None, Duration::from_secs(10));
     let k_m = all.into_iter().find(|&k| r.lab.node_name(k) == m).unwrap();
     let k = all.into_iter().find(|&k| k != k_m).unwrap();
     r.lab.pause_node(k_m);
@@ -821,7 +794,7 @@ fn a_request_is_served_from_spares_while_the_manager_is_gone() {
     let took = asked.elapsed();
     // Answered before any other node became manager: the old one's lease has not even run
     // out yet, so no manager took part.
-    let now = manager_seen(&r.lab, k).map(|s| (s.0, s.1));
+    let now = r.lab.manager_seen(k).map(|s| (s.0, s.1));
     eprintln!("{vip} granted on n{k} in {took:?} with the manager {m} paused; n{k} sees manager {now:?}");
     assert_eq!(now, Some((m.clone(), term)), "a new manager was elected before the grant was answered");
     r.lab.resume_node(k_m);

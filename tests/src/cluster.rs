@@ -34,9 +34,8 @@ use std::{
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Output, Stdio},
     sync::{
-        Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc,
+        Arc, Mutex,
     },
     thread::JoinHandle,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -564,6 +563,44 @@ impl ClusterLab {
         self.etcdctl_in(&self.sw, args)
     }
 
+    /// The ledger of `network` in etcd: address -> the record's whole JSON.
+    pub fn ledger(&self, network: &str) -> BTreeMap<String, serde_json::Value> {
+        let prefix = format!("{}-manager/alloc/{network}/", self.key_prefix());
+        let text = String::from_utf8_lossy(&self.etcdctl(&["get", "--prefix", &prefix]).stdout).to_string();
+        let lines: Vec<&str> = text.lines().collect();
+        lines.chunks(2).filter_map(|kv| Some((kv[0].strip_prefix(&prefix)?.to_string(), serde_json::from_str(kv.get(1)?).ok()?))).collect()
+    }
+
+    /// The managing node as node `k` sees it: (manager, term, this node manages, writes
+    /// refused as deposed).
+    pub fn manager_seen(&self, k: usize) -> Option<(String, u64, bool, u64)> {
+        let out = self.havip(k, &["cluster", "status", "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let m = &v["manager"];
+        Some((m["manager"].as_str()?.to_string(), m["term"].as_u64()?, m["this_node"].as_bool()?, m["deposed_writes"].as_u64()?))
+    }
+
+    /// Waits until every node in `ks` names the same manager other than `not`; returns it
+    /// and its term.
+    pub fn wait_manager(&self, ks: &[usize], not: Option<&str>, within: Duration) -> (String, u64) {
+        let t = Instant::now();
+        loop {
+            let seen: Vec<_> = ks.iter().map(|&k| self.manager_seen(k)).collect();
+            if let Some(Some((m, term, _, _))) = seen.first() {
+                if seen.iter().all(|s| s.as_ref().is_some_and(|s| &s.0 == m && s.1 == *term)) && Some(m.as_str()) != not {
+                    return (m.clone(), *term);
+                }
+            }
+            assert!(t.elapsed() < within, "no agreed manager within {within:?}: {seen:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// One call of node `k`'s API (its Unix socket): (HTTP status, JSON body).
+    pub fn api(&self, k: usize, method: &str, path: &str, body: Option<serde_json::Value>) -> (u16, serde_json::Value) {
+        havip_user::api::client::call(self.node_run_dir(k), method, path, body).expect("calling the node's API")
+    }
+
     /// `etcdctl` run inside namespace `ns` (a node's, to see what that node can reach).
     pub fn etcdctl_in(&self, ns: &Netns, args: &[&str]) -> Output {
         let mut cmd = Command::new("ip");
@@ -584,7 +621,15 @@ impl ClusterLab {
         let m = &self.etcd[0];
         let nft = self.cut_at_etcd_script(k, m);
         let out = Command::new("ip")
-            .args(["netns", "exec", &m.ns.name, "sh", "-c", "etcdctl --dial-timeout 1s --command-timeout 2s --endpoints \"$1\" put \"$2\" \"$3\" && nft -f \"$4\"", "sh"])
+            .args([
+                "netns",
+                "exec",
+                &m.ns.name,
+                "sh",
+                "-c",
+                "etcdctl --dial-timeout 1s --command-timeout 2s --endpoints \"$1\" put \"$2\" \"$3\" && nft -f \"$4\"",
+                "sh",
+            ])
             .args([&self.etcd_endpoints()[0], key, value, nft.to_str().unwrap()])
             .env("ETCDCTL_API", "3")
             .output()
@@ -1493,7 +1538,11 @@ enum Claim<'a> {
 
 /// Per address, in time order: each claim, its node, what it was, and every node's last
 /// claim before it.
-fn walk<'a>(events: &'a [NeighEvent], mac_to_node: &'a HashMap<String, String>, mut f: impl FnMut(&'a NeighEvent, &'a str, Claim<'a>, &HashMap<&'a str, Instant>)) {
+fn walk<'a>(
+    events: &'a [NeighEvent],
+    mac_to_node: &'a HashMap<String, String>,
+    mut f: impl FnMut(&'a NeighEvent, &'a str, Claim<'a>, &HashMap<&'a str, Instant>),
+) {
     let node_of = |e: &'a NeighEvent| mac_to_node.get(&e.mac).map_or(e.mac.as_str(), String::as_str);
     let mut by_ip: BTreeMap<IpAddr, Vec<&NeighEvent>> = BTreeMap::new();
     for e in events {
@@ -1508,7 +1557,9 @@ fn walk<'a>(events: &'a [NeighEvent], mac_to_node: &'a HashMap<String, String>, 
             let node = node_of(e);
             let claim = match owner {
                 Some((o, _)) if o == node => Claim::ByOwner,
-                Some((o, since)) if !e.kind.announcement() && seen.contains(node) && !announces_next(evs, i, node, |e| node_of(e)) => Claim::Stale { owner: o, since },
+                Some((o, since)) if !e.kind.announcement() && seen.contains(node) && !announces_next(evs, i, node, |e| node_of(e)) => {
+                    Claim::Stale { owner: o, since }
+                }
                 old => {
                     owner = Some((node, e.at));
                     Claim::Takeover { old_owners_last: old.map(|(o, _)| last_claim[o]) }

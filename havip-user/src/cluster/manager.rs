@@ -339,7 +339,15 @@ impl Duty<'_> {
         }
         if self.last_plan.is_none_or(|t| t.elapsed() >= c.placement.rebalance_every) {
             self.last_plan = Some(std::time::Instant::now());
-            let r = with_timeout(planning_round(client, c, self.w, &self.guard)).await?;
+            // A failed round changes nothing (its write is one guarded transaction): the
+            // next one reads again. It does not end the term.
+            let r = match with_timeout(planning_round(client, c, self.w, &self.guard)).await {
+                Ok(r) => r,
+                Err(e) => {
+                    warn!(term = self.term, error = %format!("{e:#}"), "managing node: planning round failed; the next one reads the ledger again");
+                    return Ok(true);
+                }
+            };
             update(self.status, |m| {
                 m.plans += 1;
                 m.last_plan_ms = r.plan_ms;

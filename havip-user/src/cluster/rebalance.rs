@@ -116,6 +116,8 @@ pub fn plan(i: &Inputs<'_>, w: &Settings, p: &Placement) -> Vec<Move> {
 
     let budget = p.move_budget as usize;
     let mut budgeted = 0;
+    // A VIP moves at most once a round.
+    let mut moved: BTreeSet<AddrKey> = moves.iter().map(|m| m.key.clone()).collect();
 
     // quality: a VIP whose node fell out of the margin of the best path.
     for (k, node) in at.iter_mut() {
@@ -124,7 +126,7 @@ pub fn plan(i: &Inputs<'_>, w: &Settings, p: &Placement) -> Vec<Move> {
         }
         let r = &i.records[*k];
         let t = targets(r);
-        if t.is_empty() || held(r) {
+        if t.is_empty() || held(r) || moved.contains(*k) {
             continue;
         }
         let ranked = placement::rank_nodes(Ask { app: app(r), targets: &t, asked: node }, &alive_list, i.alive, i.reports, i.records, w, p);
@@ -143,6 +145,7 @@ pub fn plan(i: &Inputs<'_>, w: &Settings, p: &Placement) -> Vec<Move> {
             w.min_gain
         );
         moves.push(Move { key: (*k).clone(), from: node.clone(), to: ranked[0].node.clone(), reason: Reason::Quality, why });
+        moved.insert((*k).clone());
         *node = ranked[0].node.clone();
         budgeted += 1;
     }
@@ -173,7 +176,7 @@ pub fn plan(i: &Inputs<'_>, w: &Settings, p: &Placement) -> Vec<Move> {
         let dest_report = i.reports.get(&least);
         let pick = at
             .iter()
-            .filter(|(k, n)| **n == most && !held(&i.records[**k]))
+            .filter(|(k, n)| **n == most && !held(&i.records[**k]) && !moved.contains(**k))
             .filter(|(k, _)| {
                 // A VIP with targets goes only where its path cost stays within the margin.
                 let r = &i.records[**k];
@@ -198,6 +201,7 @@ pub fn plan(i: &Inputs<'_>, w: &Settings, p: &Placement) -> Vec<Move> {
         };
         let why = format!("{most} holds {hi} granted VIPs, {least} {lo} (slack {})", p.load_slack);
         moves.push(Move { key: k.clone(), from: most.clone(), to: least.clone(), reason: Reason::Load, why });
+        moved.insert(k.clone());
         *at.get_mut(&k).expect("picked from the map") = least.clone();
         *count.get_mut(&most).expect("counted") -= 1;
         *count.get_mut(&least).expect("counted") += 1;
@@ -293,6 +297,21 @@ mod tests {
         let l = load(&records, &nodes);
         assert!(l.iter().max().unwrap() - l.iter().min().unwrap() <= 2, "{l:?}");
         assert_eq!(total, 3, "{l:?} after {rounds} rounds");
+    }
+
+    /// A gone node's VIPs are also the load's: each moves once in a round, never twice
+    /// (two writes of one key in one transaction are refused by etcd).
+    #[test]
+    fn a_vip_moves_at_most_once_a_round() {
+        let nodes = names(3);
+        let records = ledger(&[0, 6, 0]);
+        let alive = BTreeSet::from(["n1".to_string(), "n3".to_string()]);
+        let owners: BTreeMap<IpAddr, String> = records.keys().map(|k| (k.1, "n1".to_string())).collect();
+        let p = Placement { move_budget: 10, load_slack: 0, move_hold_down: std::time::Duration::ZERO, ..Placement::default() };
+        let m = run(&records, &nodes, &alive, &owners, &p);
+        let keys: BTreeSet<&AddrKey> = m.iter().map(|m| &m.key).collect();
+        assert_eq!(keys.len(), m.len(), "a VIP moved twice in one round: {m:?}");
+        assert_eq!(m.iter().filter(|m| m.reason == Reason::NodeGone).count(), 6);
     }
 
     #[test]
