@@ -25,7 +25,9 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    cluster::{handoff_separations, log_secs, two_owner_moments, ArpAsker, ClusterLab, EchoResponder, NeighCapture, NeighEvent, ProbeReport, ProbeStream, CLUSTER_VIP},
+    cluster::{
+        handoff_separations, log_secs, two_owner_moments, ArpAsker, ClusterLab, EchoResponder, NeighCapture, NeighEvent, ProbeReport, ProbeStream, CLUSTER_VIP,
+    },
     percentile,
 };
 
@@ -230,7 +232,11 @@ impl Bench {
     }
 
     fn explain(&self, v: &crate::cluster::Violation) -> TwoOwnerMoment {
-        let trial = self.trials.iter().find(|(a, z, _)| v.at >= *a && v.at < *z + Duration::from_millis(500)).map(|(a, _, w)| format!("{w} (began {:.1} ms before)", v.at.saturating_duration_since(*a).as_secs_f64() * 1e3));
+        let trial = self
+            .trials
+            .iter()
+            .find(|(a, z, _)| v.at >= *a && v.at < *z + Duration::from_millis(500))
+            .map(|(a, _, w)| format!("{w} (began {:.1} ms before)", v.at.saturating_duration_since(*a).as_secs_f64() * 1e3));
         let t = self.day_secs(v.at);
         let mut logs = Vec::new();
         for k in 1..=self.lab.node_count() {
@@ -241,7 +247,18 @@ impl Bench {
             }
         }
         logs.sort_by(|a, b| a[4..].cmp(&b[4..]));
-        TwoOwnerMoment { what: format!("{:?} {} claimed by {} while {} owned it (since {:.1} ms before)", v.kind, v.ip, v.node, v.other, v.at.saturating_duration_since(v.other_since).as_secs_f64() * 1e3), trial, logs }
+        TwoOwnerMoment {
+            what: format!(
+                "{:?} {} claimed by {} while {} owned it (since {:.1} ms before)",
+                v.kind,
+                v.ip,
+                v.node,
+                v.other,
+                v.at.saturating_duration_since(v.other_since).as_secs_f64() * 1e3
+            ),
+            trial,
+            logs,
+        }
     }
 
     fn stream(&self) -> ProbeStream {
@@ -269,7 +286,13 @@ impl Bench {
             }
             self.lab.node_links(1, false);
             wait_serving(&self.lab, 2, Duration::from_secs(5));
-            expect_changes(&self.lab, 2, "owner-silent", silent_before + 1.0, &format!("{label} trial {t}: n2 did not take over by exactly one owner-silent claim"));
+            expect_changes(
+                &self.lab,
+                2,
+                "owner-silent",
+                silent_before + 1.0,
+                &format!("{label} trial {t}: n2 did not take over by exactly one owner-silent claim"),
+            );
             faults.push(at);
             self.lab.node_links(1, true);
             let back = Instant::now();
@@ -288,12 +311,16 @@ impl Bench {
         let failover: Vec<f64> = faults
             .iter()
             .enumerate()
-            .map(|(t, at)| transition_gap(&r, *at, "n1", "n2").unwrap_or_else(|| panic!("{label} trial {t}: no n1 -> n2 transition in the stream")).as_secs_f64() * 1e3)
+            .map(|(t, at)| {
+                transition_gap(&r, *at, "n1", "n2").unwrap_or_else(|| panic!("{label} trial {t}: no n1 -> n2 transition in the stream")).as_secs_f64() * 1e3
+            })
             .collect();
         let giveback: Vec<f64> = givebacks_at
             .iter()
             .enumerate()
-            .map(|(t, at)| transition_gap(&r, *at, "n2", "n1").unwrap_or_else(|| panic!("{label} trial {t}: no n2 -> n1 transition in the stream")).as_secs_f64() * 1e3)
+            .map(|(t, at)| {
+                transition_gap(&r, *at, "n2", "n1").unwrap_or_else(|| panic!("{label} trial {t}: no n2 -> n1 transition in the stream")).as_secs_f64() * 1e3
+            })
             .collect();
         let baseline: Vec<f64> = baselines.iter().map(|q| longest_gap_in(&r, *q, window).as_secs_f64() * 1e3).collect();
         let (failover, giveback, baseline) = (GapStats::of(failover), GapStats::of(giveback), GapStats::of(baseline));
@@ -330,7 +357,8 @@ impl Bench {
             let target = if next(3) == 0 { other } else { owner };
             let hold = Duration::from_millis(20 + next(380));
             let kind = next(6);
-            let name = ["heartbeats cut", "outgoing heartbeats lost", "incoming heartbeats lost", "etcd cut", "cables out", "one peer's heartbeats lost"][kind as usize];
+            let name = ["heartbeats cut", "outgoing heartbeats lost", "incoming heartbeats lost", "etcd cut", "cables out", "one peer's heartbeats lost"]
+                [kind as usize];
             let label = match (kind, target == owner) {
                 (5, _) => name.to_string(),
                 (_, true) => format!("{name} (owner)"),
@@ -481,13 +509,14 @@ pub fn run(failover_trials: usize, partition_trials: usize, leader_kills: usize,
     partitions.claims_captured = claims.iter().filter(|e| e.at >= p0 && e.at < p1).count();
     partitions.note_handoffs(&claims, &b.lab.mac_to_node(), p0, p1);
     let (t50, t99, tg) = (100.0, 150.0, 50.0);
-    let targets_met = [&crash, &link_cut].iter().all(|k| k.failover.p50_ms <= t50 && k.failover.p99_ms <= t99 && k.giveback.p99_ms <= tg && k.two_owner_moments == 0)
-        && violations.is_empty()
-        && partitions.trials >= 1000
-        && etcd_leader_kill.probes_lost == 0
-        && etcd_leader_kill.moves == 0
-        && etcd_outage.probes_lost == 0
-        && etcd_outage.moves == 0;
+    let targets_met =
+        [&crash, &link_cut].iter().all(|k| k.failover.p50_ms <= t50 && k.failover.p99_ms <= t99 && k.giveback.p99_ms <= tg && k.two_owner_moments == 0)
+            && violations.is_empty()
+            && partitions.trials >= 1000
+            && etcd_leader_kill.probes_lost == 0
+            && etcd_leader_kill.moves == 0
+            && etcd_outage.probes_lost == 0
+            && etcd_outage.moves == 0;
     ClusterBench {
         method: "3 havipd nodes + 3 etcd members in namespaces; client probe every 2 ms, kernel receive timestamps; gaps between answers".into(),
         crash,

@@ -21,8 +21,8 @@ use havip_user::{kernel::dataplane::Maps, kernel::pins::PinLayout};
 use serde::Serialize;
 
 use crate::{
-    percentile,
     api_load::{pool_config, ApiLoad, LoadReport},
+    percentile,
     topology::{spawn_in, Topology},
 };
 
@@ -94,9 +94,7 @@ fn link_event_clock(t: &Topology, stop: Arc<AtomicBool>) -> mpsc::Receiver<Insta
         addr.nl_groups = libc::RTMGRP_LINK as u32;
         unsafe { libc::bind(sock.as_raw_fd(), (&raw const addr).cast(), std::mem::size_of::<libc::sockaddr_nl>() as u32) };
         let tv = libc::timeval { tv_sec: 0, tv_usec: 100_000 };
-        unsafe {
-            libc::setsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&raw const tv).cast(), std::mem::size_of::<libc::timeval>() as u32)
-        };
+        unsafe { libc::setsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&raw const tv).cast(), std::mem::size_of::<libc::timeval>() as u32) };
         let mut buf = vec![0u8; 65536];
         while !stop.load(Ordering::Relaxed) {
             if unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) } > 0 {

@@ -111,8 +111,7 @@ impl Fixture {
     }
 
     fn run(&mut self, prog: &str, input: &[u8], repeat: u32) -> Run {
-        self.try_run(prog, input, repeat)
-            .unwrap_or_else(|e| panic!("BPF_PROG_RUN of {prog} on {} bytes failed: {e}", input.len()))
+        self.try_run(prog, input, repeat).unwrap_or_else(|e| panic!("BPF_PROG_RUN of {prog} on {} bytes failed: {e}", input.len()))
     }
 
     /// Like `run`, but returns the kernel's refusal (BPF_PROG_RUN rejects some inputs, e.g.
@@ -128,11 +127,7 @@ impl Fixture {
         }
         // `PROG_INGRESS` / `PROG_EGRESS` name whichever variant this fixture loaded.
         let prog = if prog == m::PROG_INGRESS { self.dp.ingress } else { prog };
-        let r = if prog == m::PROG_EGRESS {
-            self.dp.tc().unwrap().test_run(opts)
-        } else {
-            self.dp.xdp(prog).unwrap().test_run(opts)
-        }?;
+        let r = if prog == m::PROG_EGRESS { self.dp.tc().unwrap().test_run(opts) } else { self.dp.xdp(prog).unwrap().test_run(opts) }?;
         out.truncate(r.data_size_out as usize);
         Ok(Run { action: r.return_value, out, duration_ns: r.duration.as_nanos() })
     }

@@ -12,6 +12,7 @@ pub mod load;
 pub mod manager_bench;
 pub mod packets;
 pub mod paths;
+pub mod placement_bench;
 pub mod quality_bench;
 pub mod relay;
 pub mod scrape;
@@ -43,9 +44,7 @@ pub fn unique(prefix: &str) -> String {
 
 /// Where the havipd and havip binaries are (set by `cargo xtask test`).
 pub fn bin(name: &str) -> PathBuf {
-    let dir = std::env::var_os("HAVIP_BIN_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug"));
+    let dir = std::env::var_os("HAVIP_BIN_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug"));
     let path = dir.join(name);
     assert!(path.exists(), "{} not found: run the tests with `cargo xtask test` (it builds the binaries)", path.display());
     path

@@ -139,21 +139,29 @@ pub fn run(trials: usize) -> ManagerFailover {
     }
 }
 
-/// VIP requests answered from the asked node's spares, against a bare etcd round trip.
+/// VIP requests answered from the asked node's spares, and through the managing node
+/// (a network without spares), against a bare etcd round trip.
 #[derive(Debug, Serialize)]
 pub struct SpareRequests {
     pub request: GapStats,
     /// Of each request, havipd's own split: the ledger (etcd) and the local apply.
     pub ledger_part: GapStats,
     pub apply_part: GapStats,
+    /// Requests for the network without spares: forwarded to the managing node.
+    pub through_manager: GapStats,
     pub etcd_round_trip_baseline: GapStats,
     pub p50_ratio: f64,
     pub p99_ratio: f64,
+    pub manager_p50_ratio: f64,
+    pub manager_p99_ratio: f64,
 }
 
 const BENCH_SPARES: &str = "\n[[cluster.network]]\nname = \"prod\"\nprefix = \"198.18.200.0/22\"\n\
                             [[cluster.network.range]]\nfirst = \"198.18.200.10\"\nlast = \"198.18.203.250\"\n\
-                            [cluster.spares]\nnetwork = \"prod\"\nlow = 100\nhigh = 130\n";
+                            [[cluster.network]]\nname = \"lab\"\nprefix = \"198.18.204.0/22\"\n\
+                            [[cluster.network.range]]\nfirst = \"198.18.204.10\"\nlast = \"198.18.207.250\"\n\
+                            [cluster.spares]\nnetwork = \"prod\"\nlow = 100\nhigh = 130\n\
+                            [cluster.placement]\nload_slack = 10000\n";
 
 /// Checked spares of `node` and its granted count, from the ledger.
 fn pool_of(lab: &ClusterLab, node: &str) -> (usize, usize) {
@@ -166,8 +174,10 @@ fn pool_of(lab: &ClusterLab, node: &str) -> (usize, usize) {
 }
 
 /// `n` requests on n1's API (10 ms apart), each timed from the call to havipd's reply
-/// (granted and served: the reply comes after the local apply), and `n` linearizable reads
-/// of one key from etcd, from the switch, with a kept connection.
+/// (granted and served: the reply comes after the local apply); `n` more for the network
+/// without spares on a node that is not the manager (forwarded through etcd to the
+/// managing node and back); and `n` linearizable reads of one key from etcd, from the
+/// switch, with a kept connection.
 pub fn run_requests(n: usize) -> SpareRequests {
     let mut lab = ClusterLab::new(3, 1);
     for k in 1..=3 {
@@ -210,7 +220,8 @@ pub fn run_requests(n: usize) -> SpareRequests {
         let (status, v) = havip_user::api::client::call(&run_dir, "POST", "/v1/vips", Some(body)).expect("calling n1's API");
         times.push(t.elapsed().as_secs_f64() * 1e3);
         assert_eq!(status, 201, "request {i}: {v}");
-        assert!(v["vip"].is_string() && v["node"] == "n1", "request {i}: {v}");
+        // Path: granted from the asked node's own spares (the load slack keeps placement there).
+        assert!(v["vip"].is_string() && v["node"] == "n1" && v["how"] == "spare", "request {i}: {v}");
         ledger_ms.push(v["took_ms"]["ledger"].as_f64().unwrap_or(f64::NAN));
         apply_ms.push(v["took_ms"]["apply"].as_f64().unwrap_or(f64::NAN));
         sleep(Duration::from_millis(10));
@@ -219,13 +230,40 @@ pub fn run_requests(n: usize) -> SpareRequests {
     // Path: each request took one of n1's spares.
     let (_, granted_after) = pool_of(&lab, "n1");
     assert_eq!(granted_after - granted_before, n, "{n} requests, but n1's granted VIPs grew by {}", granted_after - granted_before);
-    let (request, etcd_round_trip_baseline) = (GapStats::of(times), GapStats::of(rtts));
+
+    // Through the managing node: asked on a node that is not it.
+    let (manager, _) = lab.wait_manager(&[1, 2, 3], None, Duration::from_secs(10));
+    let km = (1..=3).find(|&k| lab.node_name(k) == manager).unwrap();
+    let asked = if km == 1 { 2 } else { 1 };
+    let answered = |lab: &ClusterLab| lab.metric(km, "havip_cluster_forwarded_answered_total").unwrap_or(0.0) as usize;
+    let answered_before = answered(&lab);
+    let mut forwarded = Vec::new();
+    for i in 0..n {
+        eprint!("\r  requests through the manager: {}/{n}   ", i + 1);
+        let body = serde_json::json!({ "app": format!("fwd{i}"), "protocol": "udp", "service_port": 7100, "instance_port": 7000, "network": "lab" });
+        let t = Instant::now();
+        let (status, v) = lab.api(asked, "POST", "/v1/vips", Some(body));
+        forwarded.push(t.elapsed().as_secs_f64() * 1e3);
+        assert_eq!((status, v["how"].as_str()), (201, Some("manager")), "request {i}: {v}");
+        sleep(Duration::from_millis(10));
+    }
+    eprintln!();
+    // Path: the manager answered exactly these (its count is published every 100 ms).
+    let t = Instant::now();
+    while answered(&lab) - answered_before < n && t.elapsed() < Duration::from_secs(2) {
+        sleep(Duration::from_millis(50));
+    }
+    assert_eq!(answered(&lab) - answered_before, n, "the manager's count of answered requests");
+    let (request, etcd_round_trip_baseline, through_manager) = (GapStats::of(times), GapStats::of(rtts), GapStats::of(forwarded));
     SpareRequests {
         ledger_part: GapStats::of(ledger_ms),
         apply_part: GapStats::of(apply_ms),
         p50_ratio: request.p50_ms / etcd_round_trip_baseline.p50_ms,
         p99_ratio: request.p99_ms / etcd_round_trip_baseline.p99_ms,
+        manager_p50_ratio: through_manager.p50_ms / etcd_round_trip_baseline.p50_ms,
+        manager_p99_ratio: through_manager.p99_ms / etcd_round_trip_baseline.p99_ms,
         request,
+        through_manager,
         etcd_round_trip_baseline,
     }
 }

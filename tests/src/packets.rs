@@ -3,7 +3,7 @@
 
 use std::net::IpAddr;
 
-use etherparse::{PacketBuilder, SlicedPacket, TransportSlice, NetSlice};
+use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
 
 pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 pub const SERVER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
@@ -94,7 +94,11 @@ pub fn inspect(frame: &[u8]) -> L4View {
 
 /// Offset of the IP header in an Ethernet frame built by [`build`].
 pub fn l3_offset(vlan: bool) -> usize {
-    if vlan { 18 } else { 14 }
+    if vlan {
+        18
+    } else {
+        14
+    }
 }
 
 /// An ARP request (who has `target`?) as broadcast on the wire.
@@ -195,11 +199,19 @@ pub fn icmp_echo_with(src: IpAddr, dst: IpAddr, reply: bool, id: u16, seq: u16, 
     match (src, dst) {
         (IpAddr::V4(s), IpAddr::V4(d)) => {
             let b = eth.ipv4(s.octets(), d.octets(), ttl);
-            if reply { b.icmpv4_echo_reply(id, seq).write(&mut out, b"probe").unwrap() } else { b.icmpv4_echo_request(id, seq).write(&mut out, b"probe").unwrap() }
+            if reply {
+                b.icmpv4_echo_reply(id, seq).write(&mut out, b"probe").unwrap()
+            } else {
+                b.icmpv4_echo_request(id, seq).write(&mut out, b"probe").unwrap()
+            }
         }
         (IpAddr::V6(s), IpAddr::V6(d)) => {
             let b = eth.ipv6(s.octets(), d.octets(), ttl);
-            if reply { b.icmpv6_echo_reply(id, seq).write(&mut out, b"probe").unwrap() } else { b.icmpv6_echo_request(id, seq).write(&mut out, b"probe").unwrap() }
+            if reply {
+                b.icmpv6_echo_reply(id, seq).write(&mut out, b"probe").unwrap()
+            } else {
+                b.icmpv6_echo_request(id, seq).write(&mut out, b"probe").unwrap()
+            }
         }
         _ => panic!("mixed families"),
     }

@@ -71,4 +71,3 @@ pub fn lab(targets: &[&str], extra: &str) -> Lab {
     let b = Relay::start(&rb, "r0", "r1", CLEAN, CLEAN);
     Lab { t, a, b, _relay_ns: [ra, rb] }
 }
-

@@ -13,9 +13,9 @@ use std::{
 };
 
 use havip_user::{
+    config::ranking::Settings,
     node::binder::{self, LinkState, Placement},
     node::rank::{self, Sample, VipMemory},
-    config::ranking::Settings,
 };
 use serde::Serialize;
 
@@ -195,7 +195,11 @@ fn move_context(log: &str) -> Vec<Vec<String>> {
         .filter(|l| l.contains("VIP bound") && !l.contains("reason=initial"))
         .map(|m| {
             let t = secs(m);
-            lines.iter().filter(|l| (t - 3.0..=t).contains(&secs(l)) && (l.contains("path verdict") || l.contains("quality decision") || l.contains("VIP bound"))).map(|l| l.to_string()).collect()
+            lines
+                .iter()
+                .filter(|l| (t - 3.0..=t).contains(&secs(l)) && (l.contains("path verdict") || l.contains("quality decision") || l.contains("VIP bound")))
+                .map(|l| l.to_string())
+                .collect()
         })
         .collect()
 }
@@ -229,7 +233,13 @@ pub fn path_quality(trials: usize, noise_secs: u64) -> PathQualityReport {
     eprintln!("  noise runs: {noise_secs} s each, started with the trials");
     let noise = noise_thread.join().expect("noise run");
     let bursts = burst_thread.join().expect("burst run");
-    let targets_met = dark.p99_ms <= 150.0 && delay_20ms.p50_ms <= 1000.0 && delay_20ms.p99_ms <= 2000.0 && loss_10pct.p50_ms <= 1000.0 && loss_10pct.p99_ms <= 2000.0 && noise.moves == 0 && bursts.moves == 0;
+    let targets_met = dark.p99_ms <= 150.0
+        && delay_20ms.p50_ms <= 1000.0
+        && delay_20ms.p99_ms <= 2000.0
+        && loss_10pct.p50_ms <= 1000.0
+        && loss_10pct.p99_ms <= 2000.0
+        && noise.moves == 0
+        && bursts.moves == 0;
     PathQualityReport {
         method: "2 paths through userspace impairment relays (veth, namespaces); default probe and ranking settings; time from the impairment to havipd's log line of the move (wall clock)".into(),
         dark_p50_ratio_to_link_down: dark.p50_ms / link_down.p50_ms.max(0.001),
@@ -246,7 +256,6 @@ pub fn path_quality(trials: usize, noise_secs: u64) -> PathQualityReport {
 
 /// The timed trials of [`path_quality`], on their own lab.
 fn timed_trials(trials: usize) -> (MoveTimes, MoveTimes, MoveTimes, MoveTimes) {
-
     // A short failback, so the link-down trials alternate quickly; the moves measured here
     // do not wait for it.
     let mut l = lab(&[crate::paths::TARGET], "[failover]\nfailback_hold_down_ms = 300");
@@ -303,11 +312,15 @@ pub fn rerank_cost() -> RerankReport {
     for (i, n) in nics.iter().enumerate() {
         for (j, t) in targets.iter().enumerate() {
             let rtt = 1.0 + ((i * 7 + j * 3) % 11) as f64;
-            samples.insert((n.clone(), *t), Sample { rtt_ms: Some(rtt), loss_pct: Some((j % 3) as f64), hops: Some(2), sent: 5, replies: 5, ..Default::default() });
+            samples.insert(
+                (n.clone(), *t),
+                Sample { rtt_ms: Some(rtt), loss_pct: Some((j % 3) as f64), hops: Some(2), sent: 5, replies: 5, ..Default::default() },
+            );
         }
     }
     let vip_targets: Vec<Vec<IpAddr>> = (0..vips).map(|v| (0..targets_per_vip).map(|k| targets[(v + k * 5) % targets.len()]).collect()).collect();
-    let links: BTreeMap<String, LinkState> = nics.iter().map(|n| (n.clone(), LinkState { up: true, since: Instant::now() - Duration::from_secs(60) })).collect();
+    let links: BTreeMap<String, LinkState> =
+        nics.iter().map(|n| (n.clone(), LinkState { up: true, since: Instant::now() - Duration::from_secs(60) })).collect();
     let w = Settings::default();
     let mut memories: Vec<VipMemory> = vec![VipMemory::default(); vips];
     let median = |mut f: Box<dyn FnMut()>| {

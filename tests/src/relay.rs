@@ -78,7 +78,11 @@ impl Relay {
                     let Some(frame) = link.recv_incoming(Duration::from_millis(50)) else { continue };
                     let imp = {
                         let n = now_r.lock().unwrap();
-                        if forward { n.0 } else { n.1 }
+                        if forward {
+                            n.0
+                        } else {
+                            n.1
+                        }
                     };
                     if let Some(b) = imp.probe_bursts.filter(|_| is_echo_request(&frame)) {
                         let gap = |r: f64| b.gap_min + (b.gap_max.saturating_sub(b.gap_min)).mul_f64(r);

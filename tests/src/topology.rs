@@ -274,14 +274,7 @@ impl Topology {
 
     /// Runs the `havip` CLI against this node.
     pub fn havip(&self, args: &[&str]) -> Output {
-        Command::new(crate::bin("havip"))
-            .arg("--pin-path")
-            .arg(&self.pin_root)
-            .arg("--run-dir")
-            .arg(&self.run_dir)
-            .args(args)
-            .output()
-            .expect("running havip")
+        Command::new(crate::bin("havip")).arg("--pin-path").arg(&self.pin_root).arg("--run-dir").arg(&self.run_dir).args(args).output().expect("running havip")
     }
 
     /// `havip stats --json`, parsed.

@@ -226,7 +226,12 @@ fn run_case(case: Case, secs: f64) -> (f64, f64) {
     if case != Case::NoHavip {
         let v = t.vip_stats(VIP);
         let (rx_bytes, tcp, remapped) = (counter(&v, &["rx", "bytes"]), counter(&v, &["rx", "tcp"]), counter(&v, &["rx", "remapped"]));
-        assert!(rx_bytes >= bytes_one + bytes_eight, "{}: havip counted {rx_bytes} bytes in, the instance received {}: traffic bypassed it", case.name(), bytes_one + bytes_eight);
+        assert!(
+            rx_bytes >= bytes_one + bytes_eight,
+            "{}: havip counted {rx_bytes} bytes in, the instance received {}: traffic bypassed it",
+            case.name(),
+            bytes_one + bytes_eight
+        );
         assert_eq!(tcp, remapped, "{}: not every packet to the VIP was remapped: {v}", case.name());
         let s = t.stats();
         assert_eq!(s["nics"][0]["hook"], case.hook().unwrap(), "{}: havip stats names another hook", case.name());

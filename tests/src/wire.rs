@@ -49,9 +49,7 @@ impl RawLink {
             let mut buf = vec![0u8; 65536];
             let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
             let mut len = std::mem::size_of::<libc::sockaddr_ll>() as u32;
-            let n = unsafe {
-                libc::recvfrom(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0, (&raw mut from).cast(), &mut len)
-            };
+            let n = unsafe { libc::recvfrom(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0, (&raw mut from).cast(), &mut len) };
             if n > 0 {
                 buf.truncate(n as usize);
                 return Some((buf, from.sll_pkttype));
@@ -84,7 +82,11 @@ impl RawLink {
         let n = unsafe {
             libc::sendto(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0, (&raw const addr).cast(), std::mem::size_of::<libc::sockaddr_ll>() as u32)
         };
-        if n < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+        if n < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
     }
 
     /// Frames received until `deadline` (outgoing ones included, as on any tap).
@@ -116,14 +118,18 @@ pub fn from_ip(frame: &[u8], vip: std::net::IpAddr) -> bool {
 
 /// The sender MAC of an ARP reply for `ip`, if this frame is one.
 pub fn arp_reply_for(frame: &[u8], ip: std::net::Ipv4Addr) -> Option<String> {
-    (frame.len() >= 42 && frame[12..14] == [8, 6] && frame[20..22] == [0, 2] && frame[28..32] == ip.octets())
-        .then(|| mac_str(&frame[22..28]))
+    (frame.len() >= 42 && frame[12..14] == [8, 6] && frame[20..22] == [0, 2] && frame[28..32] == ip.octets()).then(|| mac_str(&frame[22..28]))
 }
 
 /// The target link-layer address of a solicited neighbour advertisement for `ip` (an
 /// answer, not an announcement), if this frame is one.
 pub fn na_for(frame: &[u8], ip: std::net::Ipv6Addr) -> Option<String> {
-    (frame.len() >= 86 && frame[12..14] == [0x86, 0xdd] && frame[20] == 58 && frame[54] == 136 && frame[58] & 0x40 != 0
-        && frame[62..78] == ip.octets() && frame[78] == 2)
+    (frame.len() >= 86
+        && frame[12..14] == [0x86, 0xdd]
+        && frame[20] == 58
+        && frame[54] == 136
+        && frame[58] & 0x40 != 0
+        && frame[62..78] == ip.octets()
+        && frame[78] == 2)
         .then(|| mac_str(&frame[80..86]))
 }

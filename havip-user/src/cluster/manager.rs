@@ -34,37 +34,29 @@ use std::{
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use etcd_client::{Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions};
+use etcd_client::{Client, Compare, CompareOp, EventType, GetOptions, Txn, TxnOp};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::{
+    follower, ledger_io,
     placement::NodeReport,
     pools::{self, AllocRecord, PoolLevel},
     rebalance,
     requests::{self, LedgerView},
     vipgen::AddrKey,
 };
-use crate::{
-    config::{cluster::Cluster, ranking::Settings},
-    kernel::addr_probe,
-};
+use crate::config::{cluster::Cluster, ranking::Settings};
 
 /// Time to live of the campaign's lease, s (etcd raises it to its minimum).
 pub const ELECTION_TTL_S: i64 = 1;
 /// How often the manager rewrites its state record (a guarded write).
 pub const STATE_EVERY: Duration = Duration::from_millis(250);
-/// How many of its new spares a node checks on the link at once.
-pub const CONCURRENT_CHECKS: usize = 16;
-/// How long a guarded write may take before the manager stands down.
-pub const WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How often every node reads who the manager is.
 pub const OBSERVE_EVERY: Duration = Duration::from_millis(100);
-/// How often every node reads the spare pools (a read of the whole ledger).
+/// How often every node reads the spare pools for its status.
 pub const POOLS_EVERY: Duration = Duration::from_millis(500);
-/// How often a node's report for placement may be rewritten.
-pub const REPORT_EVERY: Duration = Duration::from_secs(1);
 
 /// The manager as `havip cluster status` shows it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -115,13 +107,6 @@ pub fn state_key(prefix: &str) -> String {
     format!("{prefix}/manager-state")
 }
 
-/// A client without the per-request timeout of the VIP store: a campaign waits as long as
-/// another node is the manager.
-pub(crate) async fn connect(c: &Cluster) -> anyhow::Result<Client> {
-    let opts = ConnectOptions::new().with_connect_timeout(Duration::from_secs(2)).with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
-    Ok(Client::connect(&c.etcd_endpoints, Some(opts)).await?)
-}
-
 fn update(status: &Arc<Mutex<ManagerStatus>>, f: impl FnOnce(&mut ManagerStatus)) {
     if let Ok(mut st) = status.lock() {
         f(&mut st);
@@ -133,7 +118,7 @@ pub struct Links {
     /// The ledger's granted VIPs (every node serves or stands by for each).
     pub grants: watch::Sender<Vec<pools::GrantedVip>>,
     /// The ledger and the nodes' reports as last read, for requests.
-    pub view: watch::Sender<LedgerView>,
+    pub view: watch::Sender<Arc<LedgerView>>,
     /// This node's report for placement, from the event loop.
     pub report: watch::Receiver<NodeReport>,
     /// The ranking's cost model and margins (placement uses the same).
@@ -155,7 +140,7 @@ pub fn start_thread(c: Cluster, status: Arc<Mutex<ManagerStatus>>, nics: Vec<Str
         };
         let Links { grants, view, report, ranking } = links;
         rt.block_on(async move {
-            tokio::join!(run(c.clone(), status, ranking), follow_ledger(c.clone(), nics, grants, view), publish_report(c, report));
+            tokio::join!(run(c.clone(), status, ranking), follower::follow_ledger(c.clone(), nics, grants, view), follower::publish_report(c, report));
         });
     });
     if let Err(e) = spawned {
@@ -192,7 +177,7 @@ pub async fn run(c: Cluster, status: Arc<Mutex<ManagerStatus>>, w: Settings) {
 /// One campaign and, if won, one term: until a guarded write is refused or the lease is
 /// lost.
 async fn term(c: &Cluster, status: &Arc<Mutex<ManagerStatus>>, w: &Settings) -> anyhow::Result<()> {
-    let mut client = connect(c).await?;
+    let mut client = ledger_io::connect(c).await?;
     let lease = client.lease_grant(ELECTION_TTL_S, None).await?;
     let (lease_id, ttl) = (lease.id(), lease.ttl().max(1));
     let (mut keeper, mut acks) = client.lease_keep_alive(lease_id).await?;
@@ -273,8 +258,8 @@ impl Duty<'_> {
     /// Forwarded requests, as they come.
     async fn forwarded(&mut self, client: &mut Client) -> anyhow::Result<()> {
         self.random = xorshift(self.random);
-        let reports = with_timeout(read_reports(client, &self.c.key_prefix)).await?;
-        let n = with_timeout(requests::serve_forwarded(client, self.c, self.w, &self.guard, &reports, self.random)).await?;
+        let reports = ledger_io::timed(ledger_io::read_reports(client, &self.c.key_prefix)).await?;
+        let n = ledger_io::timed(requests::serve_forwarded(client, self.c, self.w, &self.guard, &reports, self.random)).await?;
         if n > 0 {
             update(self.status, |m| m.forwarded_answered += n as u64);
         }
@@ -289,7 +274,7 @@ impl Duty<'_> {
         self.random = xorshift(self.random);
         let (ops, guards, added) = match (&c.spares, c.spares.as_ref().and_then(|sp| c.networks.iter().find(|n| n.name == sp.network))) {
             (Some(sp), Some(net)) => {
-                let (records, retired) = with_timeout(read_ledger(client, &c.key_prefix)).await?;
+                let (records, retired) = ledger_io::timed(read_ledger(client, &c.key_prefix)).await?;
                 let t = pools::top_up(&c.all_nodes(), sp, net, &records, &retired, &self.filling, self.random);
                 self.filling = t.filling.clone();
                 if !t.short.is_empty() {
@@ -312,12 +297,15 @@ impl Duty<'_> {
         when.extend(guards);
         let mut then = ops;
         then.push(TxnOp::put(state_key(&c.key_prefix), serde_json::to_vec(&state)?, None));
-        let resp = with_timeout(async { Ok(client.txn(Txn::new().when(when).and_then(then)).await?) }).await?;
+        let resp = ledger_io::timed(async { Ok(client.txn(Txn::new().when(when).and_then(then)).await?) }).await?;
         if !resp.succeeded() {
             // Refused: either this node is no longer the manager, or a ledger key it meant
             // to create exists after all (then the next round reads it and picks again).
-            let still_leader =
-                with_timeout(async { Ok(client.get(leader.key(), None).await?) }).await?.kvs().first().is_some_and(|kv| kv.create_revision() == leader.rev());
+            let still_leader = ledger_io::timed(async { Ok(client.get(leader.key(), None).await?) })
+                .await?
+                .kvs()
+                .first()
+                .is_some_and(|kv| kv.create_revision() == leader.rev());
             if still_leader {
                 warn!(node = %c.node, term = self.term, "managing node: a spare it meant to add exists already; reading the ledger again");
                 return Ok(true);
@@ -341,7 +329,7 @@ impl Duty<'_> {
             self.last_plan = Some(std::time::Instant::now());
             // A failed round changes nothing (its write is one guarded transaction): the
             // next one reads again. It does not end the term.
-            let r = match with_timeout(planning_round(client, c, self.w, &self.guard)).await {
+            let r = match ledger_io::timed(planning_round(client, c, self.w, &self.guard)).await {
                 Ok(r) => r,
                 Err(e) => {
                     warn!(term = self.term, error = %format!("{e:#}"), "managing node: planning round failed; the next one reads the ledger again");
@@ -383,8 +371,8 @@ pub struct PlanReport {
 /// reads again).
 pub async fn planning_round(client: &mut Client, c: &Cluster, w: &Settings, guard: &Compare) -> anyhow::Result<PlanReport> {
     let started = std::time::Instant::now();
-    let records = requests::read_records(client, &c.key_prefix).await?;
-    let reports = read_reports(client, &c.key_prefix).await?;
+    let records = ledger_io::read_records(client, &c.key_prefix).await?;
+    let reports = ledger_io::read_reports(client, &c.key_prefix).await?;
     let owners = read_owners(client, &c.key_prefix).await?;
     let read_ms = started.elapsed().as_secs_f64() * 1e3;
     let started = std::time::Instant::now();
@@ -419,16 +407,6 @@ pub async fn planning_round(client: &mut Client, c: &Cluster, w: &Settings, guar
     Ok(PlanReport { moves: if ok { moves } else { Vec::new() }, writes: 1, read_ms, plan_ms, write_ms })
 }
 
-pub fn reports_prefix(key_prefix: &str) -> String {
-    format!("{key_prefix}-manager/nodes/")
-}
-
-/// Every node's published report (only live nodes have one: each is held by its lease).
-pub async fn read_reports(client: &mut Client, key_prefix: &str) -> anyhow::Result<BTreeMap<String, NodeReport>> {
-    let resp = client.get(reports_prefix(key_prefix), Some(GetOptions::new().with_prefix())).await?;
-    Ok(resp.kvs().iter().filter_map(|kv| serde_json::from_slice::<NodeReport>(kv.value()).ok()).map(|r| (r.node.clone(), r)).collect())
-}
-
 /// Each VIP's owner now, from the ownership records.
 async fn read_owners(client: &mut Client, key_prefix: &str) -> anyhow::Result<BTreeMap<std::net::IpAddr, String>> {
     let resp = client.get(super::record::vips_prefix(key_prefix), Some(GetOptions::new().with_prefix())).await?;
@@ -437,48 +415,6 @@ async fn read_owners(client: &mut Client, key_prefix: &str) -> anyhow::Result<BT
         .iter()
         .filter_map(|kv| Some((super::record::vip_of(key_prefix, kv.key())?, serde_json::from_slice::<super::record::VipRecord>(kv.value()).ok()?.owner)))
         .collect())
-}
-
-/// Keeps this node's report in etcd under a lease (gone with the node), rewritten when it
-/// changes, at most every [`REPORT_EVERY`].
-async fn publish_report(c: Cluster, mut report: watch::Receiver<NodeReport>) {
-    let key = format!("{}{}", reports_prefix(&c.key_prefix), c.node);
-    loop {
-        let r: anyhow::Result<()> = async {
-            let mut client = connect(&c).await?;
-            let lease = with_timeout(async { Ok(client.lease_grant(ELECTION_TTL_S, None).await?) }).await?;
-            let (id, ttl) = (lease.id(), lease.ttl().max(1));
-            let (mut keeper, mut acks) = client.lease_keep_alive(id).await?;
-            let mut keep = tokio::time::interval(Duration::from_millis(ttl as u64 * 1000 / 3));
-            let mut last_put = None;
-            loop {
-                let due =
-                    last_put.is_none_or(|t: std::time::Instant| t.elapsed() >= REPORT_EVERY) && report.has_changed().unwrap_or(false) || last_put.is_none();
-                if due {
-                    let mut r = report.borrow_and_update().clone();
-                    r.node = c.node.clone();
-                    r.at_unix_ms = super::record::now_unix_ms();
-                    with_timeout(async { Ok(client.put(key.as_bytes(), serde_json::to_vec(&r)?, Some(PutOptions::new().with_lease(id))).await?) }).await?;
-                    last_put = Some(std::time::Instant::now());
-                }
-                tokio::select! {
-                    _ = keep.tick() => {
-                        keeper.keep_alive().await?;
-                        match acks.message().await? {
-                            Some(a) if a.ttl() > 0 => {}
-                            _ => anyhow::bail!("the report's lease expired"),
-                        }
-                    }
-                    _ = tokio::time::sleep(REPORT_EVERY) => {}
-                }
-            }
-        }
-        .await;
-        if let Err(e) = r {
-            warn!(error = %format!("{e:#}"), "placement report: cannot keep it in etcd; retrying in 1 s");
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
 }
 
 /// Who the manager is, for every node's status.
@@ -490,7 +426,7 @@ async fn observe(c: Cluster, status: Arc<Mutex<ManagerStatus>>) {
         tokio::time::sleep(OBSERVE_EVERY).await;
         round += 1;
         if client.is_none() {
-            client = connect(&c).await.ok();
+            client = ledger_io::connect(&c).await.ok();
         }
         let Some(cl) = client.as_mut() else { continue };
         let seen = match tokio::time::timeout(Duration::from_millis(500), cl.leader(election_name(&c.key_prefix))).await {
@@ -516,127 +452,11 @@ async fn observe(c: Cluster, status: Arc<Mutex<ManagerStatus>>) {
     }
 }
 
-/// Runs an etcd request with [`WRITE_TIMEOUT`]: an unreachable etcd ends the term.
-async fn with_timeout<T>(f: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
-    match tokio::time::timeout(WRITE_TIMEOUT, f).await {
-        Ok(r) => r,
-        Err(_) => anyhow::bail!("an etcd request took over {} ms (etcd unreachable?): standing down", WRITE_TIMEOUT.as_millis()),
-    }
-}
-
 /// The ledger: every handed-out address and every retired one.
 pub async fn read_ledger(client: &mut Client, key_prefix: &str) -> anyhow::Result<(BTreeMap<AddrKey, AllocRecord>, BTreeSet<AddrKey>)> {
-    let records = requests::read_records(client, key_prefix).await?.into_iter().map(|(k, (r, _))| (k, r)).collect();
+    let records = ledger_io::read_records(client, key_prefix).await?.into_iter().map(|(k, (r, _))| (k, r)).collect();
     // Retired addresses stay in the ledger as retired records (the generator skips them).
     Ok((records, BTreeSet::new()))
-}
-
-/// Every node follows the ledger: it reads it (with the nodes' reports) every
-/// [`POOLS_EVERY`] and at once when it changes, publishes the granted VIPs (every node
-/// serves or stands by for each) and the view requests use, and checks each of its new
-/// spares on the wire once (an ARP probe or duplicate address detection on each of its
-/// NICs, see `kernel::addr_probe`) before it can be used, recording the result compared on
-/// the record's revision: checked, or a conflict when someone answered (the manager then
-/// replaces it and never hands the address out). Each conflict is logged on one line.
-pub async fn follow_ledger(c: Cluster, nics: Vec<String>, grants: watch::Sender<Vec<pools::GrantedVip>>, view: watch::Sender<LedgerView>) {
-    let mut client: Option<Client> = None;
-    let checking: Arc<Mutex<BTreeSet<AddrKey>>> = Arc::default();
-    let mut changes: Option<etcd_client::WatchStream> = None;
-    let mut _watcher: Option<etcd_client::Watcher> = None;
-    loop {
-        // Wait for the period, or a change of the ledger (then a moment more, so a burst
-        // of changes costs one read).
-        match changes.as_mut() {
-            Some(stream) => {
-                let changed = tokio::select! {
-                    m = stream.message() => Some(m.is_ok_and(|m| m.is_some())),
-                    _ = tokio::time::sleep(POOLS_EVERY) => None,
-                };
-                match changed {
-                    Some(true) => tokio::time::sleep(Duration::from_millis(10)).await,
-                    Some(false) => changes = None,
-                    None => {}
-                }
-            }
-            None => tokio::time::sleep(POOLS_EVERY).await,
-        }
-        if client.is_none() {
-            client = connect(&c).await.ok();
-        }
-        let Some(cl) = client.as_mut() else { continue };
-        if changes.is_none() {
-            if let Ok(Ok((w, s))) =
-                tokio::time::timeout(WRITE_TIMEOUT, cl.watch(pools::ledger_prefix(&c.key_prefix), Some(WatchOptions::new().with_prefix()))).await
-            {
-                _watcher = Some(w);
-                changes = Some(s);
-            }
-        }
-        let ((records, revision), reports) =
-            match (with_timeout(requests::read_records_at(cl, &c.key_prefix)).await, with_timeout(read_reports(cl, &c.key_prefix)).await) {
-                (Ok(r), Ok(p)) => (r, p),
-                _ => {
-                    client = None;
-                    changes = None;
-                    continue;
-                }
-            };
-        let fresh = LedgerView { records, reports, revision };
-        let now = pools::granted(&fresh.plain());
-        let mine: Vec<(AddrKey, AllocRecord, i64)> = fresh
-            .records
-            .iter()
-            .filter(|(_, (r, _))| r.node == c.node && r.state == pools::State::Spare && !r.checked)
-            .map(|(k, (r, rev))| (k.clone(), r.clone(), *rev))
-            .collect();
-        // The view first: a change of the granted VIPs wakes the node, which then serves
-        // what the view says.
-        view.send_replace(fresh);
-        grants.send_if_modified(|g| {
-            let changed = *g != now;
-            *g = now;
-            changed
-        });
-        // Up to CONCURRENT_CHECKS at once (each takes about half a second), on tasks of
-        // their own so the ledger keeps being followed meanwhile: a burst of new spares
-        // costs a few seconds of checks, not hundreds of sockets at once.
-        let room = CONCURRENT_CHECKS.saturating_sub(checking.lock().map_or(0, |c| c.len()));
-        for ((net, addr), rec, rev) in mine.into_iter().filter(|(k, _, _)| !checking.lock().is_ok_and(|c| c.contains(k))).take(room) {
-            if let Ok(mut set) = checking.lock() {
-                set.insert((net.clone(), addr));
-            }
-            let (nics, checking, mut client, prefix) = (nics.clone(), checking.clone(), cl.clone(), c.key_prefix.clone());
-            tokio::spawn(async move {
-                let nics2 = nics.clone();
-                let held_on = tokio::task::spawn_blocking(move || {
-                    nics2.iter().find(|n| matches!(addr_probe::nic_link(n).and_then(|(ix, mac)| addr_probe::someone_holds(ix, mac, addr)), Ok(true))).cloned()
-                })
-                .await;
-                if let Ok(held_on) = held_on {
-                    let mut new = rec.clone();
-                    match &held_on {
-                        Some(nic) => {
-                            new.state = pools::State::Conflict;
-                            warn!(network = %net, %addr, %nic, "spare VIP in use on the link (someone answered the probe): marked conflict, the manager replaces it");
-                        }
-                        None => new.checked = true,
-                    }
-                    let key = pools::alloc_key(&prefix, &net, addr);
-                    if let Ok(value) = serde_json::to_vec(&new) {
-                        let txn = Txn::new().when(vec![Compare::mod_revision(key.as_bytes(), CompareOp::Equal, rev)]).and_then(vec![TxnOp::put(
-                            key.as_bytes(),
-                            value,
-                            None,
-                        )]);
-                        let _ = with_timeout(async { Ok(client.txn(txn).await?) }).await;
-                    }
-                }
-                if let Ok(mut set) = checking.lock() {
-                    set.remove(&(net, addr));
-                }
-            });
-        }
-    }
 }
 
 fn seed() -> u64 {

@@ -10,7 +10,9 @@
 //! - `decide`: who should own each VIP, pure.
 //! - `record`, `wire`: the etcd record and the heartbeat datagram.
 //! - `store`: etcd; `service`: the thread that runs it all; `clock`: CLOCK_BOOTTIME.
-//! - `manager`: the managing node's election and leadership-guarded writes.
+//! - `manager`: the managing node's election and leadership-guarded writes; `follower`:
+//!   every node's part (following the ledger, checking its spares, its placement report);
+//!   `ledger_io`: their etcd calls.
 //! - `pools`: the ledger's records; which spare VIPs the manager adds for which node, pure.
 //! - `placement`: which node a request's VIP goes to, pure; `rebalance`: which VIPs the
 //!   manager moves in a round, pure; `requests`: granting, forwarding, releasing in etcd.
@@ -18,6 +20,8 @@
 //!   generation by rule, issue 13), pure.
 
 pub mod decide;
+pub mod follower;
+pub mod ledger_io;
 pub mod manager;
 pub mod peers;
 pub mod placement;

@@ -21,10 +21,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use super::{
-    pools::{AllocRecord, State},
-    vipgen::AddrKey,
-};
+use super::pools::{AllocRecord, State};
 use crate::config::{
     cluster::Placement,
     ranking::{Combine, Settings},
@@ -91,9 +88,9 @@ pub struct NodeRank {
 }
 
 /// Granted VIPs per node, and the application's.
-pub fn counts(records: &BTreeMap<AddrKey, AllocRecord>, app: &str) -> (BTreeMap<String, usize>, BTreeMap<String, usize>) {
+pub fn counts<'r>(records: impl IntoIterator<Item = &'r AllocRecord>, app: &str) -> (BTreeMap<String, usize>, BTreeMap<String, usize>) {
     let (mut all, mut mine) = (BTreeMap::new(), BTreeMap::new());
-    for r in records.values().filter(|r| r.state == State::Granted) {
+    for r in records.into_iter().filter(|r| r.state == State::Granted) {
         *all.entry(r.node.clone()).or_insert(0) += 1;
         if r.uses.iter().any(|u| u.app == app) {
             *mine.entry(r.node.clone()).or_insert(0) += 1;
@@ -121,13 +118,14 @@ pub fn within_margin(cost: f64, best: f64, w: &Settings) -> bool {
     cost <= best + (best.abs() * w.margin).max(w.min_gain)
 }
 
-/// `nodes` ranked for `ask`, best first. `alive` holds the nodes placement may use.
-pub fn rank_nodes(
+/// `nodes` ranked for `ask`, best first. `alive` holds the nodes placement may use;
+/// `records` are the ledger's.
+pub fn rank_nodes<'r>(
     ask: Ask<'_>,
     nodes: &[String],
     alive: &BTreeSet<String>,
     reports: &BTreeMap<String, NodeReport>,
-    records: &BTreeMap<AddrKey, AllocRecord>,
+    records: impl IntoIterator<Item = &'r AllocRecord>,
     w: &Settings,
     p: &Placement,
 ) -> Vec<NodeRank> {
@@ -176,28 +174,39 @@ pub fn rank_nodes(
     out
 }
 
-/// Why the first of `ranked` leads, in words (for the grant's log line and `explain`).
-pub fn why(ranked: &[NodeRank]) -> String {
+/// Why the first of `ranked` leads, in words (for the grant's log line and `explain`):
+/// against the node asked when another node won, else against the runner-up.
+pub fn why(ranked: &[NodeRank], asked: &str) -> String {
     let Some(first) = ranked.first() else { return "no node".into() };
     if !first.alive {
         return "no node is alive in etcd".into();
     }
-    let Some(second) = ranked.get(1).filter(|r| r.alive) else { return "the only node alive".into() };
-    if first.reachable != second.reachable {
-        format!("reaches {} target(s), {} the next best", first.reachable, second.reachable)
-    } else if first.near_best != second.near_best {
-        format!("lowest path cost ({:.2}; next {:.2}, beyond the margin)", first.cost.unwrap_or(0.0), second.cost.unwrap_or(0.0))
-    } else if first.app_vips != second.app_vips {
-        format!("holds {} of the application's VIPs ({} on {}): spread", first.app_vips, second.app_vips, second.node)
-    } else if first.load_excess != second.load_excess {
-        format!("least loaded ({} VIPs; {} has {})", first.vips, second.node, second.vips)
+    let other = match ranked.iter().find(|r| r.node == asked && r.node != first.node) {
+        Some(a) => a,
+        None => match ranked.get(1).filter(|r| r.alive) {
+            Some(r) => r,
+            None => return "the only node alive".into(),
+        },
+    };
+    if !other.alive {
+        format!("{} is not alive in etcd", other.node)
+    } else if first.reachable != other.reachable {
+        format!("reaches {} target(s), {} reaches {}", first.reachable, other.node, other.reachable)
+    } else if first.near_best != other.near_best {
+        format!("lowest path cost ({:.2}; {} {:.2}, beyond the margin)", first.cost.unwrap_or(0.0), other.node, other.cost.unwrap_or(0.0))
+    } else if first.app_vips != other.app_vips {
+        format!("holds {} of the application's VIPs, {} holds {}: spread", first.app_vips, other.node, other.app_vips)
+    } else if first.load_excess != other.load_excess {
+        format!("least loaded ({} VIPs; {} has {}, beyond the slack)", first.vips, other.node, other.vips)
+    } else if first.node == asked {
+        "equal standing: the node asked".into()
     } else {
-        "equal standing: the node asked (or the first by name)".into()
+        "equal standing: the first by name".into()
     }
 }
 
 /// `explain` text: every node's standing for the request.
-pub fn render(ranked: &[NodeRank]) -> String {
+pub fn render(ranked: &[NodeRank], asked: &str) -> String {
     let mut out = format!("{:<12} {:<6} {:>9} {:>9} {:>5} {:>8} {:>5} {:>7}\n", "NODE", "ALIVE", "REACHED", "COST", "NEAR", "APP_VIPS", "VIPS", "EXCESS");
     for r in ranked {
         out += &format!(
@@ -212,13 +221,13 @@ pub fn render(ranked: &[NodeRank]) -> String {
             r.load_excess
         );
     }
-    out + &format!("chosen: {} ({})", ranked.first().map_or("-", |r| r.node.as_str()), why(ranked))
+    out + &format!("chosen: {} ({})", ranked.first().map_or("-", |r| r.node.as_str()), why(ranked, asked))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::pools::Use;
+    use crate::cluster::{pools::Use, vipgen::AddrKey};
     use crate::config::Protocol;
 
     fn ip(s: &str) -> IpAddr {
@@ -264,16 +273,17 @@ mod tests {
             ("n2".to_string(), report("n2", &[("198.18.9.1", 2.0, 0.0)])),
             ("n3".to_string(), report("n3", &[("198.18.9.1", 2.5, 0.0)])),
         ]);
-        let r = rank_nodes(Ask { app: "a", targets: &t, asked: "n1" }, &nodes(), &all_alive(), &reports, &BTreeMap::new(), &w, &p);
+        let r = rank_nodes(Ask { app: "a", targets: &t, asked: "n1" }, &nodes(), &all_alive(), &reports, [], &w, &p);
         // n2 and n3 are within the margin of each other: the tie goes by load, then name;
         // n1 (the node asked) is far worse and comes last.
         assert_eq!(order(&r), ["n2", "n3", "n1"]);
         assert!(!r[2].near_best);
         // n2 already has much more load: n3, equal within the margin, is chosen.
         let busy = ledger(&[("n2", "x"), ("n2", "y"), ("n2", "z")]);
-        let r = rank_nodes(Ask { app: "a", targets: &t, asked: "n1" }, &nodes(), &all_alive(), &reports, &busy, &w, &p);
+        let r = rank_nodes(Ask { app: "a", targets: &t, asked: "n1" }, &nodes(), &all_alive(), &reports, busy.values(), &w, &p);
         assert_eq!(r[0].node, "n3");
-        assert!(why(&r).contains("least loaded"), "{}", why(&r));
+        assert!(why(&r, "n2").contains("least loaded"), "{}", why(&r, "n2"));
+        assert!(why(&r, "n1").contains("lowest path cost"), "{}", why(&r, "n1"));
     }
 
     #[test]
@@ -284,9 +294,9 @@ mod tests {
             ("n1".to_string(), report("n1", &[("198.18.9.1", 1.0, 0.0)])),
             ("n2".to_string(), report("n2", &[("198.18.9.1", 9.0, 0.0), ("198.18.9.2", 9.0, 0.0)])),
         ]);
-        let r = rank_nodes(Ask { app: "a", targets: &t, asked: "n1" }, &nodes(), &all_alive(), &reports, &BTreeMap::new(), &w, &p);
+        let r = rank_nodes(Ask { app: "a", targets: &t, asked: "n1" }, &nodes(), &all_alive(), &reports, [], &w, &p);
         assert_eq!(r[0].node, "n2");
-        assert!(why(&r).contains("reaches 2"), "{}", why(&r));
+        assert!(why(&r, "n1").contains("reaches 2"), "{}", why(&r, "n1"));
     }
 
     #[test]
@@ -294,17 +304,17 @@ mod tests {
         let (w, p) = (Settings::default(), Placement::default());
         let none = BTreeMap::new();
         // Nothing to tell them apart: the node asked.
-        let r = rank_nodes(Ask { app: "a", targets: &[], asked: "n2" }, &nodes(), &all_alive(), &none, &BTreeMap::new(), &w, &p);
+        let r = rank_nodes(Ask { app: "a", targets: &[], asked: "n2" }, &nodes(), &all_alive(), &none, [], &w, &p);
         assert_eq!(order(&r), ["n2", "n1", "n3"]);
         // a holds one on n2: the next goes elsewhere, even though n2 was asked.
         let l = ledger(&[("n2", "a")]);
-        let r = rank_nodes(Ask { app: "a", targets: &[], asked: "n2" }, &nodes(), &all_alive(), &none, &l, &w, &p);
+        let r = rank_nodes(Ask { app: "a", targets: &[], asked: "n2" }, &nodes(), &all_alive(), &none, l.values(), &w, &p);
         assert_eq!(order(&r), ["n1", "n3", "n2"]);
         // Load within the slack does not count; beyond it, it does.
         let l = ledger(&[("n2", "x"), ("n2", "y")]);
-        assert_eq!(rank_nodes(Ask { app: "a", targets: &[], asked: "n2" }, &nodes(), &all_alive(), &none, &l, &w, &p)[0].node, "n2");
+        assert_eq!(rank_nodes(Ask { app: "a", targets: &[], asked: "n2" }, &nodes(), &all_alive(), &none, l.values(), &w, &p)[0].node, "n2");
         let l = ledger(&[("n2", "x"), ("n2", "y"), ("n2", "z")]);
-        assert_eq!(rank_nodes(Ask { app: "a", targets: &[], asked: "n2" }, &nodes(), &all_alive(), &none, &l, &w, &p)[0].node, "n1");
+        assert_eq!(rank_nodes(Ask { app: "a", targets: &[], asked: "n2" }, &nodes(), &all_alive(), &none, l.values(), &w, &p)[0].node, "n1");
     }
 
     #[test]
@@ -314,9 +324,9 @@ mod tests {
         let reports =
             BTreeMap::from([("n1".to_string(), report("n1", &[("198.18.9.1", 0.1, 0.0)])), ("n2".to_string(), report("n2", &[("198.18.9.1", 50.0, 0.0)]))]);
         let alive = BTreeSet::from(["n2".to_string(), "n3".to_string()]);
-        let r = rank_nodes(Ask { app: "a", targets: &t, asked: "n1" }, &nodes(), &alive, &reports, &BTreeMap::new(), &w, &p);
+        let r = rank_nodes(Ask { app: "a", targets: &t, asked: "n1" }, &nodes(), &alive, &reports, [], &w, &p);
         assert_eq!(r.last().unwrap().node, "n1");
         assert_eq!(r[0].node, "n2");
-        assert!(render(&r).contains("chosen: n2"));
+        assert!(render(&r, "n1").contains("chosen: n2 (n1 is not alive in etcd)"), "{}", render(&r, "n1"));
     }
 }

@@ -111,9 +111,9 @@ impl GrantedVip {
 }
 
 /// The granted VIPs of the ledger.
-pub fn granted(records: &BTreeMap<AddrKey, AllocRecord>) -> Vec<GrantedVip> {
+pub fn granted<'r>(records: impl IntoIterator<Item = (&'r AddrKey, &'r AllocRecord)>) -> Vec<GrantedVip> {
     records
-        .iter()
+        .into_iter()
         .filter(|(_, r)| r.state == State::Granted && !r.uses.is_empty())
         .map(|((net, addr), r)| GrantedVip { network: net.clone(), addr: *addr, node: r.node.clone(), uses: r.uses.clone(), pinned: r.pinned })
         .collect()

@@ -17,6 +17,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
+    sync::Arc,
     time::Duration,
 };
 
@@ -25,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use tracing::info;
 
 use super::{
+    ledger_io,
     placement::{self, Ask, NodeRank, NodeReport},
     pools::{self, AllocRecord, State, Use},
     vipgen::{self, AddrKey, Allocation, Ledger},
@@ -35,8 +37,6 @@ use crate::config::{cluster::Cluster, ranking::Settings};
 pub const FORWARD_WAIT: Duration = Duration::from_secs(3);
 /// A forwarded request older than this is left to its node's timeout (the manager skips it).
 const FORWARD_MAX_AGE_MS: u64 = 2_500;
-/// How long a request may take in etcd calls before it is refused.
-const CALL_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The ledger and the nodes' reports as a node last read them (every half second, and at
 /// once on a change).
@@ -54,19 +54,25 @@ pub struct LedgerView {
 pub type Written = BTreeMap<AddrKey, (Option<AllocRecord>, i64)>;
 
 impl LedgerView {
-    /// Lays the writes the view is older than over it.
-    pub fn with(mut self, written: &Written) -> Self {
-        for (k, (r, rev)) in written.iter().filter(|(_, (_, rev))| *rev > self.revision) {
+    /// Lays the writes the view is older than over it (a copy only when there are some).
+    pub fn with(self: Arc<Self>, written: &Written) -> Arc<Self> {
+        let newer: Vec<_> = written.iter().filter(|(_, (_, rev))| *rev > self.revision).collect();
+        if newer.is_empty() {
+            return self;
+        }
+        let mut view = (*self).clone();
+        for (k, (r, rev)) in newer {
             match r {
-                Some(r) => self.records.insert(k.clone(), (r.clone(), *rev)),
-                None => self.records.remove(k),
+                Some(r) => view.records.insert(k.clone(), (r.clone(), *rev)),
+                None => view.records.remove(k),
             };
         }
-        self
+        Arc::new(view)
     }
 
-    pub fn plain(&self) -> BTreeMap<AddrKey, AllocRecord> {
-        self.records.iter().map(|(k, (r, _))| (k.clone(), r.clone())).collect()
+    /// The granted VIPs it shows.
+    pub fn granted(&self) -> Vec<pools::GrantedVip> {
+        pools::granted(self.records.iter().map(|(k, (r, _))| (k, r)))
     }
 
     /// The nodes placement may use: alive (a report in etcd) and healthy.
@@ -82,14 +88,7 @@ pub struct LedgerClient(pub(crate) Client);
 
 impl LedgerClient {
     pub async fn connect(c: &Cluster) -> anyhow::Result<Self> {
-        Ok(Self(timed(super::manager::connect(c)).await?))
-    }
-}
-
-async fn timed<T>(f: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
-    match tokio::time::timeout(CALL_TIMEOUT, f).await {
-        Ok(r) => r,
-        Err(_) => anyhow::bail!("etcd did not answer within {} ms", CALL_TIMEOUT.as_millis()),
+        Ok(Self(ledger_io::timed(ledger_io::connect(c)).await?))
     }
 }
 
@@ -99,25 +98,6 @@ pub fn requests_prefix(key_prefix: &str) -> String {
 
 fn answer_key(key_prefix: &str, node: &str, id: &str) -> String {
     format!("{key_prefix}-manager/answers/{node}/{id}")
-}
-
-/// The ledger's records with their mod revisions (for writes compared on them).
-pub async fn read_records(client: &mut Client, key_prefix: &str) -> anyhow::Result<BTreeMap<AddrKey, (AllocRecord, i64)>> {
-    Ok(read_records_at(client, key_prefix).await?.0)
-}
-
-/// [`read_records`] and the revision the read saw.
-pub async fn read_records_at(client: &mut Client, key_prefix: &str) -> anyhow::Result<(BTreeMap<AddrKey, (AllocRecord, i64)>, i64)> {
-    let resp = client.get(pools::ledger_prefix(key_prefix), Some(GetOptions::new().with_prefix())).await?;
-    let revision = resp.header().map_or(0, |h| h.revision());
-    let mut records = BTreeMap::new();
-    for kv in resp.kvs() {
-        let (Ok(key), Ok(rec)) = (kv.key_str(), serde_json::from_slice::<AllocRecord>(kv.value())) else { continue };
-        if let Some(k) = pools::parse_alloc_key(key_prefix, key) {
-            records.insert(k, (rec, kv.mod_revision()));
-        }
-    }
-    Ok((records, revision))
 }
 
 /// How a request was granted.
@@ -166,12 +146,13 @@ pub enum Refused {
     Unavailable(String),
 }
 
-/// Ranks the nodes for `u` on `view`.
-pub fn rank(c: &Cluster, w: &Settings, view: &LedgerView, records: &BTreeMap<AddrKey, AllocRecord>, u: &Use) -> Vec<NodeRank> {
+/// Ranks the nodes for `u` on `view`'s reports and `records`.
+pub fn rank(c: &Cluster, w: &Settings, view: &LedgerView, records: &BTreeMap<AddrKey, (AllocRecord, i64)>, u: &Use) -> Vec<NodeRank> {
     let mut alive = view.alive();
     // This node is alive: it is answering the request (its own report may be in flight).
     alive.insert(c.node.clone());
-    placement::rank_nodes(Ask { app: &u.app, targets: &u.targets, asked: &c.node }, &c.all_nodes(), &alive, &view.reports, records, w, &c.placement)
+    let ask = Ask { app: &u.app, targets: &u.targets, asked: &c.node };
+    placement::rank_nodes(ask, &c.all_nodes(), &alive, &view.reports, records.values().map(|(r, _)| r), w, &c.placement)
 }
 
 /// How the allocation is to be kept: never moved by rebalancing; never handed out again
@@ -195,23 +176,22 @@ impl Keep {
 /// managing node (see the module's text).
 pub async fn grant(c: &Cluster, w: &Settings, ledger: &mut LedgerClient, view: &LedgerView, network: &str, u: Use, keep: Keep) -> Result<Granted, Refused> {
     let unavailable = |e: anyhow::Error| Refused::Unavailable(format!("the ledger in etcd: {e:#}"));
-    let plain = view.plain();
-    if let Some(held) = plain.iter().find(|((n, _), r)| {
+    if let Some(held) = view.records.iter().find(|((n, _), (r, _))| {
         n == network && r.state == State::Granted && r.uses.iter().any(|x| x.app == u.app && x.protocol == u.protocol && x.service_port == u.service_port)
     }) {
         return Err(Refused::Conflict(format!("`{}` already holds {}:{} ({:?}); release it first", u.app, held.0 .1, u.service_port, u.protocol)));
     }
     let spares_here = c.spares.as_ref().is_some_and(|s| s.network == network);
     // Twice: on the view, then on a fresh read if the view was stale.
-    let mut records = view.records.clone();
+    let mut fresh = None;
     for attempt in 0..2 {
         if attempt == 1 {
-            records = timed(read_records(&mut ledger.0, &c.key_prefix)).await.map_err(unavailable)?;
+            fresh = Some(ledger_io::timed(ledger_io::read_records(&mut ledger.0, &c.key_prefix)).await.map_err(unavailable)?);
         }
-        let plain: BTreeMap<AddrKey, AllocRecord> = records.iter().map(|(k, (r, _))| (k.clone(), r.clone())).collect();
-        let ranked = rank(c, w, view, &plain, &u);
+        let records = fresh.as_ref().unwrap_or(&view.records);
+        let ranked = rank(c, w, view, records, &u);
         let Some(best) = ranked.first().filter(|r| r.alive) else { return Err(Refused::Unavailable("no node is alive in etcd".into())) };
-        let why = placement::why(&ranked);
+        let why = placement::why(&ranked, &c.node);
         let on_node = |r: &AllocRecord| r.node == best.node;
         let mut tries: Vec<(AddrKey, How)> = Vec::new();
         if !u.exclusive {
@@ -236,7 +216,7 @@ pub async fn grant(c: &Cluster, w: &Settings, ledger: &mut LedgerClient, view: &
             let value = serde_json::to_vec(&new).map_err(|e| unavailable(e.into()))?;
             let txn =
                 Txn::new().when(vec![Compare::mod_revision(key.as_bytes(), CompareOp::Equal, rev)]).and_then(vec![TxnOp::put(key.as_bytes(), value, None)]);
-            let resp = timed(async { Ok(ledger.0.txn(txn).await?) }).await.map_err(unavailable)?;
+            let resp = ledger_io::timed(async { Ok(ledger.0.txn(txn).await?) }).await.map_err(unavailable)?;
             if resp.succeeded() {
                 let rev = resp.header().map_or(0, |h| h.revision());
                 return Ok(Granted { network: k.0, vip: k.1, node: best.node.clone(), how, why, written: (new, rev) });
@@ -281,10 +261,10 @@ async fn forward(c: &Cluster, ledger: &mut LedgerClient, network: &str, u: Use, 
     let req_key = format!("{}{}/{id}", requests_prefix(&c.key_prefix), c.node);
     let ans_key = answer_key(&c.key_prefix, &c.node, &id);
     let client = &mut ledger.0;
-    let (mut watcher, mut stream) = timed(async { Ok(client.watch(ans_key.as_bytes(), None).await?) }).await.map_err(unavailable)?;
+    let (mut watcher, mut stream) = ledger_io::timed(async { Ok(client.watch(ans_key.as_bytes(), None).await?) }).await.map_err(unavailable)?;
     let f = Forwarded { network: network.to_string(), use_: u, asked: c.node.clone(), at_unix_ms: super::record::now_unix_ms(), keep };
     let value = serde_json::to_vec(&f).map_err(|e| unavailable(e.into()))?;
-    timed(async { Ok(client.put(req_key.as_bytes(), value, None).await?) }).await.map_err(unavailable)?;
+    ledger_io::timed(async { Ok(client.put(req_key.as_bytes(), value, None).await?) }).await.map_err(unavailable)?;
     let waited = tokio::time::timeout(FORWARD_WAIT, async {
         while let Ok(Some(resp)) = stream.message().await {
             if let Some(kv) = resp.events().iter().filter(|e| e.event_type() == EventType::Put).find_map(|e| e.kv()) {
@@ -302,11 +282,11 @@ async fn forward(c: &Cluster, ledger: &mut LedgerClient, network: &str, u: Use, 
             // Withdraw the request; if it is gone already, the manager took it: read its answer.
             let withdraw =
                 Txn::new().when(vec![Compare::version(req_key.as_bytes(), CompareOp::Greater, 0)]).and_then(vec![TxnOp::delete(req_key.as_bytes(), None)]);
-            let withdrawn = timed(async { Ok(client.txn(withdraw).await?) }).await.map_err(unavailable)?.succeeded();
+            let withdrawn = ledger_io::timed(async { Ok(client.txn(withdraw).await?) }).await.map_err(unavailable)?.succeeded();
             let late = if withdrawn {
                 None
             } else {
-                timed(async { Ok(client.get(ans_key.as_bytes(), None).await?) })
+                ledger_io::timed(async { Ok(client.get(ans_key.as_bytes(), None).await?) })
                     .await
                     .map_err(unavailable)?
                     .kvs()
@@ -339,7 +319,7 @@ async fn forward(c: &Cluster, ledger: &mut LedgerClient, network: &str, u: Use, 
 /// writes made.
 pub async fn release(c: &Cluster, ledger: &mut LedgerClient, app: &str, vip: Option<IpAddr>) -> anyhow::Result<Written> {
     let client = &mut ledger.0;
-    let records = timed(read_records(client, &c.key_prefix)).await?;
+    let records = ledger_io::timed(ledger_io::read_records(client, &c.key_prefix)).await?;
     let plain: BTreeMap<AddrKey, AllocRecord> = records.iter().map(|(k, (r, _))| (k.clone(), r.clone())).collect();
     let mut done = Written::new();
     for net in &c.networks {
@@ -351,7 +331,7 @@ pub async fn release(c: &Cluster, ledger: &mut LedgerClient, app: &str, vip: Opt
                 None => TxnOp::delete(key.as_bytes(), None),
             };
             let txn = Txn::new().when(vec![Compare::mod_revision(key.as_bytes(), CompareOp::Equal, rev)]).and_then(vec![op]);
-            let resp = timed(async { Ok(client.txn(txn).await?) }).await?;
+            let resp = ledger_io::timed(async { Ok(client.txn(txn).await?) }).await?;
             if resp.succeeded() {
                 let how = match &after {
                     None => "freed",
@@ -383,7 +363,7 @@ pub async fn serve_forwarded(
     }
     let pending: Vec<(String, Option<Forwarded>)> =
         resp.kvs().iter().filter_map(|kv| Some((kv.key_str().ok()?.to_string(), serde_json::from_slice::<Forwarded>(kv.value()).ok()))).collect();
-    let mut records: BTreeMap<AddrKey, AllocRecord> = read_records(client, &c.key_prefix).await?.into_iter().map(|(k, (r, _))| (k, r)).collect();
+    let mut records: BTreeMap<AddrKey, AllocRecord> = ledger_io::read_records(client, &c.key_prefix).await?.into_iter().map(|(k, (r, _))| (k, r)).collect();
     let alive: BTreeSet<String> = reports.values().filter(|r| r.healthy).map(|r| r.node.clone()).collect();
     let now = super::record::now_unix_ms();
     let mut answered = 0;
@@ -399,11 +379,11 @@ pub async fn serve_forwarded(
             &c.all_nodes(),
             &alive,
             reports,
-            &records,
+            records.values(),
             w,
             &c.placement,
         );
-        let why = placement::why(&ranked);
+        let why = placement::why(&ranked, &f.asked);
         let node = ranked.first().map(|r| r.node.clone()).unwrap_or_else(|| f.asked.clone());
         let chosen = c.networks.iter().find(|n| n.name == f.network).ok_or_else(|| format!("`{}` is not a [[cluster.network]]", f.network)).and_then(|net| {
             let ledger = Ledger {

@@ -136,7 +136,7 @@ pub struct Handle {
     /// The granted VIPs of the ledger (see `manager::follow_ledger`).
     grants: watch::Receiver<Vec<GrantedVip>>,
     /// The ledger and the nodes' reports as last read (requests place by them).
-    view: watch::Receiver<LedgerView>,
+    view: watch::Receiver<Arc<LedgerView>>,
     /// This node's report for placement.
     report: watch::Sender<NodeReport>,
     manager: Arc<Mutex<ManagerStatus>>,
@@ -156,7 +156,7 @@ impl Handle {
     }
 
     /// The ledger and the nodes' reports as the last read showed them.
-    pub fn view(&self) -> LedgerView {
+    pub fn view(&self) -> Arc<LedgerView> {
         self.view.borrow().clone()
     }
 
@@ -206,7 +206,7 @@ pub fn start(cluster: Cluster, vips: ClusterVips, nics: Vec<String>, pins: PinLa
     let status = Arc::new(Mutex::new(Status { node: cluster.node.clone(), etcd_endpoints: cluster.etcd_endpoints.clone(), ..Default::default() }));
     let (vips_tx, vips_rx) = watch::channel(vips);
     let (grants_tx, grants_rx) = watch::channel(Vec::new());
-    let (view_tx, view_rx) = watch::channel(LedgerView::default());
+    let (view_tx, view_rx) = watch::channel(Arc::new(LedgerView::default()));
     let (report_tx, report_rx) = watch::channel(NodeReport { node: cluster.node.clone(), healthy: true, ..Default::default() });
     let manager_status = Arc::new(Mutex::new(ManagerStatus::default()));
     let links = manager::Links { grants: grants_tx, view: view_tx, report: report_rx, ranking };

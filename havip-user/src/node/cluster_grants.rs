@@ -89,7 +89,7 @@ impl Node {
         let Some(h) = &self.cluster else { return Vec::new() };
         let view = h.view();
         self.written.retain(|_, (_, rev)| *rev > view.revision);
-        crate::cluster::pools::granted(&view.with(&self.written).plain())
+        view.with(&self.written).granted()
     }
 
     /// Serves what the ledger (and this node's own writes) say, if that differs from what
@@ -211,13 +211,12 @@ impl Node {
         let g = h.grants().borrow().iter().find(|g| g.addr == vip).cloned()?;
         let targets = g.targets();
         let app = g.uses.first().map_or("", |u| u.app.as_str());
-        let records = view.plain();
         let ranked = placement::rank_nodes(
             placement::Ask { app, targets: &targets, asked: &g.node },
             &c.all_nodes(),
             &view.alive(),
             &view.reports,
-            &records,
+            view.records.values().map(|(r, _)| r),
             &self.file_cfg.ranking,
             &c.placement,
         );
@@ -228,7 +227,7 @@ impl Node {
             g.node,
             if g.pinned { " (pinned)" } else { "" },
             uses.join(", "),
-            placement::render(&ranked)
+            placement::render(&ranked, &g.node)
         ))
     }
 
