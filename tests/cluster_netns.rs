@@ -660,17 +660,36 @@ fn ledger_json(lab: &ClusterLab) -> std::collections::BTreeMap<String, serde_jso
 
 #[test]
 fn a_spare_someone_else_answers_for_is_replaced_and_never_used() {
-    let mut lab = ClusterLab::new(3, 1);
-    // A host on the nodes' link already uses the first address of the range.
-    lab.client_ns().ip(&["addr", "add", "198.18.200.10/32", "dev", "eth0"]).unwrap();
     // low = high: a node short of one spare is topped up at once.
+    spare_in_use_is_a_conflict("198.18.200.10", "198.18.200.10/32", &SPARES.replace("low = 2", "low = 4"), "prod");
+}
+
+/// The same over IPv6: duplicate address detection (RFC 4862) finds the holder.
+#[test]
+fn a_v6_spare_someone_else_answers_for_by_dad_is_replaced_and_never_used() {
+    let v6 = "\n[[cluster.network]]\nname = \"v6\"\nprefix = \"2001:db8:200::/64\"\n\
+              [[cluster.network.range]]\nfirst = \"2001:db8:200::10\"\nlast = \"2001:db8:200::ff\"\n\
+              [cluster.spares]\nnetwork = \"v6\"\nlow = 4\nhigh = 4\n";
+    spare_in_use_is_a_conflict("2001:db8:200::10", "2001:db8:200::10/128", v6, "v6");
+}
+
+/// A host on the nodes' link already uses `held`, the first address of `network`'s
+/// range: the node it is handed to finds it on the wire, it stays in the ledger as a
+/// conflict, and every node's pool fills with other, checked addresses.
+fn spare_in_use_is_a_conflict(held: &str, held_cidr: &str, spares: &str, network: &str) {
+    let mut lab = ClusterLab::new(3, 1);
+    let mut add = vec!["addr", "add", held_cidr, "dev", "eth0"];
+    if held.contains(':') {
+        add.push("nodad");
+    }
+    lab.client_ns().ip(&add).unwrap();
     for k in 1..=3 {
-        let cfg = with_spares(lab.node_config(k, &[CLUSTER_VIP], "")).replace("low = 2", "low = 4");
+        let cfg = lab.node_config(k, &[CLUSTER_VIP], "") + spares;
         lab.start_node_with(k, &cfg);
     }
     let t = Instant::now();
     let l = loop {
-        let l = ledger_json(&lab);
+        let l = lab.ledger(network);
         let ready = ["n1", "n2", "n3"].iter().all(|n| l.values().filter(|r| r["node"] == *n && r["state"] == "spare" && r["checked"] == true).count() == 4);
         if ready {
             break l;
@@ -680,9 +699,9 @@ fn a_spare_someone_else_answers_for_is_replaced_and_never_used() {
     };
     // The address in use was handed out (sequential: first), found on the wire, and
     // stays in the ledger as a conflict: nobody has it as a spare.
-    assert_eq!(l.get("198.18.200.10").map(|r| r["state"].clone()), Some(serde_json::json!("conflict")), "{l:#?}");
+    assert_eq!(l.get(held).map(|r| r["state"].clone()), Some(serde_json::json!("conflict")), "{l:#?}");
     assert_eq!(l.len(), 13, "12 checked spares and the conflict");
-    let holder = l["198.18.200.10"]["node"].as_str().unwrap().to_string();
+    let holder = l[held]["node"].as_str().unwrap().to_string();
     let k = [1, 2, 3].into_iter().find(|&k| lab.node_name(k) == holder).unwrap();
     assert!(lab.node_log(k).contains("spare VIP in use on the link"), "{}", tail(&lab.node_log(k)));
     let pools: serde_json::Value = serde_json::from_slice(&lab.havip(k, &["cluster", "pools", "--json"]).stdout).unwrap_or_default();

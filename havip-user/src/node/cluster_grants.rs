@@ -262,3 +262,70 @@ impl Node {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Protocol;
+
+    const CFG: &str = r#"
+[node]
+vip_interface = "lo"
+[[nic]]
+name = "eth0"
+[[nic]]
+name = "eth1"
+[cluster]
+node = "n2"
+etcd_endpoints = ["http://198.18.30.200:2379"]
+[[cluster.peer]]
+name = "n1"
+addresses = ["198.18.30.11"]
+[[cluster.peer]]
+name = "n3"
+addresses = ["198.18.30.31"]
+[[vip]]
+address = "198.18.130.1"
+[class.gold]
+"#;
+
+    fn use_of(app: &str, port: u16, targets: &[&str], class: Option<&str>) -> Use {
+        Use {
+            app: app.into(),
+            protocol: Protocol::Tcp,
+            service_port: port,
+            instance_port: 7000 + port,
+            exclusive: false,
+            targets: targets.iter().map(|t| t.parse().unwrap()).collect(),
+            class: class.map(String::from),
+        }
+    }
+
+    /// A shared granted VIP: owned by the ledger's node first, every use's mapping, the
+    /// union of the targets, each use's class on its port (an unknown class left out); a
+    /// configured VIP of the same address wins over a grant.
+    #[test]
+    fn granted_vips_are_served_with_their_owner_first_and_every_uses_ports_targets_and_class() {
+        let cfg = Config::parse(CFG, "test").unwrap();
+        let g = GrantedVip {
+            network: "prod".into(),
+            addr: "198.18.200.10".parse().unwrap(),
+            node: "n3".into(),
+            uses: vec![use_of("a", 80, &["198.18.9.1"], Some("gold")), use_of("b", 443, &["198.18.9.2", "198.18.9.1"], Some("silver"))],
+            pinned: false,
+        };
+        let shadowed = GrantedVip { addr: "198.18.130.1".parse().unwrap(), ..g.clone() };
+        let (out, placed) = overlay(&cfg, &[g.clone(), shadowed]);
+        assert_eq!(placed, BTreeSet::from([g.addr]));
+        let v = out.vips.iter().find(|v| v.address == g.addr).expect("the granted VIP");
+        assert_eq!(v.nodes, ["n3", "n1", "n2"]);
+        assert_eq!(v.nics, ["eth0", "eth1"]);
+        assert_eq!(v.targets, ["198.18.9.1".parse::<IpAddr>().unwrap(), "198.18.9.2".parse().unwrap()]);
+        assert_eq!(v.port_classes.iter().map(|((_, p), c)| (*p, c.as_str())).collect::<Vec<_>>(), [(80, "gold")]);
+        let maps: Vec<(u16, u16, &str)> = out.remaps.iter().filter(|r| r.vip == g.addr).map(|r| (r.designated_port, r.instance_port, r.service.as_str())).collect();
+        assert_eq!(maps, [(80, 7080, "app:a"), (443, 7443, "app:b")]);
+        // The configured VIP is not replaced by the grant of its address.
+        assert_eq!(out.vips.iter().filter(|v| v.address == "198.18.130.1".parse::<IpAddr>().unwrap()).count(), 1);
+        assert!(out.remaps.iter().all(|r| r.vip != "198.18.130.1".parse::<IpAddr>().unwrap()));
+    }
+}
