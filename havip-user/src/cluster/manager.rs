@@ -395,11 +395,7 @@ pub async fn planning_round(client: &mut Client, c: &Cluster, w: &Settings, guar
         let (rec, rev) = &records[&m.key];
         let key = pools::alloc_key(&c.key_prefix, &m.key.0, m.key.1);
         when.push(Compare::mod_revision(key.as_bytes(), CompareOp::Equal, *rev));
-        let moved = AllocRecord {
-            node: m.to.clone(),
-            moved_at_unix_ms: if m.reason == rebalance::Reason::NodeGone { rec.moved_at_unix_ms } else { now },
-            ..rec.clone()
-        };
+        let moved = AllocRecord { moved_at_unix_ms: if m.reason == rebalance::Reason::NodeGone { rec.moved_at_unix_ms } else { now }, ..rec.moved_to(&m.to) };
         then.push(TxnOp::put(key, serde_json::to_vec(&moved)?, None));
     }
     let ok = client.txn(Txn::new().when(when).and_then(then)).await?.succeeded();

@@ -56,11 +56,43 @@ pub struct AllocRecord {
     /// rebalancing hold-down.
     #[serde(default)]
     pub moved_at_unix_ms: u64,
+    /// A granted VIP's successors, best first, as placement ranked them (nodes not listed
+    /// follow in name order).
+    #[serde(default)]
+    pub successors: Vec<String>,
 }
 
 impl AllocRecord {
     pub fn spare(node: &str) -> Self {
-        Self { node: node.to_string(), state: State::Spare, uses: Vec::new(), do_not_reassign: false, checked: false, pinned: false, moved_at_unix_ms: 0 }
+        Self {
+            node: node.to_string(),
+            state: State::Spare,
+            uses: Vec::new(),
+            do_not_reassign: false,
+            checked: false,
+            pinned: false,
+            moved_at_unix_ms: 0,
+            successors: Vec::new(),
+        }
+    }
+
+    /// Its candidate nodes, owner first: its node, its ranked successors, then the rest
+    /// of `all` in name order. Every node computes the same list from the ledger.
+    pub fn candidates(&self, all: &[String]) -> Vec<String> {
+        let mut out = vec![self.node.clone()];
+        for n in self.successors.iter().chain(all) {
+            if all.contains(n) && !out.contains(n) {
+                out.push(n.clone());
+            }
+        }
+        out
+    }
+
+    /// The record moved to `to`: its order keeps the others' ranks, the old node first
+    /// among them.
+    pub fn moved_to(&self, to: &str) -> Self {
+        let successors = std::iter::once(&self.node).chain(&self.successors).filter(|n| *n != to).cloned().collect();
+        Self { node: to.to_string(), successors, ..self.clone() }
     }
 
     /// Granted to applications that share it.
@@ -98,6 +130,8 @@ pub struct GrantedVip {
     pub network: String,
     pub addr: IpAddr,
     pub node: String,
+    /// Its ranked successors (see [`AllocRecord::successors`]).
+    pub successors: Vec<String>,
     pub uses: Vec<Use>,
     pub pinned: bool,
 }
@@ -115,7 +149,14 @@ pub fn granted<'r>(records: impl IntoIterator<Item = (&'r AddrKey, &'r AllocReco
     records
         .into_iter()
         .filter(|(_, r)| r.state == State::Granted && !r.uses.is_empty())
-        .map(|((net, addr), r)| GrantedVip { network: net.clone(), addr: *addr, node: r.node.clone(), uses: r.uses.clone(), pinned: r.pinned })
+        .map(|((net, addr), r)| GrantedVip {
+            network: net.clone(),
+            addr: *addr,
+            node: r.node.clone(),
+            successors: r.successors.clone(),
+            uses: r.uses.clone(),
+            pinned: r.pinned,
+        })
         .collect()
 }
 
@@ -413,6 +454,16 @@ mod tests {
         let r = release("b", None, &net, &records);
         assert_eq!(r.len(), 1);
         assert_eq!(r[0].1.as_ref().map(|x| x.uses.iter().map(|u| u.app.as_str()).collect::<Vec<_>>()), Some(vec!["c"]));
+    }
+
+    #[test]
+    fn candidates_are_the_owner_its_ranked_successors_then_the_rest_and_a_move_keeps_the_ranks() {
+        let all: Vec<String> = ["n1", "n2", "n3", "n4"].map(String::from).to_vec();
+        let r = AllocRecord { successors: vec!["n4".into(), "gone".into(), "n2".into()], ..AllocRecord::spare("n3") };
+        // A successor no longer in the cluster is skipped.
+        assert_eq!(r.candidates(&all), ["n3", "n4", "n2", "n1"]);
+        let m = r.moved_to("n2");
+        assert_eq!((m.node.as_str(), m.candidates(&all)), ("n2", vec!["n2".to_string(), "n3".into(), "n4".into(), "n1".into()]));
     }
 
     #[test]

@@ -209,6 +209,10 @@ pub async fn grant(c: &Cluster, w: &Settings, ledger: &mut LedgerClient, view: &
         for (k, how) in tries {
             let (rec, rev) = records[&k].clone();
             let mut new = rec;
+            if new.state == State::Spare {
+                // A new grant: its successors are placement's runners-up.
+                new.successors = ranked.iter().skip(1).filter(|r| r.alive).map(|r| r.node.clone()).collect();
+            }
             new.state = State::Granted;
             new.uses.push(u.clone());
             keep.onto(&mut new);
@@ -401,7 +405,8 @@ pub async fn serve_forwarded(
         let mut when = vec![guard.clone(), Compare::version(key.as_bytes(), CompareOp::Greater, 0)];
         let (answer, mut then) = match &chosen {
             Ok(addr) => {
-                let mut rec = AllocRecord { state: State::Granted, checked: true, uses: vec![f.use_.clone()], ..AllocRecord::spare(&node) };
+                let successors = ranked.iter().skip(1).filter(|r| r.alive).map(|r| r.node.clone()).collect();
+                let mut rec = AllocRecord { state: State::Granted, checked: true, uses: vec![f.use_.clone()], successors, ..AllocRecord::spare(&node) };
                 f.keep.onto(&mut rec);
                 let alloc = pools::alloc_key(&c.key_prefix, &f.network, *addr);
                 when.push(Compare::create_revision(alloc.as_bytes(), CompareOp::Equal, 0));

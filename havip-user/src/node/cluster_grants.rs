@@ -14,7 +14,7 @@ use crate::{
     api::{Answer, ApiError, Reply, VipRequest},
     cluster::{
         placement::{self, NodeReport, PathReport},
-        pools::{GrantedVip, Use},
+        pools::{AllocRecord, GrantedVip, Use},
         requests::{self, LedgerClient, Refused},
     },
     config::{Config, Remap, Vip},
@@ -37,7 +37,8 @@ pub(super) fn overlay(cfg: &Config, grants: &[GrantedVip]) -> (Config, BTreeSet<
         if cfg.vips.iter().any(|v| v.address == g.addr) {
             continue;
         }
-        let nodes = std::iter::once(g.node.clone()).chain(all.iter().filter(|n| **n != g.node).cloned()).collect();
+        let rec = AllocRecord { node: g.node.clone(), successors: g.successors.clone(), ..AllocRecord::spare(&g.node) };
+        let nodes = rec.candidates(&all);
         // Each use's class on its port (a class this node does not define is left out:
         // the VIP is still served, unclassed).
         let port_classes =
@@ -311,6 +312,7 @@ address = "198.18.130.1"
             network: "prod".into(),
             addr: "198.18.200.10".parse().unwrap(),
             node: "n3".into(),
+            successors: vec!["n2".into()],
             uses: vec![use_of("a", 80, &["198.18.9.1"], Some("gold")), use_of("b", 443, &["198.18.9.2", "198.18.9.1"], Some("silver"))],
             pinned: false,
         };
@@ -318,11 +320,13 @@ address = "198.18.130.1"
         let (out, placed) = overlay(&cfg, &[g.clone(), shadowed]);
         assert_eq!(placed, BTreeSet::from([g.addr]));
         let v = out.vips.iter().find(|v| v.address == g.addr).expect("the granted VIP");
-        assert_eq!(v.nodes, ["n3", "n1", "n2"]);
+        // The owner, its ranked successor, then the rest by name.
+        assert_eq!(v.nodes, ["n3", "n2", "n1"]);
         assert_eq!(v.nics, ["eth0", "eth1"]);
         assert_eq!(v.targets, ["198.18.9.1".parse::<IpAddr>().unwrap(), "198.18.9.2".parse().unwrap()]);
         assert_eq!(v.port_classes.iter().map(|((_, p), c)| (*p, c.as_str())).collect::<Vec<_>>(), [(80, "gold")]);
-        let maps: Vec<(u16, u16, &str)> = out.remaps.iter().filter(|r| r.vip == g.addr).map(|r| (r.designated_port, r.instance_port, r.service.as_str())).collect();
+        let maps: Vec<(u16, u16, &str)> =
+            out.remaps.iter().filter(|r| r.vip == g.addr).map(|r| (r.designated_port, r.instance_port, r.service.as_str())).collect();
         assert_eq!(maps, [(80, 7080, "app:a"), (443, 7443, "app:b")]);
         // The configured VIP is not replaced by the grant of its address.
         assert_eq!(out.vips.iter().filter(|v| v.address == "198.18.130.1".parse::<IpAddr>().unwrap()).count(), 1);
