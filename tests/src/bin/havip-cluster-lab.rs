@@ -1,6 +1,7 @@
 //! `cargo xtask run` with no config: a three-node havip cluster in network namespaces with
-//! its own three-member etcd, a client streaming probes at four VIPs, and a schedule of
-//! real failures (a node crash, a node cut off the network, a node cut from its peers only,
+//! its own three-member etcd, a client streaming probes at four configured VIPs and at two
+//! VIPs applications request from the cluster (placed by the managing node's rules, from
+//! the nodes' spare pools), and a schedule of real failures (a node crash, a node cut off the network, a node cut from its peers only,
 //! the etcd leader killed, a stalled havipd). Every second it shows who serves each VIP,
 //! the longest silence each client stream saw, and the nodes' health; at the end, every
 //! gap and the two-owner check over every ARP/ND claim the client saw. Ctrl-C (or
@@ -36,6 +37,12 @@ struct Args {
 
 const VIPS: [&str; 4] = ["198.18.130.1", "198.18.130.2", "198.18.130.3", "2001:db8:130::4"];
 const PORT: u16 = 7000;
+/// The cluster's network for applications' VIPs, with spare pools on every node.
+const APPS: &str = "\n[[cluster.network]]\nname = \"apps\"\nprefix = \"198.18.200.0/24\"\n\
+                    [[cluster.network.range]]\nfirst = \"198.18.200.10\"\nlast = \"198.18.200.99\"\n\
+                    [cluster.spares]\nnetwork = \"apps\"\nlow = 2\nhigh = 3\n";
+/// Applications that ask the cluster for a VIP at the start: (app, node asked, service port).
+const REQUESTS: [(&str, usize, u16); 2] = [("shop", 1, 7100), ("blog", 2, 7200)];
 
 static STOP: AtomicBool = AtomicBool::new(false);
 
@@ -98,6 +105,21 @@ fn owners(lab: &ClusterLab) -> BTreeMap<String, (String, u64)> {
     BTreeMap::new()
 }
 
+/// The spare pools as any node reports them: checked spares and granted VIPs per node.
+fn pools(lab: &ClusterLab) -> Option<String> {
+    let k = (1..=lab.node_count()).find(|&k| lab.node_pid(k).is_some())?;
+    let v: serde_json::Value = serde_json::from_slice(&lab.havip(k, &["cluster", "status", "--json"]).stdout).ok()?;
+    let pools = v["manager"]["pools"].as_object()?;
+    let parts: Vec<String> = pools
+        .iter()
+        .map(|(n, l)| {
+            let spares = l["spares"].as_array().map_or(0, Vec::len);
+            format!("{n} {} spare(s) ({} unchecked), {} granted", spares, l["unchecked"].as_u64().unwrap_or(0), l["granted"].as_u64().unwrap_or(0))
+        })
+        .collect();
+    Some(format!("pools: {}", parts.join("; ")))
+}
+
 /// One line per node: havipd's state, which peers it hears, whether etcd answers it, and
 /// what it serves.
 fn node_lines(lab: &ClusterLab, faults: &[Fault]) -> Vec<String> {
@@ -153,7 +175,7 @@ fn main() -> anyhow::Result<()> {
     let mut lab = ClusterLab::new(3, 3);
     lab.set_vips(&VIPS);
     let config = |lab: &ClusterLab, k: usize| {
-        lab.node_config(k, &VIPS, "").replace("giveback_hold_down_ms = 30000", &format!("giveback_hold_down_ms = {}", args.hold_down_ms))
+        lab.node_config(k, &VIPS, APPS).replace("giveback_hold_down_ms = 30000", &format!("giveback_hold_down_ms = {}", args.hold_down_ms))
     };
     for k in 1..=3 {
         println!("[lab] starting havipd on n{k} (log: {})", lab.node_run_dir(k).join("havipd.log").display());
@@ -163,11 +185,39 @@ fn main() -> anyhow::Result<()> {
     let _echo = lab.echo_on_all_nodes(PORT);
     let capture = NeighCapture::start(lab.client_ns(), "eth0");
     let asker = ArpAsker::start(lab.client_ns(), &VIPS, Duration::from_millis(20));
-    let streams: Vec<ProbeStream> = VIPS.iter().map(|v| ProbeStream::start(lab.client_ns(), v, PORT, Duration::from_millis(5))).collect();
+    let mut vips: Vec<(String, u16)> = VIPS.iter().map(|v| (v.to_string(), PORT)).collect();
+    let mut streams: Vec<ProbeStream> = VIPS.iter().map(|v| ProbeStream::start(lab.client_ns(), v, PORT, Duration::from_millis(5))).collect();
     println!("[lab] the client sends a UDP probe to each VIP every 5 ms; whichever node serves it answers with its name");
     let wait = Instant::now();
     while owners(&lab).len() < VIPS.len() && wait.elapsed() < Duration::from_secs(20) {
         sleep(Duration::from_millis(100));
+    }
+    // Applications ask the cluster for VIPs (their spares need their wire check first).
+    lab.client_ns().ip(&["route", "add", "198.18.200.0/24", "dev", "eth0"])?;
+    for (app, k, port) in REQUESTS {
+        let body = serde_json::json!({ "app": app, "protocol": "udp", "service_port": port, "instance_port": PORT });
+        let wait = Instant::now();
+        loop {
+            let (status, v) = lab.api(k, "POST", "/v1/vips", Some(body.clone()));
+            if status == 201 {
+                let vip = v["vip"].as_str().unwrap_or("?").to_string();
+                let node = v["node"].as_str().unwrap_or("?");
+                let how = match v["how"].as_str() {
+                    Some("spare") => format!("one of {node}'s spares"),
+                    Some("packed") => "packed into a shared VIP".into(),
+                    _ => "generated by the managing node".into(),
+                };
+                println!("[lab] application `{app}` asked n{k} for a VIP (port {port} -> {PORT}): {vip} on {node}, {how} ({})", v["why"].as_str().unwrap_or(""));
+                streams.push(ProbeStream::start(lab.client_ns(), &vip, port, Duration::from_millis(5)));
+                vips.push((vip, port));
+                break;
+            }
+            if wait.elapsed() > Duration::from_secs(20) {
+                println!("[lab] application `{app}` got no VIP from n{k}: {v}");
+                break;
+            }
+            sleep(Duration::from_millis(200));
+        }
     }
     println!("[lab] VIP i prefers node i (n1, n2, n3, then n1 again); a failure every {} s; Ctrl-C stops the lab\n", args.fail_every);
 
@@ -176,7 +226,7 @@ fn main() -> anyhow::Result<()> {
     let mut events: Vec<String> = Vec::new();
     let mut next_fault = args.fail_every;
     let mut round = 0usize;
-    let mut window_max: Vec<Duration> = vec![Duration::ZERO; VIPS.len()];
+    let mut window_max: Vec<Duration> = vec![Duration::ZERO; vips.len()];
     while !STOP.load(Ordering::Relaxed) {
         let now = started.elapsed().as_secs_f64();
         if args.duration.is_some_and(|d| now >= d) {
@@ -219,7 +269,7 @@ fn main() -> anyhow::Result<()> {
         // Inject the next failure, against whoever owns the round's VIP now.
         if args.fail_every > 0.0 && now >= next_fault && active.is_empty() {
             let own = owners(&lab);
-            let vip = VIPS[round % VIPS.len()];
+            let vip = &vips[round % vips.len()].0;
             let owner = own.get(vip).and_then(|(o, _)| o.strip_prefix('n')?.parse::<usize>().ok()).unwrap_or(1);
             let fault = match round % 5 {
                 0 => Fault::Crash(owner),
@@ -247,10 +297,10 @@ fn main() -> anyhow::Result<()> {
         let own = owners(&lab);
         println!("── {now:>6.1}s ─────────────────────────────────────────────────────────────────────");
         println!("{:<18} {:<6} {:>7} {:>9} {:<8} {:>16}", "VIP", "owner", "epoch", "answered", "last by", "longest gap (1s)");
-        for (i, (vip, s)) in VIPS.iter().zip(&streams).enumerate() {
+        for (i, ((vip, _), s)) in vips.iter().zip(&streams).enumerate() {
             let live = s.live();
             window_max[i] = window_max[i].max(live.longest_gap);
-            let (o, e) = own.get(*vip).cloned().unwrap_or_else(|| ("?".into(), 0));
+            let (o, e) = own.get(vip).cloned().unwrap_or_else(|| ("?".into(), 0));
             let gap = live.longest_gap.as_secs_f64() * 1e3;
             let mark = if gap > 20.0 { "  <- failover" } else { "" };
             println!("{:<18} {:<6} {:>7} {:>9} {:<8} {:>13.1} ms{mark}", vip, o, e, live.answered, live.last_node, gap);
@@ -258,6 +308,9 @@ fn main() -> anyhow::Result<()> {
         println!();
         for l in node_lines(&lab, &active.iter().map(|(f, _)| *f).collect::<Vec<_>>()) {
             println!("{l}");
+        }
+        if let Some(p) = pools(&lab) {
+            println!("{p}");
         }
         for e in events.iter().rev().take(4).rev() {
             println!("event {e}");
@@ -275,7 +328,7 @@ fn main() -> anyhow::Result<()> {
     let claims = capture.stop();
     let two = two_owner_moments(&claims, &lab.mac_to_node());
     println!("{:<18} {:>8} {:>9} {:>12}  gaps over 20 ms (before -> after)", "VIP", "sent", "answered", "longest gap");
-    for (vip, s) in VIPS.iter().zip(streams) {
+    for ((vip, _), s) in vips.iter().zip(streams) {
         let r = s.stop();
         let gaps: Vec<String> =
             r.gaps_over(Duration::from_millis(20)).iter().map(|g| format!("{:.0} ms {}->{}", g.len.as_secs_f64() * 1e3, g.before, g.after)).collect();
