@@ -159,3 +159,9 @@ pub const PROG_QUEUE_DROPS: &str = "havip_queue_drops";
 pub const QUEUE_DROPS_TRACEPOINT: &str = "xdp_cpumap_enqueue";
 /// Parse-and-pass XDP program: the baseline `cargo xtask bench` compares against.
 pub const PROG_BASELINE: &str = "havip_baseline";
+/// The remapped path's floor in the bench: parse, VIP lookup, remap; no binding read, no
+/// counters.
+pub const PROG_REMAP_FLOOR: &str = "havip_remap_floor";
+/// The classed path's floor in the bench: parse, VIP and class lookups, the CPU queue's
+/// helpers; no remap, no counters.
+pub const PROG_QUEUE_FLOOR: &str = "havip_queue_floor";

@@ -81,6 +81,32 @@ pub fn try_ingress<H: Hook, const PASSIVE: bool>(pkt: &H) -> Result<(Verdict, Ou
     Ok((queued, outcome))
 }
 
+/// The classed path's floor for the bench: the same parse, the VIP and its class looked
+/// up, then the CPU queue (its metadata and redirect helpers); no remap, no counters. What
+/// the classed path costs beyond this is havip's own work; this itself is the price of a
+/// CPU queue.
+#[inline(always)]
+pub fn try_queue_floor<H: Hook>(pkt: &H) -> Result<(Verdict, Outcome), Outcome> {
+    let Parsed::Ip(meta) = pkt.parse()? else { return Err(Outcome::NotIp) };
+    let vip = vips::lookup(meta.dst, Direction::Ingress).ok_or(Outcome::NotVip)?;
+    let Some(class) = classes::of(&vip, meta.proto, meta.dport_be) else { return Ok((Verdict::Pass, Outcome::NotVip)) };
+    Ok((pkt.to_cpu_queue(&meta, class.id, class.info), Outcome::VipPassed))
+}
+
+/// The remapped path's floor for the bench: the same parse, the VIP looked up, its port
+/// remapped; no binding read, no counters. What the remapped path costs beyond this is
+/// the counting and the owner's consistent read.
+#[inline(always)]
+pub fn try_remap_floor<H: Hook>(pkt: &H) -> Result<(Verdict, Outcome), Outcome> {
+    let Parsed::Ip(meta) = pkt.parse()? else { return Err(Outcome::NotIp) };
+    let vip = vips::lookup(meta.dst, Direction::Ingress).ok_or(Outcome::NotVip)?;
+    let outcome = match remap::lookup_ingress(&meta, &vip) {
+        Some(instance_be) if pkt.rewrite_dport(&meta, instance_be) => Outcome::VipRemapped,
+        _ => Outcome::VipPassed,
+    };
+    Ok((Verdict::Pass, outcome))
+}
+
 /// The bench baseline: the same parse, then pass. What havip adds is measured against it.
 #[inline(always)]
 pub fn try_baseline<H: Hook>(pkt: &H) -> Result<(Verdict, Outcome), Outcome> {

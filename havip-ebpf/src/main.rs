@@ -105,6 +105,24 @@ pub fn havip_baseline(ctx: XdpContext) -> u32 {
     XdpPacket::action(verdict)
 }
 
+/// The remapped path's floor (see `ingress::try_remap_floor`) for the per-packet
+/// benchmark. Never attached.
+#[xdp]
+pub fn havip_remap_floor(ctx: XdpContext) -> u32 {
+    let (verdict, outcome) = ingress::try_remap_floor(&XdpPacket(&ctx)).unwrap_or_else(|o| (Verdict::Pass, o));
+    stats::count_outcome(Direction::Ingress, outcome);
+    XdpPacket::action(verdict)
+}
+
+/// The classed path's floor (see `ingress::try_queue_floor`) for the per-packet
+/// benchmark. Never attached.
+#[xdp]
+pub fn havip_queue_floor(ctx: XdpContext) -> u32 {
+    let (verdict, outcome) = ingress::try_queue_floor(&XdpPacket(&ctx)).unwrap_or_else(|o| (Verdict::Pass, o));
+    stats::count_outcome(Direction::Ingress, outcome);
+    XdpPacket::action(verdict)
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

@@ -473,7 +473,7 @@ impl Dataplane {
         // passed the check, so this rewrites the same value.
         let mut layout: Array<&mut MapData, u32> = ebpf.map_mut(m::LAYOUT).context("map HAVIP_LAYOUT missing from the eBPF object")?.try_into()?;
         layout.set(0, m::LAYOUT_VERSION, 0).context("recording the layout version in HAVIP_LAYOUT")?;
-        for name in [ingress, m::PROG_BASELINE] {
+        for name in [ingress, m::PROG_BASELINE, m::PROG_REMAP_FLOOR, m::PROG_QUEUE_FLOOR] {
             let prog: &mut Xdp = ebpf.program_mut(name).context("program missing from object")?.try_into()?;
             prog.load().with_context(|| format!("the kernel refused program {name}"))?;
         }
