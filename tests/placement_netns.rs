@@ -127,7 +127,7 @@ fn a_request_is_placed_on_the_node_with_the_best_measured_path_and_explain_says_
     let (status, v) =
         lab.api(1, "POST", "/v1/vips", Some(json!({ "app": "near", "protocol": "udp", "service_port": 7100, "instance_port": PORT, "targets": [CLIENT_V4] })));
     assert_eq!(status, 201, "{v}");
-    assert_eq!((v["node"].as_str(), v["how"].as_str()), (Some("n2"), Some("spare")), "{v}");
+    assert_eq!((v["node"].as_str(), v["how"].as_str()), (Some("n2"), Some("spare")), "{v}\nreports: {:#?}", reports(&lab));
     assert!(v["why"].as_str().unwrap_or("").contains("lowest path cost"), "{v}");
     let vip = v["vip"].as_str().unwrap().to_string();
     assert_eq!(granted(&lab, "prod")[&vip].0, "n2");
@@ -141,6 +141,15 @@ fn a_request_is_placed_on_the_node_with_the_best_measured_path_and_explain_says_
         }
         assert!(t.elapsed() < Duration::from_secs(5), "n2 does not serve {vip}: {by:?}");
     }
+    // `havip vip list` on any node lists it, with where it is served.
+    for (k, here) in [(1, false), (2, true)] {
+        let (status, list) = lab.api(k, "GET", "/v1/vips", None);
+        let g = list["granted"].as_array().and_then(|a| a.iter().find(|g| g["vip"] == vip.as_str()).cloned()).unwrap_or_default();
+        assert_eq!((status, g["node"].as_str(), g["served_here"].as_bool()), (200, Some("n2"), Some(here)), "n{k}: {list}");
+        assert_eq!(g["uses"][0]["app"], "near");
+    }
+    let out = lab.havip(1, &["vip", "list"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&vip), "{}", String::from_utf8_lossy(&out.stdout));
     // `havip explain` on any node shows the placement and why.
     let out = lab.havip(3, &["explain", &vip]);
     let text = String::from_utf8_lossy(&out.stdout).to_string();

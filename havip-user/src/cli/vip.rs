@@ -130,6 +130,27 @@ pub fn run(loc: &Locations, cmd: VipCommand) -> anyhow::Result<()> {
                 anyhow::ensure!(status == 200, "havipd answered {status}");
                 return Ok(());
             }
+            if v["cluster"] == true {
+                // Cluster mode: the ledger's granted VIPs, one line per use.
+                println!("{:<20} {:<22} {:<6} {:<8} {:>7} {:>9} {:<9} {:<6} {:<7}", "APP", "VIP", "NODE", "NIC", "PORT", "INSTANCE", "KIND", "PROTO", "HERE");
+                for g in v["granted"].as_array().into_iter().flatten() {
+                    for u in g["uses"].as_array().into_iter().flatten() {
+                        println!(
+                            "{:<20} {:<22} {:<6} {:<8} {:>7} {:>9} {:<9} {:<6} {:<7}",
+                            u["app"].as_str().unwrap_or("?"),
+                            g["vip"].as_str().unwrap_or("?"),
+                            g["node"].as_str().unwrap_or("?"),
+                            g["nic"].as_str().unwrap_or("-"),
+                            u["service_port"],
+                            u["instance_port"],
+                            if u["exclusive"].as_bool() == Some(true) { "exclusive" } else { "shared" },
+                            u["protocol"].as_str().unwrap_or("?"),
+                            if g["served_here"] == true { "serving" } else { "standby" }
+                        );
+                    }
+                }
+                return Ok(());
+            }
             let ips = |k: &str| v[k].as_array().into_iter().flatten().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(", ");
             println!("pool: {} (free: {}; reserve {})", ips("pool"), if ips("free").is_empty() { "none".into() } else { ips("free") }, v["reserve"]);
             println!("{:<20} {:<22} {:<8} {:>7} {:>9} {:<9} {:<8}", "APP", "VIP", "NIC", "PORT", "INSTANCE", "KIND", "PROTO");

@@ -1,10 +1,11 @@
 //! Every node's part in the managed cluster, on the managing-node thread (see `manager`):
 //!
-//! - [`follow_ledger`]: one read of the ledger, then a watch from the revision read, each
-//!   change applied to the view as it comes (no re-reads: a burst of grants costs each node
-//!   the changed records, not the whole ledger each time). The view (with the nodes'
-//!   reports, read every [`POOLS_EVERY`]) is published at most every [`PUBLISH_EVERY`]
-//!   while it changes; the granted VIPs wake the node when they change.
+//! - [`follow_ledger`]: one read of the ledger and of the nodes' reports, then a watch of
+//!   each from the revision read, every change applied to the view as it comes (no
+//!   re-reads: a burst of grants costs each node the changed records, not the whole ledger
+//!   each time; a node's report, or its lease running out, shows at once). The view is
+//!   published at most every [`PUBLISH_EVERY`] while it changes; the granted VIPs wake
+//!   the node when they change.
 //! - Each new spare of this node is checked on the wire once (an ARP probe or duplicate
 //!   address detection on each NIC, `kernel::addr_probe`) before it can be used, on tasks
 //!   of their own, and the result written compared on the record's revision: checked, or a
@@ -22,7 +23,7 @@ use tokio::sync::watch;
 use tracing::warn;
 
 use super::{
-    ledger_io::{connect, read_records_at, read_reports, reports_prefix, timed},
+    ledger_io::{connect, read_records_at, read_reports_at, reports_prefix, timed},
     placement::NodeReport,
     pools::{self, AllocRecord},
     requests::LedgerView,
@@ -32,8 +33,8 @@ use crate::{config::cluster::Cluster, kernel::addr_probe};
 
 /// While the ledger changes, the view is published at most this often.
 pub const PUBLISH_EVERY: Duration = Duration::from_millis(10);
-/// How often the nodes' reports are read (and the view republished with them).
-pub const POOLS_EVERY: Duration = Duration::from_millis(500);
+/// The pause before following the ledger again after etcd failed.
+pub const RETRY_EVERY: Duration = Duration::from_millis(500);
 /// How many of its new spares a node checks on the link at once.
 pub const CONCURRENT_CHECKS: usize = 16;
 /// Time to live of a report's lease, s (etcd raises it to its minimum).
@@ -54,7 +55,7 @@ pub async fn follow_ledger(c: Cluster, nics: Vec<String>, grants: watch::Sender<
             }
             failures += 1;
         }
-        tokio::time::sleep(POOLS_EVERY).await;
+        tokio::time::sleep(RETRY_EVERY).await;
     }
 }
 
@@ -67,10 +68,11 @@ async fn follow_once(
 ) -> anyhow::Result<()> {
     let mut client = connect(c).await?;
     let (mut records, mut revision) = timed(read_records_at(&mut client, &c.key_prefix)).await?;
-    let mut reports = timed(read_reports(&mut client, &c.key_prefix)).await?;
+    let (mut reports, reports_rev) = timed(read_reports_at(&mut client, &c.key_prefix)).await?;
     let opts = WatchOptions::new().with_prefix().with_start_revision(revision + 1);
     let (_watcher, mut stream) = timed(async { Ok(client.watch(pools::ledger_prefix(&c.key_prefix), Some(opts)).await?) }).await?;
-    let mut reports_tick = tokio::time::interval(POOLS_EVERY);
+    let opts = WatchOptions::new().with_prefix().with_start_revision(reports_rev + 1);
+    let (_reports_watcher, mut report_changes) = timed(async { Ok(client.watch(reports_prefix(&c.key_prefix), Some(opts)).await?) }).await?;
     let mut dirty = true;
     let mut publish_at = tokio::time::Instant::now();
     loop {
@@ -108,8 +110,23 @@ async fn follow_once(
                 }
                 dirty = true;
             }
-            _ = reports_tick.tick() => {
-                reports = timed(read_reports(&mut client, &c.key_prefix)).await?;
+            msg = report_changes.message() => {
+                let Some(resp) = msg? else { anyhow::bail!("etcd ended the watch on the nodes' reports") };
+                if resp.canceled() {
+                    anyhow::bail!("etcd canceled the watch on the nodes' reports (compacted to revision {})", resp.compact_revision());
+                }
+                for ev in resp.events() {
+                    let Some(kv) = ev.kv() else { continue };
+                    let Some(node) = kv.key_str().ok().and_then(|k| k.strip_prefix(&reports_prefix(&c.key_prefix))).map(str::to_string) else { continue };
+                    match (ev.event_type(), serde_json::from_slice::<NodeReport>(kv.value())) {
+                        (EventType::Put, Ok(r)) => {
+                            reports.insert(node, r);
+                        }
+                        _ => {
+                            reports.remove(&node);
+                        }
+                    }
+                }
                 dirty = true;
             }
             _ = tokio::time::sleep_until(publish_at), if dirty => {}

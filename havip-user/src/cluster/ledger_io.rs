@@ -38,8 +38,20 @@ pub fn reports_prefix(key_prefix: &str) -> String {
 
 /// Every node's published report (only live nodes have one: each is held by its lease).
 pub async fn read_reports(client: &mut Client, key_prefix: &str) -> anyhow::Result<BTreeMap<String, NodeReport>> {
-    let resp = client.get(reports_prefix(key_prefix), Some(GetOptions::new().with_prefix())).await?;
-    Ok(resp.kvs().iter().filter_map(|kv| serde_json::from_slice::<NodeReport>(kv.value()).ok()).map(|r| (r.node.clone(), r)).collect())
+    Ok(read_reports_at(client, key_prefix).await?.0)
+}
+
+/// [`read_reports`] and the revision the read saw, keyed by the node its key names.
+pub async fn read_reports_at(client: &mut Client, key_prefix: &str) -> anyhow::Result<(BTreeMap<String, NodeReport>, i64)> {
+    let prefix = reports_prefix(key_prefix);
+    let resp = client.get(prefix.as_str(), Some(GetOptions::new().with_prefix())).await?;
+    let revision = resp.header().map_or(0, |h| h.revision());
+    let reports = resp
+        .kvs()
+        .iter()
+        .filter_map(|kv| Some((kv.key_str().ok()?.strip_prefix(prefix.as_str())?.to_string(), serde_json::from_slice::<NodeReport>(kv.value()).ok()?)))
+        .collect();
+    Ok((reports, revision))
 }
 
 /// The ledger's records with their mod revisions (for writes compared on them).

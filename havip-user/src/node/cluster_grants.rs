@@ -203,6 +203,24 @@ impl Node {
         })))
     }
 
+    /// `GET /v1/vips` in cluster mode: every granted VIP of the ledger (with this node's
+    /// own writes), its node and successors, its uses, and whether this node serves it.
+    pub(super) fn cluster_list(&mut self) -> Reply {
+        let grants = self.desired_grants();
+        let serving: BTreeSet<IpAddr> =
+            self.cluster.as_ref().map(|h| h.status().vips.iter().filter(|v| v.here == "serving").map(|v| v.vip).collect()).unwrap_or_default();
+        let granted: Vec<serde_json::Value> = grants
+            .iter()
+            .map(|g| {
+                serde_json::json!({
+                    "vip": g.addr, "network": g.network, "node": g.node, "successors": g.successors, "pinned": g.pinned,
+                    "uses": g.uses, "served_here": serving.contains(&g.addr), "nic": self.nic_of(g.addr),
+                })
+            })
+            .collect();
+        Ok(Answer::json(serde_json::json!({ "cluster": true, "granted": granted })))
+    }
+
     /// `explain`'s placement part for a granted VIP: the ledger's node and every node's
     /// standing for it now.
     pub(super) fn explain_placement(&self, vip: IpAddr) -> Option<String> {

@@ -289,6 +289,7 @@ impl Node {
             Call::Request(r) => self.pool_request(r).await,
             Call::Release { app, vip } if self.file_cfg.cluster.is_some() => self.cluster_release(&app, vip).await,
             Call::Release { app, vip } => self.pool_release(&app, vip).await,
+            Call::List if self.file_cfg.cluster.is_some() => self.cluster_list(),
             Call::List => self.pool_list(),
             Call::Bind { vip, nic } => self.operator_bind(vip, nic),
             Call::Unbind { vip } => self.operator_unbind(vip),
