@@ -70,15 +70,15 @@ fn reports(lab: &ClusterLab) -> BTreeMap<String, Value> {
     text.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).filter_map(|v| Some((v["node"].as_str()?.to_string(), v))).collect()
 }
 
-#[test]
-fn a_request_is_placed_on_the_node_with_the_best_measured_path_and_explain_says_why() {
-    let mut lab = ClusterLab::new(3, 1);
-    lab.client_ns().ip(&["route", "add", "198.18.200.0/24", "dev", "eth0"]).unwrap();
-    // The client drops 30% of its echo replies to n1 and n3 (there is no netem here):
-    // their paths to it are lossy, n2's is clean. Heartbeats between nodes never pass it.
+/// The client drops 30% of its ICMP echo replies to nodes `ks` (both NICs), and none to
+/// the others: their measured paths to it are lossy. Replaces an earlier choice.
+fn lossy_to(lab: &ClusterLab, ks: &[usize]) {
     let c = lab.client_ns();
+    let _ = c.exec(&["nft", "delete", "table", "ip", "havip_lossy"]);
     c.exec(&["nft", "add", "table", "ip", "havip_lossy"]).unwrap();
     c.exec(&["nft", "add", "chain", "ip", "havip_lossy", "out", "{ type filter hook output priority 0; }"]).unwrap();
+    let addrs: Vec<String> = ks.iter().flat_map(|k| [format!("198.18.30.{}", 10 * k + 1), format!("198.18.30.{}", 10 * k + 2)]).collect();
+    let set = format!("{{ {} }}", addrs.join(", "));
     c.exec(&[
         "nft",
         "add",
@@ -88,7 +88,7 @@ fn a_request_is_placed_on_the_node_with_the_best_measured_path_and_explain_says_
         "out",
         "ip",
         "daddr",
-        "{ 198.18.30.11, 198.18.30.12, 198.18.30.31, 198.18.30.32 }",
+        &set,
         "icmp",
         "type",
         "echo-reply",
@@ -101,6 +101,31 @@ fn a_request_is_placed_on_the_node_with_the_best_measured_path_and_explain_says_
         "drop",
     ])
     .unwrap();
+}
+
+/// Waits until the nodes' reports show the `lossy` nodes' paths to the client lossy and
+/// `clean`'s clean.
+fn wait_measured(lab: &ClusterLab, lossy: &[&str], clean: &str) {
+    let t = Instant::now();
+    let loss = |r: &BTreeMap<String, Value>, n: &str| r.get(n).and_then(|v| v["paths"][CLIENT_V4]["loss_pct"].as_f64());
+    loop {
+        let r = reports(lab);
+        if lossy.iter().all(|n| loss(&r, n).is_some_and(|l| l > 10.0)) && loss(&r, clean).is_some_and(|l| l < 5.0) {
+            eprintln!("measured loss to the client: {:?}", ["n1", "n2", "n3"].map(|n| (n, loss(&r, n))));
+            return;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "reports never showed {lossy:?} lossy and {clean} clean: {r:#?}");
+        sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_request_is_placed_on_the_node_with_the_best_measured_path_and_explain_says_why() {
+    let mut lab = ClusterLab::new(3, 1);
+    lab.client_ns().ip(&["route", "add", "198.18.200.0/24", "dev", "eth0"]).unwrap();
+    // The client drops 30% of its echo replies to n1 and n3 (there is no netem here):
+    // their paths to it are lossy, n2's is clean. Heartbeats between nodes never pass it.
+    lossy_to(&lab, &[1, 3]);
     // A configured VIP with the client as target: every node probes it (and publishes
     // what it measures for placement).
     let probed = format!("[[vip]]\naddress = \"198.18.130.2\"\ntargets = [\"{CLIENT_V4}\"]\n");
@@ -111,18 +136,7 @@ fn a_request_is_placed_on_the_node_with_the_best_measured_path_and_explain_says_
     let _echo = lab.echo_on_all_nodes(PORT);
     wait_checked_spares(&lab, &["n1", "n2", "n3"], 4, Duration::from_secs(15));
     // Each node's report carries its measured path to the client.
-    let t = Instant::now();
-    let loss = |r: &BTreeMap<String, Value>, n: &str| r.get(n).and_then(|v| v["paths"][CLIENT_V4]["loss_pct"].as_f64());
-    loop {
-        let r = reports(&lab);
-        if ["n1", "n2", "n3"].iter().all(|n| loss(&r, n).is_some()) && loss(&r, "n1").unwrap() > 10.0 && loss(&r, "n3").unwrap() > 10.0 {
-            eprintln!("measured loss to the client: n1 {:?} n2 {:?} n3 {:?}", loss(&r, "n1"), loss(&r, "n2"), loss(&r, "n3"));
-            assert!(loss(&r, "n2").unwrap() < 5.0, "n2's path is not the clean one: {r:#?}");
-            break;
-        }
-        assert!(t.elapsed() < Duration::from_secs(15), "reports without measured paths: {r:#?}");
-        sleep(Duration::from_millis(200));
-    }
+    wait_measured(&lab, &["n1", "n3"], "n2");
     // Asked on n1 (which would win a tie): placed on n2, from n2's spares.
     let (status, v) =
         lab.api(1, "POST", "/v1/vips", Some(json!({ "app": "near", "protocol": "udp", "service_port": 7100, "instance_port": PORT, "targets": [CLIENT_V4] })));
@@ -364,4 +378,54 @@ fn a_leaving_nodes_vips_move_to_their_successors_and_the_ledger_follows() {
     // The pools of the nodes left stay topped up.
     let spares = |n: &str| lab.ledger("prod").values().filter(|r| r["node"] == n && r["state"] == "spare").count();
     assert!(spares("n1") >= 4 && spares("n3") >= 4, "pools: n1 {} n3 {}", spares("n1"), spares("n3"));
+}
+
+#[test]
+fn a_vip_whose_path_turns_lossy_moves_to_the_node_with_the_better_path() {
+    let mut lab = ClusterLab::new(3, 1);
+    lab.client_ns().ip(&["route", "add", "198.18.200.0/24", "dev", "eth0"]).unwrap();
+    lossy_to(&lab, &[1, 3]);
+    let probed = format!("[[vip]]\naddress = \"198.18.130.2\"\ntargets = [\"{CLIENT_V4}\"]\n");
+    for k in 1..=3 {
+        let cfg = lab.node_config(k, &[CLUSTER_VIP], &probed).replace("giveback_hold_down_ms = 30000", "giveback_hold_down_ms = 500")
+            + NETWORKS
+            + "[cluster.placement]\nrebalance_every_ms = 500\nmove_hold_down_ms = 0\n";
+        lab.start_node_with(k, &cfg);
+    }
+    let _echo = lab.echo_on_all_nodes(PORT);
+    wait_checked_spares(&lab, &["n1", "n2", "n3"], 4, Duration::from_secs(15));
+    wait_measured(&lab, &["n1", "n3"], "n2");
+    let (status, v) =
+        lab.api(3, "POST", "/v1/vips", Some(json!({ "app": "far", "protocol": "udp", "service_port": 7100, "instance_port": PORT, "targets": [CLIENT_V4] })));
+    assert_eq!((status, v["node"].as_str()), (201, Some("n2")), "{v}");
+    let vip = v["vip"].as_str().unwrap().to_string();
+    // Now n2's path turns lossy and n1's clean: the managing node moves the VIP to n1 (the
+    // better path beyond the margin), and n1 serves it.
+    lossy_to(&lab, &[2, 3]);
+    let t = Instant::now();
+    loop {
+        if granted(&lab, "prod")[&vip].0 == "n1" {
+            eprintln!("moved to n1 {:?} after n2's path turned lossy", t.elapsed());
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "{vip} still on {} 20 s after its path turned lossy: {:#?}",
+            granted(&lab, "prod")[&vip].0,
+            reports(&lab)
+        );
+        sleep(Duration::from_millis(200));
+    }
+    let t = Instant::now();
+    loop {
+        let by = answered_by(&lab, &vip, 7100, Duration::from_millis(300));
+        if by.get("n1").copied().unwrap_or(0) > 10 && by.len() == 1 {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "{vip} is not served by n1: {by:?}");
+    }
+    let manager = lab.wait_manager(&[1, 2, 3], None, Duration::from_secs(5)).0;
+    let k = k_of(&lab, &manager);
+    assert_eq!(lab.metric(k, "havip_cluster_moves_total{reason=\"quality\"}"), Some(1.0), "{}", lab.metrics(k));
+    assert!(lab.node_log(k).contains("reason=\"quality\""), "the move's log line");
 }
