@@ -7,15 +7,19 @@ use crate::cli::{operator::refusal, Locations};
 
 #[derive(Debug, Subcommand)]
 pub enum VipCommand {
-    /// Get a pool VIP for an application: the best-ranked usable one for its targets,
-    /// bound and remapped (clients reach VIP:SERVICE_PORT, the application keeps listening
-    /// on INSTANCE_PORT).
+    /// Get a VIP for an application, bound and remapped (clients reach VIP:SERVICE_PORT,
+    /// the application keeps listening on INSTANCE_PORT). Standalone: the best-ranked usable
+    /// pool VIP for its targets. Cluster mode: placed on the best-ranked node (its measured
+    /// paths to the targets, the application's spread, load), from a shared VIP, that
+    /// node's spares, or the managing node.
     Request {
         /// Application (or orchestrator) id holding the VIP.
         #[arg(long)]
         app: String,
+        /// The port clients address: VIP:SERVICE_PORT.
         #[arg(long)]
         service_port: u16,
+        /// The port the application listens on (never changed).
         #[arg(long)]
         instance_port: u16,
         /// Let other applications share the VIP (on other ports).
