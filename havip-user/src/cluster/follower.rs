@@ -105,9 +105,8 @@ async fn follow_once(
                     }
                     revision = revision.max(kv.mod_revision());
                 }
-                if let Some(h) = resp.header() {
-                    revision = revision.max(h.revision());
-                }
+                // Only the events' own revisions advance the view's: a node keeps its own
+                // writes over the view until the view holds the event of each.
                 dirty = true;
             }
             msg = report_changes.message() => {
