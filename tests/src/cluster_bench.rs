@@ -55,6 +55,11 @@ impl GapStats {
             samples_ms,
         }
     }
+
+    /// (p50, p99) of these as ratios to `baseline`'s.
+    pub fn ratios_to(&self, baseline: &GapStats) -> (f64, f64) {
+        (self.p50_ms / baseline.p50_ms, self.p99_ms / baseline.p99_ms)
+    }
 }
 
 #[derive(Debug, Serialize)]

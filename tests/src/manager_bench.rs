@@ -166,15 +166,9 @@ pub fn run(trials: usize) -> ManagerFailover {
     }
     eprintln!();
     let (failover, requests_served_again, lease_expiry_baseline) = (GapStats::of(fail), GapStats::of(served), GapStats::of(base));
-    ManagerFailover {
-        p50_ratio: failover.p50_ms / lease_expiry_baseline.p50_ms,
-        p99_ratio: failover.p99_ms / lease_expiry_baseline.p99_ms,
-        requests_p50_ratio: requests_served_again.p50_ms / lease_expiry_baseline.p50_ms,
-        requests_p99_ratio: requests_served_again.p99_ms / lease_expiry_baseline.p99_ms,
-        failover,
-        requests_served_again,
-        lease_expiry_baseline,
-    }
+    let (p50_ratio, p99_ratio) = failover.ratios_to(&lease_expiry_baseline);
+    let (requests_p50_ratio, requests_p99_ratio) = requests_served_again.ratios_to(&lease_expiry_baseline);
+    ManagerFailover { p50_ratio, p99_ratio, requests_p50_ratio, requests_p99_ratio, failover, requests_served_again, lease_expiry_baseline }
 }
 
 /// VIP requests answered from the asked node's spares, and through the managing node
@@ -293,13 +287,15 @@ pub fn run_requests(n: usize) -> SpareRequests {
     }
     assert_eq!(answered(&lab) - answered_before, n, "the manager's count of answered requests");
     let (request, etcd_round_trip_baseline, through_manager) = (GapStats::of(times), GapStats::of(rtts), GapStats::of(forwarded));
+    let (p50_ratio, p99_ratio) = request.ratios_to(&etcd_round_trip_baseline);
+    let (manager_p50_ratio, manager_p99_ratio) = through_manager.ratios_to(&etcd_round_trip_baseline);
     SpareRequests {
         ledger_part: GapStats::of(ledger_ms),
         apply_part: GapStats::of(apply_ms),
-        p50_ratio: request.p50_ms / etcd_round_trip_baseline.p50_ms,
-        p99_ratio: request.p99_ms / etcd_round_trip_baseline.p99_ms,
-        manager_p50_ratio: through_manager.p50_ms / etcd_round_trip_baseline.p50_ms,
-        manager_p99_ratio: through_manager.p99_ms / etcd_round_trip_baseline.p99_ms,
+        p50_ratio,
+        p99_ratio,
+        manager_p50_ratio,
+        manager_p99_ratio,
         request,
         through_manager,
         etcd_round_trip_baseline,

@@ -169,12 +169,13 @@ pub fn run(trials: usize) -> Planning {
     .unwrap();
     let (rounds, reads, plans, writes, rtts, (moves_per_round, writes_per_round)) = result;
     let (round, baseline) = (GapStats::of(rounds), GapStats::of(rtts));
+    let (p50_ratio, p99_ratio) = round.ratios_to(&baseline);
     Planning {
         vips: VIPS,
         nodes: NODES,
         move_budget: BUDGET,
-        p50_ratio: round.p50_ms / baseline.p50_ms,
-        p99_ratio: round.p99_ms / baseline.p99_ms,
+        p50_ratio,
+        p99_ratio,
         round,
         read: GapStats::of(reads),
         plan: GapStats::of(plans),

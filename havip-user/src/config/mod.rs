@@ -468,6 +468,13 @@ pub struct Remap {
     pub service: String,
 }
 
+impl Remap {
+    /// An application's mapping (pool VIPs and cluster grants): its service is `app:<id>`.
+    pub fn for_app(vip: IpAddr, protocol: Protocol, service_port: u16, instance_port: u16, app: &str) -> Self {
+        Remap { vip, protocol, designated_port: service_port, instance_port, service: format!("app:{app}") }
+    }
+}
+
 /// One problem, at one field.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FieldError {

@@ -231,7 +231,10 @@ pub fn validate(sections: &[NetworkSection], errs: &mut Vec<FieldError>) -> Vec<
                 err(at.clone(), format!("is empty: every address of {}-{} is excluded", r.first, r.last));
             }
             if let Some((k, other)) = ranges.iter().enumerate().find(|(_, o)| o.contains(range.first) || o.contains(range.last) || range.contains(o.first)) {
-                err(at.clone(), format!("overlaps range[{k}] ({}-{}) of network `{}`; ranges of one network must not share addresses", other.first, other.last, n.name));
+                err(
+                    at.clone(),
+                    format!("overlaps range[{k}] ({}-{}) of network `{}`; ranges of one network must not share addresses", other.first, other.last, n.name),
+                );
             }
             // Kept even when invalid, so that later ranges are checked against it too.
             ranges.push(range);
@@ -341,7 +344,9 @@ method = "random"
         let spares = |net: &str, low: u32, high: u32| format!("{base}[cluster.spares]\nnetwork = \"{net}\"\nlow = {low}\nhigh = {high}\n");
         let cfg = crate::config::Config::parse(&spares("prod", 2, 4), "t").unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(cfg.cluster.unwrap().spares.unwrap().high, 4);
-        for (text, field) in [(spares("nope", 2, 4), "cluster.spares.network"), (spares("prod", 5, 4), "cluster.spares"), (spares("prod", 0, 0), "cluster.spares")] {
+        for (text, field) in
+            [(spares("nope", 2, 4), "cluster.spares.network"), (spares("prod", 5, 4), "cluster.spares"), (spares("prod", 0, 0), "cluster.spares")]
+        {
             let err = crate::config::Config::parse(&text, "t").expect_err(field);
             assert!(err.errors.iter().any(|e| e.field == field), "{field}: {err}");
         }
@@ -349,10 +354,9 @@ method = "random"
 
     #[test]
     fn two_networks_may_hold_the_same_addresses() {
-        let text = GOOD.replace("name = \"v6\"\nprefix = \"2001:db8:200::/64\"", "name = \"tenant-b\"\nprefix = \"198.18.200.0/24\"").replace(
-            "first = \"2001:db8:200::1\"\nlast = \"2001:db8:200::ffff:ffff\"",
-            "first = \"198.18.200.10\"\nlast = \"198.18.200.19\"",
-        );
+        let text = GOOD
+            .replace("name = \"v6\"\nprefix = \"2001:db8:200::/64\"", "name = \"tenant-b\"\nprefix = \"198.18.200.0/24\"")
+            .replace("first = \"2001:db8:200::1\"\nlast = \"2001:db8:200::ffff:ffff\"", "first = \"198.18.200.10\"\nlast = \"198.18.200.19\"");
         let n = check(&text).unwrap();
         assert_eq!(n[0].ranges[0].first, n[1].ranges[0].first);
     }

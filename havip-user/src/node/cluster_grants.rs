@@ -45,13 +45,7 @@ pub(super) fn overlay(cfg: &Config, grants: &[GrantedVip]) -> (Config, BTreeSet<
             g.uses.iter().filter_map(|u| u.class.clone().filter(|k| cfg.classes.classes.contains_key(k)).map(|k| ((u.protocol, u.service_port), k))).collect();
         out.vips.push(Vip { address: g.addr, nics: cfg.nics.clone(), targets: g.targets(), class: None, port_classes, isolated_from: Vec::new(), nodes });
         for u in &g.uses {
-            out.remaps.push(Remap {
-                vip: g.addr,
-                protocol: u.protocol,
-                designated_port: u.service_port,
-                instance_port: u.instance_port,
-                service: format!("app:{}", u.app),
-            });
+            out.remaps.push(Remap::for_app(g.addr, u.protocol, u.service_port, u.instance_port, &u.app));
         }
         placed.insert(g.addr);
     }

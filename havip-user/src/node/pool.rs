@@ -247,13 +247,7 @@ pub fn overlay(cfg: &Config, held: &[Allocation]) -> Config {
                     vip.targets.push(*t);
                 }
             }
-            out.remaps.push(Remap {
-                vip: v.address,
-                protocol: a.protocol,
-                designated_port: a.service_port,
-                instance_port: a.instance_port,
-                service: format!("app:{}", a.app),
-            });
+            out.remaps.push(Remap::for_app(v.address, a.protocol, a.service_port, a.instance_port, &a.app));
         }
         if let Some(c) = on.iter().find_map(|a| a.class.clone()) {
             vip.class = Some(c);
