@@ -10,7 +10,8 @@ use std::{
 };
 
 use havip_tests::cluster::{
-    handoff_separations, log_secs, two_owner_moments, ArpAsker, ClusterLab, EchoResponder, NeighCapture, ProbeReport, ProbeStream, CLUSTER_VIP,
+    handoff_separations, loads_the_machine, log_secs, timing_sensitive, two_owner_moments, ArpAsker, ClusterLab, EchoResponder, NeighCapture, ProbeReport,
+    ProbeStream, CLUSTER_VIP,
 };
 
 const PORT: u16 = 7000;
@@ -38,6 +39,8 @@ struct Run {
     capture: Option<NeighCapture>,
     asker: Option<ArpAsker>,
     probes: Option<ProbeStream>,
+    /// Last: released after the lab is torn down.
+    _timing: std::sync::RwLockReadGuard<'static, ()>,
 }
 
 fn owner(lab: &ClusterLab, k: usize) -> Option<(String, String)> {
@@ -81,6 +84,7 @@ fn tail(log: &str) -> String {
 impl Run {
     /// `adjust` edits each node's config text (the harness's defaults otherwise).
     fn start(nodes: usize, etcd_members: usize, adjust: fn(String) -> String) -> Run {
+        let timing = timing_sensitive();
         let mut lab = ClusterLab::new(nodes, etcd_members);
         for k in 1..=nodes {
             let cfg = adjust(lab.node_config(k, &[CLUSTER_VIP], ""));
@@ -93,7 +97,7 @@ impl Run {
         let probes = ProbeStream::start(lab.client_ns(), CLUSTER_VIP, PORT, Duration::from_millis(2));
         // The stream is flowing before any fault.
         sleep(Duration::from_millis(500));
-        Run { lab, _echo: echo, capture: Some(capture), asker: Some(asker), probes: Some(probes) }
+        Run { lab, _echo: echo, capture: Some(capture), asker: Some(asker), probes: Some(probes), _timing: timing }
     }
 
     /// Stops the probes and the capture; fails on any two-owner moment.
@@ -106,13 +110,26 @@ impl Run {
         assert!(violations.is_empty(), "two nodes answered for the VIP: {violations:#?}\n{}", logs.join("\n"));
         assert!(report.answered > 0, "no probe was ever answered");
         eprintln!(
-            "probes: sent {} answered {} longest gap {:?} answered by {:?}; {} neighbour claims captured",
+            "probes: sent {} answered {} longest loss {:?} longest gap {:?} (client stalled up to {:?}) answered by {:?}; {} neighbour claims captured",
             report.sent,
             report.answered,
+            report.longest_loss,
             report.longest_gap,
+            report.longest_send_gap,
             report.answered_by,
             events.len()
         );
+        // How late each node's heartbeats went out: a stalled owner is taken over although alive.
+        // Killed or stopped nodes have no metrics to show.
+        let late: Vec<String> = (1..=self.lab.node_count())
+            .filter_map(|k| {
+                let text = self.lab.try_metrics(k).ok()?;
+                let sample = |name: &str| text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok());
+                let (n, max) = (sample("havip_cluster_heartbeats_late_total")?, sample("havip_cluster_heartbeat_late_max_seconds")?);
+                Some(format!("n{k} {n} (latest {:.1} ms)", max * 1e3))
+            })
+            .collect();
+        eprintln!("heartbeat rounds sent late: {}", late.join(", "));
         report
     }
 }
@@ -177,7 +194,7 @@ fn an_owner_cut_from_its_peers_only_keeps_its_vip_on_its_sign_of_life_in_etcd() 
     sleep(Duration::from_millis(500));
     let report = r.finish();
     assert_eq!(report.answered_by.get("n2").copied().unwrap_or(0), 0, "the VIP moved");
-    assert!(report.longest_gap < Duration::from_millis(50), "gap {:?}", report.longest_gap);
+    assert!(report.longest_loss < Duration::from_millis(50), "probes lost for {:?}", report.longest_loss);
     let n2 = r.lab.node_log(2);
     assert!(n2.contains("alive in etcd; not taking over"), "n2 never held back:\n{}", tail(&n2));
     assert!(r.lab.metric(2, "havip_cluster_takeovers_held_total").unwrap_or(0.0) >= 1.0);
@@ -195,7 +212,7 @@ fn killing_the_etcd_leader_moves_nothing_and_loses_no_probe() {
     sleep(Duration::from_secs(2));
     let report = r.finish();
     assert_eq!(report.answered_by.get("n2").copied().unwrap_or(0), 0, "the VIP moved when the etcd leader died");
-    assert!(report.longest_gap < Duration::from_millis(50), "probes went unanswered for {:?}", report.longest_gap);
+    assert!(report.longest_loss < Duration::from_millis(50), "probes went unanswered for {:?}", report.longest_loss);
     assert_eq!(owner(&r.lab, 2).map(|(o, _)| o), Some("n1".to_string()));
 }
 
@@ -248,7 +265,7 @@ fn etcd_down_moves_nothing_and_loses_no_probe() {
     sleep(Duration::from_secs(1));
     let report = r.finish();
     assert_eq!(report.answered_by.get("n2").copied().unwrap_or(0), 0, "the VIP moved during the etcd outage");
-    assert!(report.longest_gap < Duration::from_millis(50), "probes went unanswered for {:?} during the etcd outage", report.longest_gap);
+    assert!(report.longest_loss < Duration::from_millis(50), "probes went unanswered for {:?} during the etcd outage", report.longest_loss);
     assert_eq!(owner(&r.lab, 2).map(|(o, _)| o), Some("n1".to_string()), "the record changed");
     let n1 = r.lab.node_log(1);
     assert!(n1.contains("etcd read failed"), "n1 never noticed the outage:\n{}", tail(&n1));
@@ -263,7 +280,7 @@ fn an_owner_cut_from_etcd_only_keeps_its_vip_on_acknowledgements() {
     sleep(Duration::from_millis(500));
     let report = r.finish();
     assert_eq!(report.answered_by.get("n2").copied().unwrap_or(0), 0, "the VIP moved");
-    assert!(report.longest_gap < Duration::from_millis(50), "gap {:?}", report.longest_gap);
+    assert!(report.longest_loss < Duration::from_millis(50), "probes lost for {:?}", report.longest_loss);
 }
 
 #[test]
@@ -339,7 +356,7 @@ fn a_planned_restart_of_the_owner_moves_nothing() {
     sleep(Duration::from_millis(500));
     let report = r.finish();
     assert_eq!(report.answered_by.get("n2").copied().unwrap_or(0), 0, "the VIP moved during a planned restart");
-    assert!(report.longest_gap < Duration::from_millis(50), "gap {:?} during a planned restart", report.longest_gap);
+    assert!(report.longest_loss < Duration::from_millis(50), "probes lost for {:?} during a planned restart", report.longest_loss);
     assert!(r.lab.node_log(1).contains("planned restart: peers hold off"), "{}", tail(&r.lab.node_log(1)));
 }
 
@@ -856,6 +873,7 @@ fn a_released_vip_stops_being_served_and_a_do_not_reassign_one_never_comes_back(
 
 #[test]
 fn three_hundred_concurrent_requests_over_three_nodes_grant_exclusive_vips_once_and_pack_shared_ones_by_port() {
+    let _alone = loads_the_machine();
     let mut lab = ClusterLab::new(3, 1);
     let spares = SPARES
         .replace("low = 2\nhigh = 4", "low = 100\nhigh = 110")

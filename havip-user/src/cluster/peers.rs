@@ -4,7 +4,10 @@
 //!
 //! - *Alive*: heard on some path within `suspect_after`, or holding a planned-restart grace.
 //! - *Suspected*: not alive here, and no alive peer reports hearing it within half that:
-//!   a node that only this one cannot hear (one-way loss) is not taken over.
+//!   a node that only this one cannot hear (one-way loss) is not taken over. Nor is anyone
+//!   suspected until this node has listened for half the suspicion time since it was last
+//!   stalled itself: silence heard across one's own stall (the whole machine paused, say)
+//!   says nothing of the peer, whose heartbeats arrive once it runs again.
 //! - *Promises*: acknowledging a peer's heartbeat promises not to start serving the VIPs it
 //!   listed for `promise` after receiving it; the peer may serve on acknowledgements from all
 //!   candidates of a VIP (see `timing`). This node keeps what it promised, so a takeover
@@ -68,9 +71,11 @@ struct Sent {
     serves: BTreeSet<IpAddr>,
 }
 
-/// Our heartbeat `seq`, if still remembered.
+/// Our heartbeat `seq`, if still remembered. Sequences are consecutive, so its place is
+/// known (this runs for every VIP on every heartbeat round).
 fn find_sent(sent: &VecDeque<Sent>, seq: u64) -> Option<&Sent> {
-    sent.iter().find(|s| s.seq == seq)
+    let first = sent.front()?.seq;
+    sent.get(usize::try_from(seq.checked_sub(first)?).ok()?).filter(|s| s.seq == seq)
 }
 
 pub struct Peers {
@@ -80,6 +85,8 @@ pub struct Peers {
     pub peers: BTreeMap<String, PeerState>,
     sent: VecDeque<Sent>,
     next_seq: u64,
+    /// When this node last found itself stalled (see [`Peers::note_own_stall`]).
+    listening_since: Duration,
 }
 
 impl Peers {
@@ -91,6 +98,7 @@ impl Peers {
             peers: names.into_iter().map(|n| (n, PeerState::default())).collect(),
             sent: VecDeque::new(),
             next_seq: 1,
+            listening_since: Duration::ZERO,
         }
     }
 
@@ -149,9 +157,16 @@ impl Peers {
         self.peers.get(name).is_some_and(|p| p.last_heard.is_some_and(|t| now.saturating_sub(t) < self.timing.suspect_after) || p.restart_hold_until > now)
     }
 
-    /// Not alive here, and no alive peer heard it within half the suspicion time.
+    /// This node did not run for a while (a heartbeat round went out late): until it has
+    /// listened again for half the suspicion time, the silence it saw suspects nobody.
+    pub fn note_own_stall(&mut self, now: Duration) {
+        self.listening_since = now;
+    }
+
+    /// Not alive here, and no alive peer heard it within half the suspicion time (and this
+    /// node has been listening that long since its own last stall).
     pub fn suspected(&self, name: &str, now: Duration) -> bool {
-        if self.alive(name, now) {
+        if self.alive(name, now) || now.saturating_sub(self.listening_since) < self.timing.suspect_after / 2 {
             return false;
         }
         let fresh = self.timing.suspect_after / 2;
@@ -305,6 +320,21 @@ pub(crate) mod tests {
         assert!(!p.suspected("b", ms(45)));
         // At 60 ms c's report is 21 ms old: b is suspected.
         assert!(p.suspected("b", ms(60)));
+    }
+
+    #[test]
+    fn silence_across_our_own_stall_suspects_nobody_until_we_listened_again() {
+        let mut p = peers();
+        p.on_heartbeat(&hb("b", 1, &[], &[], &[]), ms(0));
+        assert!(p.suspected("b", ms(45)), "b silent 45 ms while we listened");
+        // We ran again at 50 ms after a stall: b's heartbeats may be on their way.
+        p.note_own_stall(ms(50));
+        assert!(!p.suspected("b", ms(50)));
+        assert!(!p.suspected("b", ms(69)));
+        assert!(p.suspected("b", ms(70)), "listened 20 ms and still nothing from b");
+        // b was only stalled with us: heard again, alive.
+        p.on_heartbeat(&hb("b", 2, &[], &[], &[]), ms(55));
+        assert!(!p.suspected("b", ms(70)));
     }
 
     #[test]

@@ -29,7 +29,7 @@ use super::{
     pools::GrantedVip,
     record::{self, NodeMark, VipRecord},
     requests::LedgerView,
-    store::{Marks, Records, Snapshot, Store},
+    store::{Marks, ReadCache, Records, Snapshot, Store},
     timing::{self, Timing},
     wire::Heartbeat,
 };
@@ -128,6 +128,12 @@ pub struct Counters {
     pub marks_written: u64,
     /// Takeovers not made: the silent owner was alive in etcd (a split, not a death).
     pub takeovers_held: u64,
+    /// Heartbeat rounds sent a quarter of the suspicion time or more after they were due:
+    /// this node's cluster thread did not run (CPU starvation, a stall). Peers begin to
+    /// doubt a node at that silence and take its VIPs over at the whole suspicion time.
+    pub heartbeats_late: u64,
+    /// The latest any heartbeat round went out, in microseconds past its due time.
+    pub heartbeat_late_max_us: u64,
 }
 
 /// The running service.
@@ -443,7 +449,8 @@ impl Service {
                         self.on_datagram(&buf[..n]);
                     }
                 }
-                _ = hb.tick() => {
+                due = hb.tick() => {
+                    self.note_lateness(due.elapsed());
                     self.send_heartbeats();
                     self.evaluate(&write_tx);
                 }
@@ -541,6 +548,26 @@ impl Service {
             }
         }
         out
+    }
+
+    /// Counts a heartbeat round that went out late, and says so (at 1, 2, 4, ... late
+    /// rounds): a node whose heartbeats stall for the suspicion time is taken over from
+    /// although it is alive, so the operator needs to know its thread was held up.
+    fn note_lateness(&mut self, late: Duration) {
+        let c = &mut self.counters;
+        c.heartbeat_late_max_us = c.heartbeat_late_max_us.max(late.as_micros() as u64);
+        if late >= self.t.suspect_after / 4 {
+            self.peers.note_own_stall(clock::now());
+            c.heartbeats_late += 1;
+            if c.heartbeats_late.is_power_of_two() {
+                warn!(
+                    late_ms = late.as_millis() as u64,
+                    late_rounds = c.heartbeats_late,
+                    suspect_after_ms = self.t.suspect_after.as_millis() as u64,
+                    "heartbeats went out late: the cluster thread did not get the CPU; at the suspicion time peers take this node's VIPs over (raise heartbeat_misses on a loaded node); this node suspects nobody until it has listened again for half that"
+                );
+            }
+        }
     }
 
     fn send_heartbeats(&mut self) {
@@ -998,10 +1025,11 @@ impl Service {
 async fn reader(mut store: Store, every: Duration, tx: mpsc::UnboundedSender<StoreEvent>) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut cache = ReadCache::default();
     loop {
         tick.tick().await;
         let sent_at = clock::now();
-        let result = store.read_all().await;
+        let result = store.read_all(&mut cache).await;
         let latency = clock::now().saturating_sub(sent_at);
         if tx.send(StoreEvent::Read { sent_at, latency, result }).is_err() {
             return;

@@ -317,6 +317,17 @@ fn cluster(x: &mut Exposition, c: &ClusterStatus) {
     x.counter1("havip_cluster_serving_starts", "Times this node started serving a cluster VIP", n.starts);
     x.counter1("havip_cluster_serving_stops", "Times this node stopped serving a cluster VIP", n.stops);
     x.counter1("havip_cluster_heartbeats_sent", "Heartbeat datagrams sent (one per path and peer address)", n.heartbeats_sent);
+    x.counter1(
+        "havip_cluster_heartbeats_late",
+        "Heartbeat rounds sent a quarter of the suspicion time or more after they were due (the cluster thread did not get the CPU)",
+        n.heartbeats_late,
+    );
+    x.gauge1(
+        "havip_cluster_heartbeat_late_max",
+        "The latest any heartbeat round went out past its due time since havipd started",
+        Some(Unit::Seconds),
+        n.heartbeat_late_max_us as f64 / 1e6,
+    );
     x.counter(
         "havip_cluster_heartbeats_received",
         "Heartbeats received, by peer and the path (sender's NIC) they came over",
