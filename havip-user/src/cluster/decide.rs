@@ -54,6 +54,8 @@ pub struct Inputs<'a> {
     /// The record's owner rewrote its sign of life in etcd recently: it is alive, only cut
     /// from (some of) its peers.
     pub owner_alive_in_etcd: bool,
+    /// How long this node has served the VIP at the record's epoch (zero if it does not).
+    pub serving_for: Duration,
 }
 
 pub struct Settings {
@@ -104,7 +106,12 @@ pub fn decide(i: &Inputs, peers: &Peers, now: Duration, s: &Settings) -> Option<
         // Giveback: the most preferred candidate ahead of this node that has been alive
         // for the whole hold-down.
         let order = if i.placed { i.configured } else { &rec.candidates };
-        for c in order.iter().take_while(|c| *c != me) {
+        // The node that just handed the VIP here put this node first by its view of the
+        // ledger; if this node's view still shows the older order, it lags (a watch is
+        // milliseconds behind) and handing back would bounce the VIP. The managing node
+        // moves a VIP at most once per its hold-down, so waiting one here loses nothing.
+        let just_handed_by = rec.handover.then_some(rec.from.as_deref()).flatten().filter(|_| i.serving_for < s.giveback_hold_down);
+        for c in order.iter().take_while(|c| *c != me).filter(|c| Some(c.as_str()) != just_handed_by) {
             if peers.alive_for(c, now) >= s.giveback_hold_down && peers.alive(c, now) {
                 return Some(Action::Handover { epoch, to: c.clone() });
             }
@@ -193,8 +200,15 @@ mod tests {
         let now = 100_000;
         let p = peers(me, alive, now);
         let configured: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
-        let i =
-            Inputs { vip: "198.18.130.1".parse().unwrap(), configured: &configured, placed: false, record: record.map(|r| (r, 7)), local, owner_alive_in_etcd };
+        let i = Inputs {
+            vip: "198.18.130.1".parse().unwrap(),
+            configured: &configured,
+            placed: false,
+            record: record.map(|r| (r, 7)),
+            local,
+            owner_alive_in_etcd,
+            serving_for: ms(0),
+        };
         decide(&i, &p, ms(now), &Settings { giveback_hold_down: ms(30_000), settled, view_sent_at })
     }
 
@@ -263,6 +277,7 @@ mod tests {
                 record: Some((&r, 7)),
                 local: Local::Serving { epoch: 7 },
                 owner_alive_in_etcd: false,
+                serving_for: ms(0),
             };
             decide(&i, &p, ms(100_000), &s)
         };
@@ -277,8 +292,41 @@ mod tests {
             record: Some((&r, 7)),
             local: Local::Serving { epoch: 7 },
             owner_alive_in_etcd: false,
+            serving_for: ms(0),
         };
         assert_eq!(decide(&i, &young, ms(100_000), &s), None);
+    }
+
+    /// The managing node moved a VIP from a to c: a saw the new ledger order first and
+    /// handed over. c's view still shows the old order (a first): c must not hand it
+    /// straight back (a bounce) until it has served it for the hold-down; a third node
+    /// ahead of it in that order still gets it.
+    #[test]
+    fn a_handed_over_vip_is_not_handed_back_to_its_giver_on_a_lagging_ledger_view() {
+        let p = peers("c", &[("a", 0), ("b", 0), ("c", 0)], 100_000);
+        let stale: Vec<String> = ["a", "c", "b"].iter().map(|s| s.to_string()).collect();
+        let handed =
+            VipRecord { handover: true, from: Some("a".into()), reason: "giveback".into(), candidates: vec!["c".into(), "a".into(), "b".into()], ..rec("c") };
+        let s = Settings { giveback_hold_down: ms(30_000), settled: true, view_sent_at: Some(ms(100_000)) };
+        let go = |configured: &[String], record: &VipRecord, serving_for: u64| {
+            let i = Inputs {
+                vip: "198.18.130.1".parse().unwrap(),
+                configured,
+                placed: true,
+                record: Some((record, 7)),
+                local: Local::Serving { epoch: 7 },
+                owner_alive_in_etcd: false,
+                serving_for: ms(serving_for),
+            };
+            decide(&i, &p, ms(100_000), &s)
+        };
+        assert_eq!(go(&stale, &handed, 10), None, "handed straight back to a");
+        assert_eq!(go(&stale, &handed, 30_000), Some(Action::Handover { epoch: 7, to: "a".into() }), "after the hold-down the ledger's order holds again");
+        let b_first: Vec<String> = ["b", "a", "c"].iter().map(|s| s.to_string()).collect();
+        assert_eq!(go(&b_first, &handed, 10), Some(Action::Handover { epoch: 7, to: "b".into() }), "only the giver waits");
+        // A takeover record (not a handover) is followed at once, as before.
+        let taken = VipRecord { from: Some("a".into()), reason: "owner-silent".into(), ..rec("c") };
+        assert_eq!(go(&stale, &taken, 10), Some(Action::Handover { epoch: 7, to: "a".into() }));
     }
 
     #[test]
@@ -314,6 +362,7 @@ mod tests {
                 record: Some((&r, 7)),
                 local: Local::Idle,
                 owner_alive_in_etcd: false,
+                serving_for: ms(0),
             };
             decide(&i, &p, ms(now), &Settings { giveback_hold_down: ms(30_000), settled: true, view_sent_at: Some(ms(view)) })
         };

@@ -336,6 +336,8 @@ struct Service {
     local: BTreeMap<IpAddr, Local>,
     /// Until when etcd confirmed each served VIP.
     confirmed_until: BTreeMap<IpAddr, Duration>,
+    /// When this node began serving each VIP at its current epoch (see `decide`'s giveback).
+    serving_since: BTreeMap<IpAddr, Duration>,
     /// What the kernel fence holds (serve-until, epoch).
     written: BTreeMap<IpAddr, (Duration, u64)>,
     ids: BTreeMap<IpAddr, u32>,
@@ -394,6 +396,7 @@ impl Service {
             read_latency: None,
             local: BTreeMap::new(),
             confirmed_until: BTreeMap::new(),
+            serving_since: BTreeMap::new(),
             written: BTreeMap::new(),
             ids: BTreeMap::new(),
             pending_writes: BTreeSet::new(),
@@ -749,7 +752,8 @@ impl Service {
             if let Some((r, _)) = record {
                 self.note_held(vip, &r.owner, owner_alive_in_etcd, now);
             }
-            let inputs = decide::Inputs { vip, configured: &configured, placed, record, local, owner_alive_in_etcd };
+            let serving_for = self.serving_since.get(&vip).map_or(Duration::ZERO, |t| now.saturating_sub(*t));
+            let inputs = decide::Inputs { vip, configured: &configured, placed, record, local, owner_alive_in_etcd, serving_for };
             let action = if self.pending_writes.contains(&vip) { None } else { decide::decide(&inputs, &self.peers, now, &settings) };
             match action {
                 None => {}
@@ -815,11 +819,18 @@ impl Service {
                     self.stop(vip);
                 }
             }
-            if self.refresh_fence(vip, &configured, now) {
+            if let Some((closed, by_acks)) = self.refresh_fence(vip, &configured, now) {
                 // The fence ran out (etcd and the peers unreachable for a while) and is open
                 // again: the link may have learned another MAC meanwhile, or missed the
                 // first announcements.
-                info!(%vip, "ownership: serving again after the fence lapsed; announcing");
+                info!(
+                    %vip,
+                    closed_ms = closed.as_millis() as u64,
+                    reopened_by = if by_acks { "acknowledgements" } else { "etcd" },
+                    last_read_sent_ms_ago = self.records_at.map(|t| now.saturating_sub(t).as_millis() as u64),
+                    last_read_latency_ms = self.read_latency.map(|l| l.as_millis() as u64),
+                    "ownership: serving again after the fence lapsed; announcing"
+                );
                 self.announce(vip);
             }
         }
@@ -847,6 +858,7 @@ impl Service {
 
     fn begin_serving(&mut self, vip: IpAddr, epoch: u64, why: &str) {
         self.counters.starts += 1;
+        self.serving_since.insert(vip, clock::now());
         info!(%vip, epoch, why, "ownership: serving");
         let configured = self.vips.iter().find(|(v, _, _)| *v == vip).map(|(_, c, _)| c.clone()).unwrap_or_default();
         let _ = self.refresh_fence(vip, &configured, clock::now());
@@ -881,6 +893,7 @@ impl Service {
         self.counters.stops += 1;
         self.local.insert(vip, Local::Idle);
         self.confirmed_until.remove(&vip);
+        self.serving_since.remove(&vip);
         self.write_fence(vip, Duration::ZERO, 0);
         if let Some(t) = self.announcing.remove(&vip) {
             t.abort();
@@ -888,9 +901,10 @@ impl Service {
     }
 
     /// Extends a served VIP's fence to what etcd confirmed or every candidate acknowledged.
-    /// True when this reopens a fence that had run out.
-    fn refresh_fence(&mut self, vip: IpAddr, configured: &[String], now: Duration) -> bool {
-        let Some(Local::Serving { epoch }) = self.local.get(&vip).copied() else { return false };
+    /// When this reopens a fence that had run out: how long it was closed, and whether
+    /// acknowledgements reopened it (etcd did otherwise).
+    fn refresh_fence(&mut self, vip: IpAddr, configured: &[String], now: Duration) -> Option<(Duration, bool)> {
+        let Some(Local::Serving { epoch }) = self.local.get(&vip).copied() else { return None };
         let candidates = self.records.get(&vip).map_or(configured.to_vec(), |(r, _)| r.candidates.clone());
         let confirmed = self.confirmed_until.get(&vip).copied().unwrap_or_default();
         let acked = self.peers.acked_until(vip, &candidates).unwrap_or_default();
@@ -902,9 +916,9 @@ impl Service {
                 self.counters.acked_extensions += 1;
             }
             self.write_fence(vip, until, epoch);
-            return have != Duration::ZERO && have <= now && until > now;
+            return (have != Duration::ZERO && have <= now && until > now).then(|| (now - have, acked > confirmed));
         }
-        false
+        None
     }
 
     fn write_fence(&mut self, vip: IpAddr, until: Duration, epoch: u64) {
