@@ -27,6 +27,7 @@ fn assert_gone(id: &str) {
         assert!(!name.starts_with(&format!("havip-test{id}-")), "pins of lab {id} left: {name}");
     }
     assert!(!std::path::Path::new(&format!("/run/havip-test/{id}")).exists(), "run dir of lab {id} left");
+    assert!(!std::path::Path::new(&format!("/dev/shm/havip-test-{id}")).exists(), "etcd data of lab {id} left");
 }
 
 fn ok(out: &std::process::Output) -> bool {

@@ -6,6 +6,7 @@ pub mod api_load;
 pub mod cluster;
 pub mod cluster_bench;
 pub mod failover;
+pub mod heartbeat_bench;
 pub mod fixture;
 pub mod isolation;
 pub mod load;

@@ -164,6 +164,7 @@ mod tests {
                     serves: vec![],
                     hears: vec![],
                     acks: vec![],
+                    reads_binary: false,
                 };
                 p.on_heartbeat(&hb, ms(at));
             }
@@ -351,6 +352,7 @@ mod tests {
                 serves: vec![],
                 hears: vec![],
                 acks: vec![],
+                reads_binary: false,
             };
             p.on_heartbeat(&hb, ms(99_950));
             let configured: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();

@@ -21,7 +21,7 @@ use std::{
 
 use super::{
     timing::Timing,
-    wire::{Ack, Heartbeat},
+    wire::{Ack, Format, Heartbeat},
 };
 
 /// Heartbeats of this node remembered for matching acknowledgements (about 1 s at 5 ms).
@@ -58,6 +58,8 @@ pub struct PeerState {
     pub promised_until: Duration,
     /// Our heartbeat round trip to it, from its latest acknowledgement.
     pub rtt: Option<Duration>,
+    /// Its latest heartbeat said it decodes binary heartbeats (see `wire`).
+    pub reads_binary: bool,
     pub paths: BTreeMap<String, PathStats>,
 }
 
@@ -110,6 +112,7 @@ impl Peers {
             p.incarnation = hb.incarnation;
             p.last_seq = 0;
             p.paths.clear();
+            p.reads_binary = false;
         }
         let alive_before = p.last_heard.is_some_and(|t| now.saturating_sub(t) < self.timing.suspect_after) || p.restart_hold_until > now;
         if !alive_before {
@@ -131,6 +134,7 @@ impl Peers {
         p.last_seq = hb.seq;
         p.last_seq_at = now;
         p.last_restarting = hb.restarting;
+        p.reads_binary = hb.reads_binary;
         if hb.restarting {
             p.restart_hold_until = p.restart_hold_until.max(now + self.timing.restart_grace);
         } else {
@@ -244,7 +248,7 @@ impl Peers {
                 promise_ms: promise.as_millis().min(u32::MAX as u128) as u32,
             });
         }
-        Heartbeat { node: self.me.clone(), incarnation: self.incarnation, seq, path: String::new(), restarting, serves, hears, acks }
+        Heartbeat { node: self.me.clone(), incarnation: self.incarnation, seq, path: String::new(), restarting, serves, hears, acks, reads_binary: true }
     }
 
     /// The latest restarting heartbeat every one of `names` acknowledged, if any: its send time
@@ -262,6 +266,26 @@ impl Peers {
             });
         }
         out
+    }
+
+    /// Narrows what round `seq` listed to `serves` (the VIPs that fit in every copy sent):
+    /// an acknowledgement promises only about VIPs the acknowledged datagram carried.
+    pub fn listed(&mut self, seq: u64, serves: &[(IpAddr, u64)]) {
+        if let Some(first) = self.sent.front().map(|s| s.seq) {
+            if let Some(sent) = seq.checked_sub(first).and_then(|i| self.sent.get_mut(i as usize)).filter(|s| s.seq == seq) {
+                sent.serves = serves.iter().map(|(v, _)| *v).collect();
+            }
+        }
+    }
+
+    /// How to encode heartbeats for `name`: binary once its latest heartbeat said it reads
+    /// that, JSON (what every version reads) until then.
+    pub fn format_for(&self, name: &str) -> Format {
+        if self.peers.get(name).is_some_and(|p| p.reads_binary) {
+            Format::Binary
+        } else {
+            Format::Json
+        }
     }
 
     pub fn timing(&self) -> &Timing {
@@ -301,6 +325,7 @@ pub(crate) mod tests {
             serves: serves.iter().map(|(v, e)| (v.parse().unwrap(), *e)).collect(),
             hears: hears.iter().map(|(n, a)| (n.to_string(), *a)).collect(),
             acks: acks.iter().map(|(n, inc, s)| Ack { node: n.to_string(), incarnation: *inc, seq: *s, delay_us: 0, promise_ms: 40 }).collect(),
+            reads_binary: false,
         }
     }
 
@@ -335,6 +360,41 @@ pub(crate) mod tests {
         // b was only stalled with us: heard again, alive.
         p.on_heartbeat(&hb("b", 2, &[], &[], &[]), ms(55));
         assert!(!p.suspected("b", ms(70)));
+    }
+
+    /// Binary heartbeats go only to a peer whose latest heartbeat said it reads them; a
+    /// restart (new incarnation) or an older version's heartbeat returns it to JSON.
+    #[test]
+    fn binary_only_to_peers_that_said_they_read_it() {
+        let mut p = peers();
+        assert_eq!(p.format_for("b"), Format::Json, "never heard");
+        let mut hb1 = hb("b", 1, &[], &[], &[]);
+        p.on_heartbeat(&hb1, ms(0));
+        assert_eq!(p.format_for("b"), Format::Json, "b did not say it reads binary");
+        hb1.seq = 2;
+        hb1.reads_binary = true;
+        p.on_heartbeat(&hb1, ms(5));
+        assert_eq!(p.format_for("b"), Format::Binary);
+        // b restarted as an older version.
+        let old = Heartbeat { incarnation: 2, ..hb("b", 1, &[], &[], &[]) };
+        p.on_heartbeat(&old, ms(10));
+        assert_eq!(p.format_for("b"), Format::Json);
+        assert_eq!(p.format_for("nobody"), Format::Json);
+    }
+
+    /// A round's acknowledgement promises only about the VIPs its datagrams carried.
+    #[test]
+    fn a_round_lists_only_what_fit_in_its_datagrams() {
+        let mut p = peers();
+        let v1: IpAddr = "198.18.130.1".parse().unwrap();
+        let v2: IpAddr = "198.18.130.2".parse().unwrap();
+        let round = p.next_heartbeat(ms(0), vec![(v1, 7), (v2, 8)], false, &BTreeSet::new());
+        p.listed(round.seq, &[(v1, 7)]);
+        p.on_heartbeat(&hb("b", 1, &[], &[], &[("a", 100, round.seq)]), ms(1));
+        p.on_heartbeat(&hb("c", 1, &[], &[], &[("a", 100, round.seq)]), ms(1));
+        let all = ["a".to_string(), "b".to_string(), "c".to_string()];
+        assert!(p.acked_until(v1, &all).is_some());
+        assert_eq!(p.acked_until(v2, &all), None, "v2 did not fit: nobody promised anything about it");
     }
 
     #[test]

@@ -31,7 +31,7 @@ use super::{
     requests::LedgerView,
     store::{Marks, ReadCache, Records, Snapshot, Store},
     timing::{self, Timing},
-    wire::Heartbeat,
+    wire::{Format, Heartbeat},
 };
 use crate::{
     config::{cluster::Cluster, ranking::Settings},
@@ -75,6 +75,9 @@ pub struct PeerStatus {
     pub alive_in_etcd: bool,
     pub alive_for_ms: u64,
     pub rtt_us: Option<u64>,
+    /// How this node encodes heartbeats for it: `binary` once it said it reads that, else `json`.
+    #[serde(default)]
+    pub heartbeat_format: String,
     pub paths: Vec<PathStatus>,
 }
 
@@ -508,7 +511,7 @@ impl Service {
     }
 
     fn on_datagram(&mut self, bytes: &[u8]) {
-        let Some(hb) = Heartbeat::decode(bytes) else { return };
+        let Some((hb, _format)) = Heartbeat::decode(bytes) else { return };
         let now = clock::now();
         if !self.peers.on_heartbeat(&hb, now) {
             return;
@@ -578,24 +581,32 @@ impl Service {
         let withhold = self.withheld();
         let mut hb = self.peers.next_heartbeat(now, self.serves(), self.restarting, &withhold);
         let port = self.c.heartbeat_port;
+        let formats: Vec<Format> = self.c.peers.iter().map(|peer| self.peers.format_for(&peer.name)).collect();
+        let json_needed = formats.contains(&Format::Json);
         for p in &mut self.paths {
             if p.v4.is_none() && p.v6.is_none() {
                 *p = PathSocket::open(&p.nic.clone());
             }
             hb.path = p.nic.clone();
-            let bytes = hb.encode();
-            for peer in &self.c.peers {
+            // JSON first: it fits fewer VIPs, and encoding drops what does not fit, so the
+            // binary copies then list the same VIPs as the JSON ones.
+            let json = json_needed.then(|| hb.encode(Format::Json));
+            let binary = formats.contains(&Format::Binary).then(|| hb.encode(Format::Binary));
+            for (peer, format) in self.c.peers.iter().zip(&formats) {
+                let Some(bytes) = (if *format == Format::Json { json.as_ref() } else { binary.as_ref() }) else { continue };
                 for addr in &peer.addresses {
                     let sock = if addr.is_ipv4() { p.v4.as_ref() } else { p.v6.as_ref() };
                     if let Some(s) = sock {
                         // Unreachable paths fail here (no route on that NIC): expected.
-                        if s.send_to(&bytes, SocketAddr::new(*addr, port)).is_ok() {
+                        if s.send_to(bytes, SocketAddr::new(*addr, port)).is_ok() {
                             self.counters.heartbeats_sent += 1;
                         }
                     }
                 }
             }
         }
+        // What every copy carried: acknowledgements of this round promise only that.
+        self.peers.listed(hb.seq, &hb.serves);
     }
 
     fn on_store(&mut self, ev: StoreEvent) {
@@ -995,6 +1006,7 @@ impl Service {
                 alive_in_etcd: self.alive_in_etcd(name, now),
                 alive_for_ms: self.peers.alive_for(name, now).as_millis() as u64,
                 rtt_us: p.rtt.map(|d| d.as_micros() as u64),
+                heartbeat_format: if self.peers.format_for(name) == Format::Binary { "binary" } else { "json" }.into(),
                 paths: p
                     .paths
                     .iter()

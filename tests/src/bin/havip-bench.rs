@@ -76,6 +76,10 @@ struct Args {
     /// baseline): at least 100, since a p99 of fewer is a maximum.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(100..))]
     manager_trials: u64,
+    /// Trials of the heartbeat encoding section (each times 200 decodes and encodes per
+    /// encoding): at least 100, since a p99 of fewer is a maximum.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(100..))]
+    heartbeat_trials: u64,
     /// Run only these sections (default: all).
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<Section>,
@@ -100,6 +104,8 @@ enum Section {
     ClusterRequests,
     /// The managing node's planning round for 10,000 VIPs over 32 nodes.
     Planning,
+    /// CPU per heartbeat decoded and encoded, binary against JSON, at 32 nodes.
+    Heartbeats,
     /// Only the cluster's randomized partition trials.
     ClusterPartitions,
 }
@@ -689,7 +695,11 @@ fn main() -> anyhow::Result<()> {
         let mf = havip_tests::manager_bench::run(args.manager_trials as usize);
         println!("\nManaging node: SIGKILL of the manager -> a survivor reports a new one (ms); baseline: a kept-alive 1 s etcd lease's keeper SIGKILLed -> its key gone");
         println!("{:<34} {:>7} {:>9} {:>9} {:>9}", "", "trials", "p50", "p99", "max");
-        for (name, g) in [("lease expiry (baseline)", &mf.lease_expiry_baseline), ("manager failover", &mf.failover), ("requests through it served again", &mf.requests_served_again)] {
+        for (name, g) in [
+            ("lease expiry (baseline)", &mf.lease_expiry_baseline),
+            ("manager failover", &mf.failover),
+            ("requests through it served again", &mf.requests_served_again),
+        ] {
             println!("{:<34} {:>7} {:>9.1} {:>9.1} {:>9.1}", name, g.trials, g.p50_ms, g.p99_ms, g.max_ms);
         }
         println!(
@@ -769,6 +779,44 @@ fn main() -> anyhow::Result<()> {
             if p.round.p99_ms <= 100.0 { "met" } else { "NOT met" }
         );
         report.insert("planning", serde_json::to_value(&p)?);
+    }
+
+    if run(Section::Heartbeats) {
+        eprintln!("\n[bench] heartbeat encodings: {} trials per case", args.heartbeat_trials);
+        let h = havip_tests::heartbeat_bench::run(args.heartbeat_trials as usize);
+        println!(
+            "\nHeartbeats of a {}-node cluster (31 peers' hears and acknowledgements; µs per heartbeat; baseline: JSON, what every version reads)",
+            h.nodes
+        );
+        println!(
+            "{:<7} {:<7} {:>6} {:>10} {:>10} {:>10} {:>10} {:>14} {:>9}",
+            "serves", "format", "bytes", "decode p50", "decode p99", "encode p50", "encode p99", "decode ratio", "core @32"
+        );
+        for c in &h.cases {
+            for (name, bytes, d, e, share) in [
+                ("json", c.json_bytes, &c.json_decode_us, &c.json_encode_us, c.json_core_share),
+                ("binary", c.binary_bytes, &c.binary_decode_us, &c.binary_encode_us, c.binary_core_share),
+            ] {
+                let ratio = if name == "json" { "1.00 / 1.00".to_string() } else { format!("{:.2} / {:.2}", c.decode_ratio.0, c.decode_ratio.1) };
+                println!(
+                    "{:<7} {:<7} {:>6} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>14} {:>8.1}%",
+                    c.serves,
+                    name,
+                    bytes,
+                    d.p50_ms,
+                    d.p99_ms,
+                    e.p50_ms,
+                    e.p99_ms,
+                    ratio,
+                    share * 100.0
+                );
+            }
+        }
+        println!(
+            "core @32: one core's share that decoding takes at {:.0} heartbeats/s (31 peers x 2 paths every 5 ms), from the decode p50",
+            h.decodes_per_second
+        );
+        report.insert("heartbeats", serde_json::to_value(&h)?);
     }
 
     if args.only.contains(&Section::ClusterPartitions) {
