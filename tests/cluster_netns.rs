@@ -276,6 +276,8 @@ fn etcd_down_moves_nothing_and_loses_no_probe() {
     assert_eq!(owner(&r.lab, 2).map(|(o, _)| o), Some("n1".to_string()), "the record changed");
     let n1 = r.lab.node_log(1);
     assert!(n1.contains("etcd read failed"), "n1 never noticed the outage:\n{}", tail(&n1));
+    // Its heartbeats run at the default cluster.thread_nice, so load does not stall them.
+    assert_eq!(r.lab.thread_nice(1, "havip-cluster"), Some(-10), "the cluster thread runs at ordinary priority");
 }
 
 #[test]
@@ -405,6 +407,7 @@ fn bad_cluster_configs_and_unreachable_etcd_are_clear_errors() {
     for (edit, field) in [
         (base.replace("node = \"n1\"", "node = \"n 1\""), "cluster.node"),
         (base.replace("lease_ms = 40", "lease_ms = 8"), "cluster.lease_ms"),
+        (base.replace("lease_ms = 40", "lease_ms = 40\nthread_nice = -21"), "cluster.thread_nice"),
         (base.replace("etcd_endpoints = [", "etcd_endpoints = [\"198.18.30.200:2379\", "), "cluster.etcd_endpoints[0]"),
         (base.replace("nodes = [\"n1\"]", "nodes = [\"n1\", \"zz\"]"), "vip[0].nodes[1]"),
     ] {

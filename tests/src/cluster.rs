@@ -271,6 +271,19 @@ impl ClusterLab {
     }
 
     /// havipd's pid on node `k`, while started.
+    /// The nice value of node `k`'s havipd thread named `name` (from /proc), if running.
+    pub fn thread_nice(&self, k: usize, name: &str) -> Option<i32> {
+        let pid = self.node_pid(k)?;
+        for t in std::fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
+            if std::fs::read_to_string(t.path().join("comm")).ok()?.trim() == name {
+                // Fields after the command's closing parenthesis start at field 3; nice is 19.
+                let stat = std::fs::read_to_string(t.path().join("stat")).ok()?;
+                return stat.rsplit_once(')')?.1.split_whitespace().nth(16)?.parse().ok();
+            }
+        }
+        None
+    }
+
     pub fn node_pid(&self, k: usize) -> Option<u32> {
         self.node(k).daemon.as_ref().map(|c| c.id())
     }

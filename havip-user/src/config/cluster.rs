@@ -51,6 +51,12 @@ pub struct ClusterSection {
     /// How long peers hold off a node that announced a planned restart (SIGTERM), ms.
     #[serde(default = "default_restart_grace_ms")]
     pub restart_grace_ms: u64,
+    /// Nice value of havipd's cluster thread (heartbeats, fences, etcd confirmations), -20
+    /// to 19. Below 0 it gets a core promptly under CPU contention, so a busy node's
+    /// heartbeats do not stall into a takeover; 0 to leave it ordinary (for instance when
+    /// etcd shares a small machine with it and must not wait behind it).
+    #[serde(default = "default_thread_nice")]
+    pub thread_nice: i32,
     /// The other nodes.
     #[serde(default)]
     pub peer: Vec<PeerSection>,
@@ -153,6 +159,9 @@ fn default_clock_error_ppm() -> u32 {
 fn default_giveback_hold_down_ms() -> u64 {
     30_000
 }
+fn default_thread_nice() -> i32 {
+    -10
+}
 fn default_restart_grace_ms() -> u64 {
     10_000
 }
@@ -171,6 +180,7 @@ pub struct Cluster {
     pub clock_error: f64,
     pub giveback_hold_down: Duration,
     pub restart_grace: Duration,
+    pub thread_nice: i32,
     pub peers: Vec<Peer>,
     pub networks: Vec<super::networks::Network>,
     pub spares: Option<Spares>,
@@ -277,6 +287,9 @@ pub fn validate(section: Option<&ClusterSection>, errs: &mut Vec<FieldError>) ->
     range(errs, "clock_error_ppm", s.clock_error_ppm as u64, 0, 100_000, "ppm (10% at most)");
     range(errs, "giveback_hold_down_ms", s.giveback_hold_down_ms, 0, 86_400_000, "ms");
     range(errs, "restart_grace_ms", s.restart_grace_ms, 100, 600_000, "ms");
+    if !(-20..=19).contains(&s.thread_nice) {
+        errs.push(FieldError { field: "cluster.thread_nice".into(), reason: format!("{} is out of range; use -20 to 19 (a nice value)", s.thread_nice) });
+    }
     // The owner's serve-until time is extended by each acknowledged heartbeat: a lease
     // shorter than a few heartbeats would lapse between two of them.
     if (1..=1000).contains(&s.heartbeat_interval_ms) && (10..=60_000).contains(&s.lease_ms) && s.lease_ms < 4 * s.heartbeat_interval_ms {
@@ -327,6 +340,7 @@ pub fn validate(section: Option<&ClusterSection>, errs: &mut Vec<FieldError>) ->
         clock_error: s.clock_error_ppm as f64 / 1e6,
         giveback_hold_down: Duration::from_millis(s.giveback_hold_down_ms),
         restart_grace: Duration::from_millis(s.restart_grace_ms),
+        thread_nice: s.thread_nice,
         peers: s.peer.iter().map(|p| Peer { name: p.name.clone(), addresses: p.addresses.clone() }).collect(),
         networks,
         spares,
