@@ -142,7 +142,7 @@ pub fn decide(i: &Inputs, peers: &Peers, now: Duration, s: &Settings) -> Option<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::wire::Heartbeat;
+    use crate::cluster::peers::tests::hb;
 
     fn ms(v: u64) -> Duration {
         Duration::from_millis(v)
@@ -155,18 +155,7 @@ mod tests {
         // Each alive peer has been heard every 10 ms since `since` ms, up to now.
         for (n, since) in alive {
             for at in (*since..=now).step_by(10) {
-                let hb = Heartbeat {
-                    node: n.to_string(),
-                    incarnation: 1,
-                    seq: at + 1,
-                    path: "e".into(),
-                    restarting: false,
-                    serves: vec![],
-                    hears: vec![],
-                    acks: vec![],
-                    reads_binary: false,
-                };
-                p.on_heartbeat(&hb, ms(at));
+                p.on_heartbeat(&hb(n, at + 1, &[], &[], &[]), ms(at));
             }
         }
         p
@@ -343,18 +332,7 @@ mod tests {
         let from_a = |view: u64| {
             let now = 100_000;
             let mut p = peers("b", &[("c", 0)], now);
-            let hb = crate::cluster::wire::Heartbeat {
-                node: "a".into(),
-                incarnation: 1,
-                seq: 1,
-                path: "e".into(),
-                restarting: false,
-                serves: vec![],
-                hears: vec![],
-                acks: vec![],
-                reads_binary: false,
-            };
-            p.on_heartbeat(&hb, ms(99_950));
+            p.on_heartbeat(&hb("a", 1, &[], &[], &[]), ms(99_950));
             let configured: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
             let r = rec("a");
             let i = Inputs {

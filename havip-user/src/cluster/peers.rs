@@ -21,7 +21,7 @@ use std::{
 
 use super::{
     timing::Timing,
-    wire::{Ack, Format, Heartbeat},
+    wire::{Ack, Format, Heartbeat, BINARY_LAYOUT},
 };
 
 /// Heartbeats of this node remembered for matching acknowledgements (about 1 s at 5 ms).
@@ -58,8 +58,8 @@ pub struct PeerState {
     pub promised_until: Duration,
     /// Our heartbeat round trip to it, from its latest acknowledgement.
     pub rtt: Option<Duration>,
-    /// Its latest heartbeat said it decodes binary heartbeats (see `wire`).
-    pub reads_binary: bool,
+    /// The binary heartbeat layout its latest heartbeat said it decodes (0: none; see `wire`).
+    pub binary_layout: u8,
     pub paths: BTreeMap<String, PathStats>,
 }
 
@@ -73,11 +73,16 @@ struct Sent {
     serves: BTreeSet<IpAddr>,
 }
 
-/// Our heartbeat `seq`, if still remembered. Sequences are consecutive, so its place is
-/// known (this runs for every VIP on every heartbeat round).
+/// Where our heartbeat `seq` is in `sent`, if still remembered. Sequences are consecutive,
+/// so its place is known (this runs for every VIP on every heartbeat round).
+fn sent_index(sent: &VecDeque<Sent>, seq: u64) -> Option<usize> {
+    let i = usize::try_from(seq.checked_sub(sent.front()?.seq)?).ok()?;
+    (sent.get(i)?.seq == seq).then_some(i)
+}
+
+/// Our heartbeat `seq`, if still remembered.
 fn find_sent(sent: &VecDeque<Sent>, seq: u64) -> Option<&Sent> {
-    let first = sent.front()?.seq;
-    sent.get(usize::try_from(seq.checked_sub(first)?).ok()?).filter(|s| s.seq == seq)
+    sent.get(sent_index(sent, seq)?)
 }
 
 pub struct Peers {
@@ -112,7 +117,7 @@ impl Peers {
             p.incarnation = hb.incarnation;
             p.last_seq = 0;
             p.paths.clear();
-            p.reads_binary = false;
+            p.binary_layout = 0;
         }
         let alive_before = p.last_heard.is_some_and(|t| now.saturating_sub(t) < self.timing.suspect_after) || p.restart_hold_until > now;
         if !alive_before {
@@ -134,7 +139,7 @@ impl Peers {
         p.last_seq = hb.seq;
         p.last_seq_at = now;
         p.last_restarting = hb.restarting;
-        p.reads_binary = hb.reads_binary;
+        p.binary_layout = hb.binary_layout;
         if hb.restarting {
             p.restart_hold_until = p.restart_hold_until.max(now + self.timing.restart_grace);
         } else {
@@ -248,7 +253,17 @@ impl Peers {
                 promise_ms: promise.as_millis().min(u32::MAX as u128) as u32,
             });
         }
-        Heartbeat { node: self.me.clone(), incarnation: self.incarnation, seq, path: String::new(), restarting, serves, hears, acks, reads_binary: true }
+        Heartbeat {
+            node: self.me.clone(),
+            incarnation: self.incarnation,
+            seq,
+            path: String::new(),
+            restarting,
+            serves,
+            hears,
+            acks,
+            binary_layout: BINARY_LAYOUT,
+        }
     }
 
     /// The latest restarting heartbeat every one of `names` acknowledged, if any: its send time
@@ -271,17 +286,15 @@ impl Peers {
     /// Narrows what round `seq` listed to `serves` (the VIPs that fit in every copy sent):
     /// an acknowledgement promises only about VIPs the acknowledged datagram carried.
     pub fn listed(&mut self, seq: u64, serves: &[(IpAddr, u64)]) {
-        if let Some(first) = self.sent.front().map(|s| s.seq) {
-            if let Some(sent) = seq.checked_sub(first).and_then(|i| self.sent.get_mut(i as usize)).filter(|s| s.seq == seq) {
-                sent.serves = serves.iter().map(|(v, _)| *v).collect();
-            }
+        if let Some(i) = sent_index(&self.sent, seq) {
+            self.sent[i].serves = serves.iter().map(|(v, _)| *v).collect();
         }
     }
 
     /// How to encode heartbeats for `name`: binary once its latest heartbeat said it reads
-    /// that, JSON (what every version reads) until then.
+    /// this version's layout, JSON (what every version reads) otherwise.
     pub fn format_for(&self, name: &str) -> Format {
-        if self.peers.get(name).is_some_and(|p| p.reads_binary) {
+        if self.peers.get(name).is_some_and(|p| p.binary_layout == BINARY_LAYOUT) {
             Format::Binary
         } else {
             Format::Json
@@ -315,7 +328,8 @@ pub(crate) mod tests {
         }
     }
 
-    fn hb(node: &str, seq: u64, serves: &[(&str, u64)], hears: &[(&str, u32)], acks: &[(&str, u64, u64)]) -> Heartbeat {
+    /// A heartbeat of `node` (incarnation 1, path eth0) with what it serves, hears and acknowledges.
+    pub(crate) fn hb(node: &str, seq: u64, serves: &[(&str, u64)], hears: &[(&str, u32)], acks: &[(&str, u64, u64)]) -> Heartbeat {
         Heartbeat {
             node: node.into(),
             incarnation: 1,
@@ -325,7 +339,7 @@ pub(crate) mod tests {
             serves: serves.iter().map(|(v, e)| (v.parse().unwrap(), *e)).collect(),
             hears: hears.iter().map(|(n, a)| (n.to_string(), *a)).collect(),
             acks: acks.iter().map(|(n, inc, s)| Ack { node: n.to_string(), incarnation: *inc, seq: *s, delay_us: 0, promise_ms: 40 }).collect(),
-            reads_binary: false,
+            binary_layout: 0,
         }
     }
 
@@ -372,8 +386,12 @@ pub(crate) mod tests {
         p.on_heartbeat(&hb1, ms(0));
         assert_eq!(p.format_for("b"), Format::Json, "b did not say it reads binary");
         hb1.seq = 2;
-        hb1.reads_binary = true;
+        hb1.binary_layout = BINARY_LAYOUT + 1;
         p.on_heartbeat(&hb1, ms(5));
+        assert_eq!(p.format_for("b"), Format::Json, "b reads another layout only");
+        hb1.seq = 3;
+        hb1.binary_layout = BINARY_LAYOUT;
+        p.on_heartbeat(&hb1, ms(6));
         assert_eq!(p.format_for("b"), Format::Binary);
         // b restarted as an older version.
         let old = Heartbeat { incarnation: 2, ..hb("b", 1, &[], &[], &[]) };

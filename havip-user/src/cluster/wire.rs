@@ -6,9 +6,10 @@
 //! costs a quarter of the CPU to decode and a third of the bytes. A node decodes every
 //! heartbeat, 2 paths x every peer, every 5 ms: at 32 nodes serving 312 VIPs each, JSON
 //! costs about 29% of a core (`cargo xtask bench --only heartbeats`). Every heartbeat says
-//! whether its sender reads binary (`reads_binary`, ignored by versions that predate it);
-//! a node sends binary only to peers that said so, so a rolling upgrade keeps every pair
-//! of nodes understanding each other.
+//! which binary layout its sender reads (`binary_layout`, 0 for none; versions that predate
+//! it send no such field); a node sends binary only to peers that read its own layout, so
+//! a rolling upgrade, also to a later layout, keeps every pair of nodes understanding each
+//! other.
 
 use std::net::IpAddr;
 
@@ -18,10 +19,13 @@ use serde::{Deserialize, Serialize};
 /// then get no acknowledgement-based extension, which is safe: see `peers`).
 pub const MAX_DATAGRAM: usize = 60_000;
 
-/// The first bytes of a binary heartbeat (never the start of a JSON one). The last byte is
-/// the binary layout's version: postcard is not self-describing, so a changed layout is a
-/// new magic, negotiated like the binary encoding itself.
-pub const BINARY_MAGIC: [u8; 4] = *b"HVB\x01";
+/// The binary layout this version writes and reads. postcard is not self-describing: a
+/// changed `Heartbeat` is a new layout, sent only to peers that say they read it.
+pub const BINARY_LAYOUT: u8 = 1;
+
+/// The first bytes of a binary heartbeat (never the start of a JSON one); the last is the
+/// layout.
+pub const BINARY_MAGIC: [u8; 4] = [b'H', b'V', b'B', BINARY_LAYOUT];
 
 /// How a heartbeat is encoded on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,9 +53,10 @@ pub struct Heartbeat {
     /// owner is dead" from "I cannot hear the owner" (one-way loss).
     pub hears: Vec<(String, u32)>,
     pub acks: Vec<Ack>,
-    /// The sender decodes [`Format::Binary`]: peers may send it that.
+    /// The binary layout the sender decodes (0: JSON only); peers whose own layout it is
+    /// may send it [`Format::Binary`].
     #[serde(default)]
-    pub reads_binary: bool,
+    pub binary_layout: u8,
 }
 
 /// "I received your heartbeat `seq` (of `incarnation`) `delay_us` before sending this, and
@@ -110,7 +115,7 @@ mod tests {
     }
 
     /// The binary encoding carries more VIPs in a datagram, and a JSON heartbeat of a
-    /// version before `reads_binary` decodes as a sender that reads only JSON.
+    /// version before `binary_layout` decodes as a sender that reads only JSON.
     #[test]
     fn binary_is_smaller_and_old_json_reads_as_json_only() {
         let (mut j, mut b) = (big(), big());
@@ -119,7 +124,7 @@ mod tests {
         assert!(b.serves.len() > 2 * j.serves.len(), "binary {} VIPs, JSON {}", b.serves.len(), j.serves.len());
         let old = br#"{"node":"n2","incarnation":1,"seq":3,"path":"eth0","serves":[],"hears":[],"acks":[]}"#;
         let (hb, format) = Heartbeat::decode(old).expect("an old heartbeat decodes");
-        assert_eq!((hb.reads_binary, format), (false, Format::Json));
+        assert_eq!((hb.binary_layout, format), (0, Format::Json));
     }
 
     fn big() -> Heartbeat {
@@ -132,7 +137,7 @@ mod tests {
             serves: (0..20_000u32).map(|i| (IpAddr::from((0xc612_0000u32 + i).to_be_bytes()), i as u64)).collect(),
             hears: vec![("n2".into(), 3)],
             acks: vec![Ack { node: "n2".into(), incarnation: 9, seq: 5, delay_us: 100, promise_ms: 40 }],
-            reads_binary: true,
+            binary_layout: BINARY_LAYOUT,
         }
     }
 }
