@@ -35,13 +35,25 @@ pub struct ProbeBursts {
     pub gap_max: Duration,
 }
 
+/// The ICMP type of an IPv4 ICMP frame (no VLAN), if it is one.
+fn icmp_type(frame: &[u8]) -> Option<u8> {
+    (frame.len() > 34 && frame[12..14] == [0x08, 0x00] && frame[23] == 1).then(|| frame.get(14 + usize::from(frame[14] & 0x0f) * 4).copied()).flatten()
+}
+
 /// An ICMP echo request in an Ethernet frame (IPv4, no VLAN).
 fn is_echo_request(frame: &[u8]) -> bool {
-    frame.len() > 34 && frame[12..14] == [0x08, 0x00] && frame[23] == 1 && {
-        let ihl = usize::from(frame[14] & 0x0f) * 4;
-        frame.get(14 + ihl) == Some(&8)
-    }
+    icmp_type(frame) == Some(8)
 }
+
+/// A probe exchange (echo request or reply).
+fn is_echo(frame: &[u8]) -> bool {
+    matches!(icmp_type(frame), Some(8 | 0))
+}
+
+/// No random loss of a probe exchange, in either direction, this close to a burst: a run
+/// of lost probes is then never longer than the burst's `max_len` (random loss next to a
+/// burst of 3 made a run of 4, which havip rightly calls a dark path).
+const BURST_GUARD: Duration = Duration::from_millis(100);
 
 pub struct Relay {
     stop: Arc<AtomicBool>,
@@ -59,10 +71,12 @@ impl Relay {
         let stop = Arc::new(AtomicBool::new(false));
         let bursts = Arc::new(AtomicU64::new(0));
         let now = Arc::new(Mutex::new((a_to_b, b_to_a)));
+        // (end of the last burst, start of the next), in either direction.
+        let near: Arc<Mutex<(Option<Instant>, Option<Instant>)>> = Arc::default();
         let mut threads = Vec::new();
         for (from, to, forward, seed) in [(a, b, true, 0x9e37_79b9u32), (b, a, false, 0x85eb_ca6bu32)] {
             let (tx, rx) = mpsc::channel::<(Instant, Vec<u8>)>();
-            let (stop_r, from_s, now_r, bursts_r) = (stop.clone(), from.to_string(), now.clone(), bursts.clone());
+            let (stop_r, from_s, now_r, bursts_r, near_r) = (stop.clone(), from.to_string(), now.clone(), bursts.clone(), near.clone());
             threads.push(spawn_in(ns, move || {
                 let link = RawLink::open(&from_s);
                 let mut x = seed;
@@ -87,6 +101,7 @@ impl Relay {
                     if let Some(b) = imp.probe_bursts.filter(|_| is_echo_request(&frame)) {
                         let gap = |r: f64| b.gap_min + (b.gap_max.saturating_sub(b.gap_min)).mul_f64(r);
                         let start = *next_burst.get_or_insert_with(|| Instant::now() + gap(rand()));
+                        near_r.lock().unwrap().1 = Some(start);
                         if dropping == 0 && Instant::now() >= start {
                             dropping = 1 + ((rand() * b.max_len as f64) as u32).min(b.max_len - 1);
                             bursts_r.fetch_add(1, Ordering::Relaxed);
@@ -95,12 +110,19 @@ impl Relay {
                             dropping -= 1;
                             if dropping == 0 {
                                 next_burst = Some(Instant::now() + gap(rand()));
+                                *near_r.lock().unwrap() = (Some(Instant::now()), next_burst);
                             }
                             continue;
                         }
                     }
                     if rand() < imp.loss {
-                        continue;
+                        let t = Instant::now();
+                        let (last_end, next_start) = *near_r.lock().unwrap();
+                        let guarded = is_echo(&frame)
+                            && (last_end.is_some_and(|e| t < e + BURST_GUARD) || next_start.is_some_and(|n| t + BURST_GUARD >= n) || dropping > 0);
+                        if !guarded {
+                            continue;
+                        }
                     }
                     let delay = imp.delay + imp.jitter.mul_f64(rand());
                     if tx.send((Instant::now() + delay, frame)).is_err() {
