@@ -143,9 +143,8 @@ fn run(vip: &str, path: Path) {
     let sent = data.clone();
     let vip_ip: IpAddr = vip.parse().unwrap();
     let started = Instant::now();
-    let back = spawn_in(&t.cli, move || bulk_exchange(vip_ip, sent))
-        .join()
-        .unwrap_or_else(|_| panic!("{path:?} {vip}: the transfer failed; stats {}", t.stats()));
+    let back =
+        spawn_in(&t.cli, move || bulk_exchange(vip_ip, sent)).join().unwrap_or_else(|_| panic!("{path:?} {vip}: the transfer failed; stats {}", t.stats()));
     let took = started.elapsed();
     stop.store(true, Ordering::Relaxed);
     assert_eq!(back.len(), BULK, "{path:?} {vip}: bytes lost");
@@ -157,11 +156,19 @@ fn run(vip: &str, path: Path) {
         assert_eq!(counter(&s, &["outcomes", dir, "malformed"]), 0, "{path:?} {vip}: {dir} counted malformed packets: {}", s["outcomes"]);
     }
     let v = t.vip_stats(vip);
-    for dir in ["rx", "tx"] {
+    // TCP may retransmit on a loaded machine (spurious timer retransmissions): each
+    // retransmitted segment adds at most one full frame of the path's MTU.
+    let frame = path.mtu().map_or(1500, |m| m.parse().unwrap()) + 14;
+    for (dir, sender) in [("rx", &t.cli), ("tx", &t.srv)] {
         // Every TCP packet of this test went to or from port 80: all were remapped.
         assert_eq!(counter(&v, &[dir, "tcp"]), counter(&v, &[dir, "remapped"]), "{path:?} {vip} {dir}: {v}");
         let bytes = counter(&v, &[dir, "bytes"]) as usize;
-        assert!((BULK..BULK * 11 / 10).contains(&bytes), "{path:?} {vip} {dir} bytes {bytes} do not match 16 MiB: {v}");
+        let resent = Topology::snmp(sender, "Tcp", "RetransSegs") as usize;
+        let most = (BULK + resent * frame) * 11 / 10;
+        assert!(
+            (BULK..most).contains(&bytes),
+            "{path:?} {vip} {dir} bytes {bytes} do not match 16 MiB (at most {most} with {resent} segments retransmitted): {v}"
+        );
     }
     // What ingress saw: frames larger than any wire frame of MTU 9000 on average on the
     // large paths (the mean includes the client's ACKs, so it stays well below the largest
