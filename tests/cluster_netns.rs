@@ -558,6 +558,26 @@ fn one_managing_node_is_elected_and_a_deposed_one_cannot_write() {
         sleep(Duration::from_millis(20));
     }
 
+    // An answer its requester never collected (it died waiting) is deleted by the manager
+    // within a planning round (every 2 s) once a minute old; a young one is left alone.
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let answers = format!("{}-manager/answers/n9/", r.lab.key_prefix());
+    let (stale, young) = (format!("{answers}{}-1", now_ms - 61_000), format!("{answers}{}-2", now_ms - 50_000));
+    for key in [&stale, &young] {
+        assert!(r.lab.etcdctl(&["put", key, "{}"]).status.success(), "etcdctl put {key} failed");
+    }
+    let exists = |key: &str| !r.lab.etcdctl(&["get", "--keys-only", key]).stdout.is_empty();
+    let t = Instant::now();
+    while exists(&stale) {
+        assert!(t.elapsed() < Duration::from_secs(5), "the manager never deleted the uncollected answer {stale}");
+        sleep(Duration::from_millis(50));
+    }
+    assert!(exists(&young), "the manager deleted an answer only 50 s old: {young}");
+    let k_second = all.into_iter().find(|&k| r.lab.node_name(k) == second).unwrap();
+    let log = r.lab.node_log(k_second);
+    let swept = log.lines().find(|l| l.contains("managing node: deleted answers their requesters never collected"));
+    assert!(swept.is_some_and(|l| l.contains("deleted=1 older_than_s=60")), "no log line of the sweep with its inputs: {swept:?}\n{}", tail(&log));
+
     // Resumed, the old manager still believes it manages and tries its next write: etcd
     // refuses it (its leader key is gone), so the record never shows it again.
     r.lab.resume_node(k_first);

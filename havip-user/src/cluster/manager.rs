@@ -88,6 +88,10 @@ pub struct ManagerStatus {
     /// VIP requests this node granted, by how (`requests::How`).
     #[serde(default)]
     pub grants: BTreeMap<String, u64>,
+    /// Answers to forwarded requests this node deleted as the manager because their
+    /// requesters never collected them (`requests::sweep_answers`).
+    #[serde(default)]
+    pub answers_swept: u64,
 }
 
 /// The record the manager keeps current (`<key_prefix>/manager-state`).
@@ -345,6 +349,20 @@ impl Duty<'_> {
             });
             for mv in &r.moves {
                 info!(term = self.term, vip = %mv.key.1, network = %mv.key.0, from = %mv.from, to = %mv.to, reason = mv.reason.name(), why = %mv.why, "managing node: VIP moved");
+            }
+            // With the same cadence: answers left behind by requesters that died waiting.
+            match ledger_io::timed(requests::sweep_answers(client, &c.key_prefix, &self.guard)).await {
+                Ok(0) => {}
+                Ok(n) => {
+                    update(self.status, |m| m.answers_swept += n as u64);
+                    info!(
+                        term = self.term,
+                        deleted = n,
+                        older_than_s = requests::ANSWER_KEEP.as_secs(),
+                        "managing node: deleted answers their requesters never collected"
+                    );
+                }
+                Err(e) => warn!(term = self.term, error = %format!("{e:#}"), "managing node: sweeping uncollected answers failed; the next round tries again"),
             }
         }
         Ok(true)

@@ -96,8 +96,41 @@ pub fn requests_prefix(key_prefix: &str) -> String {
     format!("{key_prefix}-manager/requests/")
 }
 
+fn answers_prefix(key_prefix: &str) -> String {
+    format!("{key_prefix}-manager/answers/")
+}
+
 fn answer_key(key_prefix: &str, node: &str, id: &str) -> String {
-    format!("{key_prefix}-manager/answers/{node}/{id}")
+    format!("{}{node}/{id}", answers_prefix(key_prefix))
+}
+
+/// An answer still there this long after its request was made was never collected: its
+/// requester deletes it once read, at most [`FORWARD_WAIT`] and a withdrawal after asking,
+/// unless it died waiting. The managing node sweeps those ([`sweep_answers`]).
+pub const ANSWER_KEEP: Duration = Duration::from_secs(60);
+
+/// Whether the answer at `key` is older than [`ANSWER_KEEP`] at `now_unix_ms`: a request's
+/// id starts with its unix time in ms. A key that does not parse is not havip's: kept.
+fn uncollected(key: &str, now_unix_ms: u64) -> bool {
+    let asked_ms = key.rsplit('/').next().and_then(|id| id.split('-').next()).and_then(|ms| ms.parse::<u64>().ok());
+    asked_ms.is_some_and(|at| now_unix_ms.saturating_sub(at) > ANSWER_KEEP.as_millis() as u64)
+}
+
+/// The managing node's side: deletes the answers their requesters never collected (see
+/// [`ANSWER_KEEP`]), guarded by `guard` (its leadership). Returns how many it deleted.
+pub async fn sweep_answers(client: &mut Client, key_prefix: &str, guard: &Compare) -> anyhow::Result<usize> {
+    let resp = client.get(answers_prefix(key_prefix), Some(GetOptions::new().with_prefix().with_keys_only())).await?;
+    let now = super::record::now_unix_ms();
+    let stale: Vec<&str> = resp.kvs().iter().filter_map(|kv| kv.key_str().ok()).filter(|k| uncollected(k, now)).collect();
+    let mut deleted = 0;
+    // etcd caps a transaction's operations (128 by default).
+    for chunk in stale.chunks(100) {
+        let ops: Vec<TxnOp> = chunk.iter().map(|k| TxnOp::delete(k.as_bytes(), None)).collect();
+        if client.txn(Txn::new().when(vec![guard.clone()]).and_then(ops)).await?.succeeded() {
+            deleted += chunk.len();
+        }
+    }
+    Ok(deleted)
 }
 
 /// How a request was granted.
@@ -436,4 +469,28 @@ pub async fn serve_forwarded(
 /// A watch on the forwarded requests: the managing node serves them as they come.
 pub async fn watch_requests(client: &mut Client, key_prefix: &str) -> anyhow::Result<(etcd_client::Watcher, etcd_client::WatchStream)> {
     Ok(client.watch(requests_prefix(key_prefix), Some(WatchOptions::new().with_prefix())).await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_answer_is_uncollected_only_past_its_keep_time_and_only_if_its_id_is_havips() {
+        let keep = ANSWER_KEEP.as_millis() as u64;
+        let now = 1_800_000_000_000u64;
+        let key = |id: &str| answer_key("/havip/c1", "n2", id);
+        let cases = [
+            (format!("{}-7", now - keep - 1), true),
+            (format!("{}-7", now - keep), false),
+            (format!("{}-7", now - 5), false),
+            // Asked "later" than now (clocks differ): not stale.
+            (format!("{}-7", now + 1000), false),
+            ("not-an-id".to_string(), false),
+            (String::new(), false),
+        ];
+        for (id, stale) in cases {
+            assert_eq!(uncollected(&key(&id), now), stale, "id {id:?}");
+        }
+    }
 }

@@ -431,6 +431,11 @@ fn cluster(x: &mut Exposition, c: &ClusterStatus) {
         crate::cluster::requests::How::ALL.iter().map(|h| (l1("how", h.name()), m.grants.get(h.name()).copied().unwrap_or(0))),
     );
     x.counter1("havip_cluster_forwarded_answered", "Requests forwarded to the managing node that this node answered as the manager", m.forwarded_answered);
+    x.counter1(
+        "havip_cluster_answers_swept",
+        "Answers to forwarded requests that this node, as the manager, deleted because their requesters never collected them",
+        m.answers_swept,
+    );
     x.gauge(
         "havip_cluster_vip_serving",
         "1 while this node serves the cluster VIP (its kernel fence is open)",
