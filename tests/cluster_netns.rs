@@ -223,6 +223,54 @@ fn killing_the_etcd_leader_moves_nothing_and_loses_no_probe() {
     assert_eq!(owner(&r.lab, 2).map(|(o, _)| o), Some("n1".to_string()));
 }
 
+fn compact_every_second(cfg: String) -> String {
+    cfg.replace("lease_ms = 40", "lease_ms = 40\ncompact_history_ms = 1000")
+}
+
+/// etcd's history would grow until its quota stops every write: the manager compacts it,
+/// and the compactions (etcd works through them in the background while every node reads
+/// every 10 ms and watches) move nothing.
+#[test]
+fn the_manager_compacts_etcds_history_and_nothing_moves() {
+    let mut r = Run::start(2, 1, compact_every_second);
+    let (manager, _) = r.lab.wait_manager(&[1, 2], None, Duration::from_secs(10));
+    let k = if manager == "n1" { 1 } else { 2 };
+    let compactions = |lab: &ClusterLab| -> Vec<(i64, String)> {
+        let log = lab.node_log(k);
+        let lines = log.lines().filter(|l| l.contains("managing node: compacted etcd's history"));
+        lines
+            .map(|l| (l.split(" revision=").nth(1).and_then(|v| v.split_whitespace().next()).and_then(|v| v.parse().ok()).unwrap_or(0), l.to_string()))
+            .collect()
+    };
+    // One compaction a second after the first mark, then one every second.
+    let t = Instant::now();
+    while compactions(&r.lab).len() < 3 {
+        assert!(t.elapsed() < Duration::from_secs(8), "the manager {manager} compacted {:?} within 8 s", compactions(&r.lab));
+        sleep(Duration::from_millis(100));
+    }
+    let done = compactions(&r.lab);
+    let revs: Vec<i64> = done.iter().map(|c| c.0).collect();
+    assert!(revs.windows(2).all(|w| w[0] < w[1]) && revs[0] > 0, "compacted revisions must grow: {done:?}");
+    assert!(done[0].1.contains("kept_s=1"), "the line names its inputs: {}", done[0].1);
+    // etcd agrees: the history before the last compaction is gone.
+    let old = r.lab.etcdctl(&["get", "--rev", &(revs[revs.len() - 1] - 1).to_string(), "/anything"]);
+    let said = String::from_utf8_lossy(&old.stderr).to_string();
+    assert!(!old.status.success() && said.contains("compacted"), "etcd still has revision {}: {said}", revs[revs.len() - 1] - 1);
+    // The metric follows within a status publication.
+    let counted = || r.lab.metrics(k).lines().find_map(|l| l.strip_prefix("havip_cluster_compactions_total ")).and_then(|v| v.trim().parse::<u64>().ok());
+    let t = Instant::now();
+    while !counted().is_some_and(|n| n >= done.len() as u64) {
+        assert!(t.elapsed() < Duration::from_secs(2), "havip_cluster_compactions_total {:?} for {} logged", counted(), done.len());
+        sleep(Duration::from_millis(50));
+    }
+    // Followers restart their watches after a compaction cancels them; ownership holds.
+    sleep(Duration::from_secs(2));
+    let report = r.finish();
+    assert_eq!(report.answered_by.get("n2").copied().unwrap_or(0), 0, "the VIP moved while etcd compacted");
+    assert!(report.longest_loss < Duration::from_millis(50), "probes went unanswered for {:?}", report.longest_loss);
+    assert_eq!(owner(&r.lab, 2).map(|(o, _)| o), Some("n1".to_string()));
+}
+
 #[test]
 fn an_owner_that_loses_one_of_two_nics_keeps_its_vip_on_the_other() {
     // In-node NIC failover as without a cluster: heartbeats still flow on the other path,
@@ -408,6 +456,7 @@ fn bad_cluster_configs_and_unreachable_etcd_are_clear_errors() {
         (base.replace("node = \"n1\"", "node = \"n 1\""), "cluster.node"),
         (base.replace("lease_ms = 40", "lease_ms = 8"), "cluster.lease_ms"),
         (base.replace("lease_ms = 40", "lease_ms = 40\nthread_nice = -21"), "cluster.thread_nice"),
+        (base.replace("lease_ms = 40", "lease_ms = 40\ncompact_history_ms = 500"), "cluster.compact_history_ms"),
         (base.replace("etcd_endpoints = [", "etcd_endpoints = [\"198.18.30.200:2379\", "), "cluster.etcd_endpoints[0]"),
         (base.replace("nodes = [\"n1\"]", "nodes = [\"n1\", \"zz\"]"), "vip[0].nodes[1]"),
     ] {

@@ -73,6 +73,7 @@ fn cluster(lab: &ClusterLab) -> Cluster {
         giveback_hold_down: Duration::from_secs(30),
         restart_grace: Duration::from_secs(5),
         thread_nice: 0,
+        compact_history: None,
         peers: (1..NODES).map(|i| Peer { name: node(i), addresses: vec![IpAddr::V4(Ipv4Addr::new(198, 18, 31, i as u8))] }).collect(),
         networks: Vec::new(),
         spares: None,

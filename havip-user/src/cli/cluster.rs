@@ -137,12 +137,14 @@ fn render_nodes(s: &Status) -> String {
         }
     };
     out += &format!(
-        "as manager here: {} planning round(s) (last {:.2} ms), moves: {}, forwarded requests answered {} (uncollected answers deleted {})\nrequests granted through this node: {}\n\n",
+        "as manager here: {} planning round(s) (last {:.2} ms), moves: {}, forwarded requests answered {} (uncollected answers deleted {}), etcd history compacted {} time(s){}\nrequests granted through this node: {}\n\n",
         m.plans,
         m.last_plan_ms,
         counts(&m.moves),
         m.forwarded_answered,
         m.answers_swept,
+        m.compactions,
+        if m.compactions > 0 { format!(" (last to revision {})", m.compacted_revision) } else { String::new() },
         counts(&m.grants)
     );
     out += &format!("{:<12} {:<10} {:>12} {:>10}  {}\n", "PEER", "HEALTH", "ALIVE FOR", "RTT", "PATHS (received/lost, last heard)");

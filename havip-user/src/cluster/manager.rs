@@ -92,6 +92,12 @@ pub struct ManagerStatus {
     /// requesters never collected them (`requests::sweep_answers`).
     #[serde(default)]
     pub answers_swept: u64,
+    /// Compactions of etcd's history this node made as the manager, and the last one's
+    /// revision (`cluster.compact_history_ms`).
+    #[serde(default)]
+    pub compactions: u64,
+    #[serde(default)]
+    pub compacted_revision: i64,
 }
 
 /// The record the manager keeps current (`<key_prefix>/manager-state`).
@@ -214,7 +220,7 @@ async fn term(c: &Cluster, status: &Arc<Mutex<ManagerStatus>>, w: &Settings) -> 
         // each write carries the guard, and a refused one ends the term. (A lost lease
         // shows up here too: its key is gone, so the next write is refused.)
         let guard = Compare::create_revision(leader.key(), CompareOp::Equal, leader.rev());
-        let mut duty = Duty { c, w, status, term, guard, writes: 0, random: seed(), filling: BTreeSet::new(), last_plan: None };
+        let mut duty = Duty { c, w, status, term, guard, writes: 0, random: seed(), filling: BTreeSet::new(), last_plan: None, history_mark: None };
         let (_watcher, mut requests) = requests::watch_requests(&mut client, &c.key_prefix).await?;
         // Requests forwarded before this term (the old manager died with them pending).
         duty.forwarded(&mut client).await?;
@@ -256,6 +262,9 @@ struct Duty<'a> {
     /// Nodes a capped round left short of high: the next round goes on with them.
     filling: BTreeSet<String>,
     last_plan: Option<std::time::Instant>,
+    /// When this term last marked etcd's revision, and that revision: the next compaction
+    /// (`compact_history` later) compacts to it.
+    history_mark: Option<(std::time::Instant, i64)>,
 }
 
 impl Duty<'_> {
@@ -318,6 +327,9 @@ impl Duty<'_> {
             warn!(node = %c.node, term = self.term, "managing node: write refused, this node is no longer the manager (its leader key is gone); standing down");
             return Ok(false);
         }
+        if let Some(keep) = c.compact_history {
+            self.compact_history(client, keep, resp.header().map_or(0, |h| h.revision())).await;
+        }
         if let Some((added, levels)) = added.filter(|(a, _)| !a.is_empty()) {
             let mut per_node: BTreeMap<&str, Vec<String>> = BTreeMap::new();
             for (a, n) in &added {
@@ -366,6 +378,38 @@ impl Duty<'_> {
             }
         }
         Ok(true)
+    }
+}
+
+impl Duty<'_> {
+    /// Keeps etcd's history from growing without end (every ownership change, report and
+    /// state record adds a revision; etcd refuses all writes once its database reaches its
+    /// quota): every `keep`, compacts to the revision marked `keep` before, so between one
+    /// and two times `keep` of history stays. `now_rev`: the revision of this round's write.
+    /// Watches restart from reads a few ms old, far newer than anything compacted.
+    async fn compact_history(&mut self, client: &mut Client, keep: Duration, now_rev: i64) {
+        let Some((marked_at, mark)) = self.history_mark else {
+            self.history_mark = Some((std::time::Instant::now(), now_rev));
+            return;
+        };
+        if marked_at.elapsed() < keep {
+            return;
+        }
+        self.history_mark = Some((std::time::Instant::now(), now_rev));
+        match ledger_io::timed(async { Ok(client.compact(mark, None).await?) }).await {
+            Ok(_) => {
+                update(self.status, |m| {
+                    m.compactions += 1;
+                    m.compacted_revision = mark;
+                });
+                info!(term = self.term, revision = mark, now_revision = now_rev, kept_s = keep.as_secs_f64(), "managing node: compacted etcd's history");
+            }
+            // Compacted further already (by a previous manager, or by etcd's own setting).
+            Err(e) if format!("{e:#}").contains("compacted") => {}
+            Err(e) => {
+                warn!(term = self.term, revision = mark, error = %format!("{e:#}"), "managing node: compacting etcd's history failed; trying again next time")
+            }
+        }
     }
 }
 

@@ -57,6 +57,12 @@ pub struct ClusterSection {
     /// etcd shares a small machine with it and must not wait behind it).
     #[serde(default = "default_thread_nice")]
     pub thread_nice: i32,
+    /// How much of etcd's revision history the managing node keeps, ms: every this long it
+    /// compacts etcd to the revision it saw this long before (so history is kept for
+    /// between one and two times this). 0: never compact (for an etcd shared with a system
+    /// that compacts it, such as Kubernetes' API server).
+    #[serde(default = "default_compact_history_ms")]
+    pub compact_history_ms: u64,
     /// The other nodes.
     #[serde(default)]
     pub peer: Vec<PeerSection>,
@@ -162,6 +168,9 @@ fn default_giveback_hold_down_ms() -> u64 {
 fn default_thread_nice() -> i32 {
     -10
 }
+fn default_compact_history_ms() -> u64 {
+    300_000
+}
 fn default_restart_grace_ms() -> u64 {
     10_000
 }
@@ -181,6 +190,8 @@ pub struct Cluster {
     pub giveback_hold_down: Duration,
     pub restart_grace: Duration,
     pub thread_nice: i32,
+    /// `None`: never compact etcd's history.
+    pub compact_history: Option<Duration>,
     pub peers: Vec<Peer>,
     pub networks: Vec<super::networks::Network>,
     pub spares: Option<Spares>,
@@ -290,6 +301,13 @@ pub fn validate(section: Option<&ClusterSection>, errs: &mut Vec<FieldError>) ->
     if !(-20..=19).contains(&s.thread_nice) {
         errs.push(FieldError { field: "cluster.thread_nice".into(), reason: format!("{} is out of range; use -20 to 19 (a nice value)", s.thread_nice) });
     }
+    // Watches restart from a read a few ms old: a second of history is plenty for them.
+    if s.compact_history_ms != 0 && !(1000..=86_400_000).contains(&s.compact_history_ms) {
+        errs.push(FieldError {
+            field: "cluster.compact_history_ms".into(),
+            reason: format!("{} is out of range; use 1000 to 86400000 ms, or 0 to never compact etcd's history", s.compact_history_ms),
+        });
+    }
     // The owner's serve-until time is extended by each acknowledged heartbeat: a lease
     // shorter than a few heartbeats would lapse between two of them.
     if (1..=1000).contains(&s.heartbeat_interval_ms) && (10..=60_000).contains(&s.lease_ms) && s.lease_ms < 4 * s.heartbeat_interval_ms {
@@ -341,6 +359,7 @@ pub fn validate(section: Option<&ClusterSection>, errs: &mut Vec<FieldError>) ->
         giveback_hold_down: Duration::from_millis(s.giveback_hold_down_ms),
         restart_grace: Duration::from_millis(s.restart_grace_ms),
         thread_nice: s.thread_nice,
+        compact_history: (s.compact_history_ms > 0).then(|| Duration::from_millis(s.compact_history_ms)),
         peers: s.peer.iter().map(|p| Peer { name: p.name.clone(), addresses: p.addresses.clone() }).collect(),
         networks,
         spares,
@@ -377,4 +396,35 @@ pub fn vip_nodes(cluster: Option<&Cluster>, cluster_given: bool, i: usize, nodes
         }
     }
     list.clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn section(extra: &str) -> ClusterSection {
+        toml::from_str(&format!("node = \"n1\"\netcd_endpoints = [\"http://10.0.0.5:2379\"]\n{extra}")).unwrap()
+    }
+
+    #[test]
+    fn compact_history_is_five_minutes_by_default_off_at_zero_and_refused_below_a_second() {
+        let cases: [(&str, Result<Option<Duration>, ()>); 5] = [
+            ("", Ok(Some(Duration::from_secs(300)))),
+            ("compact_history_ms = 0", Ok(None)),
+            ("compact_history_ms = 1000", Ok(Some(Duration::from_secs(1)))),
+            ("compact_history_ms = 999", Err(())),
+            ("compact_history_ms = 86400001", Err(())),
+        ];
+        for (extra, want) in cases {
+            let mut errs = Vec::new();
+            let got = validate(Some(&section(extra)), &mut errs);
+            match want {
+                Ok(keep) => assert_eq!(got.map(|c| c.compact_history), Some(keep), "{extra}: {errs:?}"),
+                Err(()) => {
+                    assert!(got.is_none(), "{extra} accepted");
+                    assert_eq!(errs.iter().map(|e| e.field.as_str()).collect::<Vec<_>>(), ["cluster.compact_history_ms"], "{extra}");
+                }
+            }
+        }
+    }
 }

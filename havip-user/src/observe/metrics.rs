@@ -436,6 +436,7 @@ fn cluster(x: &mut Exposition, c: &ClusterStatus) {
         "Answers to forwarded requests that this node, as the manager, deleted because their requesters never collected them",
         m.answers_swept,
     );
+    x.counter1("havip_cluster_compactions", "Compactions of etcd's history this node made as the managing node (cluster.compact_history_ms)", m.compactions);
     x.gauge(
         "havip_cluster_vip_serving",
         "1 while this node serves the cluster VIP (its kernel fence is open)",
