@@ -5,7 +5,7 @@ use clap::Subcommand;
 
 use crate::{
     cli::{operator::refusal, Locations},
-    cluster::service::Status,
+    cluster::status::Status,
 };
 
 #[derive(Debug, Subcommand)]

@@ -9,7 +9,8 @@
 //! - `peers`: liveness, suspicion and the promises heartbeats carry, pure.
 //! - `decide`: who should own each VIP, pure.
 //! - `record`, `wire`: the etcd record and the heartbeat datagram.
-//! - `store`: etcd; `service`: the thread that runs it all; `clock`: CLOCK_BOOTTIME.
+//! - `store`: etcd; `service`: the thread that runs it all; `status`: what it shows;
+//!   `clock`: CLOCK_BOOTTIME.
 //! - `manager`: the managing node's election and leadership-guarded writes; `follower`:
 //!   every node's part (following the ledger, checking its spares, its placement report);
 //!   `ledger_io`: their etcd calls.
@@ -30,6 +31,7 @@ pub mod rebalance;
 pub mod record;
 pub mod requests;
 pub mod service;
+pub mod status;
 pub mod store;
 pub mod timing;
 pub mod vipgen;

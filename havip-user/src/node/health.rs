@@ -7,7 +7,7 @@ use std::{
     time::SystemTime,
 };
 
-use crate::{cluster::service::Status as ClusterStatus, node::binder::Reason};
+use crate::{cluster::status::Status as ClusterStatus, node::binder::Reason};
 
 /// Every binder reason, so each rebind series exists from the start (a series that
 /// appears only on its first increment hides that increment from `increase()`).

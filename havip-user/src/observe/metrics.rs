@@ -24,7 +24,7 @@ use prometheus_client::{
 use tracing::{debug, error, info};
 
 use crate::{
-    cluster::{decide::CHANGE_REASONS, service::Status as ClusterStatus},
+    cluster::{decide::CHANGE_REASONS, status::Status as ClusterStatus},
     kernel::pins::PinLayout,
     node::{health::DaemonMetrics, state::State},
     observe::stats::Snapshot,
@@ -649,7 +649,7 @@ mod tests {
 
     #[test]
     fn cluster_mode_adds_its_series_with_every_reason_present() {
-        use crate::cluster::service::{Counters, PathStatus, PeerStatus, Status, VipStatus};
+        use crate::cluster::status::{Counters, PathStatus, PeerStatus, Status, VipStatus};
         let d = DaemonMetrics::new();
         assert!(!render(None, &d).contains("havip_cluster_"), "standalone nodes have no cluster series");
         let mut counters =
