@@ -5,6 +5,7 @@
 pub mod api_load;
 pub mod cluster;
 pub mod cluster_bench;
+pub mod confirm_bench;
 pub mod failover;
 pub mod heartbeat_bench;
 pub mod fixture;

@@ -80,6 +80,10 @@ struct Args {
     /// encoding): at least 100, since a p99 of fewer is a maximum.
     #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(100..))]
     heartbeat_trials: u64,
+    /// Trials of each read in the confirmation-read section, per record count: at least
+    /// 100, since a p99 of fewer is a maximum.
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(100..))]
+    confirm_trials: u64,
     /// Run only these sections (default: all).
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<Section>,
@@ -106,6 +110,9 @@ enum Section {
     Planning,
     /// CPU per heartbeat decoded and encoded, binary against JSON, at 32 nodes.
     Heartbeats,
+    /// What a node's confirmation read costs etcd, by the number of VIP records, against a
+    /// one-key read.
+    Confirm,
     /// Only the cluster's randomized partition trials.
     ClusterPartitions,
 }
@@ -817,6 +824,34 @@ fn main() -> anyhow::Result<()> {
             h.decodes_per_second
         );
         report.insert("heartbeats", serde_json::to_value(&h)?);
+    }
+
+    if run(Section::Confirm) {
+        eprintln!("\n[bench] confirmation reads: {} trials per read and record count", args.confirm_trials);
+        let c = havip_tests::confirm_bench::run(args.confirm_trials as usize, &[100, 1000, 10_000]);
+        println!("\nConfirmation reads against one etcd member (ms per read; baseline: a linearizable read of one key; etcd CPU µs per read)");
+        println!(
+            "{:>8} {:>12} {:>11} {:>11} {:>10} {:>10} {:>11} {:>10} {:>10} {:>11} {:>11}",
+            "records", "one key p50", "cached p50", "cached p99", "ratio p50", "count p50", "full p50", "cpu 1 key", "cpu count", "cpu cached", "nodes/core"
+        );
+        for k in &c.cases {
+            println!(
+                "{:>8} {:>12.3} {:>11.3} {:>11.3} {:>10.2} {:>10.3} {:>11.2} {:>10.0} {:>10.0} {:>11.0} {:>11.0}",
+                k.records,
+                k.baseline_ms.p50_ms,
+                k.cached_ms.p50_ms,
+                k.cached_ms.p99_ms,
+                k.cached_ratio.0,
+                k.count_only_ms.p50_ms,
+                k.full_ms.p50_ms,
+                k.baseline_etcd_cpu_us,
+                k.count_only_etcd_cpu_us,
+                k.cached_etcd_cpu_us,
+                k.nodes_per_etcd_core
+            );
+        }
+        println!("count: the key count alone (etcd's index, no record read); nodes/core: nodes whose confirmation reads (100 a second each) one core of etcd serves, from its CPU per cached read");
+        report.insert("confirm", serde_json::to_value(&c)?);
     }
 
     if args.only.contains(&Section::ClusterPartitions) {
