@@ -379,9 +379,7 @@ impl Duty<'_> {
         }
         Ok(true)
     }
-}
 
-impl Duty<'_> {
     /// Keeps etcd's history from growing without end (every ownership change, report and
     /// state record adds a revision; etcd refuses all writes once its database reaches its
     /// quota): every `keep`, compacts to the revision marked `keep` before, so between one
