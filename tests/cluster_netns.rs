@@ -312,7 +312,18 @@ fn a_paused_owner_falls_silent_and_stays_silent_after_it_resumes() {
 #[test]
 fn etcd_down_moves_nothing_and_loses_no_probe() {
     let mut r = Run::start(2, 1, same);
-    // Long enough for many leases (40 ms) to lapse without acknowledgements.
+    // First etcd stalls for 150 ms (SIGSTOP): the read in flight is answered late, within
+    // its 250 ms timeout. The owner counts it and says so, and its acknowledgements carry
+    // its fence meanwhile.
+    r.lab.freeze_etcd(true);
+    sleep(Duration::from_millis(150));
+    r.lab.freeze_etcd(false);
+    sleep(Duration::from_millis(300));
+    assert!(r.lab.metric(1, "havip_cluster_etcd_reads_slow_total").unwrap_or(0.0) >= 1.0, "no slow read counted:\n{}", r.lab.metrics(1));
+    let n1 = r.lab.node_log(1);
+    let said = n1.lines().find(|l| l.contains("etcd answered a confirmation read after its period"));
+    assert!(said.is_some_and(|l| l.contains("period_ms=10") && l.contains("latency_ms=")), "no warning with its inputs: {said:?}");
+    // Then long enough for many leases (40 ms) to lapse without acknowledgements.
     let outage = Duration::from_secs(std::env::var("HAVIP_ETCD_OUTAGE_S").ok().and_then(|s| s.parse().ok()).unwrap_or(60));
     r.lab.stop_etcd(true);
     sleep(outage);

@@ -764,13 +764,13 @@ impl ClusterLab {
         }
     }
 
-    /// Index of the member that is raft leader now, per `etcdctl endpoint status` of the
-    /// running members. Panics if none is (no quorum).
     /// The process id of etcd member `i`, while it runs.
     pub fn etcd_pid(&self, i: usize) -> Option<u32> {
         self.etcd[i].child.as_ref().map(|c| c.id())
     }
 
+    /// Index of the member that is raft leader now, per `etcdctl endpoint status` of the
+    /// running members. Panics if none is (no quorum).
     pub fn etcd_leader(&self) -> usize {
         self.try_etcd_leader().unwrap_or_else(|e| panic!("no etcd leader: {e}"))
     }

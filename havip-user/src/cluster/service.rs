@@ -514,6 +514,26 @@ impl Service {
         }
     }
 
+    /// Counts a confirmation read that took longer than its period, and says so (at 1, 2,
+    /// 4, ... of them): fences are then extended by etcd less often than the design
+    /// assumes, and a VIP whose owner is also cut from its peers stops being served.
+    fn note_read_latency(&mut self, latency: Duration) {
+        if latency <= self.t.confirm_every {
+            return;
+        }
+        let c = &mut self.counters;
+        c.etcd_reads_slow += 1;
+        if c.etcd_reads_slow.is_power_of_two() {
+            warn!(
+                latency_ms = latency.as_millis() as u64,
+                period_ms = self.t.confirm_every.as_millis() as u64,
+                slow_reads = c.etcd_reads_slow,
+                reads = c.confirmations,
+                "etcd answered a confirmation read after its period: fences hold by the peers' acknowledgements meanwhile; etcd is overloaded, far or stalled (see the README's etcd cost table; raise lease_ms to read less often)"
+            );
+        }
+    }
+
     fn send_heartbeats(&mut self) {
         let now = clock::now();
         let withhold = self.withheld();
@@ -616,6 +636,7 @@ impl Service {
                 self.known_revision = revision;
                 self.counters.confirmations += 1;
                 self.read_latency = Some(latency);
+                self.note_read_latency(latency);
                 for (v, l) in &self.local {
                     if let (Local::Serving { epoch }, Some((r, e))) = (l, records.get(v)) {
                         if r.owner == self.c.node && e == epoch {

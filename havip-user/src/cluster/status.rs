@@ -97,4 +97,8 @@ pub struct Counters {
     pub heartbeats_late: u64,
     /// The latest any heartbeat round went out, in microseconds past its due time.
     pub heartbeat_late_max_us: u64,
+    /// Confirmation reads etcd answered after their period (`lease / 4`) had passed: the
+    /// owner's fences then outrun etcd and hold by the peers' acknowledgements alone.
+    #[serde(default)]
+    pub etcd_reads_slow: u64,
 }

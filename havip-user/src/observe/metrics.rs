@@ -322,6 +322,11 @@ fn cluster(x: &mut Exposition, c: &ClusterStatus) {
         "Heartbeat rounds sent a quarter of the suspicion time or more after they were due (the cluster thread did not get the CPU)",
         n.heartbeats_late,
     );
+    x.counter1(
+        "havip_cluster_etcd_reads_slow",
+        "Confirmation reads etcd answered after their period (lease / 4) had passed (fences then hold by acknowledgements)",
+        n.etcd_reads_slow,
+    );
     x.gauge1(
         "havip_cluster_heartbeat_late_max",
         "The latest any heartbeat round went out past its due time since havipd started",
