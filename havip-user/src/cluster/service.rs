@@ -880,8 +880,10 @@ impl Service {
         let acked = self.peers.acked_until(vip, &candidates).unwrap_or_default();
         let until = confirmed.max(acked);
         let (have, _) = self.written.get(&vip).copied().unwrap_or_default();
-        // Rewriting costs a syscall: only when it gains an eighth of a lease (or is needed).
-        if until > have && (until - have >= self.t.lease / 8 || have <= now + self.t.lease / 2) {
+        // Rewriting costs a syscall: only when it gains an eighth of a lease (or is needed),
+        // and never to a time already past (a late answer to a read sent long ago): that
+        // opens nothing, and `have` must keep when the fence really closed.
+        if until > have && until > now && (until - have >= self.t.lease / 8 || have <= now + self.t.lease / 2) {
             if acked > confirmed && acked > have {
                 self.counters.acked_extensions += 1;
             }
