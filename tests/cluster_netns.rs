@@ -320,6 +320,9 @@ fn etcd_down_moves_nothing_and_loses_no_probe() {
     r.lab.freeze_etcd(false);
     sleep(Duration::from_millis(300));
     assert!(r.lab.metric(1, "havip_cluster_etcd_reads_slow_total").unwrap_or(0.0) >= 1.0, "no slow read counted:\n{}", r.lab.metrics(1));
+    let status = String::from_utf8_lossy(&r.lab.havip(1, &["cluster", "status"]).stdout).to_string();
+    let slow = status.split(" slow ").nth(1).and_then(|v| v.split(';').next()).and_then(|v| v.trim().parse::<u64>().ok());
+    assert!(slow.is_some_and(|n| n >= 1), "havip cluster status does not show the slow read: {status}");
     let n1 = r.lab.node_log(1);
     let said = n1.lines().find(|l| l.contains("etcd answered a confirmation read after its period"));
     assert!(said.is_some_and(|l| l.contains("period_ms=10") && l.contains("latency_ms=")), "no warning with its inputs: {said:?}");

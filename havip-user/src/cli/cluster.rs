@@ -97,11 +97,13 @@ pub fn render(s: &Status) -> String {
     let c = &s.counters;
     let claims: Vec<String> = c.claims.iter().map(|(k, v)| format!("{k} {v}")).collect();
     out += &format!(
-        "\nheartbeats sent {} received {}; etcd reads {} failed {}; acknowledged extensions {}; claims [{}] lost {}; starts {} stops {}\n",
+        "\nheartbeats sent {} received {} late {}; etcd reads {} failed {} slow {}; acknowledged extensions {}; claims [{}] lost {}; starts {} stops {}\n",
         c.heartbeats_sent,
         c.heartbeats_received,
+        c.heartbeats_late,
         c.confirmations,
         c.confirmation_failures,
+        c.etcd_reads_slow,
         c.acked_extensions,
         claims.join(", "),
         c.claims_lost,
